@@ -1,0 +1,32 @@
+# The two commands a new user needs: `make demo` and `make test`. Both create .venv on first use.
+SHELL := /bin/bash
+VENV  := .venv
+PY    := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+RECIPE ?= recipes/tiny_cpu.yaml
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	@set -e; base=$$(tools/find_python.sh); \
+	  echo "[setup] creating $(VENV) with $$base ($$($$base --version))"; \
+	  test -x $(PY) || $$base -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	@touch $(STAMP)
+	@echo "[setup] done: $$($(PY) -c 'import torch, megatron.core as m; print("torch", torch.__version__, "megatron-core", m.__version__)')"
+
+demo: $(STAMP)
+	$(VENV)/bin/v2pe-train $(RECIPE)
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) benchmarks/v2pe_positions.py
+
+clean:
+	rm -rf $(VENV) runs mlruns mlflow.db .pytest_cache

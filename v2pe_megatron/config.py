@@ -1,0 +1,485 @@
+"""The typed recipe tree.
+
+A recipe is a YAML file under ``recipes/`` merged onto these dataclasses (OmegaConf structured
+configs), then dotted CLI overrides (``train.steps=10 parallel.tp=2``). Unknown keys and wrong types
+are errors from OmegaConf; everything that depends on more than one field (layouts, divisibility) is
+checked by :func:`validate`, before any process group or model exists, with messages that say what to
+change.
+
+Model shapes come from a named preset (``model.preset: tiny``) that the recipe's own ``model`` keys
+then override, so a recipe only spells out what differs from a published architecture.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot run; the message says which key to change and how."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Model
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class VisionConfig:
+    """InternViT. Defaults are InternViT-300M-448px."""
+
+    num_layers: int = 24
+    hidden_size: int = 1024
+    num_attention_heads: int = 16
+    ffn_hidden_size: int = 4096
+    image_size: int = 448
+    patch_size: int = 14
+    num_channels: int = 3
+    layernorm_eps: float = 1e-6
+    qkv_bias: bool = True
+    qk_normalization: bool = False
+    layer_scale_init: float = 0.1
+    drop_path_rate: float = 0.0
+    # InternVL uses the last layer's output (select_layer = -1).
+    select_layer: int = -1
+
+
+@dataclass
+class ProjectorConfig:
+    """``mlp1``: pixel shuffle + LayerNorm + Linear + GELU + Linear."""
+
+    downsample_ratio: float = 0.5
+    layernorm_eps: float = 1e-5
+
+
+@dataclass
+class LanguageConfig:
+    """The LLM. ``arch`` picks the HF naming/bias conventions: internlm2 | qwen2 | llama."""
+
+    arch: str = "internlm2"
+    num_layers: int = 24
+    hidden_size: int = 2048
+    num_attention_heads: int = 16
+    num_query_groups: int = 8
+    ffn_hidden_size: int = 8192
+    vocab_size: int = 92553
+    norm_eps: float = 1e-5
+    rotary_base: float = 1_000_000.0
+    qkv_bias: bool = False
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 32768
+
+
+@dataclass
+class ModelConfig:
+    preset: Optional[str] = None
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    language: LanguageConfig = field(default_factory=LanguageConfig)
+    img_start_token_id: int = 92544
+    img_end_token_id: int = 92545
+    img_context_token_id: int = 92546
+    # "auto": Transformer Engine specs when CUDA and TE are present, local specs otherwise.
+    spec: str = "auto"
+    # fp32 | bf16 | fp16 (parameters and compute)
+    dtype: str = "fp32"
+    # CPU/any-device attention backend for the local spec: sdpa (torch) | eager (reference math).
+    attention_backend: str = "sdpa"
+
+    @property
+    def num_image_token(self) -> int:
+        """LLM tokens per image tile: (image/patch)^2 * downsample^2 (256 for InternVL2)."""
+        side = self.vision.image_size // self.vision.patch_size
+        return int(round(side * side * self.projector.downsample_ratio**2))
+
+
+# ---------------------------------------------------------------------------------------------
+# V2PE
+# ---------------------------------------------------------------------------------------------
+DEFAULT_DELTA_SET: list[float] = [1.0, 1 / 2, 1 / 4, 1 / 8, 1 / 16, 1 / 32, 1 / 64, 1 / 128, 1 / 256]
+
+
+@dataclass
+class V2PEConfig:
+    """Visual position step. ``default``: delta 1 (plain arange); ``fixed``: ``delta`` for every
+    image; ``random``: one delta per image drawn from ``delta_set`` with a generator seeded from
+    ``seed`` and the sample's identity, so a resumed run draws the same deltas."""
+
+    policy: str = "default"
+    delta: float = 1.0
+    delta_set: list[float] = field(default_factory=lambda: list(DEFAULT_DELTA_SET))
+    seed: int = 1234
+
+
+# ---------------------------------------------------------------------------------------------
+# Parallelism
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    pp: int = 1
+    cp: int = 1
+    # -1: derived as world_size / (tp * pp * cp)
+    dp: int = -1
+    sequence_parallel: bool = False
+    use_distributed_optimizer: bool = False
+    # Language-model layers per pipeline stage (unequal splits allowed); empty: even split.
+    pp_layers: list[int] = field(default_factory=list)
+    # Context-parallel communication (Transformer Engine): p2p | a2a | a2a+p2p | all_gather
+    cp_comm_type: str = "p2p"
+    # For a2a+p2p: [a2a size, p2p size] with product == cp.
+    hierarchical_cp_sizes: list[int] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class DataConfig:
+    # InternVL/V2PE meta JSON; empty means synthetic data.
+    meta_path: str = ""
+    # sentencepiece model; empty means a tiny one trained in-process (tests/demo only).
+    tokenizer_path: str = ""
+    template: str = "internlm2-chat"
+    system_prompt: str = ""
+    seq_length: int = 4096
+    micro_batch_size: int = 1
+    global_batch_size: int = 1
+    image_size: int = 448
+    min_dynamic_patch: int = 1
+    max_dynamic_patch: int = 12
+    use_thumbnail: bool = True
+    max_tiles_per_pack: int = 64
+    # What to do with samples longer than seq_length: truncate (at a safe boundary) | skip
+    overlong: str = "truncate"
+    packing: bool = True
+    num_workers: int = 1
+    seed: int = 42
+    # Synthetic data (used when meta_path is empty)
+    synthetic_num_samples: int = 256
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimization and training
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class OptimizerConfig:
+    name: str = "adam"
+    lr: float = 5e-6
+    min_lr: float = 0.0
+    weight_decay: float = 0.05
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    warmup_fraction: float = 0.03
+    decay_style: str = "cosine"
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 10
+    seed: int = 1234
+    log_interval: int = 1
+    # token: mean over trained tokens | square: each token weighs 1/sqrt(trained tokens of its sub-sample)
+    loss_reduction: str = "token"
+    # none | selective | full
+    recompute: str = "none"
+    freeze_vision: bool = False
+    freeze_projector: bool = False
+    freeze_language: bool = False
+    # Stop (after saving) once this many minutes have passed; 0 = no limit.
+    wallclock_minutes: float = 0.0
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = ""
+    save_interval: int = 0
+    load: bool = True
+    format: str = "torch_dist"
+    keep_last: int = 2
+
+
+@dataclass
+class TrackingConfig:
+    # mlflow | none
+    backend: str = "mlflow"
+    # empty: embedded sqlite store under runs/<recipe>/
+    tracking_uri: str = ""
+    experiment: str = "v2pe-megatron"
+    run_name: str = ""
+    system_metrics: bool = True
+
+
+@dataclass
+class LauncherConfig:
+    # Processes to start on this node when the CLI is not already under torchrun/srun.
+    nproc_per_node: int = 1
+    nnodes: int = 1
+    # auto: nccl with CUDA, gloo without | nccl | gloo
+    backend: str = "auto"
+    timeout_minutes: float = 10.0
+    master_port: int = 0
+
+
+@dataclass
+class Recipe:
+    name: str = "unnamed"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    v2pe: V2PEConfig = field(default_factory=V2PEConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Presets: published shapes. Only keys that differ from the dataclass defaults (InternVL2-2B).
+# ---------------------------------------------------------------------------------------------
+_VIT_300M: dict[str, Any] = {}  # dataclass defaults are InternViT-300M-448px
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {
+        "vision": {"num_layers": 2, "hidden_size": 64, "num_attention_heads": 4, "ffn_hidden_size": 128,
+                   "image_size": 56, "patch_size": 14},
+        "language": {"arch": "internlm2", "num_layers": 4, "hidden_size": 64, "num_attention_heads": 4,
+                     "num_query_groups": 2, "ffn_hidden_size": 128, "vocab_size": 512,
+                     "rotary_base": 10000.0, "max_position_embeddings": 65536},
+        # Tiny models use a tiny vocabulary; their special tokens sit at its end.
+        "img_start_token_id": 509, "img_end_token_id": 510, "img_context_token_id": 511,
+    },
+    "internvl2-1b": {
+        "vision": _VIT_300M,
+        "language": {"arch": "qwen2", "num_layers": 24, "hidden_size": 896, "num_attention_heads": 14,
+                     "num_query_groups": 2, "ffn_hidden_size": 4864, "vocab_size": 151655,
+                     "norm_eps": 1e-6, "rotary_base": 1_000_000.0, "qkv_bias": True,
+                     "tie_word_embeddings": False},
+        "img_start_token_id": 151646, "img_end_token_id": 151647, "img_context_token_id": 151648,
+    },
+    "internvl2-2b": {"vision": _VIT_300M, "language": {}},
+    "internvl2-8b": {
+        "vision": _VIT_300M,
+        "language": {"arch": "internlm2", "num_layers": 32, "hidden_size": 4096, "num_attention_heads": 32,
+                     "num_query_groups": 8, "ffn_hidden_size": 14336, "vocab_size": 92553,
+                     "rotary_base": 1_000_000.0},
+    },
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------------
+def _fail(err: Exception, where: str) -> RecipeError:
+    msg = str(err).strip().splitlines()
+    return RecipeError(f"{where}: {' '.join(m.strip() for m in msg if m.strip())}")
+
+
+def load_recipe(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = (),
+                *, validate_for_world_size: int | None = None) -> Recipe:
+    """Recipe from a YAML file (or the defaults) plus ``a.b=value`` overrides, validated."""
+    schema = OmegaConf.structured(Recipe)
+    layers = []
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise RecipeError(f"recipe file not found: {p}")
+        try:
+            layers.append(OmegaConf.load(p))
+        except Exception as e:  # YAML syntax
+            raise _fail(e, f"cannot parse {p}") from e
+        if "name" not in layers[-1]:
+            layers[-1]["name"] = p.stem
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise RecipeError(f"overrides must look like key.sub=value, got: {' '.join(bad)}")
+    try:
+        layers.append(OmegaConf.from_dotlist(list(overrides)))
+    except Exception as e:
+        raise _fail(e, "cannot parse overrides") from e
+
+    # The preset must be merged first so that the recipe's own model keys win over it.
+    preset = None
+    for layer in layers:
+        preset = OmegaConf.select(layer, "model.preset", default=preset)
+    try:
+        if preset:
+            if preset not in PRESETS:
+                raise RecipeError(f"model.preset={preset!r} is unknown; choose one of {sorted(PRESETS)}")
+            schema = OmegaConf.merge(schema, {"model": PRESETS[preset]})
+        merged = OmegaConf.merge(schema, *layers)
+    except OmegaConfBaseException as e:
+        raise _fail(e, f"invalid recipe {path or ''}".strip()) from e
+    recipe: Recipe = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    validate(recipe, world_size=validate_for_world_size)
+    return recipe
+
+
+def to_dict(recipe: Recipe) -> dict[str, Any]:
+    return dataclasses.asdict(recipe)
+
+
+def to_yaml(recipe: Recipe) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(recipe))
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (for MLflow params)."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+# ---------------------------------------------------------------------------------------------
+def _choice(value: str, key: str, choices: tuple[str, ...]) -> list[str]:
+    return [] if value in choices else [f"{key}={value!r} is not one of {', '.join(choices)}"]
+
+
+def data_parallel_size(par: ParallelConfig, world_size: int) -> int:
+    model_parallel = par.tp * par.pp * par.cp
+    if world_size % model_parallel:
+        raise RecipeError(
+            f"world size {world_size} is not divisible by tp*pp*cp = {par.tp}*{par.pp}*{par.cp} = "
+            f"{model_parallel}; launch a multiple of {model_parallel} processes or change the layout")
+    return world_size // model_parallel
+
+
+def validate(recipe: Recipe, world_size: int | None = None) -> None:
+    """All cross-field checks. Raises one RecipeError listing every problem found."""
+    errs: list[str] = []
+    m, par, d, t = recipe.model, recipe.parallel, recipe.data, recipe.train
+    lm, vit = m.language, m.vision
+
+    errs += _choice(m.spec, "model.spec", ("auto", "te", "local"))
+    errs += _choice(m.dtype, "model.dtype", ("fp32", "bf16", "fp16"))
+    errs += _choice(m.attention_backend, "model.attention_backend", ("sdpa", "eager"))
+    errs += _choice(lm.arch, "model.language.arch", ("internlm2", "qwen2", "llama"))
+    errs += _choice(recipe.v2pe.policy, "v2pe.policy", ("default", "fixed", "random"))
+    errs += _choice(par.cp_comm_type, "parallel.cp_comm_type", ("p2p", "a2a", "a2a+p2p", "all_gather"))
+    errs += _choice(d.overlong, "data.overlong", ("truncate", "skip"))
+    errs += _choice(d.template, "data.template", ("internlm2-chat", "plain"))
+    errs += _choice(t.loss_reduction, "train.loss_reduction", ("token", "square"))
+    errs += _choice(t.recompute, "train.recompute", ("none", "selective", "full"))
+    errs += _choice(recipe.optimizer.name, "optimizer.name", ("adam", "sgd"))
+    errs += _choice(recipe.optimizer.decay_style, "optimizer.decay_style", ("cosine", "linear", "constant"))
+    errs += _choice(recipe.tracking.backend, "tracking.backend", ("mlflow", "none"))
+    errs += _choice(recipe.launcher.backend, "launcher.backend", ("auto", "nccl", "gloo"))
+    errs += _choice(recipe.checkpoint.format, "checkpoint.format", ("torch_dist",))
+
+    for key, val in (("parallel.tp", par.tp), ("parallel.pp", par.pp), ("parallel.cp", par.cp),
+                     ("train.steps", t.steps), ("data.seq_length", d.seq_length),
+                     ("data.micro_batch_size", d.micro_batch_size), ("launcher.nproc_per_node",
+                     recipe.launcher.nproc_per_node), ("launcher.nnodes", recipe.launcher.nnodes)):
+        if val < 1:
+            errs.append(f"{key}={val} must be >= 1")
+    if par.dp == 0 or par.dp < -1:
+        errs.append(f"parallel.dp={par.dp} must be >= 1, or -1 to derive it from the world size")
+    if errs:  # the divisibility checks below assume positive sizes
+        raise RecipeError("invalid recipe:\n  - " + "\n  - ".join(errs))
+
+    # V2PE
+    v = recipe.v2pe
+    if not 0.0 < v.delta <= 1.0:
+        errs.append(f"v2pe.delta={v.delta} must be in (0, 1]")
+    if not v.delta_set or any(not 0.0 < x <= 1.0 for x in v.delta_set):
+        errs.append(f"v2pe.delta_set={v.delta_set} must be a non-empty list of values in (0, 1]")
+
+    # Model shapes vs tensor parallelism
+    if lm.num_attention_heads % lm.num_query_groups:
+        errs.append(f"model.language.num_attention_heads={lm.num_attention_heads} must be a multiple of "
+                    f"num_query_groups={lm.num_query_groups}")
+    if lm.hidden_size % lm.num_attention_heads:
+        errs.append(f"model.language.hidden_size={lm.hidden_size} must be divisible by "
+                    f"num_attention_heads={lm.num_attention_heads}")
+    for key, val in (("model.language.num_attention_heads", lm.num_attention_heads),
+                     ("model.language.num_query_groups", lm.num_query_groups),
+                     ("model.vision.num_attention_heads", vit.num_attention_heads),
+                     ("model.language.ffn_hidden_size", lm.ffn_hidden_size),
+                     ("model.vision.ffn_hidden_size", vit.ffn_hidden_size)):
+        if val % par.tp:
+            errs.append(f"parallel.tp={par.tp} must divide {key}={val}; use a tp that divides it")
+    if vit.image_size % vit.patch_size:
+        errs.append(f"model.vision.image_size={vit.image_size} must be a multiple of patch_size={vit.patch_size}")
+    side = vit.image_size // max(vit.patch_size, 1)
+    r = m.projector.downsample_ratio
+    if abs(side * r - round(side * r)) > 1e-9:
+        errs.append(f"pixel shuffle needs (image_size/patch_size)*downsample_ratio = {side}*{r} to be an integer")
+    if d.image_size != vit.image_size:
+        errs.append(f"data.image_size={d.image_size} must equal model.vision.image_size={vit.image_size}")
+
+    # Sequence parallel and context parallel
+    if par.sequence_parallel and par.tp == 1:
+        errs.append("parallel.sequence_parallel=true needs parallel.tp > 1; set sequence_parallel=false or raise tp")
+    multiple = 2 * par.cp if par.cp > 1 else 1
+    if par.sequence_parallel:
+        multiple *= par.tp
+    if d.seq_length % multiple:
+        what = "2*cp" + ("*tp (sequence parallel)" if par.sequence_parallel else "") if par.cp > 1 else "tp (sequence parallel)"
+        errs.append(f"data.seq_length={d.seq_length} must be divisible by {what} = {multiple}; "
+                    f"use e.g. seq_length={((d.seq_length + multiple - 1) // multiple) * multiple}")
+    if par.cp_comm_type == "a2a+p2p":
+        hs = par.hierarchical_cp_sizes
+        if len(hs) != 2 or hs[0] * hs[1] != par.cp:
+            errs.append(f"parallel.cp_comm_type=a2a+p2p needs hierarchical_cp_sizes=[a2a, p2p] with product "
+                        f"cp={par.cp}, got {list(hs)}")
+    a2a = par.cp if par.cp_comm_type == "a2a" else (par.hierarchical_cp_sizes[0]
+                                                   if par.cp_comm_type == "a2a+p2p" and par.hierarchical_cp_sizes else 1)
+    if a2a > 1 and (lm.num_query_groups % (a2a * par.tp) if lm.num_query_groups >= a2a * par.tp else True):
+        errs.append(f"all-to-all context parallelism of degree {a2a} x tp {par.tp} exceeds or does not divide the "
+                    f"{lm.num_query_groups} KV heads; use cp_comm_type=p2p or a smaller a2a degree")
+
+    # Pipeline
+    if par.pp_layers:
+        if len(par.pp_layers) != par.pp:
+            errs.append(f"parallel.pp_layers has {len(par.pp_layers)} entries but parallel.pp={par.pp}")
+        elif sum(par.pp_layers) != lm.num_layers or min(par.pp_layers) < 1:
+            errs.append(f"parallel.pp_layers={list(par.pp_layers)} must be positive and sum to "
+                        f"model.language.num_layers={lm.num_layers}")
+    elif lm.num_layers % par.pp:
+        errs.append(f"parallel.pp={par.pp} must divide model.language.num_layers={lm.num_layers}, "
+                    f"or give an unequal split with parallel.pp_layers")
+
+    # Batches
+    if d.global_batch_size % d.micro_batch_size:
+        errs.append(f"data.global_batch_size={d.global_batch_size} must be a multiple of "
+                    f"micro_batch_size={d.micro_batch_size}")
+    if d.min_dynamic_patch < 1 or d.max_dynamic_patch < d.min_dynamic_patch:
+        errs.append(f"need 1 <= data.min_dynamic_patch ({d.min_dynamic_patch}) <= max_dynamic_patch ({d.max_dynamic_patch})")
+
+    if par.use_distributed_optimizer and recipe.optimizer.name != "adam":
+        errs.append("parallel.use_distributed_optimizer=true needs optimizer.name=adam")
+
+    if world_size is not None and not errs:
+        try:
+            dp = data_parallel_size(par, world_size)
+        except RecipeError as e:
+            errs.append(str(e))
+        else:
+            if par.dp != -1 and par.dp != dp:
+                errs.append(f"parallel.dp={par.dp} but world size {world_size} / (tp*pp*cp) = {dp}; "
+                            f"set parallel.dp=-1 or launch {par.dp * par.tp * par.pp * par.cp} processes")
+            if d.global_batch_size % (d.micro_batch_size * dp):
+                errs.append(f"data.global_batch_size={d.global_batch_size} must be a multiple of "
+                            f"micro_batch_size*dp = {d.micro_batch_size}*{dp}")
+    if errs:
+        raise RecipeError("invalid recipe:\n  - " + "\n  - ".join(errs))
+
+
+def expected_world_size(recipe: Recipe) -> int:
+    """World size the recipe's launcher section asks for."""
+    return recipe.launcher.nproc_per_node * recipe.launcher.nnodes
