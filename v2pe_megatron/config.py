@@ -254,8 +254,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         "language": {"arch": "internlm2", "num_layers": 4, "hidden_size": 64, "num_attention_heads": 4,
                      "num_query_groups": 2, "ffn_hidden_size": 128, "vocab_size": 512,
                      "rotary_base": 10000.0, "max_position_embeddings": 65536},
-        # Tiny models use a tiny vocabulary; their special tokens sit at its end.
-        "img_start_token_id": 509, "img_end_token_id": 510, "img_context_token_id": 511,
+        # The in-process tiny sentencepiece tokenizer (data.tokenizer) puts its user-defined symbols
+        # right after <unk> <s> </s>, in InternLM2's order: <|im_end|> 3, <|im_start|> 4, <img> 5,
+        # </img> 6, <IMG_CONTEXT> 7.
+        "img_start_token_id": 5, "img_end_token_id": 6, "img_context_token_id": 7,
     },
     "internvl2-1b": {
         "vision": _VIT_300M,

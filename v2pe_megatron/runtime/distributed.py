@@ -1,0 +1,163 @@
+"""Distributed start-up and teardown: torchrun or Slurm environment, NCCL or gloo, megatron state.
+
+The same code path serves a laptop CPU (gloo, with :mod:`v2pe_megatron.runtime.cpu_compat`
+active) and a GPU cluster (NCCL). Nothing here builds models or reads data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import os
+import re
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class LaunchEnv:
+    """Where this process sits in the job, read from torchrun's or Slurm's variables."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+    source: str  # "torchrun" | "slurm" | "single"
+
+
+def expand_slurm_nodelist(nodelist: str) -> list[str]:
+    """``node[01-03,7],gpu-a`` -> ``['node01', 'node02', 'node03', 'node7', 'gpu-a']``.
+
+    ``scontrol show hostnames`` does this too, but it is not on the compute image everywhere and the
+    master address must be known before any process group exists.
+    """
+    hosts: list[str] = []
+    for part in re.findall(r"[^,\[]+(?:\[[^\]]*\])?[^,]*", nodelist):
+        m = re.fullmatch(r"([^\[]*)\[([^\]]*)\](.*)", part)
+        if not m:
+            hosts.append(part)
+            continue
+        prefix, ranges, suffix = m.groups()
+        for rng in ranges.split(","):
+            if "-" in rng:
+                lo, hi = rng.split("-", 1)
+                width = len(lo)
+                hosts += [f"{prefix}{i:0{width}d}{suffix}" for i in range(int(lo), int(hi) + 1)]
+            else:
+                hosts.append(f"{prefix}{rng}{suffix}")
+    return hosts
+
+
+def read_launch_env(environ: Optional[dict[str, str]] = None, default_port: int = 29500) -> LaunchEnv:
+    """torchrun's RANK/WORLD_SIZE win; then Slurm's SLURM_PROCID/SLURM_NTASKS; else one process."""
+    env = os.environ if environ is None else environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return LaunchEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)),
+                         env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", default_port)),
+                         "torchrun")
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        nodes = expand_slurm_nodelist(env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or "127.0.0.1")
+        # A per-job port keeps two jobs sharing a node apart.
+        port = int(env.get("MASTER_PORT") or 20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)
+        return LaunchEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)),
+                         env.get("MASTER_ADDR") or nodes[0], port, "slurm")
+    return LaunchEnv(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT", default_port)), "single")
+
+
+def choose_backend(requested: str = "auto") -> str:
+    if requested == "auto":
+        return "nccl" if torch.cuda.is_available() else "gloo"
+    if requested == "nccl" and not torch.cuda.is_available():
+        raise RuntimeError("launcher.backend=nccl needs CUDA, and none is available; use backend=auto or gloo")
+    return requested
+
+
+def on_cpu() -> bool:
+    return not torch.cuda.is_available()
+
+
+@contextlib.contextmanager
+def process_group(backend: str = "auto", timeout_minutes: float = 10.0,
+                  environ: Optional[dict[str, str]] = None) -> Iterator[LaunchEnv]:
+    """Initialize the default process group (and the CPU compatibility layer on CPU); tear down after.
+
+    Re-entrant: if a group already exists it is used as is and left alone.
+    """
+    if dist.is_initialized():
+        yield read_launch_env(environ)
+        return
+    le = read_launch_env(environ)
+    backend = choose_backend(backend)
+    if backend == "gloo" and on_cpu():
+        from v2pe_megatron.runtime import cpu_compat
+
+        cpu_compat.activate()
+    if backend == "nccl":
+        torch.cuda.set_device(le.local_rank % torch.cuda.device_count())
+    os.environ.setdefault("MASTER_ADDR", le.master_addr)
+    os.environ.setdefault("MASTER_PORT", str(le.master_port))
+    dist.init_process_group(backend=backend, init_method=f"tcp://{le.master_addr}:{le.master_port}",
+                            rank=le.rank, world_size=le.world_size,
+                            timeout=_dt.timedelta(minutes=timeout_minutes))
+    try:
+        yield le
+    finally:
+        destroy_model_parallel()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def initialize_model_parallel(tp: int = 1, pp: int = 1, cp: int = 1, *, seed: int = 1234,
+                              hierarchical_cp_sizes: Optional[list[int]] = None,
+                              timeout_minutes: float = 10.0) -> None:
+    """megatron-core parallel state (order tp-cp-dp-pp) and the model-parallel RNG tracker."""
+    from megatron.core import parallel_state as ps
+    from megatron.core import tensor_parallel
+
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, context_parallel_size=cp,
+        hierarchical_context_parallel_sizes=list(hierarchical_cp_sizes) if hierarchical_cp_sizes else None,
+        distributed_timeout_minutes=int(max(1, timeout_minutes)))
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def destroy_model_parallel() -> None:
+    from megatron.core import parallel_state as ps
+
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+
+
+@contextlib.contextmanager
+def model_parallel(tp: int = 1, pp: int = 1, cp: int = 1, *, seed: int = 1234,
+                   hierarchical_cp_sizes: Optional[list[int]] = None) -> Iterator[None]:
+    """``with model_parallel(tp=2): ...`` inside an existing process group (e.g. in a test rank).
+
+    With no process group at all (a single plain process), a 1-rank gloo group on a free port is made
+    and destroyed afterwards, so single-process code paths run the same megatron-core layers.
+    """
+    with contextlib.ExitStack() as stack:
+        if not dist.is_initialized():
+            from v2pe_megatron.testing.distributed import free_port
+
+            stack.enter_context(process_group(environ={"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
+                                                       "MASTER_ADDR": "127.0.0.1",
+                                                       "MASTER_PORT": str(free_port())}))
+        initialize_model_parallel(tp, pp, cp, seed=seed, hierarchical_cp_sizes=hierarchical_cp_sizes)
+        try:
+            yield
+        finally:
+            destroy_model_parallel()
+
+
+def device() -> torch.device:
+    """The device this rank computes on."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

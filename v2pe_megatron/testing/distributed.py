@@ -1,0 +1,116 @@
+"""Run a function on N gloo ranks in spawned processes and collect each rank's result.
+
+Used by the tests ("layout X gives the same logits and gradients as 1 rank") and by benchmarks.
+Each rank is a fresh interpreter (``spawn``), so megatron-core's global parallel state never leaks
+between layouts. The failing rank's traceback is re-raised in the parent; a hung collective ends at
+the timeout with every rank killed, instead of hanging the test session.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import socket
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch.multiprocessing as mp
+
+
+class DistributedTestError(AssertionError):
+    """A rank raised, died, or the group timed out. The message holds the rank's traceback."""
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class _Outcome:
+    rank: int
+    ok: bool
+    payload: Any  # result (ok) or formatted traceback
+
+
+def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, kwargs: dict,
+            queue, threads: int, env: dict[str, str]) -> None:
+    os.environ.update(env)
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
+                       "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
+                       "LOCAL_WORLD_SIZE": str(world_size)})
+    import torch
+
+    torch.set_num_threads(threads)
+    try:
+        from v2pe_megatron.runtime import distributed as rt
+
+        with rt.process_group(backend="gloo"):
+            result = fn(*args, **kwargs)
+        try:
+            pickle.dumps(result)
+        except Exception as e:  # a result that cannot travel is the test's bug: say so plainly
+            raise TypeError(f"rank {rank} returned an unpicklable result: {e}") from e
+        queue.put(_Outcome(rank, True, result))
+    except BaseException:  # noqa: BLE001 - everything must reach the parent
+        queue.put(_Outcome(rank, False, traceback.format_exc()))
+
+
+def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 300.0,
+                    threads_per_rank: int = 1, env: dict[str, str] | None = None, **kwargs: Any) -> list[Any]:
+    """Call ``fn(*args, **kwargs)`` on ``world_size`` gloo ranks; return the results ordered by rank.
+
+    ``fn`` must be importable (module level) since ranks are spawned. Inside it the default process
+    group exists; megatron's model-parallel state is the function's to set up (see
+    ``v2pe_megatron.runtime.distributed.model_parallel``).
+    """
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, kwargs, queue,
+                                                threads_per_rank, dict(env or {})), daemon=True)
+             for r in range(world_size)]
+    for p in procs:
+        p.start()
+    outcomes: dict[int, _Outcome] = {}
+    deadline = time.monotonic() + timeout
+    failure: _Outcome | None = None
+    try:
+        while len(outcomes) < world_size:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                missing = sorted(set(range(world_size)) - set(outcomes))
+                raise DistributedTestError(f"timed out after {timeout:.0f}s waiting for ranks {missing}")
+            try:
+                out = queue.get(timeout=min(remaining, 1.0))
+            except Exception:  # queue.Empty: check whether a rank died without reporting
+                dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in outcomes]
+                if dead:
+                    time.sleep(0.5)  # let a last report arrive
+                    while not queue.empty():
+                        o = queue.get()
+                        outcomes[o.rank] = o
+                    if any(r not in outcomes for r in dead):
+                        raise DistributedTestError(
+                            f"rank(s) {dead} died with exit code(s) {[procs[r].exitcode for r in dead]} "
+                            "without a traceback (killed, out of memory, or a segfault)")
+                continue
+            outcomes[out.rank] = out
+            if not out.ok:
+                failure = out
+                break
+    finally:
+        if failure is not None or len(outcomes) < world_size:
+            for p in procs:
+                if p.is_alive():
+                    p.kill()
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    if failure is not None:
+        raise DistributedTestError(f"rank {failure.rank} of {world_size} failed:\n{failure.payload}")
+    return [outcomes[r].payload for r in range(world_size)]
