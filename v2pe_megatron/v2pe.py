@@ -1,0 +1,263 @@
+"""V2PE: variable visual position encoding (DESIGN.md section 1).
+
+Positions are computed on the host in float64 so that visual steps as small as 1/256 stay exact far
+beyond the float32 limit (32,768); the rotary module turns them into angles in float64 too and only
+casts the final, range-reduced angles.
+
+Rule, per sample (positions restart at 0 for every sample / row):
+
+- text tokens, ``<img>`` and ``</img>`` advance the position by 1;
+- the k-th ``<IMG_CONTEXT>`` token of an image (k = 1..n) sits at ``pos(<img>) + delta * k``;
+- ``</img>`` sits at ``ceil(pos(<img>) + delta * n) + 1`` and text continues +1 from there.
+
+Every non-visual position is therefore an integer, and ``pos(<img>)`` is an exact integer. The
+ceiling is taken on ``delta * n`` alone (``pos(<img>)`` being integral), with a snap: a product within
+``1e-9`` of an integer counts as that integer, so that e.g. ``0.7 * 10 = 7.000000000000001`` does not
+round up to 8. Deltas of the form 1/2^k are exact in binary and never need the snap.
+
+No Python loop runs over tokens or images: the whole computation is a handful of numpy passes.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Union
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from v2pe_megatron.config import V2PEConfig
+
+__all__ = [
+    "compute_position_ids",
+    "DeltaPolicy",
+    "DefaultDeltaPolicy",
+    "FixedDeltaPolicy",
+    "RandomDeltaPolicy",
+    "make_delta_policy",
+]
+
+DeltaSpec = Union[float, Sequence[float], Sequence[Sequence[float]], np.ndarray]
+
+# Products delta * n within this distance of an integer are taken as that integer before the ceiling.
+_CEIL_SNAP = 1e-9
+
+
+def _as_numpy_ids(input_ids: Any) -> np.ndarray:
+    if hasattr(input_ids, "detach"):  # torch.Tensor, without importing torch here
+        input_ids = input_ids.detach().cpu().numpy()
+    arr = np.asarray(input_ids)
+    if arr.ndim not in (1, 2):
+        raise ValueError(f"input_ids must be 1-D [S] or 2-D [B, S], got shape {arr.shape}")
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"input_ids must hold integers, got dtype {arr.dtype}")
+    return arr
+
+
+def _ceil_snapped(x: np.ndarray) -> np.ndarray:
+    nearest = np.rint(x)
+    return np.where(np.abs(x - nearest) <= _CEIL_SNAP, nearest, np.ceil(x)).astype(np.int64)
+
+
+def _where(b: int, i: int, batched: bool) -> str:
+    return f"row {b}, index {i}" if batched else f"index {i}"
+
+
+def _deltas_per_image(delta: DeltaSpec, num_images: int, images_per_row: np.ndarray) -> np.ndarray:
+    """One float64 delta per image, in row-major image order."""
+    if np.isscalar(delta) or (isinstance(delta, np.ndarray) and delta.ndim == 0):
+        out = np.full(num_images, float(delta), dtype=np.float64)  # type: ignore[arg-type]
+        values = np.asarray([float(delta)])  # type: ignore[arg-type]
+    else:
+        seq = list(delta)  # type: ignore[arg-type]
+        nested = len(seq) > 0 and all(not np.isscalar(x) and np.ndim(x) == 1 for x in seq)
+        if nested:
+            if len(seq) != len(images_per_row):
+                raise ValueError(f"delta was given per row ({len(seq)} rows) but input_ids has "
+                                 f"{len(images_per_row)} rows")
+            for b, (row, n) in enumerate(zip(seq, images_per_row)):
+                if len(row) != n:
+                    raise ValueError(f"row {b} has {n} image(s) but {len(row)} delta(s) were given for it")
+            out = (np.concatenate([np.asarray(r, dtype=np.float64) for r in seq])
+                   if num_images else np.zeros(0, dtype=np.float64))
+        else:
+            out = np.asarray(seq, dtype=np.float64)
+            if out.ndim != 1:
+                raise ValueError(f"delta must be a float, one float per image, or one sequence per row; "
+                                 f"got an array of shape {out.shape}")
+            if out.shape[0] != num_images:
+                raise ValueError(f"{out.shape[0]} delta(s) given for {num_images} image(s); give one float "
+                                 f"for all images or exactly one per image, in order")
+        values = out
+    bad = values[~((values > 0.0) & (values <= 1.0))]  # also catches NaN
+    if bad.size:
+        raise ValueError(f"delta must be in (0, 1], got {bad[0]!r}")
+    return out
+
+
+def compute_position_ids(input_ids: Any, *, img_start_id: int, img_end_id: int, img_context_id: int,
+                         delta: DeltaSpec) -> np.ndarray:
+    """V2PE position ids (float64, same shape as ``input_ids``: [S] or [B, S]).
+
+    ``input_ids``: numpy array or torch tensor of token ids. Each row of a 2-D input is an
+    independent sample whose positions start at 0 (pass packed sub-samples as separate calls or rows:
+    positions restart per sub-sample, as in the model's training data).
+
+    ``delta``: one float for every image; or a flat sequence with one value per image, images taken
+    in row-major order (row 0's images left to right, then row 1's, ...); or, for 2-D input, a
+    sequence of B per-row sequences (each may be empty). Every value must lie in (0, 1].
+
+    Raises ValueError for malformed image markup: ``</img>`` without ``<img>``, nested or unclosed
+    ``<img>``, ``<IMG_CONTEXT>`` outside an image, any other token between ``<img>`` and ``</img>``,
+    or a wrong number of deltas.
+    """
+    arr = _as_numpy_ids(input_ids)
+    batched = arr.ndim == 2
+    ids = arr if batched else arr[None, :]
+    num_rows, seq_len = ids.shape
+
+    is_start = ids == img_start_id
+    is_end = ids == img_end_id
+    is_ctx = ids == img_context_id
+    # Inclusive depth: 1 on <img> and the tokens inside, 0 on </img> and outside.
+    depth = np.cumsum(is_start, axis=1, dtype=np.int64) - np.cumsum(is_end, axis=1, dtype=np.int64)
+
+    if depth.size:
+        if depth.min() < 0:
+            b, i = np.argwhere(depth < 0)[0]
+            raise ValueError(f"unbalanced image markup: </img> at {_where(b, i, batched)} has no "
+                             f"matching <img>")
+        if depth.max() > 1:
+            b, i = np.argwhere(depth > 1)[0]
+            raise ValueError(f"nested <img> at {_where(b, i, batched)}: the previous image is not "
+                             f"closed with </img>")
+        if depth[:, -1].any():
+            b = int(np.argmax(depth[:, -1] != 0))
+            i = int(np.flatnonzero(is_start[b])[-1])
+            raise ValueError(f"unbalanced image markup: <img> at {_where(b, i, batched)} is never "
+                             f"closed with </img>")
+        inside = (depth == 1) & ~is_start
+        stray = is_ctx & ~inside
+        if stray.any():
+            b, i = np.argwhere(stray)[0]
+            raise ValueError(f"<IMG_CONTEXT> token at {_where(b, i, batched)} is outside any "
+                             f"<img> ... </img> block")
+        foreign = inside & ~is_ctx
+        if foreign.any():
+            b, i = np.argwhere(foreign)[0]
+            raise ValueError(f"token id {int(ids[b, i])} at {_where(b, i, batched)} lies inside an "
+                             f"image; only <IMG_CONTEXT> ({img_context_id}) may appear between <img> "
+                             f"and </img>")
+
+    # Row-major order; images never span rows, so the j-th <img> pairs with the j-th </img>.
+    start_flat = np.flatnonzero(is_start)
+    end_flat = np.flatnonzero(is_end)
+    num_images = start_flat.size
+    n_visual = end_flat - start_flat - 1
+    deltas = _deltas_per_image(delta, num_images, is_start.sum(axis=1))
+
+    if num_images == 0:
+        pos = np.broadcast_to(np.arange(seq_len, dtype=np.float64), ids.shape).copy()
+        return pos if batched else pos[0]
+
+    # Integer skeleton: visual tokens do not advance it, </img> advances by 1 + ceil(delta * n),
+    # so every non-visual token gets its exact integer position and each visual token pos(<img>).
+    step = np.ones(ids.size, dtype=np.int64)
+    step[is_ctx.ravel()] = 0
+    step[end_flat] += _ceil_snapped(deltas * n_visual)
+    step = step.reshape(ids.shape)
+    base = np.cumsum(step, axis=1) - 1
+    pos = base.astype(np.float64).ravel()
+
+    # k = 1..n inside each image, built per image with repeat (no per-image Python loop).
+    ctx_flat = np.flatnonzero(is_ctx)
+    if ctx_flat.size:
+        img_of_ctx = np.repeat(np.arange(num_images), n_visual)
+        k = (ctx_flat - start_flat[img_of_ctx]).astype(np.float64)
+        pos[ctx_flat] += deltas[img_of_ctx] * k
+    pos = pos.reshape(ids.shape)
+    return pos if batched else pos[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Delta policies
+# ---------------------------------------------------------------------------------------------
+class DeltaPolicy(abc.ABC):
+    """Picks one delta per image of a sample."""
+
+    @abc.abstractmethod
+    def deltas(self, num_images: int, sample_key: int) -> np.ndarray:
+        """float64 array with one delta per image, in image order."""
+
+    @staticmethod
+    def _check(num_images: int) -> None:
+        if num_images < 0:
+            raise ValueError(f"num_images must be >= 0, got {num_images}")
+
+
+class DefaultDeltaPolicy(DeltaPolicy):
+    """delta = 1: plain integer positions, identical to ``arange``."""
+
+    def deltas(self, num_images: int, sample_key: int) -> np.ndarray:
+        self._check(num_images)
+        return np.ones(num_images, dtype=np.float64)
+
+    def __repr__(self) -> str:
+        return "DefaultDeltaPolicy()"
+
+
+class FixedDeltaPolicy(DeltaPolicy):
+    """One fixed delta for every image (the reference's ``v2pe_fix``; inference)."""
+
+    def __init__(self, delta: float) -> None:
+        if not 0.0 < delta <= 1.0:
+            raise ValueError(f"v2pe delta must be in (0, 1], got {delta}")
+        self.delta = float(delta)
+
+    def deltas(self, num_images: int, sample_key: int) -> np.ndarray:
+        self._check(num_images)
+        return np.full(num_images, self.delta, dtype=np.float64)
+
+    def __repr__(self) -> str:
+        return f"FixedDeltaPolicy(delta={self.delta})"
+
+
+class RandomDeltaPolicy(DeltaPolicy):
+    """Per image, independently and uniformly, one value of ``delta_set`` (the reference's
+    ``v2pe_rnd``). The generator is seeded from ``(seed, sample_key)`` only, so the draw for a sample
+    does not depend on which samples were drawn before it: a resumed run, or a run that visits
+    samples in another order or on other workers, gets the same deltas for the same sample."""
+
+    def __init__(self, delta_set: Sequence[float], seed: int) -> None:
+        values = np.asarray(list(delta_set), dtype=np.float64)
+        if values.ndim != 1 or values.size == 0:
+            raise ValueError(f"v2pe delta_set must be a non-empty list of floats, got {delta_set!r}")
+        if not np.all((values > 0.0) & (values <= 1.0)):
+            raise ValueError(f"every value of v2pe delta_set must be in (0, 1], got {list(values)}")
+        if int(seed) < 0:
+            raise ValueError(f"v2pe seed must be >= 0, got {seed}")
+        self.delta_set = values
+        self.seed = int(seed)
+
+    def deltas(self, num_images: int, sample_key: int) -> np.ndarray:
+        self._check(num_images)
+        if int(sample_key) < 0:
+            raise ValueError(f"sample_key must be a non-negative integer, got {sample_key}")
+        rng = np.random.default_rng([self.seed, int(sample_key)])
+        return self.delta_set[rng.integers(0, self.delta_set.size, size=num_images)]
+
+    def __repr__(self) -> str:
+        return f"RandomDeltaPolicy(delta_set={self.delta_set.tolist()}, seed={self.seed})"
+
+
+def make_delta_policy(cfg: "V2PEConfig") -> DeltaPolicy:
+    """The policy named by ``cfg.policy`` ('default' | 'fixed' | 'random')."""
+    if cfg.policy == "default":
+        return DefaultDeltaPolicy()
+    if cfg.policy == "fixed":
+        return FixedDeltaPolicy(cfg.delta)
+    if cfg.policy == "random":
+        return RandomDeltaPolicy(cfg.delta_set, cfg.seed)
+    raise ValueError(f"v2pe.policy={cfg.policy!r} is not one of default, fixed, random")
+
