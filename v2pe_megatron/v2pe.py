@@ -21,10 +21,12 @@ No Python loop runs over tokens or images: the whole computation is a handful of
 from __future__ import annotations
 
 import abc
+import math
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
+import torch
 
 if TYPE_CHECKING:
     from v2pe_megatron.config import V2PEConfig
@@ -36,6 +38,7 @@ __all__ = [
     "FixedDeltaPolicy",
     "RandomDeltaPolicy",
     "make_delta_policy",
+    "V2PERotaryEmbedding",
 ]
 
 DeltaSpec = Union[float, Sequence[float], Sequence[Sequence[float]], np.ndarray]
@@ -261,3 +264,92 @@ def make_delta_policy(cfg: "V2PEConfig") -> DeltaPolicy:
         return RandomDeltaPolicy(cfg.delta_set, cfg.seed)
     raise ValueError(f"v2pe.policy={cfg.policy!r} is not one of default, fixed, random")
 
+
+
+# ---------------------------------------------------------------------------------------------
+# Rotary embedding
+# ---------------------------------------------------------------------------------------------
+class V2PERotaryEmbedding(torch.nn.Module):
+    """Per-token rotary frequencies for megatron-core attention, from float64 V2PE positions.
+
+    ``forward(position_ids)`` takes float64 positions [B, S] (torch or numpy; a 1-D [S] is taken as
+    B = 1) and returns float32 angles of shape [S, B, 1, D], D = rotary dim, laid out NeoX-style
+    (non-interleaved): ``cat(angles, angles)`` along D, the layout that megatron-core's unfused
+    ``apply_rotary_pos_emb(t, freqs, config)`` expects (it takes ``cos``/``sin`` of ``freqs``).
+
+    Accuracy: the angles ``pos * inv_freq`` are formed in float64 and reduced modulo 2*pi into
+    [-pi, pi) in float64 before the float32 cast, so megatron's float32 ``cos``/``sin`` are accurate
+    to ~2e-7 at any position (at 2^20 an unreduced float32 angle is already off by ~0.03 rad).
+    Positions must therefore stay float64 up to this module (megatron's ``Float16Module`` only
+    casts float32 inputs, so float64 positions pass through it unchanged).
+
+    Constraints for the caller:
+
+    - fused RoPE must stay off (``apply_rope_fusion=False``, ``fused_single_qkv_rope=False``): the
+      frequencies differ per token and per batch row, the unfused path handles [S, B, 1, D].
+    - ``rotary_interleaved=False`` (InternLM2 / Qwen2 / Llama use rotate_half).
+    - With a bf16 model, megatron casts ``cos``/``sin`` to the query dtype (bf16) before the
+      product; that last rounding (~4e-3) is megatron's, the angle itself stays exact.
+    - Context parallelism, bshd format: slice the positions with the same index map as the tokens
+      (``v2pe_megatron.cp_split``) and pass this rank's freqs. THD format: megatron's unfused THD
+      path accepts freqs for the whole packed sequence (length ``cu_seqlens[-1]``) and picks this
+      rank's zigzag chunks per sub-sequence itself, the layout of ``cp_split.zigzag_index_map``.
+
+    ``inv_freq`` is a plain float64 attribute, not a buffer, so ``model.bfloat16()`` / ``.half()``
+    cannot degrade it and checkpoints do not carry it (as in megatron's ``RotaryEmbedding``).
+    """
+
+    # Bounds the float64 temporaries ([chunk, D/2] per row) for million-token sequences.
+    _CHUNK_TOKENS = 1 << 16
+
+    def __init__(self, kv_channels: int, rotary_base: float, rotary_percent: float = 1.0) -> None:
+        super().__init__()
+        if not 0.0 < rotary_percent <= 1.0:
+            raise ValueError(f"rotary_percent must be in (0, 1], got {rotary_percent}")
+        dim = kv_channels if rotary_percent >= 1.0 else int(kv_channels * rotary_percent)
+        if dim < 2 or dim % 2:
+            raise ValueError(f"rotary dim {dim} (kv_channels={kv_channels} x rotary_percent={rotary_percent}) "
+                             f"must be even and >= 2")
+        if rotary_base <= 0:
+            raise ValueError(f"rotary_base must be > 0, got {rotary_base}")
+        self.dim = dim
+        self.rotary_base = float(rotary_base)
+        self.inv_freq = 1.0 / (self.rotary_base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+        self._inv_freq_on: dict[torch.device, torch.Tensor] = {}
+
+    def _inv_freq(self, device: torch.device) -> torch.Tensor:
+        if device not in self._inv_freq_on:
+            self._inv_freq_on[device] = self.inv_freq.to(device)
+        return self._inv_freq_on[device]
+
+    def forward(self, position_ids: Any, device: torch.device | str | None = None) -> torch.Tensor:
+        """float32 [S, B, 1, D] angles for float64 ``position_ids`` [B, S]; computed on
+        ``position_ids``' device (numpy: ``device``, default CPU)."""
+        if isinstance(position_ids, np.ndarray):
+            position_ids = torch.from_numpy(np.ascontiguousarray(position_ids, dtype=np.float64))
+        if not isinstance(position_ids, torch.Tensor):
+            raise TypeError(f"position_ids must be a torch tensor or numpy array, got {type(position_ids)}")
+        if position_ids.dim() == 1:
+            position_ids = position_ids[None, :]
+        if position_ids.dim() != 2:
+            raise ValueError(f"position_ids must be [B, S], got shape {tuple(position_ids.shape)}")
+        if device is not None:
+            position_ids = position_ids.to(device)
+        pos = position_ids.to(torch.float64)
+        inv_freq = self._inv_freq(pos.device)
+        batch, seq = pos.shape
+        half = self.dim // 2
+        out = torch.empty(seq, batch, 1, self.dim, dtype=torch.float32, device=pos.device)
+        two_pi = 2.0 * math.pi
+        for lo in range(0, seq, self._CHUNK_TOKENS):
+            hi = min(seq, lo + self._CHUNK_TOKENS)
+            angles = pos[:, lo:hi].transpose(0, 1)[..., None] * inv_freq  # [s, B, D/2] float64
+            # Reduce into [-pi, pi) in float64: the float32 cast then loses < 2e-7 rad.
+            angles = torch.remainder(angles + math.pi, two_pi) - math.pi
+            reduced = angles.to(torch.float32)
+            out[lo:hi, :, 0, :half] = reduced
+            out[lo:hi, :, 0, half:] = reduced
+        return out
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, rotary_base={self.rotary_base}"
