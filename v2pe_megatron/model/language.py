@@ -1,0 +1,132 @@
+"""The language model (InternLM2 / Qwen2 / Llama shapes) composed from megatron-core parts.
+
+Why not ``GPTModel``: it is deprecated in 0.19 and, like ``LLaVAModel`` on top of it, derives rotary
+positions from the sequence index. V2PE needs per-token (fractional) positions, so this module takes
+``position_ids`` (float64 [b, s]) and feeds per-token rotary frequencies to the ``TransformerBlock``.
+Everything else is megatron's own: vocab-parallel embedding and output layer, the block with its
+pipeline-stage slicing and recompute, vocab-parallel cross entropy.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from megatron.core import tensor_parallel
+from megatron.core.enums import ModelType
+from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
+from megatron.core.models.common.language_module.language_module import LanguageModule
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlock
+from megatron.core.transformer.transformer_config import TransformerConfig
+from torch import Tensor
+
+from v2pe_megatron.config import LanguageConfig, ParallelConfig
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def language_transformer_config(lm: LanguageConfig, par: ParallelConfig, *, dtype: str = "fp32",
+                                recompute: str = "none", init_std: float = 0.02) -> TransformerConfig:
+    """megatron ``TransformerConfig`` for the LLM from the recipe's language and parallel sections."""
+    torch_dtype = DTYPES[dtype]
+    kwargs = {}
+    if recompute == "full":
+        kwargs.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+    elif recompute == "selective":
+        kwargs.update(recompute_granularity="selective")
+    return TransformerConfig(
+        num_layers=lm.num_layers,
+        hidden_size=lm.hidden_size,
+        num_attention_heads=lm.num_attention_heads,
+        num_query_groups=lm.num_query_groups,
+        ffn_hidden_size=lm.ffn_hidden_size,
+        kv_channels=lm.hidden_size // lm.num_attention_heads,
+        normalization="RMSNorm",
+        layernorm_epsilon=lm.norm_eps,
+        gated_linear_unit=True,
+        activation_func=torch.nn.functional.silu,
+        add_bias_linear=False,
+        add_qkv_bias=lm.qkv_bias,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,  # per-token V2PE frequencies: the fused kernel assumes arange positions
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        init_method_std=init_std,
+        tensor_model_parallel_size=par.tp,
+        pipeline_model_parallel_size=par.pp,
+        context_parallel_size=par.cp,
+        sequence_parallel=par.sequence_parallel,
+        params_dtype=torch_dtype,
+        bf16=dtype == "bf16",
+        fp16=dtype == "fp16",
+        pipeline_dtype=torch_dtype,
+        **kwargs,
+    )
+
+
+class LanguageModel(LanguageModule):
+    """Decoder-only LM with per-token rotary positions.
+
+    forward(input_ids [b, s] or decoder_input [s, b, h], position_ids float64 [b, s]) returns
+    logits [b, s, vocab/tp] (no labels) or the per-token loss [b, s] (labels given); on a
+    non-last pipeline stage it returns the hidden states.
+    """
+
+    def __init__(self, config: TransformerConfig, layer_spec, *, vocab_size: int,
+                 max_sequence_length: int, rotary_base: float, pre_process: bool = True,
+                 post_process: bool = True, tie_word_embeddings: bool = False):
+        super().__init__(config=config)
+        from v2pe_megatron.v2pe import V2PERotaryEmbedding
+
+        self.model_type = ModelType.encoder_or_decoder
+        self.pre_process = pre_process
+        self.post_process = post_process
+        self.vocab_size = vocab_size
+        self.share_embeddings_and_output_weights = tie_word_embeddings
+        if pre_process:
+            self.embedding = LanguageModelEmbedding(config, vocab_size, max_sequence_length,
+                                                    position_embedding_type="none")
+        self.rotary_pos_emb = V2PERotaryEmbedding(config.kv_channels, rotary_base)
+        # layer_spec: a layer ModuleSpec or TransformerBlockSubmodules (see specs.block_spec)
+        self.decoder = TransformerBlock(config=config, spec=layer_spec, pre_process=pre_process,
+                                        post_process=post_process)
+        if post_process:
+            self.output_layer = tensor_parallel.ColumnParallelLinear(
+                config.hidden_size, vocab_size, config=config, init_method=config.init_method, bias=False,
+                skip_bias_add=False, gather_output=False,
+                skip_weight_param_allocation=pre_process and tie_word_embeddings)
+        if tie_word_embeddings:
+            if not (pre_process and post_process):
+                raise NotImplementedError("tied embeddings with pipeline parallelism are not supported")
+
+    def set_input_tensor(self, input_tensor) -> None:
+        if isinstance(input_tensor, (list, tuple)):
+            input_tensor = input_tensor[0]
+        self.decoder.set_input_tensor(input_tensor)
+
+    def embed(self, input_ids: Tensor) -> Tensor:
+        """Token embeddings [s, b, h] (scattered to the sequence-parallel layout under SP)."""
+        return self.embedding(input_ids=input_ids, position_ids=None)
+
+    def forward(self, input_ids: Optional[Tensor], position_ids: Tensor, *, decoder_input: Optional[Tensor] = None,
+                labels: Optional[Tensor] = None, packed_seq_params: Optional[PackedSeqParams] = None,
+                attention_mask: Optional[Tensor] = None) -> Tensor:
+        if decoder_input is None and self.pre_process:
+            decoder_input = self.embed(input_ids)
+        # Rotary frequencies cover the full (CP-local) sequence: under SP the attention sees all of it.
+        rotary = self.rotary_pos_emb(position_ids).to(device=position_ids.device if torch.is_tensor(position_ids)
+                                                      else None)
+        hidden = self.decoder(hidden_states=decoder_input, attention_mask=attention_mask,
+                              rotary_pos_emb=rotary, packed_seq_params=packed_seq_params)
+        if not self.post_process:
+            return hidden
+        weight = self.embedding.word_embeddings.weight if self.share_embeddings_and_output_weights else None
+        logits, _ = self.output_layer(hidden, weight=weight)
+        if labels is None:
+            return logits.transpose(0, 1).contiguous()
+        return self.compute_language_model_loss(labels, logits)

@@ -1,0 +1,146 @@
+"""Layer specs for two worlds: Transformer Engine modules on GPU, local modules + our attention on CPU.
+
+The choice is made once from the recipe (``model.spec``: auto | te | local) and the machine. The
+local spec is what CI exercises; it runs every TP x PP x CP x DP layout on gloo. Parameter names
+differ between the two (TE fuses norm weights into ``linear_qkv.layer_norm_weight`` and
+``linear_fc1.layer_norm_weight``); the HF mapping handles both.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+
+
+def have_transformer_engine() -> bool:
+    try:
+        from megatron.core.extensions.transformer_engine import HAVE_TE
+    except Exception:  # noqa: BLE001 - a broken TE install counts as absent
+        return False
+    return bool(HAVE_TE)
+
+
+def resolve_spec(requested: str) -> str:
+    """``auto`` -> ``te`` with CUDA and Transformer Engine, else ``local``."""
+    if requested == "auto":
+        return "te" if torch.cuda.is_available() and have_transformer_engine() else "local"
+    if requested == "te" and not (torch.cuda.is_available() and have_transformer_engine()):
+        raise RuntimeError("model.spec=te needs CUDA and transformer-engine (pip install '.[gpu]'); "
+                           "use model.spec=auto or local")
+    return requested
+
+
+class TorchNorm:
+    """LayerNorm/RMSNorm from torch that also works under sequence parallelism.
+
+    megatron's ``WrappedTorchNorm`` refuses sequence parallelism; the only thing SP needs from a norm
+    is that its weight gradients are summed over the TP group, which megatron's
+    ``finalize_model_grads`` does for every parameter tagged ``sequence_parallel``.
+    """
+
+    def __new__(cls, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **_unused):
+        if config.normalization == "RMSNorm":
+            norm = torch.nn.RMSNorm(hidden_size, eps=eps, dtype=config.params_dtype)
+        elif config.normalization == "LayerNorm":
+            norm = torch.nn.LayerNorm(hidden_size, eps=eps, dtype=config.params_dtype)
+        else:
+            raise ValueError(f"unsupported normalization {config.normalization!r}")
+        for p in norm.parameters():
+            setattr(p, "sequence_parallel", config.sequence_parallel)
+        return norm
+
+
+def local_layer_spec(*, core_attention: type, mask_type: AttnMaskType = AttnMaskType.causal,
+                     qk_norm: bool = False) -> ModuleSpec:
+    """Pre-norm transformer layer from megatron-core's local modules and a given core attention."""
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=TorchNorm,
+            self_attention=ModuleSpec(
+                module=SelfAttention,
+                params={"attn_mask_type": mask_type},
+                submodules=SelfAttentionSubmodules(
+                    linear_qkv=ColumnParallelLinear,
+                    core_attention=core_attention,
+                    linear_proj=RowParallelLinear,
+                    q_layernorm=TorchNorm if qk_norm else IdentityOp,
+                    k_layernorm=TorchNorm if qk_norm else IdentityOp,
+                ),
+            ),
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=TorchNorm,
+            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear,
+                                                                linear_fc2=RowParallelLinear)),
+            mlp_bda=get_bias_dropout_add,
+        ),
+    )
+
+
+def te_layer_spec(*, mask_type: AttnMaskType = AttnMaskType.causal, qk_norm: bool = False) -> ModuleSpec:
+    """Transformer Engine layer: fused layernorm-linear for qkv and fc1, TE attention (with CP)."""
+    from megatron.core.extensions.transformer_engine import (
+        TEDotProductAttention,
+        TELayerNormColumnParallelLinear,
+        TENorm,
+        TERowParallelLinear,
+    )
+
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            self_attention=ModuleSpec(
+                module=SelfAttention,
+                params={"attn_mask_type": mask_type},
+                submodules=SelfAttentionSubmodules(
+                    linear_qkv=TELayerNormColumnParallelLinear,
+                    core_attention=TEDotProductAttention,
+                    linear_proj=TERowParallelLinear,
+                    q_layernorm=TENorm if qk_norm else IdentityOp,
+                    k_layernorm=TENorm if qk_norm else IdentityOp,
+                ),
+            ),
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=IdentityOp,
+            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=TELayerNormColumnParallelLinear,
+                                                                linear_fc2=TERowParallelLinear)),
+            mlp_bda=get_bias_dropout_add,
+        ),
+    )
+
+
+def layer_spec(spec: str, *, mask_type: AttnMaskType = AttnMaskType.causal, qk_norm: bool = False,
+               core_attention: type | None = None) -> ModuleSpec:
+    """The layer spec for ``spec`` (already resolved: te | local)."""
+    if spec == "te":
+        return te_layer_spec(mask_type=mask_type, qk_norm=qk_norm)
+    if core_attention is None:
+        from v2pe_megatron.model.attention import SDPACoreAttention
+
+        core_attention = SDPACoreAttention
+    return local_layer_spec(core_attention=core_attention, mask_type=mask_type, qk_norm=qk_norm)
+
+
+def block_spec(spec: str, config: TransformerConfig, layer: ModuleSpec):
+    """Block submodules for this pipeline stage: the layer spec repeated, and a final norm that
+    matches the spec (megatron's default for a bare layer spec is a norm that rejects SP on CPU)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+
+    pp_rank = ps.get_pipeline_model_parallel_rank() if ps.model_parallel_is_initialized() else 0
+    n = get_num_layers_to_build(config, vp_stage=None, pp_rank=pp_rank)
+    if spec == "te":
+        from megatron.core.extensions.transformer_engine import TENorm
+
+        norm = TENorm
+    else:
+        norm = TorchNorm
+    return TransformerBlockSubmodules(layer_specs=[layer] * n, layer_norm=norm)
