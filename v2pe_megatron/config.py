@@ -159,6 +159,8 @@ class DataConfig:
     overlong: str = "truncate"
     packing: bool = True
     num_workers: int = 1
+    # Where DALI decodes and tiles: auto (GPU "mixed" decode when CUDA is there) | cpu | gpu
+    dali_device: str = "auto"
     seed: int = 42
     # Synthetic data (used when meta_path is empty)
     synthetic_num_samples: int = 256
@@ -374,6 +376,7 @@ def validate(recipe: Recipe, world_size: int | None = None) -> None:
     errs += _choice(recipe.v2pe.policy, "v2pe.policy", ("default", "fixed", "random"))
     errs += _choice(par.cp_comm_type, "parallel.cp_comm_type", ("p2p", "a2a", "a2a+p2p", "all_gather"))
     errs += _choice(d.overlong, "data.overlong", ("truncate", "skip"))
+    errs += _choice(d.dali_device, "data.dali_device", ("auto", "cpu", "gpu"))
     errs += _choice(d.template, "data.template", ("internlm2-chat", "plain"))
     errs += _choice(t.loss_reduction, "train.loss_reduction", ("token", "square"))
     errs += _choice(t.recompute, "train.recompute", ("none", "selective", "full"))

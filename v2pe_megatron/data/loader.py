@@ -1,0 +1,392 @@
+"""The training data iterator: samples -> tokens + tiles -> packs -> micro-batches.
+
+Per rank, an epoch is the rank's share of a seeded permutation of the mixed index (formats.py).
+Samples are read in that order, checked cheaply first (record, placeholders, files, image headers,
+length), then a window of them goes through one DALI tiling call; the survivors are packed greedily.
+
+Resume exactness: the state after a micro-batch is the position (epoch, index) of the first sample
+of the pack still being filled, together with the skip counters as they stood just before it.
+Everything after that position is re-read on resume, and because every step is a pure function of
+(position, seed), the resumed run yields exactly the micro-batches the uninterrupted one would have
+(the V2PE delta draw is keyed by the sample's global id, never by a running RNG).
+
+A background thread prepares ``prefetch`` micro-batches ahead; each carries its own state and skip
+counters, so what :meth:`TrainLoader.state_dict` and :attr:`TrainLoader.skips` report always
+matches what the caller has consumed, not what the thread has read.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from v2pe_megatron.data.chat import tokenize_sample
+from v2pe_megatron.data.formats import MemoryDataset, MixedIndex, load_meta
+from v2pe_megatron.data.packing import Packer, PreparedSample, collate, truncate_or_skip
+from v2pe_megatron.data.skips import NoUsableSamplesError, SampleError, SkipCounter
+from v2pe_megatron.data.tiling import DaliTiler, ImageDecodeError, choose_grid, image_size_of, tiles_for
+from v2pe_megatron.data.tokenizer import Tokenizer, build_tokenizer
+
+if TYPE_CHECKING:
+    from v2pe_megatron.config import Recipe
+    from v2pe_megatron.v2pe import DeltaPolicy
+
+log = logging.getLogger("v2pe_megatron.data")
+
+STATE_VERSION = 1
+# Give up early when this many samples in a row from the start were all bad.
+_ALL_BAD_PROBE = 10_000
+
+
+@dataclass
+class LoaderSettings:
+    seq_length: int
+    micro_batch_size: int = 1
+    image_size: int = 448
+    min_dynamic_patch: int = 1
+    max_dynamic_patch: int = 12
+    use_thumbnail: bool = True
+    num_image_token: int = 256
+    template: str = "internlm2-chat"
+    system_prompt: str = ""
+    max_tiles_per_pack: int = 64
+    overlong: str = "truncate"
+    packing: bool = True
+    pad_multiple: int = 1
+    seed: int = 42
+    num_threads: int = 1
+    dali_device: str = "cpu"
+    window: int = 16
+
+
+@dataclass
+class _Prechecked:
+    gid: int
+    tokens: np.ndarray
+    target: np.ndarray
+    encoded: list[bytes]
+    grids: list[tuple[int, int]]
+    tiles: list[int]
+
+
+class TrainLoader:
+    """Iterable of collated micro-batches (see :func:`~v2pe_megatron.data.packing.collate`).
+
+    ``max_epochs=None`` cycles forever (training); with a number it stops after that many epochs,
+    flushing the last partial pack and micro-batch (inspection, evaluation)."""
+
+    def __init__(self, index: MixedIndex, tokenizer: Tokenizer, settings: LoaderSettings, policy: "DeltaPolicy",
+                 *, dp_rank: int = 0, dp_size: int = 1, max_epochs: int | None = None, prefetch: int = 2) -> None:
+        if not 0 <= dp_rank < dp_size:
+            raise ValueError(f"dp_rank {dp_rank} not in [0, {dp_size})")
+        if len(index) < dp_size:
+            raise NoUsableSamplesError(f"the data has {len(index)} sample(s), fewer than the {dp_size} "
+                                       f"data-parallel ranks")
+        self.index = index
+        self.tok = tokenizer
+        self.cfg = settings
+        self.policy = policy
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.max_epochs = max_epochs
+        self.prefetch = prefetch
+        self.tiler = DaliTiler(settings.image_size, use_thumbnail=settings.use_thumbnail,
+                               num_threads=settings.num_threads, max_batch=settings.window,
+                               device=settings.dali_device)
+        self._state: dict[str, Any] = {"epoch": 0, "pos": 0, "skips": SkipCounter().as_dict()}
+        self._skips = SkipCounter()
+        self.stats = {"samples": 0, "tokens": 0, "tiles": 0, "packs": 0, "micro_batches": 0}
+        self._thread: threading.Thread | None = None
+        self._queue: queue.Queue | None = None
+        self._stop = threading.Event()
+        self._gen: Iterator | None = None
+
+    # ----------------------------------------------------------------------------------------
+    # State
+    # ----------------------------------------------------------------------------------------
+    @property
+    def skips(self) -> dict[str, int]:
+        """Skip counters by reason, as of the last micro-batch handed out."""
+        return self._skips.as_dict()
+
+    def _fingerprint(self) -> dict[str, Any]:
+        return {"num_samples": len(self.index), "dp_size": self.dp_size, "seed": self.cfg.seed,
+                "seq_length": self.cfg.seq_length, "micro_batch_size": self.cfg.micro_batch_size}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"version": STATE_VERSION, "epoch": int(self._state["epoch"]), "pos": int(self._state["pos"]),
+                "skips": dict(self._state["skips"]), "dp_rank": self.dp_rank, **self._fingerprint()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"data loader state version {state.get('version')} != {STATE_VERSION}")
+        mismatch = {k: (state.get(k), v) for k, v in self._fingerprint().items() if state.get(k) != v}
+        if mismatch:
+            raise ValueError("data loader state was saved with different data settings (saved, now): "
+                             + ", ".join(f"{k}={a} vs {b}" for k, (a, b) in mismatch.items())
+                             + "; resuming would not replay the same samples")
+        self.close()
+        self._state = {"epoch": int(state["epoch"]), "pos": int(state["pos"]), "skips": dict(state["skips"])}
+        self._skips = SkipCounter(state["skips"])
+
+    # ----------------------------------------------------------------------------------------
+    # Iteration
+    # ----------------------------------------------------------------------------------------
+    def __iter__(self) -> "TrainLoader":
+        return self
+
+    def __next__(self) -> dict[str, Any]:
+        if self.prefetch <= 0:
+            if self._gen is None:
+                self._gen = self._produce(dict(self._state))
+            item = next(self._gen)
+        else:
+            if self._thread is None:
+                self._start_thread()
+            assert self._queue is not None
+            item = self._queue.get()
+            if isinstance(item, BaseException):
+                self.close()
+                raise item
+            if item is None:
+                self.close()
+                raise StopIteration
+        batch, state, skips, stats = item
+        self._state = state
+        self._skips = SkipCounter(skips)
+        self.stats = stats
+        return batch
+
+    def _start_thread(self) -> None:
+        self._stop.clear()
+        q: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        start = dict(self._state)
+
+        def run() -> None:
+            try:
+                for item in self._produce(start):
+                    while not self._stop.is_set():
+                        try:
+                            q.put(item, timeout=0.1)
+                            break
+                        except queue.Full:
+                            continue
+                    if self._stop.is_set():
+                        return
+                q.put(None)
+            except BaseException as e:  # handed to the consumer, raised there
+                q.put(e)
+
+        self._queue = q
+        self._thread = threading.Thread(target=run, name="v2pe-data", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join(timeout=30)
+        self._thread, self._queue, self._gen = None, None, None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    # ----------------------------------------------------------------------------------------
+    # Producer
+    # ----------------------------------------------------------------------------------------
+    def _items(self, epoch: int, pos: int) -> Iterator[tuple[tuple[int, int], PreparedSample | SampleError]]:
+        while self.max_epochs is None or epoch < self.max_epochs:
+            order = self.index.rank_order(epoch, self.dp_rank, self.dp_size)
+            while pos < order.size:
+                window = order[pos: pos + self.cfg.window]
+                for k, res in enumerate(self._prepare_window([int(g) for g in window])):
+                    yield (epoch, pos + k), res
+                pos += window.size
+            epoch, pos = epoch + 1, 0
+
+    def _produce(self, start: dict[str, Any]) -> Iterator[tuple]:
+        cfg = self.cfg
+        packer = Packer(cfg.seq_length, max_tiles_per_pack=cfg.max_tiles_per_pack, pad_id=self.tok.pad_id,
+                        pad_multiple=cfg.pad_multiple, packing=cfg.packing,
+                        image_shape=(3, cfg.image_size, cfg.image_size))
+        skips = SkipCounter(start["skips"])
+        stats = {"samples": 0, "tokens": 0, "tiles": 0, "packs": 0, "micro_batches": 0}
+        pending_state: dict[str, Any] | None = None
+        buffer: list[dict[str, Any]] = []
+        good_since_start, seen_since_start = 0, 0
+        epoch_clean = start["pos"] == 0
+        good_in_epoch, cur_epoch = 0, start["epoch"]
+        next_cursor = (start["epoch"], start["pos"])
+
+        def emit(final: bool = False) -> tuple:
+            batch = collate(buffer)
+            buffer.clear()
+            stats["micro_batches"] += 1
+            if packer.pending:
+                st = dict(pending_state or {})
+            else:
+                st = {"epoch": next_cursor[0], "pos": next_cursor[1], "skips": skips.as_dict()}
+            return batch, st, skips.as_dict(), dict(stats)
+
+        for (epoch, pos), res in self._items(start["epoch"], start["pos"]):
+            if epoch != cur_epoch:
+                if epoch_clean and good_in_epoch == 0:
+                    raise NoUsableSamplesError(self._all_bad_message(skips))
+                cur_epoch, good_in_epoch, epoch_clean = epoch, 0, True
+            next_cursor = (epoch, pos + 1)
+            seen_since_start += 1
+            if isinstance(res, SampleError):
+                skips.add(res, f"#{pos} of epoch {epoch} on dp rank {self.dp_rank}")
+                if good_since_start == 0 and seen_since_start >= _ALL_BAD_PROBE:
+                    raise NoUsableSamplesError(self._all_bad_message(skips))
+                continue
+            good_since_start += 1
+            good_in_epoch += 1
+            before = {"epoch": epoch, "pos": pos, "skips": skips.as_dict()}
+            packs = packer.add(res)
+            if packer.pending and packer.pending[0] is res:
+                pending_state = before
+            stats["samples"] += 1
+            stats["tokens"] += res.length
+            stats["tiles"] += res.tiles
+            for p in packs:
+                stats["packs"] += 1
+                buffer.append(p)
+                if len(buffer) == cfg.micro_batch_size:
+                    yield emit()
+        if epoch_clean and good_in_epoch == 0 and seen_since_start:
+            raise NoUsableSamplesError(self._all_bad_message(skips))
+        if packer.pending:
+            stats["packs"] += 1
+            buffer.append(packer.flush())
+        if buffer:
+            yield emit(final=True)
+
+    def _all_bad_message(self, skips: SkipCounter) -> str:
+        reasons = ", ".join(f"{k}={v}" for k, v in skips.nonzero().items()) or "none"
+        return (f"no usable sample in the data on dp rank {self.dp_rank}: every sample read was skipped "
+                f"({reasons}); check data.meta_path, image roots and data.seq_length / max_tiles_per_pack")
+
+    def _precheck(self, gid: int) -> _Prechecked:
+        cfg = self.cfg
+        ds, raw = self.index.read(gid)
+        encoded = [im.load() for im in raw.images]
+        sizes = []
+        for b in encoded:
+            try:
+                sizes.append(image_size_of(b))
+            except ImageDecodeError as e:
+                raise SampleError("corrupt_image", str(e)) from e
+        max_num = ds.max_dynamic_patch or cfg.max_dynamic_patch
+        if len(encoded) > 1:  # InternVL shares the tile budget among a sample's images
+            max_num = max(1, max_num // len(encoded))
+        min_num = min(cfg.min_dynamic_patch, max_num)
+        grids = [choose_grid(w, h, min_num=min_num, max_num=max_num, image_size=cfg.image_size) for w, h in sizes]
+        tiles = [tiles_for(g, cfg.use_thumbnail) for g in grids]
+        tk = tokenize_sample(self.tok, conversations=raw.conversations, text=raw.text, tiles_per_image=tiles,
+                             num_image_token=cfg.num_image_token, template=cfg.template,
+                             system_prompt=cfg.system_prompt)
+        tokens, target, n_img = truncate_or_skip(tk.ids, tk.target, cfg.seq_length, cfg.overlong,
+                                                 img_start_id=self.tok.img_start_id, img_end_id=self.tok.img_end_id)
+        if not target[1:].any():
+            raise SampleError("no_loss_tokens", f"{tk.ids.size} tokens, none left to train on")
+        if sum(tiles[:n_img]) > cfg.max_tiles_per_pack:
+            raise SampleError("too_many_tiles", f"{sum(tiles[:n_img])} tiles > max_tiles_per_pack={cfg.max_tiles_per_pack}")
+        return _Prechecked(gid, tokens, target, encoded[:n_img], grids[:n_img], tiles[:n_img])
+
+    def _prepare_window(self, gids: list[int]) -> list[PreparedSample | SampleError]:
+        from v2pe_megatron.v2pe import compute_position_ids
+
+        pre: list[_Prechecked | SampleError] = []
+        for gid in gids:
+            try:
+                pre.append(self._precheck(gid))
+            except SampleError as e:
+                pre.append(e)
+        flat_enc = [b for p in pre if isinstance(p, _Prechecked) for b in p.encoded]
+        flat_grid = [g for p in pre if isinstance(p, _Prechecked) for g in p.grids]
+        decoded = iter(self.tiler(flat_enc, flat_grid) if flat_enc else [])
+        s = self.cfg.image_size
+        out: list[PreparedSample | SampleError] = []
+        for p in pre:
+            if isinstance(p, SampleError):
+                out.append(p)
+                continue
+            arrs = [next(decoded) for _ in p.encoded]
+            bad = next((a for a in arrs if isinstance(a, ImageDecodeError)), None)
+            if bad is not None:
+                out.append(SampleError("corrupt_image", str(bad)))
+                continue
+            n = len(arrs)
+            deltas = np.asarray(self.policy.deltas(n, p.gid), dtype=np.float64)
+            pos = compute_position_ids(p.tokens, img_start_id=self.tok.img_start_id, img_end_id=self.tok.img_end_id,
+                                       img_context_id=self.tok.img_context_id, delta=deltas if n else 1.0)
+            pix = np.concatenate(arrs) if arrs else np.zeros((0, 3, s, s), np.float32)
+            out.append(PreparedSample(p.gid, p.tokens, p.target, pos, pix,
+                                      np.asarray(p.tiles, dtype=np.int32), deltas))
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# From a recipe
+# ---------------------------------------------------------------------------------------------
+def check_tokenizer(recipe: "Recipe", tok: Tokenizer) -> None:
+    m = recipe.model
+    want = {"img_start_token_id": (m.img_start_token_id, tok.img_start_id),
+            "img_end_token_id": (m.img_end_token_id, tok.img_end_id),
+            "img_context_token_id": (m.img_context_token_id, tok.img_context_id)}
+    bad = {k: v for k, v in want.items() if v[0] != v[1]}
+    if bad:
+        raise ValueError("tokenizer and model disagree on image token ids: "
+                         + ", ".join(f"model.{k}={a} but the tokenizer has {b}" for k, (a, b) in bad.items()))
+    if tok.vocab_size > m.language.vocab_size:
+        raise ValueError(f"tokenizer has {tok.vocab_size} ids but model.language.vocab_size="
+                         f"{m.language.vocab_size}")
+
+
+def build_index(recipe: "Recipe") -> MixedIndex:
+    d = recipe.data
+    if d.meta_path:
+        datasets = load_meta(d.meta_path)
+    else:
+        from v2pe_megatron.data.synthetic import synth_records
+
+        s = recipe.model.vision.image_size
+        records, images = synth_records(d.synthetic_num_samples, d.seed, min_side=max(8, s // 2),
+                                        max_side=2 * s, haystack_words=40, max_images=2)
+        datasets = [MemoryDataset(records, images, name="synthetic")]
+    return MixedIndex(datasets, d.seed)
+
+
+def settings_from_recipe(recipe: "Recipe", *, pad_multiple: int | None = None) -> LoaderSettings:
+    d, par = recipe.data, recipe.parallel
+    if pad_multiple is None:
+        pad_multiple = 2 * par.cp if par.cp > 1 else 1
+    return LoaderSettings(
+        seq_length=d.seq_length, micro_batch_size=d.micro_batch_size, image_size=d.image_size,
+        min_dynamic_patch=d.min_dynamic_patch, max_dynamic_patch=d.max_dynamic_patch,
+        use_thumbnail=d.use_thumbnail, num_image_token=recipe.model.num_image_token, template=d.template,
+        system_prompt=d.system_prompt, max_tiles_per_pack=d.max_tiles_per_pack, overlong=d.overlong,
+        packing=d.packing, pad_multiple=pad_multiple, seed=d.seed, num_threads=max(1, d.num_workers),
+        dali_device=getattr(d, "dali_device", "auto"))
+
+
+def build_train_loader(recipe: "Recipe", *, dp_rank: int, dp_size: int, tokenizer: Tokenizer | None = None,
+                       max_epochs: int | None = None, prefetch: int = 2,
+                       pad_multiple: int | None = None) -> TrainLoader:
+    """This rank's micro-batch iterator for ``recipe`` (synthetic in-memory data when
+    ``data.meta_path`` is empty)."""
+    from v2pe_megatron.v2pe import make_delta_policy
+
+    tok = tokenizer or build_tokenizer(recipe.data.tokenizer_path)
+    check_tokenizer(recipe, tok)
+    return TrainLoader(build_index(recipe), tok, settings_from_recipe(recipe, pad_multiple=pad_multiple),
+                       make_delta_policy(recipe.v2pe), dp_rank=dp_rank, dp_size=dp_size, max_epochs=max_epochs,
+                       prefetch=prefetch)

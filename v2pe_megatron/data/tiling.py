@@ -1,0 +1,206 @@
+"""Dynamic tiling (DESIGN.md section 2) as one DALI pipeline, plus the Pillow reference.
+
+The grid rule is InternVL's ``dynamic_preprocess``: candidate grids (cols, rows) with
+min <= cols*rows <= max, ordered by tile count; the grid whose aspect ratio is closest to the image's
+wins, and on an exact tie a later candidate replaces the current one when the image area exceeds half
+of that candidate's pixel area. Within one tile count InternVL's candidate order is the iteration
+order of a Python ``set`` of tuples (deterministic in CPython, not lexicographic), and that order
+decides ties such as 2x1 vs 1x2 for an aspect ratio of 1.25, so the candidates are built the same way.
+
+DALI does the whole tiling of a batch in one pass: decode, one bicubic resize to
+(rows*S, cols*S), reshape [R, S, C, S, 3] -> transpose -> [R*C, S, S, 3] (row-major tiles), the
+thumbnail (a resize of the whole image to S x S) concatenated after them, and normalisation with the
+FHWC -> FCHW transpose fused into ``crop_mirror_normalize``. The thumbnail is computed for every
+image and sliced off on the host for single-tile images (a host view, no copy).
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+from collections.abc import Sequence
+from functools import lru_cache
+
+import numpy as np
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ImageDecodeError(ValueError):
+    """An image that cannot be decoded (corrupt, truncated, not an image)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Grid rule
+# ---------------------------------------------------------------------------------------------
+@lru_cache(maxsize=64)
+def candidate_grids(min_num: int, max_num: int) -> tuple[tuple[int, int], ...]:
+    """(cols, rows) candidates in InternVL's order (see module docstring for why a set)."""
+    cands = {(c, r) for n in range(min_num, max_num + 1) for c in range(1, n + 1) for r in range(1, n + 1)
+             if min_num <= c * r <= max_num}
+    return tuple(sorted(cands, key=lambda g: g[0] * g[1]))
+
+
+def choose_grid(width: int, height: int, *, min_num: int, max_num: int, image_size: int) -> tuple[int, int]:
+    """(cols, rows) of the tiling for a ``width`` x ``height`` image."""
+    if width <= 0 or height <= 0:
+        raise ValueError(f"image size must be positive, got {width}x{height}")
+    aspect = width / height
+    area = width * height
+    best, best_diff = (1, 1), float("inf")
+    for cols, rows in candidate_grids(min_num, max_num):
+        diff = abs(aspect - cols / rows)
+        if diff < best_diff:
+            best, best_diff = (cols, rows), diff
+        elif diff == best_diff and area > 0.5 * image_size * image_size * cols * rows:
+            best = (cols, rows)
+    return best
+
+
+def tiles_for(grid: tuple[int, int], use_thumbnail: bool) -> int:
+    n = grid[0] * grid[1]
+    return n + 1 if use_thumbnail and n > 1 else n
+
+
+# ---------------------------------------------------------------------------------------------
+# Pillow reference (InternVL's own path: resize, per-tile crop, ToTensor + Normalize)
+# ---------------------------------------------------------------------------------------------
+def pillow_tiles(image, grid: tuple[int, int], image_size: int, use_thumbnail: bool) -> np.ndarray:
+    """float32 [T, 3, S, S] the way InternVL builds them from a PIL image (torchvision's ToTensor and
+    Normalize written in numpy: torchvision does not install next to this torch)."""
+    from PIL import Image
+
+    image = image.convert("RGB")
+    cols, rows = grid
+    resized = image.resize((image_size * cols, image_size * rows), Image.Resampling.BICUBIC)
+    crops = []
+    for i in range(cols * rows):
+        x, y = (i % cols) * image_size, (i // cols) * image_size
+        crops.append(resized.crop((x, y, x + image_size, y + image_size)))
+    if use_thumbnail and len(crops) != 1:
+        crops.append(image.resize((image_size, image_size), Image.Resampling.BICUBIC))
+    mean = np.asarray(IMAGENET_MEAN, np.float32)[:, None, None]
+    std = np.asarray(IMAGENET_STD, np.float32)[:, None, None]
+    out = [(np.asarray(c, np.float32).transpose(2, 0, 1) / 255.0 - mean) / std for c in crops]
+    return np.stack(out).astype(np.float32)
+
+
+def image_size_of(data: bytes) -> tuple[int, int]:
+    """(width, height) from the header only; raises ImageDecodeError for anything unreadable."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            w, h = im.size
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise ImageDecodeError(f"unreadable image header: {e}") from e
+    if w <= 0 or h <= 0:
+        raise ImageDecodeError(f"image has size {w}x{h}")
+    return w, h
+
+
+# ---------------------------------------------------------------------------------------------
+# DALI pipeline
+# ---------------------------------------------------------------------------------------------
+def cuda_available() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:  # pragma: no cover - torch is a hard dependency; be defensive anyway
+        return False
+
+
+class DaliTiler:
+    """Decode + tile + normalise a batch of encoded images in one DALI pipeline.
+
+    ``device``: "cpu" (CPU operators, ``device_id=None``), "gpu" (mixed decode, GPU resize) or
+    "auto" (gpu when CUDA is there). A batch whose decode fails is retried one image at a time, so a
+    corrupt file costs its own sample only: the result list holds an :class:`ImageDecodeError` there.
+    """
+
+    def __init__(self, image_size: int, *, use_thumbnail: bool = True, num_threads: int = 1,
+                 max_batch: int = 16, device: str = "cpu") -> None:
+        if device == "auto":
+            device = "gpu" if cuda_available() else "cpu"
+        if device not in ("cpu", "gpu"):
+            raise ValueError(f"device must be cpu, gpu or auto, got {device!r}")
+        self.image_size = image_size
+        self.use_thumbnail = use_thumbnail
+        self.num_threads = max(1, num_threads)
+        self.max_batch = max(1, max_batch)
+        self.device = device
+        self._pipe = None
+        # DALI pipelines are not re-entrant; the loader's prefetch thread and a caller may share one.
+        self._lock = threading.Lock()
+
+    def _build(self):
+        import nvidia.dali.fn as fn
+        import nvidia.dali.types as types
+        from nvidia.dali import pipeline_def
+
+        s = self.image_size
+        gpu = self.device == "gpu"
+
+        @pipeline_def(batch_size=self.max_batch, num_threads=self.num_threads,
+                      device_id=0 if gpu else None, prefetch_queue_depth=1, exec_dynamic=True)
+        def tiling():
+            enc = fn.external_source(name="enc", dtype=types.UINT8, ndim=1)
+            hw = fn.external_source(name="hw", dtype=types.FLOAT, ndim=1)
+            shape = fn.external_source(name="shape", dtype=types.INT32, ndim=1)
+            # InternVL opens with Pillow, which ignores EXIF orientation: so must we.
+            img = fn.decoders.image(enc, device="mixed" if gpu else "cpu", output_type=types.RGB,
+                                    adjust_orientation=False)
+            # size is (H, W); cubic + antialias is Pillow's BICUBIC (a support-scaled filter).
+            big = fn.resize(img, size=hw, interp_type=types.INTERP_CUBIC, antialias=True)
+            tiles = fn.reshape(big, shape=shape)
+            tiles = fn.transpose(tiles, perm=[0, 2, 1, 3, 4])
+            tiles = fn.reshape(tiles, shape=[-1, s, s, 3], layout="FHWC")
+            thumb = fn.resize(img, size=[s, s], interp_type=types.INTERP_CUBIC, antialias=True)
+            thumb = fn.reshape(thumb, shape=[1, s, s, 3], layout="FHWC")
+            allt = fn.cat(tiles, thumb, axis=0)
+            return fn.crop_mirror_normalize(
+                allt, dtype=types.FLOAT, output_layout="FCHW",
+                mean=[m * 255.0 for m in IMAGENET_MEAN], std=[v * 255.0 for v in IMAGENET_STD])
+
+        pipe = tiling()
+        pipe.build()
+        return pipe
+
+    def _run(self, encoded: Sequence[np.ndarray], grids: Sequence[tuple[int, int]]) -> list[np.ndarray]:
+        if self._pipe is None:
+            self._pipe = self._build()
+        s = self.image_size
+        self._pipe.feed_input("enc", list(encoded))
+        self._pipe.feed_input("hw", [np.array([r * s, c * s], np.float32) for c, r in grids])
+        self._pipe.feed_input("shape", [np.array([r, s, c, s, 3], np.int32) for c, r in grids])
+        (out,) = self._pipe.run()
+        if self.device == "gpu":
+            out = out.as_cpu()
+        res = []
+        for i, (c, r) in enumerate(grids):
+            arr = np.array(out[i], copy=True)
+            res.append(arr[: tiles_for((c, r), self.use_thumbnail)])
+        return res
+
+    def __call__(self, encoded: Sequence[bytes | np.ndarray],
+                 grids: Sequence[tuple[int, int]]) -> list[np.ndarray | ImageDecodeError]:
+        """float32 [T, 3, S, S] per image (tiles row-major, then the thumbnail), or the error."""
+        arrays = [np.frombuffer(e, np.uint8) if isinstance(e, (bytes, bytearray, memoryview)) else e
+                  for e in encoded]
+        results: list[np.ndarray | ImageDecodeError] = []
+        with self._lock:
+            for lo in range(0, len(arrays), self.max_batch):
+                chunk, g = arrays[lo: lo + self.max_batch], grids[lo: lo + self.max_batch]
+                try:
+                    results.extend(self._run(chunk, g))
+                except RuntimeError:
+                    # One bad image fails the whole batch; find it by decoding one at a time.
+                    for a, gr in zip(chunk, g):
+                        try:
+                            results.extend(self._run([a], [gr]))
+                        except RuntimeError as e:
+                            first = next((ln for ln in str(e).splitlines() if ln.strip()), "decode failed")
+                            results.append(ImageDecodeError(first))
+        return results
