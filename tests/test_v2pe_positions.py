@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from v2pe_megatron import v2pe
 from v2pe_megatron.config import DEFAULT_DELTA_SET, V2PEConfig
 from v2pe_megatron.v2pe import (DefaultDeltaPolicy, FixedDeltaPolicy, RandomDeltaPolicy, compute_position_ids,
                                 make_delta_policy)
@@ -111,18 +112,35 @@ def test_torch_input_and_batching():
         np.testing.assert_array_equal(pos(ids, 0.5)[b], reference_positions(row, [0.5] * 2))
 
 
-def test_matches_independent_reference_on_random_inputs():
+def random_sample(rng: np.random.Generator) -> tuple[list[int], list[float]]:
+    ids: list[int] = []
+    deltas: list[float] = []
+    for _ in range(rng.integers(0, 6)):
+        ids += [int(t) for t in rng.integers(0, 1000, rng.integers(0, 7))]
+        ids += image(int(rng.integers(0, 40)))
+        deltas.append(float(rng.choice([1.0, 0.5, 0.25, 1 / 256, 0.1, 0.3, 0.7, 2 / 3, 1 / 3])))
+    ids += [int(t) for t in rng.integers(0, 1000, rng.integers(0, 4))]
+    return ids, deltas
+
+
+# The position pass runs in chunks of v2pe._CHUNK tokens; small chunks cut segments everywhere.
+@pytest.mark.parametrize("chunk", [None, 7, 1])
+def test_matches_independent_reference_on_random_inputs(chunk, monkeypatch):
+    if chunk is not None:
+        monkeypatch.setattr(v2pe, "_CHUNK", chunk)
     rng = np.random.default_rng(0)
     for trial in range(30):
-        ids: list[int] = []
-        deltas: list[float] = []
-        for _ in range(rng.integers(0, 6)):
-            ids += [int(t) for t in rng.integers(0, 1000, rng.integers(0, 7))]
-            ids += image(int(rng.integers(0, 40)))
-            deltas.append(float(rng.choice([1.0, 0.5, 0.25, 1 / 256, 0.1, 0.3, 0.7, 2 / 3, 1 / 3])))
-        ids += [int(t) for t in rng.integers(0, 1000, rng.integers(0, 4))]
+        ids, deltas = random_sample(rng)
         np.testing.assert_array_equal(pos(np.array(ids, dtype=np.int64), deltas), reference_positions(ids, deltas),
                                       err_msg=f"trial {trial}")
+    # Batches: rows padded with text to a common length, deltas given per row.
+    for trial in range(10):
+        samples = [random_sample(rng) for _ in range(int(rng.integers(1, 5)))]
+        width = max(len(ids) for ids, _ in samples) + int(rng.integers(0, 3))
+        rows = [ids + [0] * (width - len(ids)) for ids, _ in samples]
+        got = pos(np.array(rows, dtype=np.int64).reshape(len(rows), width), [d for _, d in samples])
+        for b, (row, (_, d)) in enumerate(zip(rows, samples)):
+            np.testing.assert_array_equal(got[b], reference_positions(row, d), err_msg=f"trial {trial} row {b}")
 
 
 @pytest.mark.parametrize("ids, match", [
@@ -134,7 +152,10 @@ def test_matches_independent_reference_on_random_inputs():
     ([S, C, E, C], r"<IMG_CONTEXT> token at index 3 is outside"),
     ([S, C, 7, C, E], r"token id 7 at index 2 lies inside an image"),
 ])
-def test_malformed_markup(ids, match):
+def test_malformed_markup(ids, match, monkeypatch):
+    with pytest.raises(ValueError, match=match):
+        pos(ids, 0.5)
+    monkeypatch.setattr(v2pe, "_CHUNK", 2)  # faults found in a later chunk are reported the same way
     with pytest.raises(ValueError, match=match):
         pos(ids, 0.5)
 
