@@ -54,6 +54,8 @@ class Tokenizer:
         # Longest first so that no special is matched by a prefix of another.
         alts = sorted(self.specials, key=len, reverse=True)
         self._split = re.compile("(" + "|".join(re.escape(a) for a in alts) + ")")
+        # Models with a dummy prefix (InternLM2's) prepend a space to every encoded chunk themselves.
+        self._dummy_prefix = sp.encode_as_pieces("a")[0].startswith("\u2581")
         self.bos_id = sp.bos_id()
         self.eos_id = sp.eos_id()
         self.unk_id = sp.unk_id()
@@ -99,7 +101,8 @@ class Tokenizer:
     def _decode_run(self, run: list[int]) -> str:
         # sentencepiece drops the leading space of a decoded run; keep it (runs sit between specials).
         text = self.sp.decode(run)
-        return " " + text if self.sp.id_to_piece(run[0]).startswith("\u2581") and not text.startswith(" ") else text
+        lead = self.sp.id_to_piece(run[0]).startswith("\u2581")
+        return " " + text if lead and not self._dummy_prefix and not text.startswith(" ") else text
 
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size}, img_context_id={self.img_context_id})"

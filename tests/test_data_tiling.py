@@ -1,0 +1,133 @@
+"""Dynamic tiling: the grid rule against a plain transcription of InternVL's code, DALI pixels against
+the Pillow reference on real photographs, and corrupt images failing alone."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from v2pe_megatron.data.tiling import (
+    IMAGENET_STD, DaliTiler, ImageDecodeError, choose_grid, image_size_of, pillow_tiles, tiles_for)
+
+
+def _internvl_grid(width, height, min_num, max_num, image_size):
+    """InternVL's dynamic_preprocess / find_closest_aspect_ratio, transcribed line by line."""
+    aspect_ratio = width / height
+    target_ratios = set(
+        (i, j) for n in range(min_num, max_num + 1) for i in range(1, n + 1) for j in range(1, n + 1)
+        if i * j <= max_num and i * j >= min_num)
+    target_ratios = sorted(target_ratios, key=lambda x: x[0] * x[1])
+    best_ratio_diff = float("inf")
+    best_ratio = (1, 1)
+    area = width * height
+    for ratio in target_ratios:
+        target_aspect_ratio = ratio[0] / ratio[1]
+        ratio_diff = abs(aspect_ratio - target_aspect_ratio)
+        if ratio_diff < best_ratio_diff:
+            best_ratio_diff = ratio_diff
+            best_ratio = ratio
+        elif ratio_diff == best_ratio_diff:
+            if area > 0.5 * image_size * image_size * ratio[0] * ratio[1]:
+                best_ratio = ratio
+    return best_ratio
+
+
+def test_grid_rule_matches_internvl_on_many_sizes():
+    rng = np.random.default_rng(0)
+    sizes = [(int(w), int(h)) for w, h in rng.integers(1, 5000, size=(3000, 2))]
+    # Exact ties: aspect ratios halfway between candidates (e.g. 1.25 between 2:1 and 1:2 ... ) and
+    # exact candidate ratios at both sides of the area threshold.
+    for s in (10, 100, 224, 300, 448, 449, 700, 1000, 2000):
+        sizes += [(s, s), (2 * s, s), (s, 2 * s), (3 * s, 2 * s),
+                  (5 * s, 4 * s), (4 * s, 5 * s), (3 * s, s), (5 * s, 2 * s), (s, 7 * s)]
+    checked = 0
+    ties = 0
+    for min_num, max_num, isz in ((1, 12, 448), (1, 6, 448), (1, 5, 448), (2, 9, 448), (1, 4, 56), (1, 1, 448),
+                                  (1, 2, 448), (1, 3, 448)):
+        for w, h in sizes:
+            diffs = sorted(abs(w / h - c / r) for c in range(1, max_num + 1) for r in range(1, max_num + 1)
+                           if min_num <= c * r <= max_num)
+            ties += len(diffs) > 1 and diffs[0] == diffs[1]
+            assert choose_grid(w, h, min_num=min_num, max_num=max_num, image_size=isz) == \
+                _internvl_grid(w, h, min_num, max_num, isz), (w, h, min_num, max_num, isz)
+            checked += 1
+    assert checked > 15000
+    assert ties > 50  # the tie-break path is exercised, not only clear winners
+
+
+def test_grid_tie_cases_are_decided_like_internvl():
+    # 1.25 is equidistant from 2:1 and 1:2 (both 2 tiles): the set order and the area rule decide.
+    for w, h in ((1250, 1000), (125, 100), (5, 4), (3000, 2400)):
+        assert choose_grid(w, h, min_num=1, max_num=12, image_size=448) == _internvl_grid(w, h, 1, 12, 448)
+    # Square images: small ones stay 1x1, large ones move to the larger square grid.
+    assert choose_grid(300, 300, min_num=1, max_num=12, image_size=448) == (1, 1)
+    assert choose_grid(2000, 2000, min_num=1, max_num=12, image_size=448) == (3, 3)
+
+
+def test_tiles_for_counts_thumbnail_only_for_multi_tile():
+    assert tiles_for((1, 1), True) == 1
+    assert tiles_for((3, 2), True) == 7
+    assert tiles_for((3, 2), False) == 6
+
+
+def _encode(arr, fmt):
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format=fmt, **({"quality": 92} if fmt == "JPEG" else {}))
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def photos():
+    from skimage import data
+
+    gray = data.camera()
+    return {"astronaut.jpg": _encode(data.astronaut(), "JPEG"), "chelsea.png": _encode(data.chelsea(), "PNG"),
+            "coffee.jpg": _encode(data.coffee(), "JPEG"), "camera_gray.png": _encode(gray, "PNG"),
+            "rocket.jpg": _encode(data.rocket(), "JPEG")}
+
+
+def test_dali_matches_pillow_reference_448(photos):
+    s = 448
+    names = ["astronaut.jpg", "chelsea.png", "camera_gray.png"]
+    enc = [photos[n] for n in names]
+    grids = [choose_grid(*image_size_of(e), min_num=1, max_num=4, image_size=s) for e in enc]
+    assert grids != [(1, 1)] * len(grids)
+    out = DaliTiler(s, max_batch=4)(enc, grids)
+    for name, e, g, o in zip(names, enc, grids, out):
+        ref = pillow_tiles(Image.open(io.BytesIO(e)), g, s, True)
+        assert o.shape == ref.shape == (tiles_for(g, True), 3, s, s), name
+        assert o.dtype == np.float32
+        # back to 0..255 pixel units
+        diff = np.abs(o - ref) * np.asarray(IMAGENET_STD, np.float32)[:, None, None] * 255
+        assert diff.mean() < 1.0, (name, diff.mean())
+
+
+def test_dali_tiles_row_major_and_thumbnail_small(photos):
+    s = 56
+    enc = [photos["rocket.jpg"], photos["coffee.jpg"]]
+    grids = [(3, 2), (1, 1)]
+    a, b = DaliTiler(s, max_batch=2)(enc, grids)
+    assert a.shape == (7, 3, s, s) and b.shape == (1, 3, s, s)
+    ref = pillow_tiles(Image.open(io.BytesIO(enc[0])), (3, 2), s, True)
+    per_tile = (np.abs(a - ref) * np.asarray(IMAGENET_STD, np.float32)[:, None, None] * 255).mean(axis=(1, 2, 3))
+    assert per_tile.max() < 2.0  # every tile (in row-major order) and the thumbnail line up
+    (c,) = DaliTiler(s, use_thumbnail=False)([enc[0]], [(3, 2)])
+    np.testing.assert_array_equal(c, a[:6])
+
+
+def test_corrupt_image_fails_alone(photos):
+    good = photos["astronaut.jpg"]
+    truncated = good[: len(good) // 3]
+    garbage = b"this is not an image at all" * 4
+    tiler = DaliTiler(56, max_batch=4)
+    out = tiler([good, truncated, garbage, photos["chelsea.png"]], [(1, 1), (1, 1), (1, 1), (2, 1)])
+    assert isinstance(out[1], ImageDecodeError) and isinstance(out[2], ImageDecodeError)
+    assert out[0].shape == (1, 3, 56, 56) and out[3].shape == (3, 3, 56, 56)
+    # and the pipeline keeps working afterwards
+    (again,) = tiler([good], [(1, 1)])
+    np.testing.assert_array_equal(again, out[0])
+    with pytest.raises(ImageDecodeError):
+        image_size_of(garbage)
