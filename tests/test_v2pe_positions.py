@@ -259,3 +259,17 @@ def test_policy_deltas_feed_positions():
     ids = [1] + image(256) + [2] + image(512) + [3]
     d = p.deltas(2, 42)
     np.testing.assert_array_equal(pos(ids, d), reference_positions(ids, d.tolist()))
+
+
+def test_recipe_keys_build_the_policy():
+    from v2pe_megatron.config import RecipeError, load_recipe
+
+    recipe = load_recipe(overrides=["v2pe.policy=random", "v2pe.delta_set=[0.5,0.125]", "v2pe.seed=9"])
+    p = make_delta_policy(recipe.v2pe)
+    assert isinstance(p, RandomDeltaPolicy) and p.seed == 9 and p.delta_set.tolist() == [0.5, 0.125]
+    assert isinstance(make_delta_policy(load_recipe(overrides=["v2pe.policy=fixed", "v2pe.delta=0.25"]).v2pe),
+                      FixedDeltaPolicy)
+    for bad, msg in ((["v2pe.seed=-1"], "v2pe.seed=-1 must be >= 0"), (["v2pe.delta=1.5"], r"v2pe.delta=1.5"),
+                     (["v2pe.delta_set=[0.5,0]"], "v2pe.delta_set"), (["v2pe.policy=rnd"], "v2pe.policy")):
+        with pytest.raises(RecipeError, match=msg):
+            load_recipe(overrides=bad)

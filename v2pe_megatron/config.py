@@ -403,6 +403,8 @@ def validate(recipe: Recipe, world_size: int | None = None) -> None:
         errs.append(f"v2pe.delta={v.delta} must be in (0, 1]")
     if not v.delta_set or any(not 0.0 < x <= 1.0 for x in v.delta_set):
         errs.append(f"v2pe.delta_set={v.delta_set} must be a non-empty list of values in (0, 1]")
+    if v.seed < 0:  # numpy's SeedSequence (random delta policy) takes non-negative entropy only
+        errs.append(f"v2pe.seed={v.seed} must be >= 0")
 
     # Model shapes vs tensor parallelism
     if lm.num_attention_heads % lm.num_query_groups:
