@@ -55,7 +55,7 @@ _CHUNK = 1 << 15
 
 
 def _as_numpy_ids(input_ids: Any) -> np.ndarray:
-    if hasattr(input_ids, "detach"):  # torch.Tensor, without importing torch here
+    if isinstance(input_ids, torch.Tensor):
         input_ids = input_ids.detach().cpu().numpy()
     arr = np.asarray(input_ids)
     if arr.ndim not in (1, 2):
@@ -102,7 +102,7 @@ def _deltas_per_image(delta: DeltaSpec, num_images: int, images_per_row: np.ndar
         values = out
     bad = values[~((values > 0.0) & (values <= 1.0))]  # also catches NaN
     if bad.size:
-        raise ValueError(f"delta must be in (0, 1], got {bad[0]!r}")
+        raise ValueError(f"delta must be in (0, 1], got {float(bad[0])}")
     return out
 
 
