@@ -1,0 +1,147 @@
+"""``v2pe-data``: look at a dataset through a recipe, or write a synthetic one.
+
+    v2pe-data inspect [RECIPE.yaml] [--meta META.json] [--show K] [--max-samples N] [key=value ...]
+    v2pe-data synth OUT_DIR [--num-samples N] [--format jsonl|webdataset] [--seed S] ...
+
+``inspect`` runs one epoch of the training loader (one data-parallel rank; ``--dp-rank/--dp-size``)
+and prints samples, tokens, tiles, packs and one ``skipped <reason>: <count>`` line per reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from typing import Sequence
+
+_CTX_RUN = re.compile(r"(<IMG_CONTEXT>)+")
+
+
+def _split_recipe_args(items: Sequence[str]) -> tuple[str | None, list[str]]:
+    path, overrides = None, []
+    for it in items:
+        if "=" not in it and path is None:
+            path = it
+        else:
+            overrides.append(it)
+    return path, overrides
+
+
+def _show(tok, batch, budget: int, chars: int) -> int:
+    for r, lens in enumerate(batch["seq_lens"]):
+        ids = batch["sample_ids"][r]
+        off = 0
+        for k, L in enumerate(lens.tolist()):
+            if budget <= 0:
+                return 0
+            if k < len(ids):
+                seg = batch["tokens"][r, off: off + L].tolist()
+                text = _CTX_RUN.sub(lambda m: f"<IMG_CONTEXT x{len(m.group(0)) // 13}>", tok.decode(seg))
+                trained = int(batch["loss_mask"][r, off: off + L].sum())
+                print(f"sample {int(ids[k])}: {L} tokens ({trained} trained): "
+                      f"{text[:chars]!r}{' ...' if len(text) > chars else ''}")
+                budget -= 1
+            off += L
+    return budget
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from v2pe_megatron.config import RecipeError, load_recipe
+    from v2pe_megatron.data.loader import build_train_loader
+    from v2pe_megatron.data.skips import NoUsableSamplesError, SkipCounter
+
+    path, overrides = _split_recipe_args(args.recipe_args)
+    if args.meta:
+        overrides.append(f"data.meta_path={args.meta}")
+    try:
+        recipe = load_recipe(path, overrides)
+        loader = build_train_loader(recipe, dp_rank=args.dp_rank, dp_size=args.dp_size, max_epochs=1)
+    except (RecipeError, ValueError, FileNotFoundError, NoUsableSamplesError) as e:
+        print(f"v2pe-data inspect: {e}", file=sys.stderr)
+        return 2
+    total = len(loader.index.rank_order(0, args.dp_rank, args.dp_size))
+    if args.max_samples:
+        total = min(total, args.max_samples)
+    d = recipe.data
+    src = d.meta_path or f"synthetic ({d.synthetic_num_samples} samples in memory)"
+    print(f"data: {src}: {len(loader.index.datasets)} dataset(s), {len(loader.index)} samples after repeat_time; "
+          f"dp rank {args.dp_rank}/{args.dp_size}: {total} samples")
+    print(f"recipe: seq_length={d.seq_length} image_size={d.image_size} tiles {d.min_dynamic_patch}.."
+          f"{d.max_dynamic_patch} thumbnail={d.use_thumbnail} max_tiles_per_pack={d.max_tiles_per_pack} "
+          f"overlong={d.overlong} v2pe={recipe.v2pe.policy}")
+    show = args.show
+    try:
+        with tqdm(total=total, unit="sample", file=sys.stderr, disable=args.no_progress) as bar:
+            for batch in loader:
+                read = loader.stats["samples"] + SkipCounter(loader.skips).total
+                bar.update(min(read, total) - bar.n)
+                if show:
+                    show = _show(loader.tok, batch, show, args.chars)
+                if args.max_samples and read >= args.max_samples:
+                    break
+    except NoUsableSamplesError as e:
+        print(f"v2pe-data inspect: {e}", file=sys.stderr)
+        return 2
+    finally:
+        loader.close()
+    st, skips = loader.stats, SkipCounter(loader.skips)
+    fill = st["tokens"] / max(1, st["packs"] * d.seq_length)
+    print(f"samples read: {st['samples'] + skips.total}")
+    print(f"samples used: {st['samples']}")
+    print(f"tokens: {st['tokens']}")
+    print(f"tiles: {st['tiles']}")
+    print(f"packs: {st['packs']} (filled {100 * fill:.1f}% with sample tokens)")
+    print(f"micro-batches: {st['micro_batches']}")
+    for line in skips.report_lines():
+        print(line)
+    if not skips.total:
+        print("skipped: none")
+    return 0
+
+
+def _synth(args: argparse.Namespace) -> int:
+    from v2pe_megatron.data.synthetic import write_synthetic
+
+    meta = write_synthetic(args.out_dir, args.num_samples, args.seed, fmt=args.format, shard_size=args.shard_size,
+                           min_side=args.min_side, max_side=args.max_side, haystack_words=args.haystack_words,
+                           max_images=args.max_images)
+    print(f"wrote {args.num_samples} samples ({args.format}) to {args.out_dir}")
+    print(f"meta: {meta}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="v2pe-data", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    i = sub.add_parser("inspect", help="iterate a dataset through a recipe's loader and report")
+    i.add_argument("recipe_args", nargs="*", help="optional recipe YAML, then key=value overrides")
+    i.add_argument("--meta", help="meta JSON (sets data.meta_path)")
+    i.add_argument("--dp-rank", type=int, default=0)
+    i.add_argument("--dp-size", type=int, default=1)
+    i.add_argument("--max-samples", type=int, default=0, help="stop after this many samples (0: one epoch)")
+    i.add_argument("--show", type=int, default=0, help="print the first K sub-samples, decoded")
+    i.add_argument("--chars", type=int, default=240, help="characters shown per sample")
+    i.add_argument("--no-progress", action="store_true")
+    i.set_defaults(fn=_inspect)
+
+    s = sub.add_parser("synth", help="write a synthetic InternVL-format dataset (incl. needle-in-a-haystack)")
+    s.add_argument("out_dir")
+    s.add_argument("--num-samples", type=int, default=100)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--format", choices=("jsonl", "webdataset"), default="jsonl")
+    s.add_argument("--shard-size", type=int, default=64)
+    s.add_argument("--min-side", type=int, default=64)
+    s.add_argument("--max-side", type=int, default=640)
+    s.add_argument("--haystack-words", type=int, default=400, help="haystack length of the needle samples")
+    s.add_argument("--max-images", type=int, default=4)
+    s.set_defaults(fn=_synth)
+
+    args = p.parse_args(argv)
+    return int(args.fn(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
