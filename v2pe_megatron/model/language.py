@@ -36,6 +36,12 @@ def language_transformer_config(lm: LanguageConfig, par: ParallelConfig, *, dtyp
         kwargs.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
     elif recompute == "selective":
         kwargs.update(recompute_granularity="selective")
+    if par.pp > 1 and par.pp_layers:
+        # Unequal stages: megatron's flexible layout (embedding on the first stage, loss on the last).
+        layout = [["decoder"] * n for n in par.pp_layers]
+        layout[0].insert(0, "embedding")
+        layout[-1].append("loss")
+        kwargs.update(pipeline_model_parallel_layout=layout)
     return TransformerConfig(
         num_layers=lm.num_layers,
         hidden_size=lm.hidden_size,
@@ -89,8 +95,11 @@ class LanguageModel(LanguageModule):
         self.vocab_size = vocab_size
         self.share_embeddings_and_output_weights = tie_word_embeddings
         if pre_process:
+            # No scatter inside the embedding: image features are merged into the full sequence first
+            # (see ``embed``), then the sequence-parallel scatter happens.
             self.embedding = LanguageModelEmbedding(config, vocab_size, max_sequence_length,
-                                                    position_embedding_type="none")
+                                                    position_embedding_type="none",
+                                                    scatter_to_sequence_parallel=False)
         self.rotary_pos_emb = V2PERotaryEmbedding(config.kv_channels, rotary_base)
         # layer_spec: a layer ModuleSpec or TransformerBlockSubmodules (see specs.block_spec)
         self.decoder = TransformerBlock(config=config, spec=layer_spec, pre_process=pre_process,
@@ -109,9 +118,17 @@ class LanguageModel(LanguageModule):
             input_tensor = input_tensor[0]
         self.decoder.set_input_tensor(input_tensor)
 
-    def embed(self, input_ids: Tensor) -> Tensor:
-        """Token embeddings [s, b, h] (scattered to the sequence-parallel layout under SP)."""
-        return self.embedding(input_ids=input_ids, position_ids=None)
+    def embed(self, input_ids: Tensor, *, scatter: bool = True) -> Tensor:
+        """Token embeddings [s, b, h]; with ``scatter`` (and SP on) scattered to this rank's sequence
+        shard. ``scatter=False`` returns the full sequence so callers can edit it before ``scatter_sp``."""
+        emb = self.embedding(input_ids=input_ids, position_ids=None)
+        return self.scatter_sp(emb) if scatter else emb
+
+    def scatter_sp(self, emb: Tensor) -> Tensor:
+        """Full-sequence [s, b, h] -> this rank's sequence-parallel shard (identity without SP)."""
+        if self.config.sequence_parallel:
+            emb = tensor_parallel.scatter_to_sequence_parallel_region(emb)
+        return emb
 
     def forward(self, input_ids: Optional[Tensor], position_ids: Tensor, *, decoder_input: Optional[Tensor] = None,
                 labels: Optional[Tensor] = None, packed_seq_params: Optional[PackedSeqParams] = None,

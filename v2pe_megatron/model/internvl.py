@@ -1,0 +1,174 @@
+"""InternVL: InternViT + ``mlp1`` projector + LLM, composed from megatron-core parts.
+
+Vision features replace the ``<IMG_CONTEXT>`` embeddings one for one, in row-major order of
+``input_ids`` (the order of HF's ``masked_scatter``), before the sequence-parallel scatter. The
+vision tower and projector live on the first pipeline stage only.
+
+Forward contract (the training loop and context parallelism rely on it)::
+
+    forward(input_ids [b, s], position_ids float64 [b, s], pixel_values [T, 3, H, W] | None, *,
+            labels=None, packed_seq_params=None, image_feature_index=None)
+      -> logits [b, s, V/tp] (no labels) | per-token loss [b, s] (labels) | hidden (non-last stage)
+
+``image_feature_index`` (optional, long [n_ctx]) picks which rows of the flattened [T * n, H]
+features go to this rank's ``<IMG_CONTEXT>`` tokens, for callers that hold only part of a sequence
+(context parallelism); without it the counts must match exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from megatron.core import parallel_state as ps
+from megatron.core import tensor_parallel
+from megatron.core.enums import ModelType
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+from torch import Tensor
+
+from v2pe_megatron.config import ModelConfig, Recipe
+from v2pe_megatron.model.language import LanguageModel, language_transformer_config
+from v2pe_megatron.model.projector import Projector
+from v2pe_megatron.model.specs import block_spec, layer_spec, resolve_spec
+from v2pe_megatron.model.vision import InternViT, vision_transformer_config
+
+
+def padded_vocab_size(vocab_size: int, tp: int) -> int:
+    """Vocab rounded up to a multiple of tp (megatron's vocab-parallel layers split it evenly).
+    Padded rows are extra logits past ``vocab_size``; ``InternVLModel.logits`` drops them."""
+    return int(math.ceil(vocab_size / tp) * tp)
+
+
+class InternVLModel(MegatronModule):
+    def __init__(self, model_cfg: ModelConfig, language_config: TransformerConfig,
+                 vision_config: TransformerConfig, *, spec: str = "local", pre_process: bool = True,
+                 post_process: bool = True):
+        super().__init__(config=language_config)
+        self.model_type = ModelType.encoder_or_decoder
+        self.model_cfg = model_cfg
+        self.pre_process = pre_process
+        self.post_process = post_process
+        self.img_context_token_id = model_cfg.img_context_token_id
+        self.vocab_size = model_cfg.language.vocab_size
+        lm = model_cfg.language
+        if pre_process:
+            self.vision_model = InternViT(vision_config, model_cfg.vision, spec=spec)
+            self.mlp1 = Projector(vision_config, model_cfg.vision.hidden_size, lm.hidden_size,
+                                  downsample_ratio=model_cfg.projector.downsample_ratio,
+                                  layernorm_eps=model_cfg.projector.layernorm_eps)
+        self.language_model = LanguageModel(
+            language_config, block_spec(spec, language_config, layer_spec(spec)),
+            vocab_size=padded_vocab_size(lm.vocab_size, language_config.tensor_model_parallel_size),
+            max_sequence_length=lm.max_position_embeddings, rotary_base=lm.rotary_base,
+            pre_process=pre_process, post_process=post_process, tie_word_embeddings=lm.tie_word_embeddings)
+
+    def set_input_tensor(self, input_tensor) -> None:
+        self.language_model.set_input_tensor(input_tensor)
+
+    # finalize_model_grads looks these up on the outer module to sync tied embeddings across stages.
+    @property
+    def share_embeddings_and_output_weights(self) -> bool:
+        return self.language_model.share_embeddings_and_output_weights
+
+    def shared_embedding_or_output_weight(self):
+        return self.language_model.shared_embedding_or_output_weight()
+
+    def image_features(self, pixel_values: Tensor) -> Tensor:
+        """[T, 3, H, W] -> [T, n, H_llm] (n = num_image_token for the configured image size)."""
+        return self.mlp1(self.vision_model(pixel_values))
+
+    def _vision_params_zero(self) -> Tensor:
+        # Text-only micro-batches: every vision/projector parameter still joins the graph with a zero
+        # weight, so gradient hooks fire and data-parallel reductions see the same parameter set.
+        params = [p for m in (self.vision_model, self.mlp1) for p in m.parameters() if p.requires_grad]
+        if not params:
+            return None
+        return sum(p.sum() for p in params) * 0.0
+
+    def merge(self, input_ids: Tensor, pixel_values: Optional[Tensor],
+              image_feature_index: Optional[Tensor] = None) -> Tensor:
+        """Full-sequence embeddings [s, b, h] with the image features in place of <IMG_CONTEXT>."""
+        emb = self.language_model.embed(input_ids, scatter=False)         # [s, b, h]
+        ctx = input_ids == self.img_context_token_id                      # [b, s]
+        n_ctx = int(ctx.sum())
+        if pixel_values is None or pixel_values.shape[0] == 0:
+            if n_ctx:
+                raise ValueError(f"{n_ctx} <IMG_CONTEXT> tokens (id {self.img_context_token_id}) but no pixel_values")
+            zero = self._vision_params_zero() if self.training and torch.is_grad_enabled() else None
+            return emb if zero is None else emb + zero.to(emb.dtype)
+        feats = self.image_features(pixel_values)
+        feats = feats.reshape(-1, feats.shape[-1])
+        if image_feature_index is not None:
+            feats = feats.index_select(0, image_feature_index.to(feats.device))
+        if feats.shape[0] != n_ctx:
+            raise ValueError(f"{n_ctx} <IMG_CONTEXT> tokens (id {self.img_context_token_id}) but "
+                             f"{feats.shape[0]} image features ({pixel_values.shape[0]} tiles x "
+                             f"{feats.shape[0] // max(pixel_values.shape[0], 1)} tokens)")
+        bsh = emb.transpose(0, 1)                                         # [b, s, h], row-major like HF
+        bsh = bsh.masked_scatter(ctx.unsqueeze(-1).to(bsh.device), feats.to(bsh.dtype))
+        return bsh.transpose(0, 1).contiguous()
+
+    def forward(self, input_ids: Optional[Tensor], position_ids: Tensor, pixel_values: Optional[Tensor] = None, *,
+                labels: Optional[Tensor] = None, packed_seq_params: Optional[PackedSeqParams] = None,
+                image_feature_index: Optional[Tensor] = None) -> Tensor:
+        decoder_input = None
+        if self.pre_process:
+            decoder_input = self.language_model.scatter_sp(self.merge(input_ids, pixel_values, image_feature_index))
+        return self.language_model(None, position_ids, decoder_input=decoder_input, labels=labels,
+                                   packed_seq_params=packed_seq_params)
+
+    @torch.no_grad()
+    def logits(self, input_ids: Tensor, pixel_values: Optional[Tensor], position_ids: Optional[Tensor] = None
+               ) -> Tensor:
+        """float32 logits [B, S, V] (gathered over TP, padding dropped); needs pre and post process
+        on this rank (no pipeline parallelism). ``position_ids`` default to ``arange``."""
+        if not (self.pre_process and self.post_process):
+            raise RuntimeError("InternVLModel.logits needs the whole model on this rank (pp=1)")
+        dev = next(self.parameters()).device
+        input_ids = input_ids.to(dev)
+        if position_ids is None:
+            position_ids = torch.arange(input_ids.shape[1], dtype=torch.float64, device=dev).expand_as(input_ids)
+        position_ids = torch.as_tensor(position_ids).to(device=dev, dtype=torch.float64)
+        if pixel_values is not None:
+            pixel_values = pixel_values.to(device=dev, dtype=self.config.params_dtype)
+        out = self.forward(input_ids, position_ids, pixel_values)
+        if ps.get_tensor_model_parallel_world_size() > 1:
+            out = tensor_parallel.gather_from_tensor_model_parallel_region(out)
+        return out[..., : self.vocab_size].float()
+
+
+def build_model(recipe: Recipe, *, pre_process: Optional[bool] = None, post_process: Optional[bool] = None
+                ) -> InternVLModel:
+    """The InternVL model for this rank's pipeline stage, from the recipe (megatron parallel state
+    must be initialized). ``pre_process``/``post_process`` default to first/last pipeline stage."""
+    m, par = recipe.model, recipe.parallel
+    if pre_process is None:
+        pre_process = ps.is_pipeline_first_stage(ignore_virtual=True)
+    if post_process is None:
+        post_process = ps.is_pipeline_last_stage(ignore_virtual=True)
+    spec = resolve_spec(m.spec)
+    lcfg = language_transformer_config(m.language, par, dtype=m.dtype, recompute=recipe.train.recompute)
+    lcfg.calculate_per_token_loss = True
+    vcfg = vision_transformer_config(m.vision, par, dtype=m.dtype, recompute=recipe.train.recompute)
+    return InternVLModel(m, lcfg, vcfg, spec=spec, pre_process=pre_process, post_process=post_process)
+
+
+def parameter_count(model_cfg: ModelConfig) -> int:
+    """Analytic parameter count from the shapes (unpadded vocab), as the HF checkpoints count it."""
+    v, lm, r = model_cfg.vision, model_cfg.language, model_cfg.projector.downsample_ratio
+    c, f = v.hidden_size, v.ffn_hidden_size
+    side = v.image_size // v.patch_size
+    vit = (c * v.num_channels * v.patch_size**2 + c) + c + (side * side + 1) * c
+    per = 2 * c + (3 * c * c + (3 * c if v.qkv_bias else 0)) + (c * c + c) + 2 * c + (f * c + f) + (c * f + c) + 2 * c
+    vit += v.num_layers * per
+    inner = int(round(c / r**2))
+    h = lm.hidden_size
+    proj = 2 * inner + (inner * h + h) + (h * h + h)
+    d = lm.hidden_size // lm.num_attention_heads
+    qkv = (lm.num_attention_heads + 2 * lm.num_query_groups) * d
+    layer = 2 * h + h * qkv + (qkv if lm.qkv_bias else 0) + lm.num_attention_heads * d * h + 3 * h * lm.ffn_hidden_size
+    llm = lm.vocab_size * h + lm.num_layers * layer + h + (0 if lm.tie_word_embeddings else lm.vocab_size * h)
+    return int(vit + proj + llm)
