@@ -328,7 +328,8 @@ class TrainLoader:
             deltas = np.asarray(self.policy.deltas(n, p.gid), dtype=np.float64)
             pos = compute_position_ids(p.tokens, img_start_id=self.tok.img_start_id, img_end_id=self.tok.img_end_id,
                                        img_context_id=self.tok.img_context_id, delta=deltas if n else 1.0)
-            pix = np.concatenate(arrs) if arrs else np.zeros((0, 3, s, s), np.float32)
+            # A lone image stays a view of DALI's (read-only) output; build_pack makes the one copy.
+            pix = arrs[0] if len(arrs) == 1 else np.concatenate(arrs) if arrs else np.zeros((0, 3, s, s), np.float32)
             out.append(PreparedSample(p.gid, p.tokens, p.target, pos, pix,
                                       np.asarray(p.tiles, dtype=np.int32), deltas))
         return out
