@@ -50,11 +50,13 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, kw
 
         with rt.process_group(backend="gloo"):
             result = fn(*args, **kwargs)
+        # Plain pickle (by value): torch's queue pickler would hand tensors over through shared
+        # memory, which needs this process alive until the parent has read them.
         try:
-            pickle.dumps(result)
+            blob = pickle.dumps(result)
         except Exception as e:  # a result that cannot travel is the test's bug: say so plainly
             raise TypeError(f"rank {rank} returned an unpicklable result: {e}") from e
-        queue.put(_Outcome(rank, True, result))
+        queue.put(_Outcome(rank, True, blob))
     except BaseException:  # noqa: BLE001 - everything must reach the parent
         queue.put(_Outcome(rank, False, traceback.format_exc()))
 
@@ -67,11 +69,12 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 
     group exists; megatron's model-parallel state is the function's to set up (see
     ``v2pe_megatron.runtime.distributed.model_parallel``).
     """
+    # Non-daemonic: megatron's checkpoint writer starts helper processes of its own.
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
     procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, kwargs, queue,
-                                                threads_per_rank, dict(env or {})), daemon=True)
+                                                threads_per_rank, dict(env or {})), daemon=False)
              for r in range(world_size)]
     for p in procs:
         p.start()
@@ -113,4 +116,4 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 
                 p.kill()
     if failure is not None:
         raise DistributedTestError(f"rank {failure.rank} of {world_size} failed:\n{failure.payload}")
-    return [outcomes[r].payload for r in range(world_size)]
+    return [pickle.loads(outcomes[r].payload) for r in range(world_size)]
