@@ -1,0 +1,192 @@
+"""Context parallelism end to end at the language-model level: CP=2 (x DP=2), CP=4 and CP=2 x TP=2
+(sequence parallel) give the loss and gradients of CP=1, on packs of several unequal sub-samples
+(text-only and with image markup, V2PE fractional positions restarting per sub-sample, padding).
+
+Method: the CP=1 rank takes one step (SGD, lr=0: the gradients stay in ``main_grad``) and returns
+its weights; every layout loads those weights (TP-sharded by megatron's partition attributes),
+takes the same step on the same global batch split by ``split_batch_for_cp``, and returns its
+gradients gathered back to full shapes. CP does not shard weights, and megatron's DDP sums
+gradients over the data-and-context-parallel group, so they compare parameter by parameter.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from v2pe_megatron.testing.distributed import run_distributed
+
+SEQ = 128
+PAD = 8          # 2*cp*tp for the largest layout (CP4; CP2 x TP2 with SP)
+ROWS = 2         # rows per micro-batch
+MICRO = 2        # micro-batches in the global batch
+IMG_START, IMG_END, IMG_CTX = 5, 6, 7  # the tiny preset's ids
+
+
+def make_packs(seed: int = 5) -> list[dict]:
+    """MICRO collated micro-batches of ROWS packs each, from data.packing (the training contract)."""
+    from v2pe_megatron.data.packing import PreparedSample, build_pack, collate
+    from v2pe_megatron.v2pe import compute_position_ids
+
+    rng = np.random.default_rng(seed)
+    batches, sid = [], 0
+    for _ in range(MICRO):
+        packs = []
+        for _ in range(ROWS):
+            samples, used = [], 0
+            while True:
+                n_text = int(rng.integers(5, 30))
+                toks = list(rng.integers(10, 500, n_text))
+                deltas = []
+                if rng.random() < 0.6:  # an image of 8 context tokens somewhere inside
+                    at = int(rng.integers(1, n_text))
+                    toks[at:at] = [IMG_START] + [IMG_CTX] * 8 + [IMG_END]
+                    deltas = [float(rng.choice([1.0, 0.5, 0.25, 1 / 16]))]
+                toks = np.asarray(toks, dtype=np.int64)
+                lp = -(-toks.size // PAD) * PAD
+                if used + lp > SEQ - PAD:  # leave a padding tail segment in most rows
+                    break
+                pos = compute_position_ids(toks, img_start_id=IMG_START, img_end_id=IMG_END,
+                                           img_context_id=IMG_CTX, delta=deltas if deltas else 1.0)
+                target = rng.random(toks.size) > 0.3
+                samples.append(PreparedSample(sid, toks, target, pos, np.zeros((0, 3, 56, 56), np.float32),
+                                              np.zeros(len(deltas), np.int32), np.asarray(deltas)))
+                sid += 1
+                used += lp
+            packs.append(build_pack(samples, SEQ, pad_id=0, pad_multiple=PAD, image_shape=(3, 56, 56)))
+        batches.append(collate(packs))
+    return batches
+
+
+def _recipe(tp: int, cp: int, sp: bool):
+    from v2pe_megatron.config import load_recipe
+
+    return load_recipe(None, ["model.preset=tiny", "data.image_size=56", f"data.seq_length={SEQ}",
+                              "model.language.num_layers=2", f"parallel.tp={tp}", f"parallel.cp={cp}",
+                              f"parallel.sequence_parallel={sp}", "optimizer.name=sgd", "optimizer.lr=0.0",
+                              "optimizer.clip_grad=0", "optimizer.weight_decay=0"])
+
+
+def _build(recipe):
+    from megatron.core import parallel_state as ps
+
+    from v2pe_megatron.model.language import LanguageModel, language_transformer_config
+    from v2pe_megatron.model.specs import block_spec, layer_spec
+
+    lm = recipe.model.language
+    cfg = language_transformer_config(lm, recipe.parallel)
+    cfg.calculate_per_token_loss = True
+    model = LanguageModel(cfg, block_spec("local", cfg, layer_spec("local")), vocab_size=lm.vocab_size,
+                          max_sequence_length=lm.max_position_embeddings, rotary_base=lm.rotary_base,
+                          pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage())
+    return model, cfg
+
+
+def _glu(name: str, cfg) -> bool:
+    return cfg.gated_linear_unit and name.endswith("linear_fc1.weight")
+
+
+def _shard(name: str, full: torch.Tensor, p: torch.nn.Parameter, cfg, tp: int, rank: int) -> torch.Tensor:
+    if not getattr(p, "tensor_model_parallel", False) or tp == 1:
+        return full
+    dim = p.partition_dim
+    if _glu(name, cfg):  # [gate; up] per rank, not a plain slice of [gate; up]
+        gate, up = full.chunk(2, dim=dim)
+        return torch.cat([gate.chunk(tp, dim=dim)[rank], up.chunk(tp, dim=dim)[rank]], dim=dim)
+    return full.chunk(tp, dim=dim)[rank]
+
+
+def _gather(name: str, local: torch.Tensor, p: torch.nn.Parameter, cfg) -> torch.Tensor:
+    from megatron.core import parallel_state as ps
+
+    tp = ps.get_tensor_model_parallel_world_size()
+    if not getattr(p, "tensor_model_parallel", False) or tp == 1:
+        return local
+    parts = [torch.empty_like(local) for _ in range(tp)]
+    torch.distributed.all_gather(parts, local.contiguous(), group=ps.get_tensor_model_parallel_group())
+    dim = p.partition_dim
+    if _glu(name, cfg):
+        halves = [t.chunk(2, dim=dim) for t in parts]
+        return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=dim)
+    return torch.cat(parts, dim=dim)
+
+
+def _forward_step(data_iterator, model):
+    from v2pe_megatron.training.engine import masked_loss_func
+
+    b = next(data_iterator)
+    out = model(b["tokens"], b["position_ids"], labels=b["labels"], packed_seq_params=b["packed_seq_params"])
+    return out, masked_loss_func(b["loss_mask"])
+
+
+def run_layout(tp: int, cp: int, sp: bool, weights: dict | None) -> dict:
+    from megatron.core import parallel_state as ps
+
+    from v2pe_megatron.packed_seq import split_batch_for_cp
+    from v2pe_megatron.runtime.distributed import model_parallel
+    from v2pe_megatron.training.engine import build_optimizer, train_step, wrap_ddp
+
+    torch.set_num_threads(1)
+    recipe = _recipe(tp, cp, sp)
+    with model_parallel(tp=tp, cp=cp, seed=3):
+        torch.manual_seed(3)
+        model, cfg = _build(recipe)
+        tp_rank = ps.get_tensor_model_parallel_rank()
+        if weights is not None:
+            with torch.no_grad():
+                for name, p in model.named_parameters():
+                    p.copy_(_shard(name, torch.from_numpy(weights[name]), p, cfg, tp, tp_rank))
+        ddp = wrap_ddp(model, cfg)
+        opt = build_optimizer(recipe.optimizer, [ddp], params_dtype=torch.float32)
+        dp_rank, dp = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+        cp_rank = ps.get_context_parallel_rank()
+        mine = [split_batch_for_cp(b, cp_size=cp, cp_rank=cp_rank) for b in make_packs()[dp_rank::dp]]
+        res = train_step([ddp], opt, _forward_step, iter(mine), num_microbatches=len(mine),
+                         seq_length=SEQ // cp, micro_batch_size=ROWS)
+        # numpy, not tensors: torch's queue pickler would share tensor storage with an exiting process
+        grads = {n: _gather(n, p.main_grad.detach().clone(), p, cfg).numpy() for n, p in model.named_parameters()}
+        out = {"loss": res.loss, "tokens": res.num_tokens, "grads": grads}
+        if weights is None:
+            out["weights"] = {n: p.detach().clone().numpy() for n, p in model.named_parameters()}
+    return out
+
+
+def run_all_layouts(weights: dict) -> dict:
+    """One 4-rank world runs the layouts one after another (a spawn costs seconds of imports)."""
+    assert torch.distributed.get_world_size() == 4
+    out = {}
+    out["cp2xdp2"] = run_layout(1, 2, False, weights)
+    out["cp4"] = run_layout(1, 4, False, weights)
+    out["cp2xtp2sp"] = run_layout(2, 2, True, weights)
+    return {k: {"loss": v["loss"], "tokens": v["tokens"], "grads": v["grads"]} if torch.distributed.get_rank() == 0
+            else {"loss": v["loss"]} for k, v in out.items()}
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return run_distributed(run_layout, 1, 1, 1, False, None, timeout=180)[0]
+
+
+def test_packs_hold_images_text_and_padding():
+    batches = make_packs()
+    lens = [r.tolist() for b in batches for r in b["seq_lens"]]
+    assert all(sum(r) == SEQ and len(r) >= 3 for r in lens)
+    pos = torch.cat([b["position_ids"].flatten() for b in batches])
+    assert (pos != pos.round()).any()  # fractional V2PE positions
+    tokens = torch.cat([b["tokens"].flatten() for b in batches])
+    assert (tokens == IMG_START).any()
+
+
+def test_cp_layouts_match_cp1(reference):
+    results = run_distributed(run_all_layouts, 4, reference["weights"], timeout=420)
+    ref_grads = reference["grads"]
+    for name, res in results[0].items():
+        assert res["tokens"] == reference["tokens"], name
+        assert abs(res["loss"] - reference["loss"]) < 1e-5, (name, res["loss"], reference["loss"])
+        for pname, g in ref_grads.items():
+            torch.testing.assert_close(torch.from_numpy(res["grads"][pname]), torch.from_numpy(g), atol=1e-5, rtol=1e-4,
+                                       msg=lambda m, n=name, p=pname: f"{n} {p}: {m}")
+    for r in results[1:]:  # every rank reports the same global loss
+        for name, res in r.items():
+            assert abs(res["loss"] - results[0][name]["loss"]) < 1e-6

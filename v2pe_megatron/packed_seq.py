@@ -1,0 +1,151 @@
+"""Packed micro-batches -> megatron's ``PackedSeqParams`` and this context-parallel rank's share.
+
+Input is the data pipeline's collated batch (:func:`v2pe_megatron.data.packing.collate`): [B, S]
+``tokens``, ``labels``, ``loss_mask``, float64 ``position_ids`` and, per row, ``seq_lens``: the
+padded sub-sample lengths (each a multiple of :func:`pad_multiple`, the pack's tail included, so a
+row's lengths sum to S). Optionally ``seq_lens_unpadded`` (per row) marks each sub-sample's padding,
+which attention then masks as keys.
+
+Convention (megatron's and Transformer Engine's): ``cu_seqlens`` always describe the *whole* pack
+in global offsets, also on a CP rank that holds only its zigzag share of the tokens; attention and
+megatron's THD rotary derive the local layout from them.
+
+Two formats:
+
+- ``sbhd`` (local spec, CPU or any GPU without TE): tensors stay [b, s_local]; ``cu_seqlens`` per
+  row (a list of int32 tensors, one tensor when all rows agree). Tokens, labels, loss mask *and*
+  V2PE positions are sliced with one :func:`~v2pe_megatron.cp_split.zigzag_index_map`, so each
+  rank's rotary frequencies are computed for exactly its tokens.
+- ``thd`` (Transformer Engine spec): rows are flattened into one [1, B*S] pack (TE's packed
+  format has no batch dim). Tokens, labels and loss mask are sliced with the same map, but the
+  position ids stay whole: megatron applies rotary in THD through ``_apply_rotary_pos_emb_thd``,
+  which, given frequencies for the whole pack (length ``cu_seqlens_padded[-1]``), picks this rank's
+  two zigzag chunks per sub-sample itself (the same map). Feeding it the V2PE per-token frequencies
+  of the whole pack therefore gives the right angles; the cost is one [B*S, 1, 1, D] float32 tensor
+  per rank (0.5 GiB at 1M tokens, D=128), small next to the activations at that length. Fused RoPE
+  must stay off (it assumes arange positions).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from megatron.core.packed_seq_params import PackedSeqParams
+
+from v2pe_megatron.cp_split import split_for_cp, zigzag_index_map
+
+__all__ = ["pad_multiple", "packed_seq_params", "split_batch_for_cp", "QKV_FORMATS", "TOKEN_KEYS"]
+
+QKV_FORMATS = ("sbhd", "thd")
+# Per-token [B, S] tensors sliced with the index map.
+TOKEN_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
+
+
+def pad_multiple(cp: int, tp: int = 1, sequence_parallel: bool = False) -> int:
+    """What every sub-sample's padded length must be a multiple of: 2*cp chunks (cp > 1), each
+    divisible by tp under sequence parallelism."""
+    m = 2 * cp if cp > 1 else 1
+    return m * tp if sequence_parallel else m
+
+
+def _rows(seq_lens: Any) -> list[list[int]]:
+    if isinstance(seq_lens, torch.Tensor) and seq_lens.dim() == 1:
+        seq_lens = [seq_lens]
+    return [[int(x) for x in (r.tolist() if hasattr(r, "tolist") else r)] for r in seq_lens]
+
+
+def _cu(lens: Sequence[int], device) -> torch.Tensor:
+    return torch.tensor(np.concatenate([[0], np.cumsum(lens, dtype=np.int64)]), dtype=torch.int32, device=device)
+
+
+def _check(rows: list[list[int]], unpadded: Optional[list[list[int]]], seq_length: Optional[int],
+           multiple: int) -> None:
+    for i, r in enumerate(rows):
+        if any(n < 0 for n in r):
+            raise ValueError(f"row {i}: negative sub-sample length in {r}")
+        if seq_length is not None and sum(r) != seq_length:
+            raise ValueError(f"row {i}: sub-sample lengths sum to {sum(r)}, the row holds {seq_length} tokens; "
+                             f"seq_lens must cover the whole row (the padding tail as its own sub-sample)")
+        bad = [n for n in r if n % multiple]
+        if bad:
+            raise ValueError(f"row {i}: sub-sample lengths {bad} are not multiples of {multiple}; the packer must "
+                             f"pad every sub-sample to a multiple of {multiple} (data pad_multiple)")
+        if unpadded is not None:
+            u = unpadded[i]
+            if len(u) != len(r) or any(not 0 <= a <= b for a, b in zip(u, r)):
+                raise ValueError(f"row {i}: unpadded lengths {u} do not fit the padded lengths {r}")
+
+
+def packed_seq_params(seq_lens: Any, *, seq_lens_unpadded: Any = None, qkv_format: str = "sbhd",
+                      cp_size: int = 1, device: torch.device | str | None = None) -> PackedSeqParams:
+    """``PackedSeqParams`` for a micro-batch whose rows hold sub-samples of (padded) ``seq_lens``.
+
+    Checks that every sub-sample splits into 2*cp_size chunks. ``sbhd``: per-row cu_seqlens;
+    ``thd``: one cu_seqlens over the rows flattened in order.
+    """
+    if qkv_format not in QKV_FORMATS:
+        raise ValueError(f"qkv_format={qkv_format!r} is not one of {QKV_FORMATS}")
+    rows = _rows(seq_lens)
+    unpadded = _rows(seq_lens_unpadded) if seq_lens_unpadded is not None else None
+    _check(rows, unpadded, None, pad_multiple(cp_size))
+    if len({sum(r) for r in rows}) > 1:
+        raise ValueError(f"rows of a micro-batch must have equal lengths, got {[sum(r) for r in rows]}")
+    real = unpadded if unpadded is not None else rows
+    max_len = max((n for r in rows for n in r), default=0)
+    if qkv_format == "thd":
+        flat, flat_real = [n for r in rows for n in r], [n for r in real for n in r]
+        cu_p, cu_r = _cu(flat, device), _cu(flat_real, device)
+        if unpadded is None:
+            cu_r = cu_p
+    else:
+        cu_p_rows = [_cu(r, device) for r in rows]
+        cu_r_rows = [_cu(r, device) for r in real] if unpadded is not None else cu_p_rows
+        same = all(r == rows[0] for r in rows) and (unpadded is None or all(u == real[0] for u in real))
+        cu_p = cu_p_rows[0] if same else cu_p_rows
+        cu_r = cu_r_rows[0] if same else cu_r_rows
+    return PackedSeqParams(qkv_format=qkv_format, cu_seqlens_q=cu_r, cu_seqlens_kv=cu_r,
+                           cu_seqlens_q_padded=cu_p, cu_seqlens_kv_padded=cu_p,
+                           max_seqlen_q=max_len, max_seqlen_kv=max_len)
+
+
+def split_batch_for_cp(batch: dict[str, Any], *, cp_size: int, cp_rank: int, qkv_format: str = "sbhd",
+                       keys: Sequence[str] = TOKEN_KEYS) -> dict[str, Any]:
+    """This CP rank's share of a packed micro-batch, plus ``packed_seq_params``.
+
+    Every per-token tensor in ``keys`` is sliced with the one zigzag index map of its row (in
+    ``thd`` the positions stay whole, see the module docstring). Other entries (pixel values,
+    image counts, ...) are passed through unchanged.
+    """
+    if qkv_format not in QKV_FORMATS:
+        raise ValueError(f"qkv_format={qkv_format!r} is not one of {QKV_FORMATS}")
+    if "seq_lens" not in batch:
+        raise ValueError("the batch has no 'seq_lens' (per-row padded sub-sample lengths); pack it with "
+                         "v2pe_megatron.data.packing")
+    tokens = batch["tokens"]
+    B, S = tokens.shape
+    rows = _rows(batch["seq_lens"])
+    if len(rows) != B:
+        raise ValueError(f"seq_lens has {len(rows)} rows but tokens has {B}")
+    unpadded = _rows(batch["seq_lens_unpadded"]) if batch.get("seq_lens_unpadded") is not None else None
+    _check(rows, unpadded, S, pad_multiple(cp_size))
+    out = dict(batch)
+    out["packed_seq_params"] = packed_seq_params(rows, seq_lens_unpadded=unpadded, qkv_format=qkv_format,
+                                                 cp_size=cp_size, device=tokens.device)
+    if qkv_format == "thd":
+        index = torch.from_numpy(zigzag_index_map([n for r in rows for n in r], cp_size, cp_rank))
+        for k in keys:
+            if k in batch and batch[k] is not None:
+                flat = batch[k].reshape(1, B * S)
+                out[k] = flat if k == "position_ids" else split_for_cp(flat, index, 1)
+        return out
+    maps = [torch.from_numpy(zigzag_index_map(r, cp_size, cp_rank)) for r in rows]
+    for k in keys:
+        if k in batch and batch[k] is not None:
+            t = batch[k]
+            if t.shape[:2] != (B, S):
+                raise ValueError(f"batch[{k!r}] has shape {tuple(t.shape)}, expected [{B}, {S}, ...]")
+            out[k] = torch.stack([split_for_cp(t[i], m, 0) for i, m in enumerate(maps)])
+    return out
