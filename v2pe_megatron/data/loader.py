@@ -225,7 +225,7 @@ class TrainLoader:
         good_in_epoch, cur_epoch = 0, start["epoch"]
         next_cursor = (start["epoch"], start["pos"])
 
-        def emit(final: bool = False) -> tuple:
+        def emit() -> tuple:
             batch = collate(buffer)
             buffer.clear()
             stats["micro_batches"] += 1
@@ -267,7 +267,7 @@ class TrainLoader:
             stats["packs"] += 1
             buffer.append(packer.flush())
         if buffer:
-            yield emit(final=True)
+            yield emit()
 
     def _all_bad_message(self, skips: SkipCounter) -> str:
         reasons = ", ".join(f"{k}={v}" for k, v in skips.nonzero().items()) or "none"

@@ -142,9 +142,14 @@ class DaliTiler:
 
         s = self.image_size
         gpu = self.device == "gpu"
+        device_id = None
+        if gpu:
+            import torch
+
+            device_id = torch.cuda.current_device()  # this rank's GPU, not always 0
 
         @pipeline_def(batch_size=self.max_batch, num_threads=self.num_threads,
-                      device_id=0 if gpu else None, prefetch_queue_depth=1, exec_dynamic=True)
+                      device_id=device_id, prefetch_queue_depth=1, exec_dynamic=True)
         def tiling():
             enc = fn.external_source(name="enc", dtype=types.UINT8, ndim=1)
             hw = fn.external_source(name="hw", dtype=types.FLOAT, ndim=1)
