@@ -35,7 +35,9 @@ import torch
 log = logging.getLogger(__name__)
 
 _ACTIVE: set[str] = set()
-_ORIGINALS: dict[tuple[object, str], object] = {}
+# patch name -> [(object, attribute, original value)], so each patch can be undone on its own
+_ORIGINALS: dict[str, list[tuple[object, str, object]]] = {}
+_CURRENT: list[str] = []  # the patch being applied
 
 _FACTORIES = ("empty", "zeros", "ones", "full", "tensor", "arange", "rand", "randn", "randint", "randperm",
               "empty_strided", "as_tensor", "linspace", "eye", "zeros_like", "ones_like", "empty_like",
@@ -55,9 +57,7 @@ def _is_cuda(device) -> bool:
 
 
 def _set(obj, name: str, value) -> None:
-    key = (obj, name)
-    if key not in _ORIGINALS:
-        _ORIGINALS[key] = getattr(obj, name, None)
+    _ORIGINALS.setdefault(_CURRENT[-1], []).append((obj, name, getattr(obj, name, None)))
     setattr(obj, name, value)
 
 
@@ -187,34 +187,34 @@ def distributed_optimizer_checkpoint() -> None:
     from megatron.core.optimizer import distrib_optimizer as dopt
 
     cls = dopt.DistributedOptimizer
-    orig_set = cls._set_main_param_and_optimizer_states
-    orig_get = cls._get_main_param_and_optimizer_states
+    orig_set_states = cls._set_main_param_and_optimizer_states
+    orig_load_state_dict = cls.load_state_dict
+    orig_state_dict = cls.state_dict
 
-    def _get(self, model_param):
-        states = orig_get(self, model_param)
-        # (a) torch Adam creates `step` lazily; a checkpoint written before the first step lacks it.
-        return states
+    def state_dict(self):
+        # (a) megatron's init_state_fn creates exp_avg/exp_avg_sq but not torch Adam's `step`, and
+        # state_dict() reads `step` from every state (also when building the sharded dict to load into).
+        inner = getattr(self, "optimizer", None)
+        for st in (inner.state.values() if inner is not None else ()):
+            if st and "step" not in st:
+                st["step"] = torch.tensor(0.0)
+        return orig_state_dict(self)
 
-    def _set(self, model_param, tensors):
-        with torch.no_grad():  # (c) in-place copies into leaves that require grad
-            orig_set(self, model_param, tensors)
-        _unshare_step_tensors(self)
-
-    _set_attr = _set  # local alias: keep the module's _set helper name free
-    globals_set = globals()["_set"]
-    globals_set(cls, "_set_main_param_and_optimizer_states", _set_attr)
-    globals_set(cls, "_get_main_param_and_optimizer_states", _get)
-
-    orig_load = cls.load_parameter_state_from_dp_zero if hasattr(cls, "load_parameter_state_from_dp_zero") else None
-    del orig_load  # loading goes through _set_main_param_and_optimizer_states in every format we use
-
-    orig_lsd = cls.load_state_dict
+    def set_states(self, model_param, tensors):
+        # (a) the checkpoint carries no per-parameter `step` (megatron restores it separately), but
+        # the destination Adam state has one: give it a non-tensor so megatron skips it; (c) no_grad.
+        tensors = dict(tensors)
+        tensors.setdefault("step", None)
+        with torch.no_grad():
+            orig_set_states(self, model_param, tensors)
 
     def load_state_dict(self, state_dict):
-        orig_lsd(self, state_dict)
-        _unshare_step_tensors(self)
+        orig_load_state_dict(self, state_dict)
+        _unshare_step_tensors(self)  # (b)
 
-    globals_set(cls, "load_state_dict", load_state_dict)
+    _set(cls, "_set_main_param_and_optimizer_states", set_states)
+    _set(cls, "load_state_dict", load_state_dict)
+    _set(cls, "state_dict", state_dict)
 
 
 def _unshare_step_tensors(dist_opt) -> None:
@@ -246,7 +246,11 @@ def activate(only: tuple[str, ...] | None = None) -> None:
         raise RuntimeError("v2pe_megatron.runtime.cpu_compat must not be activated on a CUDA machine")
     for name, patch in PATCHES.items():
         if (only is None or name in only) and name not in _ACTIVE:
-            patch()
+            _CURRENT.append(name)
+            try:
+                patch()
+            finally:
+                _CURRENT.pop()
             _ACTIVE.add(name)
     log.debug("cpu_compat active: %s", sorted(_ACTIVE))
 
@@ -255,9 +259,9 @@ def is_active(name: str | None = None) -> bool:
     return bool(_ACTIVE) if name is None else name in _ACTIVE
 
 
-def deactivate() -> None:
-    """Undo every patch (used by the tests that show what each patch prevents)."""
-    for (obj, name), orig in reversed(list(_ORIGINALS.items())):
-        setattr(obj, name, orig)
-    _ORIGINALS.clear()
-    _ACTIVE.clear()
+def deactivate(*names: str) -> None:
+    """Undo the named patches, or all of them (the tests use this to show what each one prevents)."""
+    for name in names or tuple(_ORIGINALS):
+        for obj, attr, orig in reversed(_ORIGINALS.pop(name, [])):
+            setattr(obj, attr, orig)
+        _ACTIVE.discard(name)
