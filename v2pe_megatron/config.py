@@ -449,6 +449,12 @@ def validate(recipe: Recipe, world_size: int | None = None) -> None:
     if a2a > 1 and (lm.num_query_groups % (a2a * par.tp) if lm.num_query_groups >= a2a * par.tp else True):
         errs.append(f"all-to-all context parallelism of degree {a2a} x tp {par.tp} exceeds or does not divide the "
                     f"{lm.num_query_groups} KV heads; use cp_comm_type=p2p or a smaller a2a degree")
+    if par.cp > 1 and m.spec == "local" and par.cp_comm_type != "p2p":
+        errs.append(f"parallel.cp_comm_type={par.cp_comm_type} needs Transformer Engine; model.spec=local does context "
+                    f"parallelism with its p2p ring attention only: set cp_comm_type=p2p or model.spec=te/auto on GPU")
+    if par.hierarchical_cp_sizes and par.cp_comm_type != "a2a+p2p":
+        errs.append(f"parallel.hierarchical_cp_sizes={list(par.hierarchical_cp_sizes)} is only used by "
+                    f"cp_comm_type=a2a+p2p (got {par.cp_comm_type}); remove it or set cp_comm_type=a2a+p2p")
 
     # Pipeline
     if par.pp_layers:

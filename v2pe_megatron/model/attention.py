@@ -51,6 +51,9 @@ def cu_seqlens_of(packed_seq_params: Optional[PackedSeqParams]):
 
 
 class SDPACoreAttention(MegatronModule):
+    # Context parallelism: p2p ring attention (v2pe_megatron.model.ring_attention).
+    supports_context_parallel = True
+
     def __init__(self, config: TransformerConfig, layer_number: int, attn_mask_type: AttnMaskType,
                  attention_type: str = "self", attention_dropout: Optional[float] = None,
                  softmax_scale: Optional[float] = None, cp_comm_type: Optional[str] = None,
@@ -66,7 +69,13 @@ class SDPACoreAttention(MegatronModule):
         self.head_dim = config.kv_channels
         self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(self.head_dim)
         self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
-        self.cp_size = pg_collection.cp.size() if getattr(pg_collection, "cp", None) is not None else 1
+        # The CP group exists for every module once megatron's state is up; only modules whose config
+        # asks for CP split their sequence (the vision tower keeps context_parallel_size=1).
+        self.cp_size = (pg_collection.cp.size() if config.context_parallel_size > 1
+                        and getattr(pg_collection, "cp", None) is not None else 1)
+        if self.cp_size > 1 and cp_comm_type not in (None, "p2p"):
+            raise ValueError(f"parallel.cp_comm_type={cp_comm_type!r} needs Transformer Engine (model.spec=te); the "
+                             f"local spec's ring attention exchanges K/V point to point: use cp_comm_type=p2p")
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor],
                 attn_mask_type: Optional[AttnMaskType] = None, attention_bias: Optional[Tensor] = None,

@@ -42,6 +42,10 @@ def language_transformer_config(lm: LanguageConfig, par: ParallelConfig, *, dtyp
         layout[0].insert(0, "embedding")
         layout[-1].append("loss")
         kwargs.update(pipeline_model_parallel_layout=layout)
+    if par.cp > 1:
+        # Read by Transformer Engine's attention (TEDotProductAttention) and checked by the local spec.
+        kwargs.update(cp_comm_type=par.cp_comm_type,
+                      hierarchical_context_parallel_sizes=list(par.hierarchical_cp_sizes) or None)
     return TransformerConfig(
         num_layers=lm.num_layers,
         hidden_size=lm.hidden_size,

@@ -129,10 +129,38 @@ def layer_spec(spec: str, *, mask_type: AttnMaskType = AttnMaskType.causal, qk_n
     return local_layer_spec(core_attention=core_attention, mask_type=mask_type, qk_norm=qk_norm)
 
 
+def check_context_parallel(spec: str, config: TransformerConfig, layer: ModuleSpec) -> None:
+    """Fail at model build, before any step, when the layer's attention cannot do this config's CP.
+
+    TE's attention does CP itself (p2p, a2a, a2a+p2p, all_gather); a local core attention must
+    declare ``supports_context_parallel`` (ours: p2p ring attention). megatron's local
+    ``DotProductAttention`` asserts cp == 1 deep inside its constructor instead.
+    """
+    if config.context_parallel_size <= 1:
+        return
+    core = layer.submodules.self_attention.submodules.core_attention
+    core_cls = core.module if isinstance(core, ModuleSpec) else core
+    name = getattr(core_cls, "__name__", repr(core_cls))
+    if spec == "te":
+        if not name.startswith("TE"):
+            raise ValueError(f"model.spec=te with context parallelism needs TEDotProductAttention, got {name}")
+        return
+    if not getattr(core_cls, "supports_context_parallel", False):
+        raise ValueError(f"parallel.cp={config.context_parallel_size}: the core attention {name} has no context "
+                         f"parallelism; use the default local attention (SDPACoreAttention, ring attention), "
+                         f"model.spec=te, or parallel.cp=1")
+    comm = config.cp_comm_type
+    if comm not in (None, "p2p"):
+        raise ValueError(f"parallel.cp_comm_type={comm!r} needs Transformer Engine (model.spec=te on a GPU with "
+                         f"transformer-engine); the local spec's ring attention is p2p: use cp_comm_type=p2p")
+
+
 def block_spec(spec: str, config: TransformerConfig, layer: ModuleSpec):
     """Block submodules for this pipeline stage: the layer spec repeated, and a final norm that
     matches the spec (megatron's default for a bare layer spec is a norm that rejects SP on CPU)."""
     from megatron.core import parallel_state as ps
+
+    check_context_parallel(spec, config, layer)
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
     pp_rank = ps.get_pipeline_model_parallel_rank() if ps.model_parallel_is_initialized() else 0
