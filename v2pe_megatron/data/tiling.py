@@ -131,6 +131,13 @@ class DaliTiler:
         self.num_threads = max(1, num_threads)
         self.max_batch = max(1, max_batch)
         self.device = device
+        self.device_id: int | None = None
+        if device == "gpu":
+            import torch
+
+            # This rank's GPU, read now: the current CUDA device is per thread, and the pipeline is
+            # built later in the loader's prefetch thread.
+            self.device_id = torch.cuda.current_device()
         self._pipe = None
         # DALI pipelines are not re-entrant; the loader's prefetch thread and a caller may share one.
         self._lock = threading.Lock()
@@ -142,11 +149,7 @@ class DaliTiler:
 
         s = self.image_size
         gpu = self.device == "gpu"
-        device_id = None
-        if gpu:
-            import torch
-
-            device_id = torch.cuda.current_device()  # this rank's GPU, not always 0
+        device_id = self.device_id
 
         @pipeline_def(batch_size=self.max_batch, num_threads=self.num_threads,
                       device_id=device_id, prefetch_queue_depth=1, exec_dynamic=True)
