@@ -61,6 +61,15 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, kw
         queue.put(_Outcome(rank, False, traceback.format_exc()))
 
 
+_SECONDARY = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "Timed out waiting",
+              "NCCL communicator was aborted")
+
+
+def _is_secondary(tb: str) -> bool:
+    """A rank that failed only because a peer went away."""
+    return any(s in tb for s in _SECONDARY)
+
+
 def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 300.0,
                     threads_per_rank: int = 1, env: dict[str, str] | None = None, **kwargs: Any) -> list[Any]:
     """Call ``fn(*args, **kwargs)`` on ``world_size`` gloo ranks; return the results ordered by rank.
@@ -103,7 +112,22 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 
                 continue
             outcomes[out.rank] = out
             if not out.ok:
-                failure = out
+                # One rank's error usually makes its peers fail in a collective a moment later:
+                # gather what arrives shortly and report the root cause first.
+                grace = time.monotonic() + 3.0
+                while len(outcomes) < world_size and time.monotonic() < grace:
+                    try:
+                        o = queue.get(timeout=0.2)
+                        outcomes[o.rank] = o
+                    except Exception:  # queue.Empty
+                        pass
+                failed = [o for o in outcomes.values() if not o.ok]
+                failed.sort(key=lambda o: (_is_secondary(o.payload), o.rank))
+                failure = failed[0]
+                others = [o.rank for o in failed[1:]]
+                if others:
+                    failure = _Outcome(failure.rank, False, failure.payload +
+                                       f"\n(ranks {others} failed too, most likely as a consequence)")
                 break
     finally:
         if failure is not None or len(outcomes) < world_size:

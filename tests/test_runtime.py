@@ -1,0 +1,104 @@
+"""Launch environment (torchrun, Slurm), backend choice and the multi-rank harness."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+import torch
+
+from v2pe_megatron.runtime.distributed import choose_backend, expand_slurm_nodelist, read_launch_env
+from v2pe_megatron.testing.distributed import DistributedTestError, run_distributed
+
+
+def test_torchrun_env():
+    le = read_launch_env({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "n1",
+                          "MASTER_PORT": "1234"})
+    assert (le.rank, le.world_size, le.local_rank, le.master_addr, le.master_port, le.source) == \
+        (3, 8, 1, "n1", 1234, "torchrun")
+
+
+def test_slurm_env_master_from_nodelist():
+    le = read_launch_env({"SLURM_PROCID": "5", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1",
+                          "SLURM_JOB_NODELIST": "gpu-[07-08,11],cpu1", "SLURM_JOB_ID": "4242"})
+    assert (le.rank, le.world_size, le.local_rank, le.master_addr, le.source) == (5, 16, 1, "gpu-07", "slurm")
+    assert le.master_port == 20000 + 4242
+
+
+def test_torchrun_wins_over_slurm():
+    le = read_launch_env({"RANK": "0", "WORLD_SIZE": "2", "SLURM_PROCID": "1", "SLURM_NTASKS": "4"})
+    assert le.source == "torchrun" and le.world_size == 2
+
+
+def test_single_process_default():
+    le = read_launch_env({})
+    assert (le.rank, le.world_size, le.source) == (0, 1, "single")
+
+
+@pytest.mark.parametrize("nodelist,hosts", [
+    ("node01", ["node01"]),
+    ("node[1-3]", ["node1", "node2", "node3"]),
+    ("a[001-002,010],b7", ["a001", "a002", "a010", "b7"]),
+    ("x[9-11]-ib", ["x9-ib", "x10-ib", "x11-ib"]),
+])
+def test_expand_nodelist(nodelist, hosts):
+    assert expand_slurm_nodelist(nodelist) == hosts
+
+
+def test_backend_choice():
+    assert choose_backend("auto") == ("nccl" if torch.cuda.is_available() else "gloo")
+    assert choose_backend("gloo") == "gloo"
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="needs CUDA"):
+            choose_backend("nccl")
+
+
+def _allreduce_rank() -> dict:
+    import torch.distributed as dist
+
+    from v2pe_megatron.runtime import cpu_compat
+
+    t = torch.tensor([float(dist.get_rank() + 1)])
+    dist.all_reduce(t)
+    return {"sum": t.item(), "rank": dist.get_rank(), "cpu_compat": cpu_compat.is_active(),
+            "backend": dist.get_backend()}
+
+
+def _fail_on_rank_one():
+    import torch.distributed as dist
+
+    if dist.get_rank() == 1:
+        raise ValueError("rank one is broken on purpose")
+    dist.barrier()  # rank 0 would wait forever: the harness must stop it
+
+
+def _sleep_forever():
+    time.sleep(3600)
+
+
+def test_harness_runs_ranks_and_collects_results():
+    out = run_distributed(_allreduce_rank, 3)
+    assert [o["rank"] for o in out] == [0, 1, 2]
+    assert all(o["sum"] == 6.0 and o["backend"] == "gloo" for o in out)
+    assert all(o["cpu_compat"] == (not torch.cuda.is_available()) for o in out)
+
+
+def test_harness_shows_failing_rank_traceback():
+    t0 = time.monotonic()
+    with pytest.raises(DistributedTestError, match="rank 1 of 2 failed") as e:
+        run_distributed(_fail_on_rank_one, 2, timeout=120)
+    assert "rank one is broken on purpose" in str(e.value)
+    assert "_fail_on_rank_one" in str(e.value)
+    assert time.monotonic() - t0 < 100
+
+
+def test_harness_times_out():
+    with pytest.raises(DistributedTestError, match="timed out"):
+        run_distributed(_sleep_forever, 1, timeout=15)
+
+
+@pytest.mark.gpu
+def test_nccl_backend_on_gpu():
+    assert choose_backend("auto") == "nccl"
+    assert os.environ.get("CUDA_VISIBLE_DEVICES", "0") != ""
