@@ -268,3 +268,28 @@ def test_tokenizer_must_match_model_ids():
     r = load_recipe(None, ["data.dali_device=cpu"])  # InternVL2-2B ids, tiny tokenizer
     with pytest.raises(ValueError, match="img_context_token_id"):
         build_train_loader(r, dp_rank=0, dp_size=1, tokenizer=tiny_tokenizer())
+
+
+def test_webdataset_text_members_and_missing_member(tmp_path):
+    import tarfile
+
+    from v2pe_megatron.data.formats import TarDataset
+    from v2pe_megatron.data.skips import SampleError
+
+    png = encode_image(draw_image(np.random.default_rng(0), 30, 30, "red", "square"), "png")
+    conv = [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "red"}]
+    members = [("a.txt", b"just text"), ("b.json", json.dumps({"conversations": conv}).encode()), ("b.png", png),
+               ("c.json", json.dumps({"image": "0.jpg", "conversations": conv}).encode())]
+    with tarfile.open(tmp_path / "s.tar", "w") as tf:
+        for name, data in members:
+            ti = tarfile.TarInfo(name)
+            ti.size = len(data)
+            tf.addfile(ti, io.BytesIO(data))
+    ds = TarDataset([tmp_path / "s.tar"])
+    assert len(ds) == 3
+    a, b, c = (ds.read(i) for i in range(3))
+    assert a.text == "just text" and a.id == "a"
+    assert [im.name for im in b.images] == ["b.png"] and b.images[0].load() == png
+    with pytest.raises(SampleError) as e:
+        c.images[0].load()
+    assert e.value.reason == "missing_image"
