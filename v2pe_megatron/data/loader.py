@@ -247,10 +247,14 @@ class TrainLoader:
                 if good_since_start == 0 and seen_since_start >= _ALL_BAD_PROBE:
                     raise NoUsableSamplesError(self._all_bad_message(skips))
                 continue
+            before = {"epoch": epoch, "pos": pos, "skips": skips.as_dict()}
+            try:
+                packs = packer.add(res)  # checks fit before touching the pending pack
+            except SampleError as e:
+                skips.add(e, f"#{pos} of epoch {epoch} on dp rank {self.dp_rank}")
+                continue
             good_since_start += 1
             good_in_epoch += 1
-            before = {"epoch": epoch, "pos": pos, "skips": skips.as_dict()}
-            packs = packer.add(res)
             if packer.pending and packer.pending[0] is res:
                 pending_state = before
             stats["samples"] += 1
