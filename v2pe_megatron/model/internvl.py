@@ -153,7 +153,11 @@ def build_model(recipe: Recipe, *, pre_process: Optional[bool] = None, post_proc
     lcfg = language_transformer_config(m.language, par, dtype=m.dtype, recompute=recipe.train.recompute)
     lcfg.calculate_per_token_loss = True
     vcfg = vision_transformer_config(m.vision, par, dtype=m.dtype, recompute=recipe.train.recompute)
-    return InternVLModel(m, lcfg, vcfg, spec=spec, pre_process=pre_process, post_process=post_process)
+    from v2pe_megatron.runtime.distributed import device
+
+    model = InternVLModel(m, lcfg, vcfg, spec=spec, pre_process=pre_process, post_process=post_process)
+    # megatron's parallel layers are created on the device already; the torch conv/norms are not.
+    return model.to(device())
 
 
 def parameter_count(model_cfg: ModelConfig) -> int:
