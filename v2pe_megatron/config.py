@@ -188,7 +188,8 @@ class TrainConfig:
     steps: int = 10
     seed: int = 1234
     log_interval: int = 1
-    # token: mean over trained tokens | square: each token weighs 1/sqrt(trained tokens of its sub-sample)
+    # token: mean over the trained tokens of the global batch. ("square", InternVL's per-sub-sample
+    # 1/sqrt weighting, arrives with the full pretraining loop.)
     loss_reduction: str = "token"
     # none | selective | full
     recompute: str = "none"
@@ -197,6 +198,8 @@ class TrainConfig:
     freeze_language: bool = False
     # Stop (after saving) once this many minutes have passed; 0 = no limit.
     wallclock_minutes: float = 0.0
+    # Stop (after saving) once this job ran this many steps, e.g. to fit a scheduler slot; 0 = no limit.
+    exit_after_steps: int = 0
 
 
 @dataclass
@@ -378,7 +381,7 @@ def validate(recipe: Recipe, world_size: int | None = None) -> None:
     errs += _choice(d.overlong, "data.overlong", ("truncate", "skip"))
     errs += _choice(d.dali_device, "data.dali_device", ("auto", "cpu", "gpu"))
     errs += _choice(d.template, "data.template", ("internlm2-chat", "plain"))
-    errs += _choice(t.loss_reduction, "train.loss_reduction", ("token", "square"))
+    errs += _choice(t.loss_reduction, "train.loss_reduction", ("token",))
     errs += _choice(t.recompute, "train.recompute", ("none", "selective", "full"))
     errs += _choice(recipe.optimizer.name, "optimizer.name", ("adam", "sgd"))
     errs += _choice(recipe.optimizer.decay_style, "optimizer.decay_style", ("cosine", "linear", "constant"))

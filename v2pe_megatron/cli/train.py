@@ -1,0 +1,90 @@
+"""``v2pe-train RECIPE [key=value ...]``: pretrain from a recipe.
+
+Under torchrun or srun it runs as the rank it was given. Started by hand with
+``launcher.nproc_per_node > 1`` it starts those ranks itself (through torch's elastic launcher, the
+same code path as ``torchrun``), so ``v2pe-train recipes/tiny_cpu.yaml`` is a complete 2-rank run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import subprocess
+import sys
+
+from v2pe_megatron.config import RecipeError, expected_world_size, load_recipe, to_yaml
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="v2pe-train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("recipe", help="YAML recipe, e.g. recipes/tiny_cpu.yaml")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=10 parallel.tp=2")
+    p.add_argument("--nproc", type=int, default=None, help="ranks to start here (default: launcher.nproc_per_node)")
+    p.add_argument("--print-recipe", action="store_true", help="print the resolved recipe and exit")
+    return p
+
+
+def _under_launcher() -> bool:
+    return "RANK" in os.environ or "SLURM_PROCID" in os.environ
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    for noisy in ("megatron", "mlflow", "alembic", "urllib3", "torch"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    overrides = list(args.overrides)
+    if args.nproc is not None:
+        overrides.append(f"launcher.nproc_per_node={args.nproc}")
+    try:
+        recipe = load_recipe(args.recipe, overrides)
+        if not _under_launcher():  # the layout must fit the ranks we are about to start
+            load_recipe(args.recipe, overrides, validate_for_world_size=expected_world_size(recipe))
+    except RecipeError as e:
+        print(f"v2pe-train: {e}", file=sys.stderr)
+        return 2
+    if args.print_recipe:
+        print(to_yaml(recipe))
+        return 0
+    nproc = recipe.launcher.nproc_per_node
+    if not _under_launcher() and nproc > 1:
+        if recipe.launcher.nnodes > 1:
+            print("v2pe-train: multi-node runs start under srun or torchrun (see slurm/)", file=sys.stderr)
+            return 2
+        from v2pe_megatron.testing.distributed import free_port
+
+        port = recipe.launcher.master_port or free_port()
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+               "--master-addr", "127.0.0.1", "--master-port", str(port), "-m", "v2pe_megatron.cli.train",
+               args.recipe, *overrides]
+        print(f"v2pe-train: starting {nproc} ranks: {' '.join(cmd[2:])}", flush=True)
+        return subprocess.call(cmd)
+    return _run(recipe)
+
+
+def _run(recipe) -> int:
+    from v2pe_megatron.training.loop import train
+
+    s = train(recipe)
+    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+    if rank == 0:
+        print(f"\nv2pe-train: {recipe.name}: ran steps {s.final_step - s.steps_run + 1}..{s.final_step} on "
+              f"{s.world_size} rank(s) ({s.layout}), {s.parameters / 1e6:.2f}M parameters per rank, "
+              f"{s.seconds:.0f}s")
+        if s.losses:
+            print(f"v2pe-train: loss {s.losses[0]:.4f} -> {s.losses[-1]:.4f}")
+        if any(s.skips.values()):
+            for k, v in sorted(s.skips.items()):
+                if v:
+                    print(f"skipped {k}: {v}")
+        if s.tracking_uri:
+            print(f"v2pe-train: MLflow run {s.run_id} in {s.tracking_uri} "
+                  f"(view: mlflow ui --backend-store-uri {s.tracking_uri})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,40 @@
+"""The forward step the pipeline schedules call: one packed micro-batch -> (output, loss function).
+
+Per micro-batch: this CP rank's share of the pack (one zigzag index map for tokens, labels, loss
+mask and V2PE positions), megatron's ``PackedSeqParams`` so attention stays inside sub-samples, and
+the masked per-token loss in megatron's 3-tuple form.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import torch
+from megatron.core import parallel_state as ps
+
+from v2pe_megatron.packed_seq import packed_seq_params, split_batch_for_cp
+from v2pe_megatron.training.engine import masked_loss_func
+
+
+def prepare_batch(batch: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    cp = ps.get_context_parallel_world_size()
+    if cp > 1:
+        batch = split_batch_for_cp(batch, cp_size=cp, cp_rank=ps.get_context_parallel_rank())
+    else:
+        batch = dict(batch)
+        batch["packed_seq_params"] = packed_seq_params(batch["seq_lens"], device=batch["tokens"].device)
+    out = dict(batch)
+    for k in ("tokens", "labels", "loss_mask", "position_ids"):
+        out[k] = batch[k].to(device)
+    pv = batch.get("pixel_values")
+    out["pixel_values"] = pv.to(device=device, dtype=dtype) if pv is not None and pv.numel() else None
+    return out
+
+
+def vlm_forward_step(data_iterator: Iterator[dict[str, Any]], model):
+    batch = next(data_iterator)
+    p = next(model.parameters())
+    b = prepare_batch(batch, p.device, p.dtype)
+    out = model(b["tokens"], b["position_ids"], b["pixel_values"], labels=b["labels"],
+                packed_seq_params=b["packed_seq_params"])
+    return out, masked_loss_func(b["loss_mask"])
