@@ -69,6 +69,14 @@ def _inputs():
     return ids, pixels, pos
 
 
+def _resized_inputs():
+    """84px tiles: 6x6 patches, bicubic-resized position embeddings, 9 tokens per tile."""
+    g = torch.Generator().manual_seed(2)
+    ids = torch.randint(0, 297, (1, 16), generator=g)
+    ids[0, 3:12] = IMG_CTX
+    return ids, torch.randn(1, 3, 84, 84, generator=g)
+
+
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max())
 
@@ -85,7 +93,10 @@ def reference(path: str) -> dict:
         return {"int": model(input_ids=ids, pixel_values=pixels, attention_mask=ones).logits,
                 "v2pe": model(input_ids=ids, pixel_values=pixels, attention_mask=ones,
                               position_ids=pos.float()).logits,
-                "text": model(input_ids=ids[:, 12:], attention_mask=ones[:, 12:]).logits}
+                "text": model(input_ids=ids[:, 12:], attention_mask=ones[:, 12:]).logits,
+                "resized": model(input_ids=_resized_inputs()[0], pixel_values=_resized_inputs()[1],
+                                 attention_mask=torch.ones_like(_resized_inputs()[0])).logits,
+                "numel": torch.tensor(sum(p.numel() for p in model.parameters()))}
 
 
 def ours(path: str) -> dict:
@@ -100,7 +111,7 @@ def ours(path: str) -> dict:
     assert not model.training and model.img_context_token_id == IMG_CTX
     ar = torch.arange(24, dtype=torch.float64).expand(2, -1)
     out = {"int": model.logits(ids, pixels, ar), "v2pe": model.logits(ids, pixels, pos),
-           "text": model.logits(ids[:, 12:], None, None)}
+           "text": model.logits(ids[:, 12:], None, None), "resized": model.logits(*_resized_inputs())}
     assert all(t.dtype == torch.float32 for t in out.values()) and out["int"].shape == (2, 24, 300)
     return out
 
@@ -142,7 +153,12 @@ def test_native_internvl_matches_transformers(tmp_path):
     ref = reference(path)
     got = run_distributed(ours, 1, path, timeout=240)[0]
     assert _rel(ref["v2pe"], ref["int"]) > 1e-3  # the float positions really reach the rotary
-    for key in ("int", "v2pe", "text"):
+    from v2pe_megatron import hf
+    from v2pe_megatron.model.internvl import parameter_count
+
+    with open(os.path.join(path, "config.json")) as f:
+        assert parameter_count(hf.model_config_from_hf(json.load(f))[0]) == int(ref["numel"])
+    for key in ("int", "v2pe", "text", "resized"):
         assert _rel(got[key], ref[key]) <= 1e-5, (key, _rel(got[key], ref[key]))
     err = run_distributed(errors, 1, path, timeout=240)[0]
     assert "model.vision_tower.encoder.layer.1.lambda_2" in err["missing"], err

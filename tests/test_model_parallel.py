@@ -139,6 +139,13 @@ def compare(tmp: str, names: list[str]) -> dict:
         vis = [k for k in ref if k.startswith("vision_model.") and torch.is_tensor(ref[k])]
         out["vision_grad_nonzero"] = sum(int(ref[k].abs().max() > 0) for k in vis)
         out["vision_params"] = len(vis)
+        # A text-only batch still gives every vision/projector parameter a (zero) gradient.
+        model.train()
+        b = _batches()[1]
+        model(b["tokens"], b["position_ids"], None, labels=b["labels"]).sum().backward()
+        tower = [p for m in (model.vision_model, model.mlp1) for p in m.parameters()]
+        out["text_only_zero_grads"] = all(p.grad is not None and not p.grad.any() for p in tower)
+        out["text_only_tower_params"] = len(tower)
     return out
 
 
@@ -152,6 +159,7 @@ def test_tp_pp_sp_match_single_rank(tmp_path):
     cmp = compare_in_subprocess(tmp, [lay["name"] for lay in layouts])
     # The reference itself has real gradients everywhere in the vision tower (images in micro-batch 0).
     assert cmp["vision_grad_nonzero"] == cmp["vision_params"] > 0
+    assert cmp["text_only_zero_grads"] and cmp["text_only_tower_params"] > 0
     for i, lay in enumerate(layouts):
         for rank_result in results:
             assert abs(rank_result[i]["loss"] - ref["loss"]) <= 1e-5 * abs(ref["loss"]), (lay, rank_result[i], ref)
