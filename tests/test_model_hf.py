@@ -165,3 +165,40 @@ def test_native_internvl_matches_transformers(tmp_path):
     assert "layers.9.mlp.up_proj.weight" in err["extra"], err
     assert "model.language_model.layers.0.mlp.up_proj.weight has shape (65, 32)" in err["shape"], err
     assert "(64, 32)" in err["shape"], err
+
+
+def _tied_checkpoint(path: str) -> torch.Tensor:
+    """A 1-layer Qwen2 with tied embeddings (InternVL2.5/3-1B style); returns transformers' logits."""
+    from transformers import InternVLConfig, InternVLForConditionalGeneration
+
+    cfg = InternVLConfig(
+        vision_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+                           image_size=IMAGE, patch_size=14, attention_bias=True),
+        text_config=dict(model_type="qwen2", hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=64, vocab_size=300, tie_word_embeddings=True,
+                         max_position_embeddings=1024, rope_theta=10000.0),
+        image_token_id=IMG_CTX, downsample_ratio=0.5, tie_word_embeddings=True)
+    torch.manual_seed(1)
+    model = InternVLForConditionalGeneration(cfg).eval()
+    model.save_pretrained(path)  # no tokenizer files: the id comes from config.json's image_token_id
+    ids, pixels, _ = _inputs()
+    with torch.no_grad():
+        return model(input_ids=ids, pixel_values=pixels, attention_mask=torch.ones_like(ids)).logits
+
+
+def ours_tied(path: str) -> torch.Tensor:
+    torch.set_num_threads(1)
+    from v2pe_megatron import hf
+
+    model = hf.load(path)
+    assert model.language_model.share_embeddings_and_output_weights
+    ids, pixels, _ = _inputs()
+    return model.logits(ids, pixels, None)
+
+
+@pytest.mark.timeout(300)
+def test_tied_embeddings_checkpoint(tmp_path):
+    path = str(tmp_path / "tied")
+    ref = _tied_checkpoint(path)
+    got = run_distributed(ours_tied, 1, path, timeout=240)[0]
+    assert _rel(got, ref) <= 1e-5
