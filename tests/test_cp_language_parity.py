@@ -21,7 +21,9 @@ SEQ = 128
 PAD = 8          # 2*cp*tp for the largest layout (CP4; CP2 x TP2 with SP)
 ROWS = 2         # rows per micro-batch
 MICRO = 2        # micro-batches in the global batch
+KINDS = ("lm", "internvl")  # the language model alone; the whole InternVL model (vision under CP)
 IMG_START, IMG_END, IMG_CTX = 5, 6, 7  # the tiny preset's ids
+TOKENS_PER_TILE = 4  # tiny preset: (56/14)^2 * 0.5^2
 
 
 def make_packs(seed: int = 5) -> list[dict]:
@@ -38,10 +40,11 @@ def make_packs(seed: int = 5) -> list[dict]:
             while True:
                 n_text = int(rng.integers(5, 30))
                 toks = list(rng.integers(10, 500, n_text))
-                deltas = []
-                if rng.random() < 0.6:  # an image of 8 context tokens somewhere inside
+                deltas, tiles = [], 0
+                if rng.random() < 0.6:  # an image of 1-2 tiles (4 context tokens each) somewhere inside
                     at = int(rng.integers(1, n_text))
-                    toks[at:at] = [IMG_START] + [IMG_CTX] * 8 + [IMG_END]
+                    tiles = int(rng.integers(1, 3))
+                    toks[at:at] = [IMG_START] + [IMG_CTX] * (TOKENS_PER_TILE * tiles) + [IMG_END]
                     deltas = [float(rng.choice([1.0, 0.5, 0.25, 1 / 16]))]
                 toks = np.asarray(toks, dtype=np.int64)
                 lp = -(-toks.size // PAD) * PAD
@@ -50,8 +53,9 @@ def make_packs(seed: int = 5) -> list[dict]:
                 pos = compute_position_ids(toks, img_start_id=IMG_START, img_end_id=IMG_END,
                                            img_context_id=IMG_CTX, delta=deltas if deltas else 1.0)
                 target = rng.random(toks.size) > 0.3
-                samples.append(PreparedSample(sid, toks, target, pos, np.zeros((0, 3, 56, 56), np.float32),
-                                              np.zeros(len(deltas), np.int32), np.asarray(deltas)))
+                pixels = rng.standard_normal((tiles, 3, 56, 56)).astype(np.float32)
+                samples.append(PreparedSample(sid, toks, target, pos, pixels, np.full(len(deltas), tiles, np.int32),
+                                              np.asarray(deltas)))
                 sid += 1
                 used += lp
             packs.append(build_pack(samples, SEQ, pad_id=0, pad_multiple=PAD, image_shape=(3, 56, 56)))
@@ -68,8 +72,14 @@ def _recipe(tp: int, cp: int, sp: bool):
                               "optimizer.clip_grad=0", "optimizer.weight_decay=0"])
 
 
-def _build(recipe):
+def _build(recipe, kind: str):
     from megatron.core import parallel_state as ps
+
+    if kind == "internvl":
+        from v2pe_megatron.model.internvl import build_model
+
+        model = build_model(recipe)
+        return model, model.config
 
     from v2pe_megatron.model.language import LanguageModel, language_transformer_config
     from v2pe_megatron.model.specs import block_spec, layer_spec
@@ -84,7 +94,8 @@ def _build(recipe):
 
 
 def _glu(name: str, cfg) -> bool:
-    return cfg.gated_linear_unit and name.endswith("linear_fc1.weight")
+    # The LLM's MLP is gated (SwiGLU); InternViT's is not.
+    return cfg.gated_linear_unit and name.endswith("linear_fc1.weight") and not name.startswith("vision_model.")
 
 
 def _shard(name: str, full: torch.Tensor, p: torch.nn.Parameter, cfg, tp: int, rank: int) -> torch.Tensor:
@@ -116,11 +127,15 @@ def _forward_step(data_iterator, model):
     from v2pe_megatron.training.engine import masked_loss_func
 
     b = next(data_iterator)
-    out = model(b["tokens"], b["position_ids"], labels=b["labels"], packed_seq_params=b["packed_seq_params"])
+    if "image_feature_index" in b:  # InternVL: the pack's tiles, encoded in shares over the CP ranks
+        out = model(b["tokens"], b["position_ids"], b["pixel_values"], labels=b["labels"],
+                    packed_seq_params=b["packed_seq_params"], image_feature_index=b["image_feature_index"])
+    else:
+        out = model(b["tokens"], b["position_ids"], labels=b["labels"], packed_seq_params=b["packed_seq_params"])
     return out, masked_loss_func(b["loss_mask"])
 
 
-def run_layout(tp: int, cp: int, sp: bool, weights: dict | None) -> dict:
+def run_layout(tp: int, cp: int, sp: bool, weights: dict | None, kind: str = "lm") -> dict:
     from megatron.core import parallel_state as ps
 
     from v2pe_megatron.packed_seq import split_batch_for_cp
@@ -131,7 +146,7 @@ def run_layout(tp: int, cp: int, sp: bool, weights: dict | None) -> dict:
     recipe = _recipe(tp, cp, sp)
     with model_parallel(tp=tp, cp=cp, seed=3):
         torch.manual_seed(3)
-        model, cfg = _build(recipe)
+        model, cfg = _build(recipe, kind)
         tp_rank = ps.get_tensor_model_parallel_rank()
         if weights is not None:
             with torch.no_grad():
@@ -141,31 +156,42 @@ def run_layout(tp: int, cp: int, sp: bool, weights: dict | None) -> dict:
         opt = build_optimizer(recipe.optimizer, [ddp], params_dtype=torch.float32)
         dp_rank, dp = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
         cp_rank = ps.get_context_parallel_rank()
-        mine = [split_batch_for_cp(b, cp_size=cp, cp_rank=cp_rank) for b in make_packs()[dp_rank::dp]]
+        ctx_id = IMG_CTX if kind == "internvl" else None
+        mine = [split_batch_for_cp(b, cp_size=cp, cp_rank=cp_rank, img_context_id=ctx_id)
+                for b in make_packs()[dp_rank::dp]]
+        encoded: list[int] = []  # tiles this rank's vision tower encodes per micro-batch
+        if kind == "internvl":
+            model.vision_model.register_forward_hook(lambda m, args, out: encoded.append(int(args[0].shape[0])))
         res = train_step([ddp], opt, _forward_step, iter(mine), num_microbatches=len(mine),
                          seq_length=SEQ // cp, micro_batch_size=ROWS)
         # numpy, not tensors: torch's queue pickler would share tensor storage with an exiting process
         grads = {n: _gather(n, p.main_grad.detach().clone(), p, cfg).numpy() for n, p in model.named_parameters()}
-        out = {"loss": res.loss, "tokens": res.num_tokens, "grads": grads}
+        out = {"loss": res.loss, "tokens": res.num_tokens, "grads": grads, "encoded": encoded,
+               "tiles": [int(b["pixel_values"].shape[0]) for b in mine]}
         if weights is None:
             out["weights"] = {n: p.detach().clone().numpy() for n, p in model.named_parameters()}
     return out
+
+
+def run_reference() -> dict:
+    return {kind: run_layout(1, 1, False, None, kind) for kind in KINDS}
 
 
 def run_all_layouts(weights: dict) -> dict:
     """One 4-rank world runs the layouts one after another (a spawn costs seconds of imports)."""
     assert torch.distributed.get_world_size() == 4
     out = {}
-    out["cp2xdp2"] = run_layout(1, 2, False, weights)
-    out["cp4"] = run_layout(1, 4, False, weights)
-    out["cp2xtp2sp"] = run_layout(2, 2, True, weights)
-    return {k: {"loss": v["loss"], "tokens": v["tokens"], "grads": v["grads"]} if torch.distributed.get_rank() == 0
-            else {"loss": v["loss"]} for k, v in out.items()}
+    for kind in KINDS:
+        out[f"{kind} cp2xdp2"] = run_layout(1, 2, False, weights[kind], kind)
+        out[f"{kind} cp4"] = run_layout(1, 4, False, weights[kind], kind)
+        out[f"{kind} cp2xtp2sp"] = run_layout(2, 2, True, weights[kind], kind)
+    return {k: v if torch.distributed.get_rank() == 0 else {"loss": v["loss"], "encoded": v["encoded"],
+                                                               "tiles": v["tiles"]} for k, v in out.items()}
 
 
 @pytest.fixture(scope="module")
 def reference():
-    return run_distributed(run_layout, 1, 1, 1, False, None, timeout=180)[0]
+    return run_distributed(run_reference, 1, timeout=240)[0]
 
 
 def test_packs_hold_images_text_and_padding():
@@ -176,17 +202,29 @@ def test_packs_hold_images_text_and_padding():
     assert (pos != pos.round()).any()  # fractional V2PE positions
     tokens = torch.cat([b["tokens"].flatten() for b in batches])
     assert (tokens == IMG_START).any()
+    for b in batches:  # one feature row per <IMG_CONTEXT> token
+        assert b["pixel_values"].shape[0] * TOKENS_PER_TILE == int((b["tokens"] == IMG_CTX).sum())
+    assert any(b["pixel_values"].shape[0] % 4 for b in batches)  # CP4 shares need blank tiles
 
 
 def test_cp_layouts_match_cp1(reference):
-    results = run_distributed(run_all_layouts, 4, reference["weights"], timeout=420)
-    ref_grads = reference["grads"]
+    results = run_distributed(run_all_layouts, 4, {k: v["weights"] for k, v in reference.items()}, timeout=480)
     for name, res in results[0].items():
-        assert res["tokens"] == reference["tokens"], name
-        assert abs(res["loss"] - reference["loss"]) < 1e-5, (name, res["loss"], reference["loss"])
-        for pname, g in ref_grads.items():
+        ref = reference[name.split()[0]]
+        assert res["tokens"] == ref["tokens"], name
+        assert abs(res["loss"] - ref["loss"]) < 1e-5, (name, res["loss"], ref["loss"])
+        assert res["grads"].keys() == ref["grads"].keys()
+        for pname, g in ref["grads"].items():
             torch.testing.assert_close(torch.from_numpy(res["grads"][pname]), torch.from_numpy(g), atol=1e-5, rtol=1e-4,
                                        msg=lambda m, n=name, p=pname: f"{n} {p}: {m}")
+    vision = [n for n in reference["internvl"]["grads"] if n.startswith("vision_model.")]
+    assert vision and all(np.abs(reference["internvl"]["grads"][n]).sum() > 0 for n in vision[:3])
     for r in results[1:]:  # every rank reports the same global loss
         for name, res in r.items():
             assert abs(res["loss"] - results[0][name]["loss"]) < 1e-6
+    # Vision under CP: each CP rank encoded only its share of every micro-batch's tiles.
+    for r in results:
+        for name, res in r.items():
+            if name.startswith("internvl"):
+                cp = 4 if "cp4" in name else 2
+                assert res["encoded"] == [-(-t // cp) for t in res["tiles"] if t], (name, res)

@@ -36,6 +36,7 @@ import torch
 from megatron.core.packed_seq_params import PackedSeqParams
 
 from v2pe_megatron.cp_split import split_for_cp, zigzag_index_map
+from v2pe_megatron.model.vision_cp import image_feature_index
 
 __all__ = ["pad_multiple", "packed_seq_params", "split_batch_for_cp", "QKV_FORMATS", "TOKEN_KEYS"]
 
@@ -112,12 +113,15 @@ def packed_seq_params(seq_lens: Any, *, seq_lens_unpadded: Any = None, qkv_forma
 
 
 def split_batch_for_cp(batch: dict[str, Any], *, cp_size: int, cp_rank: int, qkv_format: str = "sbhd",
-                       keys: Sequence[str] = TOKEN_KEYS) -> dict[str, Any]:
+                       keys: Sequence[str] = TOKEN_KEYS, img_context_id: Optional[int] = None) -> dict[str, Any]:
     """This CP rank's share of a packed micro-batch, plus ``packed_seq_params``.
 
     Every per-token tensor in ``keys`` is sliced with the one zigzag index map of its row (in
     ``thd`` the positions stay whole, see the module docstring). Other entries (pixel values,
-    image counts, ...) are passed through unchanged.
+    image counts, ...) are passed through unchanged: every CP rank gets all of the pack's tiles and
+    encodes its share (:mod:`v2pe_megatron.model.vision_cp`). With ``img_context_id``,
+    ``image_feature_index`` says which of the pack's image features this rank's
+    ``<IMG_CONTEXT>`` tokens take (``InternVLModel.forward(image_feature_index=...)``).
     """
     if qkv_format not in QKV_FORMATS:
         raise ValueError(f"qkv_format={qkv_format!r} is not one of {QKV_FORMATS}")
@@ -136,12 +140,16 @@ def split_batch_for_cp(batch: dict[str, Any], *, cp_size: int, cp_rank: int, qkv
                                                  cp_size=cp_size, device=tokens.device)
     if qkv_format == "thd":
         index = torch.from_numpy(zigzag_index_map([n for r in rows for n in r], cp_size, cp_rank))
+        if img_context_id is not None:
+            out["image_feature_index"] = image_feature_index(tokens, [index], img_context_id)
         for k in keys:
             if k in batch and batch[k] is not None:
                 flat = batch[k].reshape(1, B * S)
                 out[k] = flat if k == "position_ids" else split_for_cp(flat, index, 1)
         return out
     maps = [torch.from_numpy(zigzag_index_map(r, cp_size, cp_rank)) for r in rows]
+    if img_context_id is not None:
+        out["image_feature_index"] = image_feature_index(tokens, maps, img_context_id)
     for k in keys:
         if k in batch and batch[k] is not None:
             t = batch[k]

@@ -34,6 +34,7 @@ from v2pe_megatron.model.language import LanguageModel, language_transformer_con
 from v2pe_megatron.model.projector import Projector
 from v2pe_megatron.model.specs import block_spec, layer_spec, resolve_spec
 from v2pe_megatron.model.vision import InternViT, vision_transformer_config
+from v2pe_megatron.model.vision_cp import cp_group_of, encode_images_cp
 
 
 def padded_vocab_size(vocab_size: int, tp: int) -> int:
@@ -99,7 +100,8 @@ class InternVLModel(MegatronModule):
                 raise ValueError(f"{n_ctx} <IMG_CONTEXT> tokens (id {self.img_context_token_id}) but no pixel_values")
             zero = self._vision_params_zero() if self.training and torch.is_grad_enabled() else None
             return emb if zero is None else emb + zero.to(emb.dtype)
-        feats = self.image_features(pixel_values)
+        # Under CP every rank holds the pack's tiles: each encodes a share, the features are gathered.
+        feats = encode_images_cp(self.image_features, pixel_values, cp_group_of(self.config))
         feats = feats.reshape(-1, feats.shape[-1])
         if image_feature_index is not None:
             feats = feats.index_select(0, image_feature_index.to(feats.device))
