@@ -1,0 +1,115 @@
+"""Packed batch -> PackedSeqParams and the CP split, in both formats.
+
+The thd test pins the documented GPU (Transformer Engine) contract without a GPU: megatron's THD
+rotary (``_apply_rotary_pos_emb_thd``), given the V2PE frequencies of the *whole* pack, must rotate
+each CP rank's tokens exactly as the sbhd path does with positions split by our index map.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd, _apply_rotary_pos_emb_thd
+
+from v2pe_megatron.cp_split import zigzag_index_map
+from v2pe_megatron.model.vision_cp import image_feature_index
+from v2pe_megatron.packed_seq import pad_multiple, packed_seq_params, split_batch_for_cp
+from v2pe_megatron.v2pe import V2PERotaryEmbedding
+
+ROWS = [[16, 8, 24, 16], [40, 8, 16, 0]]  # multiples of 8, each row 64 tokens
+S = 64
+
+
+class FakeGroup:
+    """What megatron's THD rotary asks of a CP group: size() and rank()."""
+
+    def __init__(self, size: int, rank: int) -> None:
+        self._size, self._rank = size, rank
+
+    def size(self) -> int:
+        return self._size
+
+    def rank(self) -> int:
+        return self._rank
+
+
+def _batch(seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    pos = []
+    for r in ROWS:  # fractional positions restarting per sub-sample
+        pos.append(torch.cat([torch.cumsum(torch.where(torch.rand(n, generator=g) < 0.5, 0.25, 1.0).double(), 0)
+                              for n in r if n]))
+    tokens = torch.randint(8, 500, (2, S), generator=g)
+    tokens[0, 3:7] = 7
+    tokens[1, 41:49] = 7
+    return {"tokens": tokens, "labels": tokens.roll(-1, 1), "loss_mask": torch.rand(2, S, generator=g),
+            "position_ids": torch.stack(pos), "seq_lens": [torch.tensor(r) for r in ROWS]}
+
+
+def test_pad_multiple_and_cu_seqlens():
+    assert pad_multiple(1) == 1 and pad_multiple(2) == 4 and pad_multiple(4, 2, True) == 16
+    p = packed_seq_params(ROWS, cp_size=4)
+    assert p.qkv_format == "sbhd" and p.max_seqlen_q == 40
+    assert [c.tolist() for c in p.cu_seqlens_q_padded] == [[0, 16, 24, 48, 64], [0, 40, 48, 64, 64]]
+    t = packed_seq_params(ROWS, qkv_format="thd", seq_lens_unpadded=[[13, 8, 20, 16], [33, 8, 9, 0]])
+    assert t.cu_seqlens_q_padded.tolist() == [0, 16, 24, 48, 64, 104, 112, 128, 128]
+    assert t.cu_seqlens_q.tolist() == [0, 13, 21, 41, 57, 90, 98, 107, 107]
+    assert t.cu_seqlens_q_padded.dtype == torch.int32
+
+
+@pytest.mark.parametrize("cp", [1, 2, 4])
+def test_sbhd_split_partitions_every_row(cp):
+    b = _batch()
+    parts = [split_batch_for_cp(b, cp_size=cp, cp_rank=r) for r in range(cp)]
+    for key in ("tokens", "labels", "loss_mask", "position_ids"):
+        for row in range(2):
+            got = torch.cat([p[key][row] for p in parts])
+            idx = np.concatenate([zigzag_index_map(ROWS[row], cp, r) for r in range(cp)])
+            torch.testing.assert_close(got, b[key][row][torch.from_numpy(idx)], rtol=0, atol=0)
+    assert all(p["tokens"].shape == (2, S // cp) for p in parts)
+
+
+@pytest.mark.parametrize("cp", [2, 4])
+def test_thd_rotary_on_whole_pack_freqs_matches_sbhd_split(cp):
+    b = _batch()
+    rope = V2PERotaryEmbedding(16, 10000.0)
+    heads = torch.randn(2 * S, 3, 16, generator=torch.Generator().manual_seed(1))  # the flattened pack [t, h, d]
+    for rank in range(cp):
+        thd = split_batch_for_cp(b, cp_size=cp, cp_rank=rank, qkv_format="thd")
+        sbhd = split_batch_for_cp(b, cp_size=cp, cp_rank=rank)
+        assert thd["position_ids"].shape == (1, 2 * S)  # stays whole: megatron picks the chunks
+        index = torch.from_numpy(zigzag_index_map([n for r in ROWS for n in r], cp, rank))
+        local = heads[index]                                               # this rank's tokens, thd order
+        torch.testing.assert_close(thd["tokens"][0], b["tokens"].reshape(-1)[index], rtol=0, atol=0)
+        got = _apply_rotary_pos_emb_thd(local, thd["packed_seq_params"].cu_seqlens_q_padded,
+                                        rope(thd["position_ids"]), cp_group=FakeGroup(cp, rank))
+        # sbhd: per-row split positions -> per-token freqs [s, b, 1, d], rows laid side by side
+        freqs = rope(sbhd["position_ids"])                                 # [S/cp, 2, 1, 16]
+        t = local.reshape(2, S // cp, 3, 16).transpose(0, 1)               # [S/cp, 2, h, d]
+        want = _apply_rotary_pos_emb_bshd(t, freqs).transpose(0, 1).reshape(-1, 3, 16)
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("fmt", ["sbhd", "thd"])
+def test_image_feature_index_follows_the_tokens(fmt):
+    b = _batch()
+    cp = 2
+    ordinal = torch.full_like(b["tokens"], -1)
+    ctx = b["tokens"] == 7
+    ordinal[ctx] = torch.arange(int(ctx.sum()))
+    seen = []
+    for rank in range(cp):
+        part = split_batch_for_cp(b, cp_size=cp, cp_rank=rank, qkv_format=fmt, img_context_id=7)
+        local_tokens = part["tokens"]
+        if fmt == "thd":
+            maps = [zigzag_index_map([n for r in ROWS for n in r], cp, rank)]
+            local_ord = ordinal.reshape(1, -1)[:, torch.from_numpy(maps[0])]
+        else:
+            maps = [zigzag_index_map(r, cp, rank) for r in ROWS]
+            local_ord = torch.stack([ordinal[i, torch.from_numpy(m)] for i, m in enumerate(maps)])
+        want = local_ord[local_tokens == 7]
+        torch.testing.assert_close(part["image_feature_index"], want)
+        torch.testing.assert_close(image_feature_index(b["tokens"], maps, 7), want)
+        seen.append(want)
+    assert sorted(torch.cat(seen).tolist()) == list(range(int(ctx.sum())))
