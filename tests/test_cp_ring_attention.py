@@ -85,9 +85,23 @@ def _check_ring(cp: int, padded_rows, real_rows, causal: bool, tile_elems: int |
         return torch.stack([t[m, i] for i, m in enumerate(maps)], dim=1)
 
     lq, lk, lv = (local(t).clone().requires_grad_() for t in (q, k, v))
-    out = ra.ring_attention(lq, lk, lv, causal=causal, softmax_scale=scale,
-                            packed_seq_params=_packed(padded_rows, real_rows), cp_group=group)
-    out.backward(local(dout))
+    sent: list[int] = []
+    real_isend = ra.dist.isend
+
+    def isend(tensor, *args, **kwargs):  # the ring only ever ships one rank's K/V (or their grads)
+        sent.append(tensor.numel())
+        return real_isend(tensor, *args, **kwargs)
+
+    ra.dist.isend = isend
+    try:
+        out = ra.ring_attention(lq, lk, lv, causal=causal, softmax_scale=scale,
+                                packed_seq_params=_packed(padded_rows, real_rows), cp_group=group)
+        out.backward(local(dout))
+    finally:
+        ra.dist.isend = real_isend
+    if cp > 1:
+        assert len(sent) == (cp - 1) + (cp - 1) + cp  # K/V forward, K/V backward, dK/dV home
+        assert max(sent) == 2 * lk.numel()
     errs["out"] = (out.double() - local(ref.detach())).abs().max().item()
     for name, mine, theirs in (("dq", lq, ref_in[0]), ("dk", lk, ref_in[1]), ("dv", lv, ref_in[2])):
         errs[name] = (mine.grad.double() - local(theirs.grad)).abs().max().item()
