@@ -16,16 +16,21 @@ from v2pe_megatron.packed_seq import packed_seq_params, split_batch_for_cp
 from v2pe_megatron.training.engine import masked_loss_func
 
 
-def prepare_batch(batch: dict[str, Any], device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+def prepare_batch(batch: dict[str, Any], device: torch.device, dtype: torch.dtype,
+                  img_context_id: int | None = None) -> dict[str, Any]:
     cp = ps.get_context_parallel_world_size()
     if cp > 1:
-        batch = split_batch_for_cp(batch, cp_size=cp, cp_rank=ps.get_context_parallel_rank())
+        # image_feature_index: which of the pack's image features this rank's <IMG_CONTEXT> tokens take
+        batch = split_batch_for_cp(batch, cp_size=cp, cp_rank=ps.get_context_parallel_rank(),
+                                   img_context_id=img_context_id)
     else:
         batch = dict(batch)
         batch["packed_seq_params"] = packed_seq_params(batch["seq_lens"], device=batch["tokens"].device)
     out = dict(batch)
     for k in ("tokens", "labels", "loss_mask", "position_ids"):
         out[k] = batch[k].to(device)
+    index = batch.get("image_feature_index")
+    out["image_feature_index"] = index.to(device) if index is not None else None
     pv = batch.get("pixel_values")
     out["pixel_values"] = pv.to(device=device, dtype=dtype) if pv is not None and pv.numel() else None
     return out
@@ -34,7 +39,10 @@ def prepare_batch(batch: dict[str, Any], device: torch.device, dtype: torch.dtyp
 def vlm_forward_step(data_iterator: Iterator[dict[str, Any]], model):
     batch = next(data_iterator)
     p = next(model.parameters())
-    b = prepare_batch(batch, p.device, p.dtype)
+    inner = model
+    while hasattr(inner, "module"):  # DDP / Float16Module wrappers
+        inner = inner.module
+    b = prepare_batch(batch, p.device, p.dtype, getattr(inner, "img_context_token_id", None))
     out = model(b["tokens"], b["position_ids"], b["pixel_values"], labels=b["labels"],
-                packed_seq_params=b["packed_seq_params"])
+                packed_seq_params=b["packed_seq_params"], image_feature_index=b["image_feature_index"])
     return out, masked_loss_func(b["loss_mask"])
