@@ -33,7 +33,7 @@ import torch.distributed as dist
 from megatron.core.packed_seq_params import PackedSeqParams
 from torch import Tensor
 
-__all__ = ["ring_attention", "RingCoreAttention", "RowLayout", "row_layouts", "blockwise_attention_reference_ops"]
+__all__ = ["ring_attention", "RingCoreAttention", "RowLayout", "Segment", "row_layouts"]
 
 # Upper bound on elements of one score tile (heads x query rows x keys): 2^21 floats = 8 MiB.
 _TILE_ELEMS = 1 << 21
@@ -320,11 +320,6 @@ def ring_attention(query: Tensor, key: Tensor, value: Tensor, *, causal: bool, s
     group = cp_group if cp > 1 else None
     layouts = row_layouts(packed_seq_params, query.shape[1], query.shape[0], cp)
     return _RingAttention.apply(query, key, value, layouts, causal, float(softmax_scale), group)
-
-
-def blockwise_attention_reference_ops(layout: RowLayout, q_rank: int, kv_rank: int, cp: int, causal: bool):
-    """The chunk pairs computed for one (query rank, key rank) step, as tuples (for tests/inspection)."""
-    return [(o.qs, o.qn, o.qp, o.ks, o.kn, o.kp, o.causal) for o in _ops(layout, q_rank, kv_rank, cp, causal)]
 
 
 def _core_attention_base():
