@@ -61,3 +61,20 @@ def test_refuses_to_activate_with_cuda(monkeypatch):
 def test_patches_are_listed_in_the_module_docstring():
     for name in cpu_compat.PATCHES:
         assert f"``{name}``" in cpu_compat.__doc__
+
+
+def _device_context_after_activation() -> dict:
+    from v2pe_megatron.runtime import cpu_compat as cc
+
+    assert cc.is_active("cuda_tensor_factories")
+    with torch.device("meta"):
+        made = {n: getattr(torch, n)(*a).is_meta for n, a in
+                (("tensor", ([1.0],)), ("zeros", (2,)), ("arange", (3,)), ("full", ((2,), 1.0)))}
+    return made
+
+
+def test_device_context_still_applies_to_patched_factories():
+    """transformers builds models under ``with torch.device("meta")``; a factory the context no longer
+    recognizes silently makes CPU tensors there (seen: garbage rotary buffers in a loaded model)."""
+    made = run_distributed(_device_context_after_activation, 1)[0]
+    assert all(made.values()), made

@@ -74,6 +74,16 @@ def _cpu_device_kwarg(fn):
 
 
 def cuda_tensor_factories() -> None:
+    # `with torch.device(...)` (used e.g. by transformers to build models on "meta") recognizes
+    # factories by identity in a set it builds lazily, once. Build it from the *original* functions
+    # before wrapping them, or the context silently stops applying to them.
+    try:
+        from torch.utils._device import _device_constructors
+
+        _device_constructors()
+    except ImportError:  # private API: without it only the meta-device context is affected
+        log.warning("torch.utils._device._device_constructors is gone; `with torch.device(...)` may "
+                    "not apply to patched factories")
     for name in _FACTORIES:
         fn = getattr(torch, name)
         if not getattr(fn, "__v2pe_cpu_compat__", False):
