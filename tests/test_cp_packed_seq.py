@@ -113,3 +113,22 @@ def test_image_feature_index_follows_the_tokens(fmt):
         torch.testing.assert_close(image_feature_index(b["tokens"], maps, 7), want)
         seen.append(want)
     assert sorted(torch.cat(seen).tolist()) == list(range(int(ctx.sum())))
+
+
+def test_training_feeds_te_models_thd():
+    from v2pe_megatron.model.specs import packed_qkv_format
+    from v2pe_megatron.runtime.distributed import model_parallel
+    from v2pe_megatron.training.forward import prepare_batch
+
+    class TEDotProductAttention(torch.nn.Module):  # stands in for TE's (same class name)
+        pass
+
+    assert packed_qkv_format(torch.nn.Sequential(torch.nn.Linear(2, 2))) == "sbhd"
+    assert packed_qkv_format(torch.nn.Sequential(TEDotProductAttention())) == "thd"
+    with model_parallel():
+        b = prepare_batch(_batch(), torch.device("cpu"), torch.float32, 7, "thd")
+        s = prepare_batch(_batch(), torch.device("cpu"), torch.float32, 7, "sbhd")
+    assert b["tokens"].shape == (1, 2 * S) and b["position_ids"].shape == (1, 2 * S)
+    assert b["packed_seq_params"].qkv_format == "thd"
+    assert b["packed_seq_params"].cu_seqlens_q_padded.tolist() == [0, 16, 24, 48, 64, 104, 112, 128, 128]
+    assert s["tokens"].shape == (2, S) and s["packed_seq_params"].qkv_format == "sbhd"

@@ -129,6 +129,13 @@ def layer_spec(spec: str, *, mask_type: AttnMaskType = AttnMaskType.causal, qk_n
     return local_layer_spec(core_attention=core_attention, mask_type=mask_type, qk_norm=qk_norm)
 
 
+def packed_qkv_format(model: torch.nn.Module) -> str:
+    """How packed micro-batches must be fed to ``model``: ``thd`` when its attention is Transformer
+    Engine's (TE honours ``cu_seqlens`` only in its packed format; megatron then applies rotary
+    through its THD path, see :mod:`v2pe_megatron.packed_seq`), ``sbhd`` for the local spec."""
+    return "thd" if any(type(m).__name__ == "TEDotProductAttention" for m in model.modules()) else "sbhd"
+
+
 def check_context_parallel(spec: str, config: TransformerConfig, layer: ModuleSpec) -> None:
     """Fail at model build, before any step, when the layer's attention cannot do this config's CP.
 

@@ -12,17 +12,21 @@ from typing import Any, Iterator
 import torch
 from megatron.core import parallel_state as ps
 
+from v2pe_megatron.model.specs import packed_qkv_format
 from v2pe_megatron.packed_seq import packed_seq_params, split_batch_for_cp
 from v2pe_megatron.training.engine import masked_loss_func
 
 
 def prepare_batch(batch: dict[str, Any], device: torch.device, dtype: torch.dtype,
-                  img_context_id: int | None = None) -> dict[str, Any]:
+                  img_context_id: int | None = None, qkv_format: str = "sbhd") -> dict[str, Any]:
     cp = ps.get_context_parallel_world_size()
-    if cp > 1:
+    if cp > 1 or qkv_format == "thd":
         # image_feature_index: which of the pack's image features this rank's <IMG_CONTEXT> tokens take
         batch = split_batch_for_cp(batch, cp_size=cp, cp_rank=ps.get_context_parallel_rank(),
-                                   img_context_id=img_context_id)
+                                   qkv_format=qkv_format, img_context_id=img_context_id if cp > 1 else None)
+        if qkv_format == "thd":  # Transformer Engine reads cu_seqlens on the GPU
+            batch["packed_seq_params"] = packed_seq_params(batch["seq_lens"], qkv_format="thd", cp_size=cp,
+                                                           device=device)
     else:
         batch = dict(batch)
         batch["packed_seq_params"] = packed_seq_params(batch["seq_lens"], device=batch["tokens"].device)
@@ -42,7 +46,10 @@ def vlm_forward_step(data_iterator: Iterator[dict[str, Any]], model):
     inner = model
     while hasattr(inner, "module"):  # DDP / Float16Module wrappers
         inner = inner.module
-    b = prepare_batch(batch, p.device, p.dtype, getattr(inner, "img_context_token_id", None))
+    if not hasattr(inner, "_packed_qkv_format"):
+        inner._packed_qkv_format = packed_qkv_format(inner)  # thd for TE attention, sbhd for the local spec
+    b = prepare_batch(batch, p.device, p.dtype, getattr(inner, "img_context_token_id", None),
+                      inner._packed_qkv_format)
     out = model(b["tokens"], b["position_ids"], b["pixel_values"], labels=b["labels"],
                 packed_seq_params=b["packed_seq_params"], image_feature_index=b["image_feature_index"])
     return out, masked_loss_func(b["loss_mask"])
