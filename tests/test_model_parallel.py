@@ -128,7 +128,7 @@ def compare(tmp: str, names: list[str]) -> dict:
         ref = dist_checkpointing.load(model.sharded_state_dict(), os.path.join(tmp, "grads_ref"))
         for name in names:
             got = dist_checkpointing.load(model.sharded_state_dict(), os.path.join(tmp, f"grads_{name}"))
-            diffs, scale, zero_vision = {}, 0.0, []
+            diffs, scale = {}, 0.0
             for k, r in ref.items():
                 if not torch.is_tensor(r) or k.endswith("_extra_state"):
                     continue

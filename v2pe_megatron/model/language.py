@@ -17,25 +17,19 @@ from megatron.core.enums import ModelType
 from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
 from megatron.core.models.common.language_module.language_module import LanguageModule
 from megatron.core.packed_seq_params import PackedSeqParams
-from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor
 
 from v2pe_megatron.config import LanguageConfig, ParallelConfig
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from v2pe_megatron.model.transformer_config import shared_kwargs
 
 
 def language_transformer_config(lm: LanguageConfig, par: ParallelConfig, *, dtype: str = "fp32",
                                 recompute: str = "none", init_std: float = 0.02) -> TransformerConfig:
     """megatron ``TransformerConfig`` for the LLM from the recipe's language and parallel sections."""
-    torch_dtype = DTYPES[dtype]
-    kwargs = {}
-    if recompute == "full":
-        kwargs.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
-    elif recompute == "selective":
-        kwargs.update(recompute_granularity="selective")
+    kwargs = shared_kwargs(dtype=dtype, recompute=recompute, init_std=init_std)
     if par.pp > 1 and par.pp_layers:
         # Unequal stages: megatron's flexible layout (embedding on the first stage, loss on the last).
         layout = [["decoder"] * n for n in par.pp_layers]
@@ -59,22 +53,10 @@ def language_transformer_config(lm: LanguageConfig, par: ParallelConfig, *, dtyp
         activation_func=torch.nn.functional.silu,
         add_bias_linear=False,
         add_qkv_bias=lm.qkv_bias,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        bias_dropout_fusion=False,
-        masked_softmax_fusion=False,
-        apply_rope_fusion=False,  # per-token V2PE frequencies: the fused kernel assumes arange positions
-        persist_layer_norm=False,
-        gradient_accumulation_fusion=False,
-        init_method_std=init_std,
         tensor_model_parallel_size=par.tp,
         pipeline_model_parallel_size=par.pp,
         context_parallel_size=par.cp,
         sequence_parallel=par.sequence_parallel,
-        params_dtype=torch_dtype,
-        bf16=dtype == "bf16",
-        fp16=dtype == "fp16",
-        pipeline_dtype=torch_dtype,
         **kwargs,
     )
 

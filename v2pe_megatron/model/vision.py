@@ -14,7 +14,7 @@ sequence before its own scatter) and never context parallel.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -28,9 +28,7 @@ from torch import Tensor
 from v2pe_megatron.config import ParallelConfig, VisionConfig
 from v2pe_megatron.model.attention import SDPACoreAttention
 from v2pe_megatron.model.specs import layer_spec
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
+from v2pe_megatron.model.transformer_config import shared_kwargs
 
 def vision_transformer_config(v: VisionConfig, par: ParallelConfig, *, dtype: str = "fp32",
                               recompute: str = "none", init_std: float = 0.02) -> TransformerConfig:
@@ -40,12 +38,6 @@ def vision_transformer_config(v: VisionConfig, par: ParallelConfig, *, dtype: st
         raise NotImplementedError("model.vision.qk_normalization=true (InternViT-6B) is not supported")
     if v.select_layer != -1:
         raise NotImplementedError(f"model.vision.select_layer={v.select_layer}: only -1 (last layer) is supported")
-    torch_dtype = DTYPES[dtype]
-    kwargs = {}
-    if recompute == "full":
-        kwargs.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
-    elif recompute == "selective":
-        kwargs.update(recompute_granularity="selective")
     return TransformerConfig(
         num_layers=v.num_layers,
         hidden_size=v.hidden_size,
@@ -59,24 +51,12 @@ def vision_transformer_config(v: VisionConfig, par: ParallelConfig, *, dtype: st
         activation_func=F.gelu,  # exact (erf) GELU, as InternViT
         add_bias_linear=True,
         add_qkv_bias=v.qkv_bias,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        bias_dropout_fusion=False,
         bias_activation_fusion=False,
-        masked_softmax_fusion=False,
-        apply_rope_fusion=False,
-        persist_layer_norm=False,
-        gradient_accumulation_fusion=False,
-        init_method_std=init_std,
         tensor_model_parallel_size=par.tp,
         pipeline_model_parallel_size=1,
         context_parallel_size=1,
         sequence_parallel=False,
-        params_dtype=torch_dtype,
-        bf16=dtype == "bf16",
-        fp16=dtype == "fp16",
-        pipeline_dtype=torch_dtype,
-        **kwargs,
+        **shared_kwargs(dtype=dtype, recompute=recompute, init_std=init_std),
     )
 
 

@@ -12,8 +12,9 @@ import torch
 from megatron.core import parallel_state as ps
 
 from v2pe_megatron.config import Recipe, load_recipe
-from v2pe_megatron.model.language import DTYPES, LanguageModel, language_transformer_config
+from v2pe_megatron.model.language import LanguageModel, language_transformer_config
 from v2pe_megatron.model.specs import block_spec, layer_spec, resolve_spec
+from v2pe_megatron.model.transformer_config import DTYPES
 from v2pe_megatron.training.engine import masked_loss_func
 
 
