@@ -88,8 +88,6 @@ class ModelConfig:
     spec: str = "auto"
     # fp32 | bf16 | fp16 (parameters and compute)
     dtype: str = "fp32"
-    # CPU/any-device attention backend for the local spec: sdpa (torch) | eager (reference math).
-    attention_backend: str = "sdpa"
 
     @property
     def num_image_token(self) -> int:
@@ -374,7 +372,6 @@ def validate(recipe: Recipe, world_size: int | None = None) -> None:
 
     errs += _choice(m.spec, "model.spec", ("auto", "te", "local"))
     errs += _choice(m.dtype, "model.dtype", ("fp32", "bf16", "fp16"))
-    errs += _choice(m.attention_backend, "model.attention_backend", ("sdpa", "eager"))
     errs += _choice(lm.arch, "model.language.arch", ("internlm2", "qwen2", "llama"))
     errs += _choice(recipe.v2pe.policy, "v2pe.policy", ("default", "fixed", "random"))
     errs += _choice(par.cp_comm_type, "parallel.cp_comm_type", ("p2p", "a2a", "a2a+p2p", "all_gather"))

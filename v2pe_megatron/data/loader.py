@@ -372,8 +372,10 @@ def build_index(recipe: "Recipe") -> MixedIndex:
 
 def settings_from_recipe(recipe: "Recipe", *, pad_multiple: int | None = None) -> LoaderSettings:
     d, par = recipe.data, recipe.parallel
-    if pad_multiple is None:
-        pad_multiple = 2 * par.cp if par.cp > 1 else 1
+    if pad_multiple is None:  # every sub-sample must split into 2*cp chunks (x tp with sequence parallel)
+        from v2pe_megatron.packed_seq import pad_multiple as layout_multiple
+
+        pad_multiple = layout_multiple(par.cp, par.tp, par.sequence_parallel)
     return LoaderSettings(
         seq_length=d.seq_length, micro_batch_size=d.micro_batch_size, image_size=d.image_size,
         min_dynamic_patch=d.min_dynamic_patch, max_dynamic_patch=d.max_dynamic_patch,

@@ -65,7 +65,6 @@ def train(recipe: Recipe) -> RunSummary:
     """Run ``recipe`` on the current process group (torchrun, Slurm or a single process)."""
     from v2pe_megatron.data.loader import build_train_loader
     from v2pe_megatron.model.internvl import build_model
-    from v2pe_megatron.packed_seq import pad_multiple
 
     t0 = time.time()
     par = recipe.parallel
@@ -85,8 +84,7 @@ def train(recipe: Recipe) -> RunSummary:
                                     use_distributed_optimizer=par.use_distributed_optimizer)
         scheduler = _scheduler(recipe, optimizer)
         dp_rank, dp = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
-        loader = build_train_loader(recipe, dp_rank=dp_rank, dp_size=dp,
-                                    pad_multiple=pad_multiple(par.cp, par.tp, par.sequence_parallel))
+        loader = build_train_loader(recipe, dp_rank=dp_rank, dp_size=dp)
         d = recipe.data
         num_micro = d.global_batch_size // (d.micro_batch_size * dp)
 
