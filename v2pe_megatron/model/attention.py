@@ -4,7 +4,7 @@ A drop-in for megatron-core's ``core_attention`` slot (same forward signature as
 ``DotProductAttention``): query [s, b, np, hn], key/value [s, b, ng, hn] (GQA groups), output
 [s, b, np * hn]. Unlike megatron's local ``DotProductAttention`` it understands packed sequences:
 ``packed_seq_params.cu_seqlens_q(_padded)`` (per batch row when given as a list) turns the mask
-into a block-diagonal one, so attention never crosses a sub-sample boundary.
+into per-sub-sample attention, so attention never crosses a sub-sample boundary.
 """
 
 from __future__ import annotations
@@ -22,23 +22,21 @@ from megatron.core.utils import divide
 from torch import Tensor
 
 
-def segment_ids_from_cu_seqlens(cu_seqlens: Tensor, total: int) -> Tensor:
-    """[0, 3, 5] with total 6 -> [0, 0, 0, 1, 1, 2] (tokens past the last boundary form one more segment)."""
-    pos = torch.arange(total, device=cu_seqlens.device)
-    return torch.bucketize(pos, cu_seqlens[1:].to(pos.dtype), right=True)
-
-
-def packed_mask(cu_seqlens: Tensor | list[Tensor], seq_len: int, batch: int, causal: bool,
-                device: torch.device) -> Optional[Tensor]:
-    """Boolean [b, 1, s, s] mask (True = attend) for packed rows; None when not packed and not causal."""
+def row_boundaries(cu_seqlens: Tensor | list[Tensor], seq_len: int, batch: int) -> list[list[int]]:
+    """Per batch row, the sub-sample boundaries [0, ..., seq_len] (a tail past the last boundary is
+    one more segment)."""
     rows = cu_seqlens if isinstance(cu_seqlens, (list, tuple)) else [cu_seqlens] * batch
     if len(rows) != batch:
         raise ValueError(f"got cu_seqlens for {len(rows)} rows but the batch has {batch}")
-    seg = torch.stack([segment_ids_from_cu_seqlens(r.to(device), seq_len) for r in rows])  # [b, s]
-    mask = seg[:, :, None] == seg[:, None, :]
-    if causal:
-        mask &= torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).tril()
-    return mask[:, None]
+    out = []
+    for r in rows:
+        b = [int(x) for x in r.tolist() if 0 <= int(x) <= seq_len]
+        if not b or b[0] != 0:
+            b.insert(0, 0)
+        if b[-1] != seq_len:
+            b.append(seq_len)
+        out.append(b)
+    return out
 
 
 def cu_seqlens_of(packed_seq_params: Optional[PackedSeqParams]):
@@ -97,17 +95,25 @@ class SDPACoreAttention(MegatronModule):
             k = k.repeat_interleave(rep, dim=1)
             v = v.repeat_interleave(rep, dim=1)
         cu = cu_seqlens_of(packed_seq_params)
-        mask = None
-        if cu is not None:
-            mask = packed_mask(cu, s, b, causal, query.device)
-        elif attention_mask is not None:
-            # megatron's convention: True = masked out
-            mask = ~attention_mask.bool()
-            if causal:
-                mask = mask & torch.ones(s, s, dtype=torch.bool, device=query.device).tril()
         dropout = self.dropout_p if self.training else 0.0
-        out = torch.nn.functional.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal and mask is None,
-            scale=self.softmax_scale)
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        if cu is not None:
+            # Packed rows: attend within each sub-sample separately. Same result as one block-diagonal
+            # mask, but O(s) memory and the flash/efficient kernels (they take no explicit mask).
+            rows = []
+            for r, bounds in enumerate(row_boundaries(cu, s, b)):
+                parts = [sdpa(q[r:r + 1, :, a:e], k[r:r + 1, :, a:e], v[r:r + 1, :, a:e], dropout_p=dropout,
+                              is_causal=causal, scale=self.softmax_scale)
+                         for a, e in zip(bounds[:-1], bounds[1:]) if e > a]
+                rows.append(torch.cat(parts, dim=2))
+            out = torch.cat(rows, dim=0)
+        else:
+            mask = None
+            if attention_mask is not None:
+                mask = ~attention_mask.bool()  # megatron's convention: True = masked out
+                if causal:
+                    mask = mask & torch.ones(s, s, dtype=torch.bool, device=query.device).tril()
+            out = sdpa(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal and mask is None,
+                       scale=self.softmax_scale)
         # [b, h, s, d] -> [s, b, h*d]
         return out.permute(2, 0, 1, 3).reshape(s, b, self.heads_per_partition * self.head_dim)
