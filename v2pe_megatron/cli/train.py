@@ -54,12 +54,12 @@ def main(argv: list[str] | None = None) -> int:
         if recipe.launcher.nnodes > 1:
             print("v2pe-train: multi-node runs start under srun or torchrun (see slurm/)", file=sys.stderr)
             return 2
-        from v2pe_megatron.testing.distributed import free_port
-
-        port = recipe.launcher.master_port or free_port()
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-               "--master-addr", "127.0.0.1", "--master-port", str(port), "-m", "v2pe_megatron.cli.train",
-               args.recipe, *overrides]
+        # --standalone: torchrun's own rendezvous on a port it binds itself (choosing a port here and
+        # passing it on races with anything else starting on this machine).
+        where = (["--master-addr", "127.0.0.1", "--master-port", str(recipe.launcher.master_port)]
+                 if recipe.launcher.master_port else ["--standalone"])
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), *where,
+               "-m", "v2pe_megatron.cli.train", args.recipe, *overrides]
         print(f"v2pe-train: starting {nproc} ranks: {' '.join(cmd[2:])}", flush=True)
         return subprocess.call(cmd)
     return _run(recipe)

@@ -76,8 +76,19 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 
 
     ``fn`` must be importable (module level) since ranks are spawned. Inside it the default process
     group exists; megatron's model-parallel state is the function's to set up (see
-    ``v2pe_megatron.runtime.distributed.model_parallel``).
+    ``v2pe_megatron.runtime.distributed.model_parallel``). A group whose port was taken between
+    choosing and binding it is started once more on another port.
     """
+    try:
+        return _run_once(fn, world_size, args, kwargs, timeout, threads_per_rank, env)
+    except DistributedTestError as e:
+        if "EADDRINUSE" not in str(e) and "address already in use" not in str(e):
+            raise
+        return _run_once(fn, world_size, args, kwargs, timeout, threads_per_rank, env)
+
+
+def _run_once(fn: Callable, world_size: int, args: tuple, kwargs: dict, timeout: float, threads_per_rank: int,
+              env: dict[str, str] | None) -> list[Any]:
     # Non-daemonic: megatron's checkpoint writer starts helper processes of its own.
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
