@@ -3,9 +3,10 @@
 InternVL's approach (its ``dynamic_preprocess`` + ``build_transform``): Pillow decode, one bicubic
 resize to the grid, one ``crop`` per tile plus the thumbnail, then per tile ToTensor + Normalize.
 torchvision does not install next to this torch, so ToTensor/Normalize are written in torch exactly
-as torchvision does them (permute HWC->CHW, /255, sub mean, div std); the per-tile
-``T.Resize((448, 448))`` of InternVL is a same-size no-op and is left out (it would only slow the
-baseline). Both sides get the same encoded images and the same number of threads (a thread pool for
+as torchvision does them (permute HWC->CHW, /255, sub mean, div std). The per-tile
+``T.Resize((448, 448))`` of InternVL is left out faithfully: torchvision's ``F.resize`` returns its
+input unchanged when the size already matches, before any Pillow call (no copy), and
+``dynamic_preprocess``'s ``image.resize(size)`` without a filter is Pillow's default, BICUBIC. Both sides get the same encoded images and the same number of threads (a thread pool for
 Pillow, whose decode/resize release the GIL; DALI's own worker threads).
 
     .venv/bin/python benchmarks/loader.py [--threads 1 2] [--batch 8 16 32] [--repeat 3] [--results PATH]
