@@ -14,24 +14,12 @@ from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_
 
 from v2pe_megatron.cp_split import zigzag_index_map
 from v2pe_megatron.model.vision_cp import image_feature_index
-from v2pe_megatron.packed_seq import pad_multiple, packed_seq_params, split_batch_for_cp
+from v2pe_megatron.packed_seq import packed_seq_params, pad_multiple, split_batch_for_cp
+from v2pe_megatron.testing.fakes import FakeGroup
 from v2pe_megatron.v2pe import V2PERotaryEmbedding
 
 ROWS = [[16, 8, 24, 16], [40, 8, 16, 0]]  # multiples of 8, each row 64 tokens
 S = 64
-
-
-class FakeGroup:
-    """What megatron's THD rotary asks of a CP group: size() and rank()."""
-
-    def __init__(self, size: int, rank: int) -> None:
-        self._size, self._rank = size, rank
-
-    def size(self) -> int:
-        return self._size
-
-    def rank(self) -> int:
-        return self._rank
 
 
 def _batch(seed: int = 0) -> dict:

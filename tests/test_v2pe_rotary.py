@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from v2pe_megatron.cp_split import split_for_cp, zigzag_index_map
+from v2pe_megatron.testing.fakes import FakeGroup
 from v2pe_megatron.v2pe import V2PERotaryEmbedding, compute_position_ids
 
 with warnings.catch_warnings():
@@ -36,19 +37,6 @@ def megatron_config() -> TransformerConfig:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return TransformerConfig(num_layers=1, hidden_size=64, num_attention_heads=4, apply_rope_fusion=False)
-
-
-class _FakeCPGroup:
-    """What megatron's unfused THD rotary path reads from a CP group: size() and rank()."""
-
-    def __init__(self, size: int, rank: int) -> None:
-        self._size, self._rank = size, rank
-
-    def size(self) -> int:
-        return self._size
-
-    def rank(self) -> int:
-        return self._rank
 
 
 def far_positions(n: int = 4096) -> np.ndarray:
@@ -125,7 +113,7 @@ def test_megatron_apply_rotary_matches_float64_rotate_half():
         S, B, H = pos.shape[1], pos.shape[0], 3
         t = torch.rand(S, B, H, D, dtype=torch.float32) * 2 - 1
         freqs = V2PERotaryEmbedding(D, BASE)(pos)
-        out = apply_rotary_pos_emb(t, freqs, config=megatron_config(), cp_group=_FakeCPGroup(1, 0))
+        out = apply_rotary_pos_emb(t, freqs, config=megatron_config(), cp_group=FakeGroup(1, 0))
         cos64, sin64 = hf_cos_sin(pos.T)  # [S, B, D]
         t64 = t.double()
         ref = t64 * cos64[:, :, None] + rotate_half(t64) * sin64[:, :, None]
@@ -143,11 +131,11 @@ def test_megatron_thd_path_with_full_freqs_matches_zigzag_map(cp):
     freqs = V2PERotaryEmbedding(D, BASE)(pos)  # [T, 1, 1, D]
     t = torch.rand(total, 2, D)  # THD: [T, H, D]
     cu = torch.tensor(np.concatenate([[0], np.cumsum(lens)]), dtype=torch.int32)
-    full = apply_rotary_pos_emb(t, freqs, config=megatron_config(), cu_seqlens=cu, cp_group=_FakeCPGroup(1, 0))
+    full = apply_rotary_pos_emb(t, freqs, config=megatron_config(), cu_seqlens=cu, cp_group=FakeGroup(1, 0))
     for rank in range(cp):
         idx = zigzag_index_map(lens, cp, rank)
         local = apply_rotary_pos_emb(split_for_cp(t, idx, 0), freqs, config=megatron_config(), cu_seqlens=cu,
-                                     cp_group=_FakeCPGroup(cp, rank))
+                                     cp_group=FakeGroup(cp, rank))
         torch.testing.assert_close(local, split_for_cp(full, idx, 0), rtol=0, atol=0)
 
 
@@ -163,7 +151,7 @@ def test_cuda_matches_cpu_and_float64_reference():
     cos64, _ = hf_cos_sin(pos[0])
     assert (gpu[:, 0, 0].cos().double().cpu() - cos64).abs().max().item() < 1e-6
     t = (torch.rand(pos.shape[1], 1, 2, D, device="cuda") * 2 - 1)
-    out = apply_rotary_pos_emb(t, gpu, config=megatron_config(), cp_group=_FakeCPGroup(1, 0))
+    out = apply_rotary_pos_emb(t, gpu, config=megatron_config(), cp_group=FakeGroup(1, 0))
     cos64, sin64 = hf_cos_sin(pos.T)
     t64 = t.double().cpu()
     ref = t64 * cos64[:, :, None] + rotate_half(t64) * sin64[:, :, None]
