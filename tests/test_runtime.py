@@ -102,3 +102,24 @@ def test_harness_times_out():
 def test_nccl_backend_on_gpu():
     assert choose_backend("auto") == "nccl"
     assert os.environ.get("CUDA_VISIBLE_DEVICES", "0") != ""
+
+
+def test_local_launcher_ranks_meet_and_failures_stop_the_rest(tmp_path):
+    from v2pe_megatron.runtime.launch import run_local
+
+    script = tmp_path / "worker.py"
+    script.write_text(
+        "import os, sys, time\n"
+        "import torch.distributed as dist\n"
+        "dist.init_process_group('gloo', init_method=f\"tcp://{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}\",\n"
+        "                        rank=int(os.environ['RANK']), world_size=int(os.environ['WORLD_SIZE']))\n"
+        "open(os.path.join(sys.argv[1], f\"rank{dist.get_rank()}\"), 'w').write(str(dist.get_world_size()))\n"
+        "dist.barrier()\n"
+        "if dist.get_rank() == 1 and sys.argv[2] == 'fail':\n"
+        "    sys.exit(3)\n"
+        "time.sleep(0 if sys.argv[2] == 'ok' else 120)\n")
+    assert run_local([str(script), str(tmp_path), "ok"], 2) == 0
+    assert sorted(p.name for p in tmp_path.glob("rank*")) == ["rank0", "rank1"]
+    t0 = time.monotonic()
+    assert run_local([str(script), str(tmp_path), "fail"], 2) == 3
+    assert time.monotonic() - t0 < 60  # rank 0 was stopped, not waited for

@@ -228,7 +228,6 @@ class LauncherConfig:
     # auto: nccl with CUDA, gloo without | nccl | gloo
     backend: str = "auto"
     timeout_minutes: float = 10.0
-    master_port: int = 0
 
 
 @dataclass

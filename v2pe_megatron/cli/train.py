@@ -1,8 +1,8 @@
 """``v2pe-train RECIPE [key=value ...]``: pretrain from a recipe.
 
 Under torchrun or srun it runs as the rank it was given. Started by hand with
-``launcher.nproc_per_node > 1`` it starts those ranks itself (through torch's elastic launcher, the
-same code path as ``torchrun``), so ``v2pe-train recipes/tiny_cpu.yaml`` is a complete 2-rank run.
+``launcher.nproc_per_node > 1`` it starts those ranks itself on this machine (see
+``runtime.launch``), so ``v2pe-train recipes/tiny_cpu.yaml`` is a complete 2-rank run.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import subprocess
 import sys
 
 from v2pe_megatron.config import RecipeError, expected_world_size, load_recipe, to_yaml
@@ -54,14 +53,11 @@ def main(argv: list[str] | None = None) -> int:
         if recipe.launcher.nnodes > 1:
             print("v2pe-train: multi-node runs start under srun or torchrun (see slurm/)", file=sys.stderr)
             return 2
-        # --standalone: torchrun's own rendezvous on a port it binds itself (choosing a port here and
-        # passing it on races with anything else starting on this machine).
-        where = (["--master-addr", "127.0.0.1", "--master-port", str(recipe.launcher.master_port)]
-                 if recipe.launcher.master_port else ["--standalone"])
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), *where,
-               "-m", "v2pe_megatron.cli.train", args.recipe, *overrides]
-        print(f"v2pe-train: starting {nproc} ranks: {' '.join(cmd[2:])}", flush=True)
-        return subprocess.call(cmd)
+        from v2pe_megatron.runtime.launch import run_local
+
+        cmd = ["-m", "v2pe_megatron.cli.train", args.recipe, *overrides]
+        print(f"v2pe-train: starting {nproc} ranks: {' '.join(cmd)}", flush=True)
+        return run_local(cmd, nproc)
     return _run(recipe)
 
 

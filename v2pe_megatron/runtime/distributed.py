@@ -82,10 +82,13 @@ def on_cpu() -> bool:
 
 @contextlib.contextmanager
 def process_group(backend: str = "auto", timeout_minutes: float = 10.0,
-                  environ: Optional[dict[str, str]] = None) -> Iterator[LaunchEnv]:
+                  environ: Optional[dict[str, str]] = None,
+                  store: Optional[dist.Store] = None) -> Iterator[LaunchEnv]:
     """Initialize the default process group (and the CPU compatibility layer on CPU); tear down after.
 
-    Re-entrant: if a group already exists it is used as is and left alone.
+    Rendezvous: ``store`` if given, else ``tcp://MASTER_ADDR:MASTER_PORT`` (a client of the
+    launcher's store when ``TORCHELASTIC_USE_AGENT_STORE=True``, as under torchrun and
+    ``runtime.launch``). Re-entrant: if a group already exists it is used as is and left alone.
     """
     if dist.is_initialized():
         yield read_launch_env(environ)
@@ -98,11 +101,13 @@ def process_group(backend: str = "auto", timeout_minutes: float = 10.0,
         cpu_compat.activate()
     if backend == "nccl":
         torch.cuda.set_device(le.local_rank % torch.cuda.device_count())
-    os.environ.setdefault("MASTER_ADDR", le.master_addr)
-    os.environ.setdefault("MASTER_PORT", str(le.master_port))
-    dist.init_process_group(backend=backend, init_method=f"tcp://{le.master_addr}:{le.master_port}",
-                            rank=le.rank, world_size=le.world_size,
-                            timeout=_dt.timedelta(minutes=timeout_minutes))
+    timeout = _dt.timedelta(minutes=timeout_minutes)
+    if store is not None:
+        dist.init_process_group(backend=backend, store=store, rank=le.rank, world_size=le.world_size,
+                                timeout=timeout)
+    else:
+        dist.init_process_group(backend=backend, init_method=f"tcp://{le.master_addr}:{le.master_port}",
+                                rank=le.rank, world_size=le.world_size, timeout=timeout)
     try:
         yield le
     finally:
@@ -139,16 +144,15 @@ def model_parallel(tp: int = 1, pp: int = 1, cp: int = 1, *, seed: int = 1234,
                    hierarchical_cp_sizes: Optional[list[int]] = None) -> Iterator[None]:
     """``with model_parallel(tp=2): ...`` inside an existing process group (e.g. in a test rank).
 
-    With no process group at all (a single plain process), a 1-rank gloo group on a free port is made
-    and destroyed afterwards, so single-process code paths run the same megatron-core layers.
+    With no process group at all (a single plain process), a 1-rank group is made (on a store bound
+    to a port the OS assigns) and destroyed afterwards, so single-process code paths run the same
+    megatron-core layers.
     """
     with contextlib.ExitStack() as stack:
         if not dist.is_initialized():
-            from v2pe_megatron.testing.distributed import free_port
-
-            stack.enter_context(process_group(environ={"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
-                                                       "MASTER_ADDR": "127.0.0.1",
-                                                       "MASTER_PORT": str(free_port())}))
+            store = dist.TCPStore("127.0.0.1", 0, 1, is_master=True, wait_for_workers=False)
+            stack.enter_context(process_group(environ={"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"},
+                                              store=store))
         initialize_model_parallel(tp, pp, cp, seed=seed, hierarchical_cp_sizes=hierarchical_cp_sizes)
         try:
             yield

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import socket
 import time
 import traceback
 from dataclasses import dataclass
@@ -23,12 +22,6 @@ class DistributedTestError(AssertionError):
     """A rank raised, died, or the group timed out. The message holds the rank's traceback."""
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @dataclass
 class _Outcome:
     rank: int
@@ -36,12 +29,9 @@ class _Outcome:
     payload: Any  # result (ok) or formatted traceback
 
 
-def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, kwargs: dict,
+def _worker(rank: int, world_size: int, fn: Callable, args: tuple, kwargs: dict,
             queue, threads: int, env: dict[str, str]) -> None:
     os.environ.update(env)
-    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(rank),
-                       "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
-                       "LOCAL_WORLD_SIZE": str(world_size)})
     import torch
 
     torch.set_num_threads(threads)
@@ -76,25 +66,17 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 
 
     ``fn`` must be importable (module level) since ranks are spawned. Inside it the default process
     group exists; megatron's model-parallel state is the function's to set up (see
-    ``v2pe_megatron.runtime.distributed.model_parallel``). A group whose port was taken between
-    choosing and binding it is started once more on another port.
+    ``v2pe_megatron.runtime.distributed.model_parallel``). The rendezvous store lives in this
+    process on a port the OS assigned (``runtime.launch``), so concurrent groups never collide.
     """
-    try:
-        return _run_once(fn, world_size, args, kwargs, timeout, threads_per_rank, env)
-    except DistributedTestError as e:
-        if "EADDRINUSE" not in str(e) and "address already in use" not in str(e):
-            raise
-        return _run_once(fn, world_size, args, kwargs, timeout, threads_per_rank, env)
+    from v2pe_megatron.runtime.launch import host_store, rank_env
 
-
-def _run_once(fn: Callable, world_size: int, args: tuple, kwargs: dict, timeout: float, threads_per_rank: int,
-              env: dict[str, str] | None) -> list[Any]:
+    store = host_store(world_size)
     # Non-daemonic: megatron's checkpoint writer starts helper processes of its own.
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, kwargs, queue,
-                                                threads_per_rank, dict(env or {})), daemon=False)
+    procs = [ctx.Process(target=_worker, args=(r, world_size, fn, args, kwargs, queue, threads_per_rank,
+                                                {**(env or {}), **rank_env(store, r, world_size)}), daemon=False)
              for r in range(world_size)]
     for p in procs:
         p.start()
