@@ -15,6 +15,7 @@ from v2pe_megatron.config import Recipe, load_recipe
 from v2pe_megatron.model.language import LanguageModel, language_transformer_config
 from v2pe_megatron.model.specs import block_spec, layer_spec, resolve_spec
 from v2pe_megatron.model.transformer_config import DTYPES
+from v2pe_megatron.runtime.distributed import device
 from v2pe_megatron.training.engine import masked_loss_func
 
 
@@ -34,8 +35,7 @@ def build_language_model(recipe: Recipe) -> LanguageModel:
     model = LanguageModel(cfg, layers, vocab_size=lm.vocab_size, max_sequence_length=lm.max_position_embeddings,
                           rotary_base=lm.rotary_base, pre_process=ps.is_pipeline_first_stage(ignore_virtual=True),
                           post_process=ps.is_pipeline_last_stage(ignore_virtual=True))
-    dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    return model.to(device=dev, dtype=DTYPES[recipe.model.dtype])
+    return model.to(device=device(), dtype=DTYPES[recipe.model.dtype])
 
 
 def synthetic_lm_batches(num: int, *, micro_batch_size: int, seq_length: int, vocab_size: int,

@@ -17,6 +17,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from v2pe_megatron.config import OptimizerConfig
+from v2pe_megatron.runtime.distributed import device
 
 
 def wrap_ddp(model: torch.nn.Module, config: TransformerConfig, *, use_distributed_optimizer: bool = False
@@ -71,7 +72,7 @@ def train_step(model: list[DistributedDataParallel], optimizer, forward_step: Ca
                 forward_only=forward_only)
     # Sum [loss_sum, tokens] over micro-batches (last stage) and data/context-parallel ranks; then
     # share it with the other pipeline stages so every rank reports the same number.
-    totals = torch.zeros(2, dtype=torch.float64, device=_device())
+    totals = torch.zeros(2, dtype=torch.float64, device=device())
     if ps.is_pipeline_last_stage(ignore_virtual=True):
         for item in losses:
             totals += item["lm loss"].to(torch.float64).reshape(-1)[:2]
@@ -84,10 +85,6 @@ def train_step(model: list[DistributedDataParallel], optimizer, forward_step: Ca
         ok, grad_norm, _ = optimizer.step()
     return StepResult(loss=loss_sum / max(tokens, 1.0), num_tokens=int(tokens),
                       grad_norm=float(grad_norm) if grad_norm is not None else None, update_successful=bool(ok))
-
-
-def _device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def masked_loss_func(loss_mask: torch.Tensor):
