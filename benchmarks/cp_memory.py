@@ -74,7 +74,7 @@ def bench_rank(lengths: list[int], layers: int, max_sub: int) -> list[dict]:
     from v2pe_megatron.model.language import LanguageModel, language_transformer_config
     from v2pe_megatron.model.ring_attention import RingCoreAttention
     from v2pe_megatron.model.specs import block_spec, layer_spec
-    from v2pe_megatron.packed_seq import split_batch_for_cp
+    from v2pe_megatron.parallel.packed_seq import split_batch_for_cp
     from v2pe_megatron.runtime.distributed import model_parallel
 
     torch.set_num_threads(1)
@@ -83,7 +83,7 @@ def bench_rank(lengths: list[int], layers: int, max_sub: int) -> list[dict]:
     except OSError:
         pass
     cp = torch.distributed.get_world_size()
-    recipe = load_recipe(None, ["model.preset=tiny", "data.image_size=56", f"data.seq_length={max(lengths)}",
+    recipe = load_recipe(None, ["model.preset=tiny", f"data.seq_length={max(lengths)}",
                                 f"parallel.cp={cp}", f"model.language.num_layers={layers}"])
     out = []
     with model_parallel(cp=cp, seed=1):

@@ -16,81 +16,41 @@ import pytest
 import torch
 
 from v2pe_megatron.testing.distributed import run_distributed
+from v2pe_megatron.testing.tiny import IMG_CTX, IMG_START, TOKENS_PER_TILE
 
 SEQ = 128
 PAD = 8          # 2*cp*tp for the largest layout (CP4; CP2 x TP2 with SP)
 ROWS = 2         # rows per micro-batch
 MICRO = 2        # micro-batches in the global batch
 KINDS = ("lm", "internvl")  # the language model alone; the whole InternVL model (vision under CP)
-IMG_START, IMG_END, IMG_CTX = 5, 6, 7  # the tiny preset's ids
-TOKENS_PER_TILE = 4  # tiny preset: (56/14)^2 * 0.5^2
 
 
-def make_packs(seed: int = 5) -> list[dict]:
+def make_packs(seed: int = 5) -> list:
     """MICRO collated micro-batches of ROWS packs each, from data.packing (the training contract)."""
-    from v2pe_megatron.data.packing import PreparedSample, build_pack, collate
-    from v2pe_megatron.v2pe import compute_position_ids
+    from v2pe_megatron.testing.tiny import synthetic_packs
 
-    rng = np.random.default_rng(seed)
-    batches, sid = [], 0
-    for _ in range(MICRO):
-        packs = []
-        for _ in range(ROWS):
-            samples, used = [], 0
-            while True:
-                n_text = int(rng.integers(5, 30))
-                toks = list(rng.integers(10, 500, n_text))
-                deltas, tiles = [], 0
-                if rng.random() < 0.6:  # an image of 1-2 tiles (4 context tokens each) somewhere inside
-                    at = int(rng.integers(1, n_text))
-                    tiles = int(rng.integers(1, 3))
-                    toks[at:at] = [IMG_START] + [IMG_CTX] * (TOKENS_PER_TILE * tiles) + [IMG_END]
-                    deltas = [float(rng.choice([1.0, 0.5, 0.25, 1 / 16]))]
-                toks = np.asarray(toks, dtype=np.int64)
-                lp = -(-toks.size // PAD) * PAD
-                if used + lp > SEQ - PAD:  # leave a padding tail segment in most rows
-                    break
-                pos = compute_position_ids(toks, img_start_id=IMG_START, img_end_id=IMG_END,
-                                           img_context_id=IMG_CTX, delta=deltas if deltas else 1.0)
-                target = rng.random(toks.size) > 0.3
-                pixels = rng.standard_normal((tiles, 3, 56, 56)).astype(np.float32)
-                samples.append(PreparedSample(sid, toks, target, pos, pixels, np.full(len(deltas), tiles, np.int32),
-                                              np.asarray(deltas)))
-                sid += 1
-                used += lp
-            packs.append(build_pack(samples, SEQ, pad_id=0, pad_multiple=PAD, image_shape=(3, 56, 56)))
-        batches.append(collate(packs))
-    return batches
+    return synthetic_packs(MICRO, rows=ROWS, seq_length=SEQ, pad_multiple=PAD, seed=seed)
 
 
 def _recipe(tp: int, cp: int, sp: bool):
     from v2pe_megatron.config import load_recipe
 
-    return load_recipe(None, ["model.preset=tiny", "data.image_size=56", f"data.seq_length={SEQ}",
+    return load_recipe(None, ["model.preset=tiny", f"data.seq_length={SEQ}",
                               "model.language.num_layers=2", f"parallel.tp={tp}", f"parallel.cp={cp}",
                               f"parallel.sequence_parallel={sp}", "optimizer.name=sgd", "optimizer.lr=0.0",
                               "optimizer.clip_grad=0", "optimizer.weight_decay=0"])
 
 
 def _build(recipe, kind: str):
-    from megatron.core import parallel_state as ps
+    from v2pe_megatron.testing.tiny import build_language_model, layout_of
 
     if kind == "internvl":
         from v2pe_megatron.model.internvl import build_model
 
-        model = build_model(recipe)
+        model = build_model(recipe.model, layout_of(recipe))
         return model, model.config
-
-    from v2pe_megatron.model.language import LanguageModel, language_transformer_config
-    from v2pe_megatron.model.specs import block_spec, layer_spec
-
-    lm = recipe.model.language
-    cfg = language_transformer_config(lm, recipe.parallel)
-    cfg.calculate_per_token_loss = True
-    model = LanguageModel(cfg, block_spec("local", cfg, layer_spec("local")), vocab_size=lm.vocab_size,
-                          max_sequence_length=lm.max_position_embeddings, rotary_base=lm.rotary_base,
-                          pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage())
-    return model, cfg
+    model = build_language_model(recipe)
+    return model, model.config
 
 
 def _glu(name: str, cfg) -> bool:
@@ -126,19 +86,21 @@ def _gather(name: str, local: torch.Tensor, p: torch.nn.Parameter, cfg) -> torch
 def _forward_step(data_iterator, model):
     from v2pe_megatron.training.engine import masked_loss_func
 
+    from v2pe_megatron.training.checkpointing import unwrap
+
     b = next(data_iterator)
-    if "image_feature_index" in b:  # InternVL: the pack's tiles, encoded in shares over the CP ranks
-        out = model(b["tokens"], b["position_ids"], b["pixel_values"], labels=b["labels"],
-                    packed_seq_params=b["packed_seq_params"], image_feature_index=b["image_feature_index"])
+    if hasattr(unwrap(model), "vision_model"):  # InternVL: the pack's tiles, encoded in shares over the CP ranks
+        out = model(b.tokens, b.position_ids, b.pixel_values, labels=b.labels,
+                    packed_seq_params=b.packed_seq_params, image_feature_index=b.image_feature_index)
     else:
-        out = model(b["tokens"], b["position_ids"], labels=b["labels"], packed_seq_params=b["packed_seq_params"])
-    return out, masked_loss_func(b["loss_mask"])
+        out = model(b.tokens, b.position_ids, labels=b.labels, packed_seq_params=b.packed_seq_params)
+    return out, masked_loss_func(b.loss_mask)
 
 
 def run_layout(tp: int, cp: int, sp: bool, weights: dict | None, kind: str = "lm") -> dict:
     from megatron.core import parallel_state as ps
 
-    from v2pe_megatron.packed_seq import split_batch_for_cp
+    from v2pe_megatron.parallel.packed_seq import split_batch_for_cp
     from v2pe_megatron.runtime.distributed import model_parallel
     from v2pe_megatron.training.engine import build_optimizer, train_step, wrap_ddp
 
@@ -163,11 +125,11 @@ def run_layout(tp: int, cp: int, sp: bool, weights: dict | None, kind: str = "lm
         if kind == "internvl":
             model.vision_model.register_forward_hook(lambda m, args, out: encoded.append(int(args[0].shape[0])))
         res = train_step([ddp], opt, _forward_step, iter(mine), num_microbatches=len(mine),
-                         seq_length=SEQ // cp, micro_batch_size=ROWS)
+                         seq_length=SEQ, micro_batch_size=ROWS)
         # numpy, not tensors: torch's queue pickler would share tensor storage with an exiting process
         grads = {n: _gather(n, p.main_grad.detach().clone(), p, cfg).numpy() for n, p in model.named_parameters()}
         out = {"loss": res.loss, "tokens": res.num_tokens, "grads": grads, "encoded": encoded,
-               "tiles": [int(b["pixel_values"].shape[0]) for b in mine]}
+               "tiles": [int(b.pixel_values.shape[0]) for b in mine]}
         if weights is None:
             out["weights"] = {n: p.detach().clone().numpy() for n, p in model.named_parameters()}
     return out
@@ -196,15 +158,15 @@ def reference():
 
 def test_packs_hold_images_text_and_padding():
     batches = make_packs()
-    lens = [r.tolist() for b in batches for r in b["seq_lens"]]
+    lens = [r.tolist() for b in batches for r in b.seq_lens]
     assert all(sum(r) == SEQ and len(r) >= 3 for r in lens)
-    pos = torch.cat([b["position_ids"].flatten() for b in batches])
+    pos = torch.cat([b.position_ids.flatten() for b in batches])
     assert (pos != pos.round()).any()  # fractional V2PE positions
-    tokens = torch.cat([b["tokens"].flatten() for b in batches])
+    tokens = torch.cat([b.tokens.flatten() for b in batches])
     assert (tokens == IMG_START).any()
     for b in batches:  # one feature row per <IMG_CONTEXT> token
-        assert b["pixel_values"].shape[0] * TOKENS_PER_TILE == int((b["tokens"] == IMG_CTX).sum())
-    assert any(b["pixel_values"].shape[0] % 4 for b in batches)  # CP4 shares need blank tiles
+        assert b.pixel_values.shape[0] * TOKENS_PER_TILE == int((b.tokens == IMG_CTX).sum())
+    assert any(b.pixel_values.shape[0] % 4 for b in batches)  # CP4 shares need blank tiles
 
 
 def test_cp_layouts_match_cp1(reference):

@@ -12,9 +12,10 @@ import pytest
 import torch
 from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd, _apply_rotary_pos_emb_thd
 
-from v2pe_megatron.cp_split import zigzag_index_map
-from v2pe_megatron.model.vision_cp import image_feature_index
-from v2pe_megatron.packed_seq import packed_seq_params, pad_multiple, split_batch_for_cp
+from v2pe_megatron.parallel.batch import MicroBatch
+from v2pe_megatron.parallel.cp_split import image_feature_index, zigzag_index_map
+from v2pe_megatron.parallel.layout import Layout, seq_multiple
+from v2pe_megatron.parallel.packed_seq import packed_seq_params, split_batch_for_cp
 from v2pe_megatron.testing.fakes import FakeGroup
 from v2pe_megatron.v2pe import V2PERotaryEmbedding
 
@@ -22,7 +23,7 @@ ROWS = [[16, 8, 24, 16], [40, 8, 16, 0]]  # multiples of 8, each row 64 tokens
 S = 64
 
 
-def _batch(seed: int = 0) -> dict:
+def _batch(seed: int = 0) -> MicroBatch:
     g = torch.Generator().manual_seed(seed)
     pos = []
     for r in ROWS:  # fractional positions restarting per sub-sample
@@ -31,12 +32,12 @@ def _batch(seed: int = 0) -> dict:
     tokens = torch.randint(8, 500, (2, S), generator=g)
     tokens[0, 3:7] = 7
     tokens[1, 41:49] = 7
-    return {"tokens": tokens, "labels": tokens.roll(-1, 1), "loss_mask": torch.rand(2, S, generator=g),
-            "position_ids": torch.stack(pos), "seq_lens": [torch.tensor(r) for r in ROWS]}
+    return MicroBatch(tokens=tokens, labels=tokens.roll(-1, 1), loss_mask=torch.rand(2, S, generator=g),
+                      position_ids=torch.stack(pos), seq_lens=[torch.tensor(r) for r in ROWS])
 
 
-def test_pad_multiple_and_cu_seqlens():
-    assert pad_multiple(1) == 1 and pad_multiple(2) == 4 and pad_multiple(4, 2, True) == 16
+def test_seq_multiple_and_cu_seqlens():
+    assert seq_multiple(1) == 1 and seq_multiple(2) == 4 and seq_multiple(4, 2, True) == 16
     p = packed_seq_params(ROWS, cp_size=4)
     assert p.qkv_format == "sbhd" and p.max_seqlen_q == 40
     assert [c.tolist() for c in p.cu_seqlens_q_padded] == [[0, 16, 24, 48, 64], [0, 40, 48, 64, 64]]
@@ -52,10 +53,10 @@ def test_sbhd_split_partitions_every_row(cp):
     parts = [split_batch_for_cp(b, cp_size=cp, cp_rank=r) for r in range(cp)]
     for key in ("tokens", "labels", "loss_mask", "position_ids"):
         for row in range(2):
-            got = torch.cat([p[key][row] for p in parts])
+            got = torch.cat([getattr(p, key)[row] for p in parts])
             idx = np.concatenate([zigzag_index_map(ROWS[row], cp, r) for r in range(cp)])
-            torch.testing.assert_close(got, b[key][row][torch.from_numpy(idx)], rtol=0, atol=0)
-    assert all(p["tokens"].shape == (2, S // cp) for p in parts)
+            torch.testing.assert_close(got, getattr(b, key)[row][torch.from_numpy(idx)], rtol=0, atol=0)
+    assert all(p.tokens.shape == (2, S // cp) for p in parts)
 
 
 @pytest.mark.parametrize("cp", [2, 4])
@@ -66,14 +67,14 @@ def test_thd_rotary_on_whole_pack_freqs_matches_sbhd_split(cp):
     for rank in range(cp):
         thd = split_batch_for_cp(b, cp_size=cp, cp_rank=rank, qkv_format="thd")
         sbhd = split_batch_for_cp(b, cp_size=cp, cp_rank=rank)
-        assert thd["position_ids"].shape == (1, 2 * S)  # stays whole: megatron picks the chunks
+        assert thd.position_ids.shape == (1, 2 * S)  # stays whole: megatron picks the chunks
         index = torch.from_numpy(zigzag_index_map([n for r in ROWS for n in r], cp, rank))
         local = heads[index]                                               # this rank's tokens, thd order
-        torch.testing.assert_close(thd["tokens"][0], b["tokens"].reshape(-1)[index], rtol=0, atol=0)
-        got = _apply_rotary_pos_emb_thd(local, thd["packed_seq_params"].cu_seqlens_q_padded,
-                                        rope(thd["position_ids"]), cp_group=FakeGroup(cp, rank))
+        torch.testing.assert_close(thd.tokens[0], b.tokens.reshape(-1)[index], rtol=0, atol=0)
+        got = _apply_rotary_pos_emb_thd(local, thd.packed_seq_params.cu_seqlens_q_padded,
+                                        rope(thd.position_ids), cp_group=FakeGroup(cp, rank))
         # sbhd: per-row split positions -> per-token freqs [s, b, 1, d], rows laid side by side
-        freqs = rope(sbhd["position_ids"])                                 # [S/cp, 2, 1, 16]
+        freqs = rope(sbhd.position_ids)                                 # [S/cp, 2, 1, 16]
         t = local.reshape(2, S // cp, 3, 16).transpose(0, 1)               # [S/cp, 2, h, d]
         want = _apply_rotary_pos_emb_bshd(t, freqs).transpose(0, 1).reshape(-1, 3, 16)
         torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
@@ -83,13 +84,13 @@ def test_thd_rotary_on_whole_pack_freqs_matches_sbhd_split(cp):
 def test_image_feature_index_follows_the_tokens(fmt):
     b = _batch()
     cp = 2
-    ordinal = torch.full_like(b["tokens"], -1)
-    ctx = b["tokens"] == 7
+    ordinal = torch.full_like(b.tokens, -1)
+    ctx = b.tokens == 7
     ordinal[ctx] = torch.arange(int(ctx.sum()))
     seen = []
     for rank in range(cp):
         part = split_batch_for_cp(b, cp_size=cp, cp_rank=rank, qkv_format=fmt, img_context_id=7)
-        local_tokens = part["tokens"]
+        local_tokens = part.tokens
         if fmt == "thd":
             maps = [zigzag_index_map([n for r in ROWS for n in r], cp, rank)]
             local_ord = ordinal.reshape(1, -1)[:, torch.from_numpy(maps[0])]
@@ -97,26 +98,21 @@ def test_image_feature_index_follows_the_tokens(fmt):
             maps = [zigzag_index_map(r, cp, rank) for r in ROWS]
             local_ord = torch.stack([ordinal[i, torch.from_numpy(m)] for i, m in enumerate(maps)])
         want = local_ord[local_tokens == 7]
-        torch.testing.assert_close(part["image_feature_index"], want)
-        torch.testing.assert_close(image_feature_index(b["tokens"], maps, 7), want)
+        torch.testing.assert_close(part.image_feature_index, want)
+        torch.testing.assert_close(image_feature_index(b.tokens, maps, 7), want)
         seen.append(want)
     assert sorted(torch.cat(seen).tolist()) == list(range(int(ctx.sum())))
 
 
 def test_training_feeds_te_models_thd():
-    from v2pe_megatron.model.specs import packed_qkv_format
     from v2pe_megatron.runtime.distributed import model_parallel
     from v2pe_megatron.training.forward import prepare_batch
 
-    class TEDotProductAttention(torch.nn.Module):  # stands in for TE's (same class name)
-        pass
-
-    assert packed_qkv_format(torch.nn.Sequential(torch.nn.Linear(2, 2))) == "sbhd"
-    assert packed_qkv_format(torch.nn.Sequential(TEDotProductAttention())) == "thd"
+    assert Layout(spec="local").qkv_format == "sbhd" and Layout(spec="te").qkv_format == "thd"
     with model_parallel():
-        b = prepare_batch(_batch(), torch.device("cpu"), torch.float32, 7, "thd")
-        s = prepare_batch(_batch(), torch.device("cpu"), torch.float32, 7, "sbhd")
-    assert b["tokens"].shape == (1, 2 * S) and b["position_ids"].shape == (1, 2 * S)
-    assert b["packed_seq_params"].qkv_format == "thd"
-    assert b["packed_seq_params"].cu_seqlens_q_padded.tolist() == [0, 16, 24, 48, 64, 104, 112, 128, 128]
-    assert s["tokens"].shape == (2, S) and s["packed_seq_params"].qkv_format == "sbhd"
+        b = prepare_batch(_batch(), Layout(spec="te"), torch.device("cpu"), torch.float32, 7)
+        s = prepare_batch(_batch(), Layout(spec="local"), torch.device("cpu"), torch.float32, 7)
+    assert b.tokens.shape == (1, 2 * S) and b.position_ids.shape == (1, 2 * S)
+    assert b.packed_seq_params.qkv_format == "thd"
+    assert b.packed_seq_params.cu_seqlens_q_padded.tolist() == [0, 16, 24, 48, 64, 104, 112, 128, 128]
+    assert s.tokens.shape == (2, S) and s.packed_seq_params.qkv_format == "sbhd"

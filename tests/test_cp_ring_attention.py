@@ -13,7 +13,7 @@ import pytest
 import torch
 from megatron.core.packed_seq_params import PackedSeqParams
 
-from v2pe_megatron.cp_split import zigzag_index_map
+from v2pe_megatron.parallel.cp_split import zigzag_index_map
 from v2pe_megatron.testing.distributed import run_distributed
 
 HEADS, GROUPS, DIM = 4, 2, 8

@@ -9,7 +9,7 @@ import re
 from v2pe_megatron.cli.data import main
 from v2pe_megatron.data.formats import load_meta
 
-TINY = ["model.preset=tiny", "data.image_size=56", "data.seq_length=2048", "data.max_dynamic_patch=4",
+TINY = ["model.preset=tiny", "data.seq_length=2048", "data.max_dynamic_patch=4",
         "data.dali_device=cpu"]
 
 

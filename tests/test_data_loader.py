@@ -22,7 +22,7 @@ NIT = 4  # tokens per tile of the tiny preset (56 px, patch 14, pixel shuffle 0.
 
 
 def _recipe(meta: str = "", *extra: str):
-    return load_recipe(None, ["model.preset=tiny", "data.image_size=56", "data.seq_length=1024",
+    return load_recipe(None, ["model.preset=tiny", "data.seq_length=1024",
                               "data.max_dynamic_patch=4", "data.micro_batch_size=2", "data.global_batch_size=2",
                               "data.max_tiles_per_pack=32", "data.synthetic_num_samples=24",
                               "data.dali_device=cpu", *([f"data.meta_path={meta}"] if meta else []), *extra])
@@ -38,19 +38,19 @@ def _take(loader, n):
 def _check_batch(batch, tok_ids=(5, 6, 7)):
     """Invariants of the contract, checked row by row from the batch alone."""
     start, end, ctx = tok_ids
-    B, S = batch["tokens"].shape
+    B, S = batch.tokens.shape
     tiles_seen = 0
     img_seen = 0
     for r in range(B):
-        toks = batch["tokens"][r].numpy()
-        labels = batch["labels"][r].numpy()
-        lm = batch["loss_mask"][r].numpy()
-        pos = batch["position_ids"][r].numpy()
-        lens = batch["seq_lens"][r].numpy()
+        toks = batch.tokens[r].numpy()
+        labels = batch.labels[r].numpy()
+        lm = batch.loss_mask[r].numpy()
+        pos = batch.position_ids[r].numpy()
+        lens = batch.seq_lens[r].numpy()
         assert lens.sum() == S
-        n_img = int(batch["images_per_row"][r])
-        row_tiles = batch["num_tiles"][img_seen: img_seen + n_img].numpy()
-        row_deltas = batch["deltas"][img_seen: img_seen + n_img].numpy()
+        n_img = int(np.count_nonzero(toks == start))
+        row_tiles = batch.num_tiles[img_seen: img_seen + n_img].numpy()
+        row_deltas = batch.deltas[img_seen: img_seen + n_img].numpy()
         assert np.count_nonzero(toks == ctx) == NIT * row_tiles.sum()
         off, k = 0, 0
         for L in lens:
@@ -70,8 +70,8 @@ def _check_batch(batch, tok_ids=(5, 6, 7)):
         assert k == n_img
         img_seen += n_img
         tiles_seen += row_tiles.sum()
-    assert batch["pixel_values"].shape[0] == tiles_seen
-    assert batch["cu_seqlens"][-1] == B * S
+    assert batch.pixel_values.shape[0] == tiles_seen
+    assert img_seen == batch.num_images
 
 
 @pytest.fixture(scope="module")
@@ -95,11 +95,11 @@ def test_jsonl_and_webdataset_give_the_same_batches(synth_dir):
     for x, y in zip(ba, bb):
         _check_batch(x)
         for k in ("tokens", "labels", "loss_mask", "position_ids", "pixel_values", "num_tiles", "deltas"):
-            np.testing.assert_array_equal(x[k].numpy(), y[k].numpy(), err_msg=k)
+            np.testing.assert_array_equal(getattr(x, k).numpy(), getattr(y, k).numpy(), err_msg=k)
     assert a.stats["samples"] == 30 and sum(a.skips.values()) == 0
     assert a.stats["tiles"] > 30  # multi-tile images are there
     # positions really are V2PE (some delta < 1 drawn)
-    assert any((x["deltas"] < 1).any() for x in ba)
+    assert any((x.deltas < 1).any() for x in ba)
 
 
 def test_mixing_shuffling_sharding(tmp_path):
@@ -129,7 +129,7 @@ def test_synthetic_default_data_sharded_by_rank():
     ids = []
     for rank in range(2):
         loader = build_train_loader(r, dp_rank=rank, dp_size=2, max_epochs=1, prefetch=0)
-        got = [s for b in loader for row in b["sample_ids"] for s in row.tolist()]
+        got = [s for b in loader for row in b.sample_ids for s in row.tolist()]
         assert len(got) == 12
         ids.append(set(got))
     assert not ids[0] & ids[1] and len(ids[0] | ids[1]) == 24
@@ -157,13 +157,14 @@ def test_resume_replays_exactly(tmp_path):
         assert resumed.skips == skips_at_cut
         rest = _take(resumed, 9 - cut)
         for x, y in zip(ref[cut:], rest):
-            for k in ("tokens", "labels", "loss_mask", "position_ids", "pixel_values", "deltas", "cu_seqlens"):
-                np.testing.assert_array_equal(x[k].numpy(), y[k].numpy(), err_msg=f"cut {cut}: {k}")
+            for k in ("tokens", "labels", "loss_mask", "position_ids", "pixel_values", "deltas"):
+                np.testing.assert_array_equal(getattr(x, k).numpy(), getattr(y, k).numpy(), err_msg=f"cut {cut}: {k}")
+            assert [a.tolist() for a in x.seq_lens] == [a.tolist() for a in y.seq_lens], f"cut {cut}"
         assert resumed.skips == ref_loader.skips
     for b in ref:
         _check_batch(b)
         # cp=2: every sub-sample is padded to a multiple of 2*cp
-        for lens in b["seq_lens"]:
+        for lens in b.seq_lens:
             assert (lens.numpy() % 4 == 0).all()
     assert ref_loader.skips["missing_image"] >= 1 and ref_loader.skips["bad_json"] >= 1
     with pytest.raises(ValueError, match="different data settings"):
@@ -227,7 +228,7 @@ def test_each_bad_input_reason_is_counted(tmp_path):
                    "image_count_mismatch": 1, "missing_image": 1, "corrupt_image": 2, "bad_markup": 1,
                    "too_long": 1, "too_many_tiles": 1}
     assert loader.stats["samples"] == 3
-    assert sorted(int(s) for b in batches for row in b["sample_ids"] for s in row) == [0, 1, 2]
+    assert sorted(int(s) for b in batches for row in b.sample_ids for s in row) == [0, 1, 2]
     # truncate mode: the long prompt is cut before its answer, leaving nothing to train on
     loader = build_train_loader(_recipe(str(meta), *base, "data.overlong=truncate"), dp_rank=0, dp_size=1,
                                 max_epochs=1)
@@ -248,8 +249,8 @@ def test_truncation_keeps_whole_images(tmp_path):
                                     dp_rank=0, dp_size=1, max_epochs=1)
         (b,) = list(loader)
         _check_batch(b)
-        toks = b["tokens"][0].numpy()
-        assert np.count_nonzero(toks == 5) == np.count_nonzero(toks == 6) == b["num_tiles"].numel()
+        toks = b.tokens[0].numpy()
+        assert np.count_nonzero(toks == 5) == np.count_nonzero(toks == 6) == b.num_tiles.numel()
 
 
 def test_everything_bad_is_a_clear_error(tmp_path):

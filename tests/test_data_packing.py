@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from v2pe_megatron.data.packing import Packer, PreparedSample, build_pack, collate, safe_cut, truncate_or_skip
 from v2pe_megatron.data.skips import SampleError
@@ -98,13 +99,13 @@ def test_safe_truncation_never_cuts_an_image():
         truncate_or_skip(toks, tgt, 13, "skip", img_start_id=START, img_end_id=END)
 
 
-def test_collate_rows_and_cu_seqlens():
+def test_collate_rows():
     a = build_pack([_sample(1, [1, 2, 3], [0, 1, 1], tiles=1)], 8, pad_id=PAD, image_shape=(3, 4, 4))
     b = build_pack([_sample(2, [1, 2], [0, 1]), _sample(3, [1, 2, 3, 4], [0, 0, 1, 1], tiles=2)], 8, pad_id=PAD,
                    image_shape=(3, 4, 4))
     batch = collate([a, b])
-    assert batch["tokens"].shape == (2, 8) and batch["position_ids"].dtype.is_floating_point
-    assert batch["pixel_values"].shape == (3, 3, 4, 4)
-    assert batch["cu_seqlens"].tolist() == [0, 3, 8, 10, 14, 16]
-    assert batch["images_per_row"].tolist() == [1, 1]
-    assert [s.tolist() for s in batch["seq_lens"]] == [[3, 5], [2, 4, 2]]
+    assert batch.tokens.shape == (2, 8) and batch.position_ids.dtype == torch.float64
+    assert batch.pixel_values.shape == (3, 3, 4, 4)
+    assert batch.num_tiles.tolist() == [1, 2] and batch.num_images == 2
+    assert [s.tolist() for s in batch.seq_lens] == [[3, 5], [2, 4, 2]]
+    assert [ids.tolist() for ids in batch.sample_ids] == [[1], [2, 3]]

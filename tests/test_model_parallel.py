@@ -27,7 +27,7 @@ def _recipe(tp: int = 1, pp: int = 1, sp: bool = False, pp_layers: tuple[int, ..
     from v2pe_megatron.config import load_recipe
 
     ov = ["model.preset=tiny", f"parallel.tp={tp}", f"parallel.pp={pp}", f"parallel.sequence_parallel={sp}",
-          f"data.seq_length={SEQ}", "data.image_size=56", "optimizer.name=sgd", "optimizer.clip_grad=0",
+          f"data.seq_length={SEQ}", "optimizer.name=sgd", "optimizer.clip_grad=0",
           "optimizer.weight_decay=0"]
     if pp_layers:
         ov.append(f"parallel.pp_layers=[{','.join(map(str, pp_layers))}]")
@@ -90,6 +90,7 @@ def run_layout(tmp: str, layout: dict) -> dict:
     from megatron.core import dist_checkpointing
 
     from v2pe_megatron.model.internvl import build_model
+    from v2pe_megatron.testing.tiny import layout_of
     from v2pe_megatron.runtime.distributed import model_parallel
     from v2pe_megatron.training.engine import wrap_ddp
 
@@ -97,7 +98,7 @@ def run_layout(tmp: str, layout: dict) -> dict:
     recipe = _recipe(layout.get("tp", 1), layout.get("pp", 1), layout.get("sp", False), layout.get("pp_layers", ()))
     with model_parallel(recipe.parallel.tp, recipe.parallel.pp):
         torch.manual_seed(0)
-        model = build_model(recipe)
+        model = build_model(recipe.model, layout_of(recipe))
         weights = os.path.join(tmp, "weights")
         if name == "ref":
             os.makedirs(weights, exist_ok=True)
@@ -120,11 +121,12 @@ def compare(tmp: str, names: list[str]) -> dict:
     from megatron.core import dist_checkpointing
 
     from v2pe_megatron.model.internvl import build_model
+    from v2pe_megatron.testing.tiny import layout_of
     from v2pe_megatron.runtime.distributed import model_parallel
 
     out = {}
     with model_parallel(1, 1):
-        model = build_model(_recipe())
+        model = build_model(_recipe().model, layout_of(_recipe()))
         ref = dist_checkpointing.load(model.sharded_state_dict(), os.path.join(tmp, "grads_ref"))
         for name in names:
             got = dist_checkpointing.load(model.sharded_state_dict(), os.path.join(tmp, f"grads_{name}"))
@@ -143,7 +145,7 @@ def compare(tmp: str, names: list[str]) -> dict:
         model.train()
         b = _batches()[1]
         model(b["tokens"], b["position_ids"], None, labels=b["labels"]).sum().backward()
-        tower = [p for m in (model.vision_model, model.mlp1) for p in m.parameters()]
+        tower = [p for m in (model.vision_model, model.projector) for p in m.parameters()]
         out["text_only_zero_grads"] = all(p.grad is not None and not p.grad.any() for p in tower)
         out["text_only_tower_params"] = len(tower)
     return out

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from v2pe_megatron.config import load_recipe
-from v2pe_megatron.model.internvl import padded_vocab_size, parameter_count
+from v2pe_megatron.model.internvl import parameter_count
+from v2pe_megatron.model.language import padded_vocab_size
 from v2pe_megatron.model.projector import pixel_shuffle
 
 # Sizes the Hugging Face hub reports for the published checkpoints (safetensors metadata, rounded).

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.gpu
 
 
 def _have_te() -> bool:
-    from v2pe_megatron.model.specs import have_transformer_engine
+    from v2pe_megatron.parallel.layout import have_transformer_engine
 
     return have_transformer_engine()
 
@@ -25,16 +25,16 @@ def test_te_spec_matches_local_spec():
     from v2pe_megatron import hf
     from v2pe_megatron.config import load_recipe
     from v2pe_megatron.model.internvl import build_model
+    from v2pe_megatron.parallel.layout import Layout
     from v2pe_megatron.runtime.distributed import model_parallel
 
     with model_parallel(1, 1):
         logits = {}
         states = {}
         for spec in ("local", "te"):
-            recipe = load_recipe(None, ["model.preset=tiny", "model.dtype=bf16", f"model.spec={spec}",
-                                        "data.image_size=56"])
+            recipe = load_recipe(None, ["model.preset=tiny", "model.dtype=bf16", f"model.spec={spec}"])
             torch.manual_seed(0)
-            model = build_model(recipe).eval()
+            model = build_model(recipe.model, Layout(spec=spec)).eval()
             if spec == "te":
                 local_table = hf.weight_map(recipe.model, "remote", "local")
                 te_table = hf.weight_map(recipe.model, "remote", "te")

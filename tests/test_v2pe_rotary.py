@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from v2pe_megatron.cp_split import split_for_cp, zigzag_index_map
+from v2pe_megatron.parallel.cp_split import split_for_cp, zigzag_index_map
 from v2pe_megatron.testing.fakes import FakeGroup
 from v2pe_megatron.v2pe import V2PERotaryEmbedding, compute_position_ids
 

@@ -21,6 +21,8 @@ from typing import Any, Optional
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from v2pe_megatron.parallel.layout import Layout, LayoutError
+
 
 class RecipeError(ValueError):
     """A recipe that cannot run; the message says which key to change and how."""
@@ -84,7 +86,8 @@ class ModelConfig:
     img_start_token_id: int = 92544
     img_end_token_id: int = 92545
     img_context_token_id: int = 92546
-    # "auto": Transformer Engine specs when CUDA and TE are present, local specs otherwise.
+    # "auto": Transformer Engine specs when CUDA and TE are present, local specs otherwise
+    # (parallel.layout.resolve_spec).
     spec: str = "auto"
     # fp32 | bf16 | fp16 (parameters and compute)
     dtype: str = "fp32"
@@ -148,7 +151,7 @@ class DataConfig:
     seq_length: int = 4096
     micro_batch_size: int = 1
     global_batch_size: int = 1
-    image_size: int = 448
+    # Tiles are model.vision.image_size pixels square: the one image size of a recipe.
     min_dynamic_patch: int = 1
     max_dynamic_patch: int = 12
     use_thumbnail: bool = True
@@ -354,26 +357,21 @@ def _choice(value: str, key: str, choices: tuple[str, ...]) -> list[str]:
     return [] if value in choices else [f"{key}={value!r} is not one of {', '.join(choices)}"]
 
 
-def data_parallel_size(par: ParallelConfig, world_size: int) -> int:
-    model_parallel = par.tp * par.pp * par.cp
-    if world_size % model_parallel:
-        raise RecipeError(
-            f"world size {world_size} is not divisible by tp*pp*cp = {par.tp}*{par.pp}*{par.cp} = "
-            f"{model_parallel}; launch a multiple of {model_parallel} processes or change the layout")
-    return world_size // model_parallel
+def validate(recipe: Recipe, world_size: int | None = None, *, spec: str | None = None) -> Layout:
+    """All cross-field checks; returns the recipe's :class:`~v2pe_megatron.parallel.layout.Layout`.
 
-
-def validate(recipe: Recipe, world_size: int | None = None) -> None:
-    """All cross-field checks. Raises one RecipeError listing every problem found."""
+    ``world_size``: the ranks that will run it (dp derived, batch divisibility checked); ``spec``:
+    the attention implementation resolved on the machine that runs it (default: ``model.spec`` as
+    written, so ``auto`` defers the Transformer Engine rules to the run). Raises one RecipeError
+    listing every problem found; the layout rules themselves live in ``parallel.layout``.
+    """
     errs: list[str] = []
     m, par, d, t = recipe.model, recipe.parallel, recipe.data, recipe.train
     lm, vit = m.language, m.vision
 
-    errs += _choice(m.spec, "model.spec", ("auto", "te", "local"))
     errs += _choice(m.dtype, "model.dtype", ("fp32", "bf16", "fp16"))
     errs += _choice(lm.arch, "model.language.arch", ("internlm2", "qwen2", "llama"))
     errs += _choice(recipe.v2pe.policy, "v2pe.policy", ("default", "fixed", "random"))
-    errs += _choice(par.cp_comm_type, "parallel.cp_comm_type", ("p2p", "a2a", "a2a+p2p", "all_gather"))
     errs += _choice(d.overlong, "data.overlong", ("truncate", "skip"))
     errs += _choice(d.dali_device, "data.dali_device", ("auto", "cpu", "gpu"))
     errs += _choice(d.template, "data.template", ("internlm2-chat", "plain"))
@@ -385,16 +383,11 @@ def validate(recipe: Recipe, world_size: int | None = None) -> None:
     errs += _choice(recipe.launcher.backend, "launcher.backend", ("auto", "nccl", "gloo"))
     errs += _choice(recipe.checkpoint.format, "checkpoint.format", ("torch_dist",))
 
-    for key, val in (("parallel.tp", par.tp), ("parallel.pp", par.pp), ("parallel.cp", par.cp),
-                     ("train.steps", t.steps), ("data.seq_length", d.seq_length),
+    for key, val in (("train.steps", t.steps), ("data.seq_length", d.seq_length),
                      ("data.micro_batch_size", d.micro_batch_size), ("launcher.nproc_per_node",
                      recipe.launcher.nproc_per_node), ("launcher.nnodes", recipe.launcher.nnodes)):
         if val < 1:
             errs.append(f"{key}={val} must be >= 1")
-    if par.dp == 0 or par.dp < -1:
-        errs.append(f"parallel.dp={par.dp} must be >= 1, or -1 to derive it from the world size")
-    if errs:  # the divisibility checks below assume positive sizes
-        raise RecipeError("invalid recipe:\n  - " + "\n  - ".join(errs))
 
     # V2PE
     v = recipe.v2pe
@@ -405,91 +398,45 @@ def validate(recipe: Recipe, world_size: int | None = None) -> None:
     if v.seed < 0:  # numpy's SeedSequence (random delta policy) takes non-negative entropy only
         errs.append(f"v2pe.seed={v.seed} must be >= 0")
 
-    # Model shapes vs tensor parallelism
-    if lm.num_attention_heads % lm.num_query_groups:
+    # Model shapes
+    if lm.num_query_groups < 1 or lm.num_attention_heads % lm.num_query_groups:
         errs.append(f"model.language.num_attention_heads={lm.num_attention_heads} must be a multiple of "
                     f"num_query_groups={lm.num_query_groups}")
     if lm.hidden_size % lm.num_attention_heads:
         errs.append(f"model.language.hidden_size={lm.hidden_size} must be divisible by "
                     f"num_attention_heads={lm.num_attention_heads}")
-    for key, val in (("model.language.num_attention_heads", lm.num_attention_heads),
-                     ("model.language.num_query_groups", lm.num_query_groups),
-                     ("model.vision.num_attention_heads", vit.num_attention_heads),
-                     ("model.language.ffn_hidden_size", lm.ffn_hidden_size),
-                     ("model.vision.ffn_hidden_size", vit.ffn_hidden_size)):
-        if val % par.tp:
-            errs.append(f"parallel.tp={par.tp} must divide {key}={val}; use a tp that divides it")
     if vit.image_size % vit.patch_size:
         errs.append(f"model.vision.image_size={vit.image_size} must be a multiple of patch_size={vit.patch_size}")
     side = vit.image_size // max(vit.patch_size, 1)
     r = m.projector.downsample_ratio
     if abs(side * r - round(side * r)) > 1e-9:
         errs.append(f"pixel shuffle needs (image_size/patch_size)*downsample_ratio = {side}*{r} to be an integer")
-    if d.image_size != vit.image_size:
-        errs.append(f"data.image_size={d.image_size} must equal model.vision.image_size={vit.image_size}")
 
-    # Sequence parallel and context parallel
-    if par.sequence_parallel and par.tp == 1:
-        errs.append("parallel.sequence_parallel=true needs parallel.tp > 1; set sequence_parallel=false or raise tp")
-    multiple = 2 * par.cp if par.cp > 1 else 1
-    if par.sequence_parallel:
-        multiple *= par.tp
-    if d.seq_length % multiple:
-        what = "2*cp" + ("*tp (sequence parallel)" if par.sequence_parallel else "") if par.cp > 1 else "tp (sequence parallel)"
-        errs.append(f"data.seq_length={d.seq_length} must be divisible by {what} = {multiple}; "
-                    f"use e.g. seq_length={((d.seq_length + multiple - 1) // multiple) * multiple}")
-    if par.cp_comm_type == "a2a+p2p":
-        hs = par.hierarchical_cp_sizes
-        if len(hs) != 2 or hs[0] * hs[1] != par.cp:
-            errs.append(f"parallel.cp_comm_type=a2a+p2p needs hierarchical_cp_sizes=[a2a, p2p] with product "
-                        f"cp={par.cp}, got {list(hs)}")
-    a2a = par.cp if par.cp_comm_type == "a2a" else (par.hierarchical_cp_sizes[0]
-                                                   if par.cp_comm_type == "a2a+p2p" and par.hierarchical_cp_sizes else 1)
-    if a2a > 1 and (lm.num_query_groups % (a2a * par.tp) if lm.num_query_groups >= a2a * par.tp else True):
-        errs.append(f"all-to-all context parallelism of degree {a2a} x tp {par.tp} exceeds or does not divide the "
-                    f"{lm.num_query_groups} KV heads; use cp_comm_type=p2p or a smaller a2a degree")
-    if par.cp > 1 and m.spec == "local" and par.cp_comm_type != "p2p":
-        errs.append(f"parallel.cp_comm_type={par.cp_comm_type} needs Transformer Engine; model.spec=local does context "
-                    f"parallelism with its p2p ring attention only: set cp_comm_type=p2p or model.spec=te/auto on GPU")
-    if par.hierarchical_cp_sizes and par.cp_comm_type != "a2a+p2p":
-        errs.append(f"parallel.hierarchical_cp_sizes={list(par.hierarchical_cp_sizes)} is only used by "
-                    f"cp_comm_type=a2a+p2p (got {par.cp_comm_type}); remove it or set cp_comm_type=a2a+p2p")
-
-    # Pipeline
-    if par.pp_layers:
-        if len(par.pp_layers) != par.pp:
-            errs.append(f"parallel.pp_layers has {len(par.pp_layers)} entries but parallel.pp={par.pp}")
-        elif sum(par.pp_layers) != lm.num_layers or min(par.pp_layers) < 1:
-            errs.append(f"parallel.pp_layers={list(par.pp_layers)} must be positive and sum to "
-                        f"model.language.num_layers={lm.num_layers}")
-    elif lm.num_layers % par.pp:
-        errs.append(f"parallel.pp={par.pp} must divide model.language.num_layers={lm.num_layers}, "
-                    f"or give an unequal split with parallel.pp_layers")
-
-    # Batches
-    if d.global_batch_size % d.micro_batch_size:
+    # Batches and data
+    if d.micro_batch_size >= 1 and d.global_batch_size % d.micro_batch_size:
         errs.append(f"data.global_batch_size={d.global_batch_size} must be a multiple of "
                     f"micro_batch_size={d.micro_batch_size}")
     if d.min_dynamic_patch < 1 or d.max_dynamic_patch < d.min_dynamic_patch:
         errs.append(f"need 1 <= data.min_dynamic_patch ({d.min_dynamic_patch}) <= max_dynamic_patch ({d.max_dynamic_patch})")
-
     if par.use_distributed_optimizer and recipe.optimizer.name != "adam":
         errs.append("parallel.use_distributed_optimizer=true needs optimizer.name=adam")
 
-    if world_size is not None and not errs:
+    # The parallel layout: its own rules, then (with a world size) the data-parallel size.
+    layout = Layout.from_config(par, spec=spec or m.spec)
+    shapes = dict(model=m, seq_length=d.seq_length if d.seq_length >= 1 else None)
+    layout_errs = layout.problems(**shapes)
+    if world_size is not None and not layout_errs:
         try:
-            dp = data_parallel_size(par, world_size)
-        except RecipeError as e:
-            errs.append(str(e))
+            layout = Layout.from_config(par, world_size=world_size, spec=spec or m.spec)
+        except LayoutError as e:
+            layout_errs.append(str(e))
         else:
-            if par.dp != -1 and par.dp != dp:
-                errs.append(f"parallel.dp={par.dp} but world size {world_size} / (tp*pp*cp) = {dp}; "
-                            f"set parallel.dp=-1 or launch {par.dp * par.tp * par.pp * par.cp} processes")
-            if d.global_batch_size % (d.micro_batch_size * dp):
-                errs.append(f"data.global_batch_size={d.global_batch_size} must be a multiple of "
-                            f"micro_batch_size*dp = {d.micro_batch_size}*{dp}")
+            layout_errs += layout.problems(micro_batch_size=d.micro_batch_size,
+                                           global_batch_size=d.global_batch_size)
+    errs += layout_errs
     if errs:
         raise RecipeError("invalid recipe:\n  - " + "\n  - ".join(errs))
+    return layout
 
 
 def expected_world_size(recipe: Recipe) -> int:

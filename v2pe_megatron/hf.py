@@ -155,7 +155,7 @@ def weight_map(cfg: ModelConfig, layout: str, spec: str = "local") -> list[Tenso
     proj = (("mlp1.0", "mlp1.1", "mlp1.3") if layout == "remote" else
             ("model.multi_modal_projector.layer_norm", "model.multi_modal_projector.linear_1",
              "model.multi_modal_projector.linear_2"))
-    for ours, theirs in zip(("mlp1.layer_norm", "mlp1.linear_1", "mlp1.linear_2"), proj):
+    for ours, theirs in zip(("projector.layer_norm", "projector.linear_1", "projector.linear_2"), proj):
         for s in ("weight", "bias"):
             add(f"{ours}.{s}", f"{theirs}.{s}")
 
@@ -440,9 +440,8 @@ def load(hf_dir: str | os.PathLike, *, img_context_token_id: Optional[int] = Non
     from ``config.json`` (``image_token_id``). Sets up a 1-rank process group and megatron state if
     none exists; they stay alive with the model (``model._hf_stack``).
     """
-    from v2pe_megatron.config import Recipe
     from v2pe_megatron.model.internvl import build_model
-    from v2pe_megatron.model.specs import resolve_spec
+    from v2pe_megatron.parallel.layout import Layout, resolve_spec
     from v2pe_megatron.runtime.distributed import device
 
     d = Path(hf_dir)
@@ -472,7 +471,7 @@ def load(hf_dir: str | os.PathLike, *, img_context_token_id: Optional[int] = Non
     stack = contextlib.ExitStack()
     _ensure_single_rank(stack)
     try:
-        model = build_model(Recipe(model=mc), pre_process=True, post_process=True)
+        model = build_model(mc, Layout(spec=mc.spec), pre_process=True, post_process=True)
         own = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
         state = hf_to_megatron(table, hf, own)
         unfilled = sorted(set(own) - set(state))

@@ -331,7 +331,7 @@ class V2PERotaryEmbedding(torch.nn.Module):
     - With a bf16 model, megatron casts ``cos``/``sin`` to the query dtype (bf16) before the
       product; that last rounding (~4e-3) is megatron's, the angle itself stays exact.
     - Context parallelism, bshd format: slice the positions with the same index map as the tokens
-      (``v2pe_megatron.cp_split``) and pass this rank's freqs. THD format: megatron's unfused THD
+      (``v2pe_megatron.parallel.cp_split``) and pass this rank's freqs. THD format: megatron's unfused THD
       path accepts freqs for the whole packed sequence (length ``cu_seqlens[-1]``) and picks this
       rank's zigzag chunks per sub-sequence itself, the layout of ``cp_split.zigzag_index_map``.
 

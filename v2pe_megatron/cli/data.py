@@ -28,16 +28,16 @@ def _split_recipe_args(items: Sequence[str]) -> tuple[str | None, list[str]]:
 
 
 def _show(tok, batch, budget: int, chars: int) -> int:
-    for r, lens in enumerate(batch["seq_lens"]):
-        ids = batch["sample_ids"][r]
+    for r, lens in enumerate(batch.seq_lens):
+        ids = batch.sample_ids[r]
         off = 0
         for k, L in enumerate(lens.tolist()):
             if budget <= 0:
                 return 0
             if k < len(ids):
-                seg = batch["tokens"][r, off: off + L].tolist()
+                seg = batch.tokens[r, off: off + L].tolist()
                 text = _CTX_RUN.sub(lambda m: f"<IMG_CONTEXT x{len(m.group(0)) // 13}>", tok.decode(seg))
-                trained = int(batch["loss_mask"][r, off: off + L].sum())
+                trained = int(batch.loss_mask[r, off: off + L].sum())
                 print(f"sample {int(ids[k])}: {L} tokens ({trained} trained): "
                       f"{text[:chars]!r}{' ...' if len(text) > chars else ''}")
                 budget -= 1
@@ -68,7 +68,7 @@ def _inspect(args: argparse.Namespace) -> int:
     src = d.meta_path or f"synthetic ({d.synthetic_num_samples} samples in memory)"
     print(f"data: {src}: {len(loader.index.datasets)} dataset(s), {len(loader.index)} samples after repeat_time; "
           f"dp rank {args.dp_rank}/{args.dp_size}: {total} samples")
-    print(f"recipe: seq_length={d.seq_length} image_size={d.image_size} tiles {d.min_dynamic_patch}.."
+    print(f"recipe: seq_length={d.seq_length} image_size={recipe.model.vision.image_size} tiles {d.min_dynamic_patch}.."
           f"{d.max_dynamic_patch} thumbnail={d.use_thumbnail} max_tiles_per_pack={d.max_tiles_per_pack} "
           f"overlong={d.overlong} v2pe={recipe.v2pe.policy}")
     show = args.show

@@ -34,7 +34,7 @@ from v2pe_megatron.data.tiling import DaliTiler, ImageDecodeError, choose_grid, 
 from v2pe_megatron.data.tokenizer import Tokenizer, build_tokenizer
 
 if TYPE_CHECKING:
-    from v2pe_megatron.config import Recipe
+    from v2pe_megatron.config import DataConfig, Recipe
     from v2pe_megatron.v2pe import DeltaPolicy
 
 log = logging.getLogger("v2pe_megatron.data")
@@ -44,25 +44,15 @@ STATE_VERSION = 1
 _ALL_BAD_PROBE = 10_000
 
 
-@dataclass
+@dataclass(frozen=True)
 class LoaderSettings:
-    seq_length: int
-    micro_batch_size: int = 1
-    image_size: int = 448
-    min_dynamic_patch: int = 1
-    max_dynamic_patch: int = 12
-    use_thumbnail: bool = True
-    num_image_token: int = 256
-    template: str = "internlm2-chat"
-    system_prompt: str = ""
-    max_tiles_per_pack: int = 64
-    overlong: str = "truncate"
-    packing: bool = True
-    pad_multiple: int = 1
-    seed: int = 42
-    num_threads: int = 1
-    dali_device: str = "cpu"
-    window: int = 16
+    """The recipe's ``data`` section as written, plus what the model and the layout decide."""
+
+    data: "DataConfig"
+    image_size: int          # model.vision.image_size: tiles are this many pixels square
+    num_image_token: int     # LLM tokens per tile (model.num_image_token)
+    pad_multiple: int = 1    # the layout's seq_multiple: every sub-sample is padded to it
+    window: int = 16         # samples tiled per DALI call
 
 
 @dataclass
@@ -95,9 +85,9 @@ class TrainLoader:
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.max_epochs = max_epochs
         self.prefetch = prefetch
-        self.tiler = DaliTiler(settings.image_size, use_thumbnail=settings.use_thumbnail,
-                               num_threads=settings.num_threads, max_batch=settings.window,
-                               device=settings.dali_device)
+        self.tiler = DaliTiler(settings.image_size, use_thumbnail=settings.data.use_thumbnail,
+                               num_threads=max(1, settings.data.num_workers), max_batch=settings.window,
+                               device=settings.data.dali_device)
         self._state: dict[str, Any] = {"epoch": 0, "pos": 0, "skips": SkipCounter().as_dict()}
         self._skips = SkipCounter()
         self.stats = {"samples": 0, "tokens": 0, "tiles": 0, "packs": 0, "micro_batches": 0}
@@ -115,8 +105,8 @@ class TrainLoader:
         return self._skips.as_dict()
 
     def _fingerprint(self) -> dict[str, Any]:
-        return {"num_samples": len(self.index), "dp_size": self.dp_size, "seed": self.cfg.seed,
-                "seq_length": self.cfg.seq_length, "micro_batch_size": self.cfg.micro_batch_size}
+        return {"num_samples": len(self.index), "dp_size": self.dp_size, "seed": self.cfg.data.seed,
+                "seq_length": self.cfg.data.seq_length, "micro_batch_size": self.cfg.data.micro_batch_size}
 
     def state_dict(self) -> dict[str, Any]:
         return {"version": STATE_VERSION, "epoch": int(self._state["epoch"]), "pos": int(self._state["pos"]),
@@ -213,8 +203,8 @@ class TrainLoader:
 
     def _produce(self, start: dict[str, Any]) -> Iterator[tuple]:
         cfg = self.cfg
-        packer = Packer(cfg.seq_length, max_tiles_per_pack=cfg.max_tiles_per_pack, pad_id=self.tok.pad_id,
-                        pad_multiple=cfg.pad_multiple, packing=cfg.packing,
+        packer = Packer(cfg.data.seq_length, max_tiles_per_pack=cfg.data.max_tiles_per_pack, pad_id=self.tok.pad_id,
+                        pad_multiple=cfg.pad_multiple, packing=cfg.data.packing,
                         image_shape=(3, cfg.image_size, cfg.image_size))
         skips = SkipCounter(start["skips"])
         stats = {"samples": 0, "tokens": 0, "tiles": 0, "packs": 0, "micro_batches": 0}
@@ -263,7 +253,7 @@ class TrainLoader:
             for p in packs:
                 stats["packs"] += 1
                 buffer.append(p)
-                if len(buffer) == cfg.micro_batch_size:
+                if len(buffer) == cfg.data.micro_batch_size:
                     yield emit()
         if epoch_clean and good_in_epoch == 0 and seen_since_start:
             raise NoUsableSamplesError(self._all_bad_message(skips))
@@ -288,21 +278,21 @@ class TrainLoader:
                 sizes.append(image_size_of(b))
             except ImageDecodeError as e:
                 raise SampleError("corrupt_image", str(e)) from e
-        max_num = ds.max_dynamic_patch or cfg.max_dynamic_patch
+        max_num = ds.max_dynamic_patch or cfg.data.max_dynamic_patch
         if len(encoded) > 1:  # InternVL shares the tile budget among a sample's images
             max_num = max(1, max_num // len(encoded))
-        min_num = min(cfg.min_dynamic_patch, max_num)
+        min_num = min(cfg.data.min_dynamic_patch, max_num)
         grids = [choose_grid(w, h, min_num=min_num, max_num=max_num, image_size=cfg.image_size) for w, h in sizes]
-        tiles = [tiles_for(g, cfg.use_thumbnail) for g in grids]
+        tiles = [tiles_for(g, cfg.data.use_thumbnail) for g in grids]
         tk = tokenize_sample(self.tok, conversations=raw.conversations, text=raw.text, tiles_per_image=tiles,
-                             num_image_token=cfg.num_image_token, template=cfg.template,
-                             system_prompt=cfg.system_prompt)
-        tokens, target, n_img = truncate_or_skip(tk.ids, tk.target, cfg.seq_length, cfg.overlong,
+                             num_image_token=cfg.num_image_token, template=cfg.data.template,
+                             system_prompt=cfg.data.system_prompt)
+        tokens, target, n_img = truncate_or_skip(tk.ids, tk.target, cfg.data.seq_length, cfg.data.overlong,
                                                  img_start_id=self.tok.img_start_id, img_end_id=self.tok.img_end_id)
         if not target[1:].any():
             raise SampleError("no_loss_tokens", f"{tk.ids.size} tokens, none left to train on")
-        if sum(tiles[:n_img]) > cfg.max_tiles_per_pack:
-            raise SampleError("too_many_tiles", f"{sum(tiles[:n_img])} tiles > max_tiles_per_pack={cfg.max_tiles_per_pack}")
+        if sum(tiles[:n_img]) > cfg.data.max_tiles_per_pack:
+            raise SampleError("too_many_tiles", f"{sum(tiles[:n_img])} tiles > max_tiles_per_pack={cfg.data.max_tiles_per_pack}")
         return _Prechecked(gid, tokens, target, encoded[:n_img], grids[:n_img], tiles[:n_img])
 
     def _prepare_window(self, gids: list[int]) -> list[PreparedSample | SampleError]:
@@ -371,18 +361,14 @@ def build_index(recipe: "Recipe") -> MixedIndex:
 
 
 def settings_from_recipe(recipe: "Recipe", *, pad_multiple: int | None = None) -> LoaderSettings:
-    d, par = recipe.data, recipe.parallel
-    if pad_multiple is None:  # every sub-sample must split into 2*cp chunks (x tp with sequence parallel)
-        from v2pe_megatron.packed_seq import pad_multiple as layout_multiple
+    """``pad_multiple`` defaults to the recipe layout's seq_multiple (2*cp, x tp under sequence
+    parallel), so that context parallelism can cut every sub-sample."""
+    if pad_multiple is None:
+        from v2pe_megatron.parallel.layout import Layout
 
-        pad_multiple = layout_multiple(par.cp, par.tp, par.sequence_parallel)
-    return LoaderSettings(
-        seq_length=d.seq_length, micro_batch_size=d.micro_batch_size, image_size=d.image_size,
-        min_dynamic_patch=d.min_dynamic_patch, max_dynamic_patch=d.max_dynamic_patch,
-        use_thumbnail=d.use_thumbnail, num_image_token=recipe.model.num_image_token, template=d.template,
-        system_prompt=d.system_prompt, max_tiles_per_pack=d.max_tiles_per_pack, overlong=d.overlong,
-        packing=d.packing, pad_multiple=pad_multiple, seed=d.seed, num_threads=max(1, d.num_workers),
-        dali_device=getattr(d, "dali_device", "auto"))
+        pad_multiple = Layout.from_config(recipe.parallel).seq_multiple
+    return LoaderSettings(recipe.data, image_size=recipe.model.vision.image_size,
+                          num_image_token=recipe.model.num_image_token, pad_multiple=pad_multiple)
 
 
 def build_train_loader(recipe: "Recipe", *, dp_rank: int, dp_size: int, tokenizer: Tokenizer | None = None,

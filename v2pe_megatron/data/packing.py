@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from v2pe_megatron.data.skips import SampleError
+from v2pe_megatron.parallel.batch import MicroBatch
 
 
 @dataclass
@@ -170,27 +171,20 @@ class Packer:
         return pack
 
 
-def collate(packs: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Stack packs into a micro-batch: [B, S] tensors, pixel_values/num_tiles/deltas concatenated in
-    row order, ``seq_lens`` per row (list) and ``cu_seqlens`` over the flattened [B*S] batch."""
+def collate(packs: Sequence[dict[str, Any]]) -> MicroBatch:
+    """Stack packs into a micro-batch: [B, S] tensors, tiles and per-image metadata concatenated in
+    row order, ``seq_lens`` per row."""
     if not packs:
         raise ValueError("collate needs at least one pack")
-    S = packs[0]["tokens"].size
-    batch: dict[str, Any] = {
-        "tokens": torch.from_numpy(np.stack([p["tokens"] for p in packs])),
-        "labels": torch.from_numpy(np.stack([p["labels"] for p in packs])),
-        "loss_mask": torch.from_numpy(np.stack([p["loss_mask"] for p in packs])),
-        "position_ids": torch.from_numpy(np.stack([p["position_ids"] for p in packs])),
-        "pixel_values": torch.from_numpy(packs[0]["pixel_values"] if len(packs) == 1
-                                         else np.concatenate([p["pixel_values"] for p in packs])),
-        "num_tiles": torch.from_numpy(np.concatenate([p["num_tiles"] for p in packs]).astype(np.int32)),
-        "deltas": torch.from_numpy(np.concatenate([p["deltas"] for p in packs]).astype(np.float64)),
-        "images_per_row": torch.tensor([p["num_tiles"].size for p in packs], dtype=torch.int32),
-        "seq_lens": [torch.from_numpy(p["seq_lens"].astype(np.int32)) for p in packs],
-        "sample_ids": [p["sample_ids"] for p in packs],
-    }
-    cu = [0]
-    for r, p in enumerate(packs):
-        cu.extend((r * S + np.cumsum(p["seq_lens"])).tolist())
-    batch["cu_seqlens"] = torch.tensor(cu, dtype=torch.int32)
-    return batch
+    return MicroBatch(
+        tokens=torch.from_numpy(np.stack([p["tokens"] for p in packs])),
+        labels=torch.from_numpy(np.stack([p["labels"] for p in packs])),
+        loss_mask=torch.from_numpy(np.stack([p["loss_mask"] for p in packs])),
+        position_ids=torch.from_numpy(np.stack([p["position_ids"] for p in packs])),
+        seq_lens=[torch.from_numpy(p["seq_lens"].astype(np.int32)) for p in packs],
+        pixel_values=torch.from_numpy(packs[0]["pixel_values"] if len(packs) == 1
+                                      else np.concatenate([p["pixel_values"] for p in packs])),
+        num_tiles=torch.from_numpy(np.concatenate([p["num_tiles"] for p in packs]).astype(np.int32)),
+        deltas=torch.from_numpy(np.concatenate([p["deltas"] for p in packs]).astype(np.float64)),
+        sample_ids=[p["sample_ids"] for p in packs],
+    )

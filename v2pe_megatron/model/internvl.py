@@ -1,4 +1,4 @@
-"""InternVL: InternViT + ``mlp1`` projector + LLM, composed from megatron-core parts.
+"""InternVL: InternViT + projector (HF's ``mlp1``) + LLM, composed from megatron-core parts.
 
 Vision features replace the ``<IMG_CONTEXT>`` embeddings one for one, in row-major order of
 ``input_ids`` (the order of HF's ``masked_scatter``), before the sequence-parallel scatter. The
@@ -17,7 +17,6 @@ features go to this rank's ``<IMG_CONTEXT>`` tokens, for callers that hold only 
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -26,45 +25,57 @@ from megatron.core import tensor_parallel
 from megatron.core.enums import ModelType
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.module import MegatronModule
-from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor
 
-from v2pe_megatron.config import ModelConfig, Recipe
-from v2pe_megatron.model.language import LanguageModel, language_transformer_config
+from v2pe_megatron.config import ModelConfig
+from v2pe_megatron.model.language import build_language_model
 from v2pe_megatron.model.projector import Projector
-from v2pe_megatron.model.specs import block_spec, layer_spec, resolve_spec
 from v2pe_megatron.model.vision import InternViT, vision_transformer_config
 from v2pe_megatron.model.vision_cp import cp_group_of, encode_images_cp
+from v2pe_megatron.parallel.layout import Layout
 
-
-def padded_vocab_size(vocab_size: int, tp: int) -> int:
-    """Vocab rounded up to a multiple of tp (megatron's vocab-parallel layers split it evenly).
-    Padded rows are extra logits past ``vocab_size``; ``InternVLModel.logits`` drops them."""
-    return int(math.ceil(vocab_size / tp) * tp)
+# The three parts a recipe can freeze, by the attribute that holds each.
+PARTS = {"vision": "vision_model", "projector": "projector", "language": "language_model"}
 
 
 class InternVLModel(MegatronModule):
-    def __init__(self, model_cfg: ModelConfig, language_config: TransformerConfig,
-                 vision_config: TransformerConfig, *, spec: str = "local", pre_process: bool = True,
-                 post_process: bool = True):
-        super().__init__(config=language_config)
+    """Built by :func:`build_model`; ``layout`` is the parallel layout it was built for."""
+
+    def __init__(self, model_cfg: ModelConfig, layout: Layout, *, recompute: str = "none",
+                 pre_process: bool = True, post_process: bool = True, core_attention: type | None = None):
+        # The wrapper shares the LLM's TransformerConfig object: DDP and the schedules read it from here.
+        language_model = build_language_model(model_cfg.language, layout, dtype=model_cfg.dtype,
+                                              recompute=recompute, pre_process=pre_process,
+                                              post_process=post_process, core_attention=core_attention)
+        super().__init__(config=language_model.config)
+        self.language_model = language_model
         self.model_type = ModelType.encoder_or_decoder
         self.model_cfg = model_cfg
+        self.layout = layout
         self.pre_process = pre_process
         self.post_process = post_process
         self.img_context_token_id = model_cfg.img_context_token_id
         self.vocab_size = model_cfg.language.vocab_size
-        lm = model_cfg.language
         if pre_process:
-            self.vision_model = InternViT(vision_config, model_cfg.vision, spec=spec)
-            self.mlp1 = Projector(vision_config, model_cfg.vision.hidden_size, lm.hidden_size,
-                                  downsample_ratio=model_cfg.projector.downsample_ratio,
-                                  layernorm_eps=model_cfg.projector.layernorm_eps)
-        self.language_model = LanguageModel(
-            language_config, block_spec(spec, language_config, layer_spec(spec)),
-            vocab_size=padded_vocab_size(lm.vocab_size, language_config.tensor_model_parallel_size),
-            max_sequence_length=lm.max_position_embeddings, rotary_base=lm.rotary_base,
-            pre_process=pre_process, post_process=post_process, tie_word_embeddings=lm.tie_word_embeddings)
+            vision_config = vision_transformer_config(model_cfg.vision, layout, dtype=model_cfg.dtype,
+                                                      recompute=recompute)
+            # A core-attention stand-in (tests) runs on local modules; the vision tower follows.
+            self.vision_model = InternViT(vision_config, model_cfg.vision,
+                                          spec="local" if core_attention is not None else layout.spec)
+            self.projector = Projector(vision_config, model_cfg.vision.hidden_size, model_cfg.language.hidden_size,
+                                       downsample_ratio=model_cfg.projector.downsample_ratio,
+                                       layernorm_eps=model_cfg.projector.layernorm_eps)
+
+    def freeze(self, *, vision: bool = False, projector: bool = False, language: bool = False) -> list[str]:
+        """Stop training the named parts (on the stages that hold them); returns the frozen parameter
+        names. Call before wrapping in DDP: megatron's gradient buffers only cover trainable parameters."""
+        frozen = []
+        for part, on in (("vision", vision), ("projector", projector), ("language", language)):
+            module = getattr(self, PARTS[part], None) if on else None
+            for name, p in (module.named_parameters(prefix=PARTS[part]) if module is not None else ()):
+                p.requires_grad_(False)
+                frozen.append(name)
+        return frozen
 
     def set_input_tensor(self, input_tensor) -> None:
         self.language_model.set_input_tensor(input_tensor)
@@ -79,12 +90,12 @@ class InternVLModel(MegatronModule):
 
     def image_features(self, pixel_values: Tensor) -> Tensor:
         """[T, 3, H, W] -> [T, n, H_llm] (n = num_image_token for the configured image size)."""
-        return self.mlp1(self.vision_model(pixel_values))
+        return self.projector(self.vision_model(pixel_values))
 
     def _vision_params_zero(self) -> Tensor:
         # Text-only micro-batches: every vision/projector parameter still joins the graph with a zero
         # weight, so gradient hooks fire and data-parallel reductions see the same parameter set.
-        params = [p for m in (self.vision_model, self.mlp1) for p in m.parameters() if p.requires_grad]
+        params = [p for m in (self.vision_model, self.projector) for p in m.parameters() if p.requires_grad]
         if not params:
             return None
         return sum(p.sum() for p in params) * 0.0
@@ -142,22 +153,26 @@ class InternVLModel(MegatronModule):
         return out[..., : self.vocab_size].float()
 
 
-def build_model(recipe: Recipe, *, pre_process: Optional[bool] = None, post_process: Optional[bool] = None
-                ) -> InternVLModel:
-    """The InternVL model for this rank's pipeline stage, from the recipe (megatron parallel state
-    must be initialized). ``pre_process``/``post_process`` default to first/last pipeline stage."""
-    m, par = recipe.model, recipe.parallel
+def build_model(model_cfg: ModelConfig, layout: Layout, *, recompute: str = "none",
+                pre_process: Optional[bool] = None, post_process: Optional[bool] = None,
+                core_attention: type | None = None) -> InternVLModel:
+    """The InternVL model for this rank's pipeline stage, on this rank's device.
+
+    ``layout``: a resolved layout (``spec`` te or local; see ``Layout.resolved``) matching megatron's
+    initialized parallel state. ``pre_process``/``post_process`` default to the first/last pipeline
+    stage. ``core_attention``: see :func:`v2pe_megatron.model.language.build_language_model`.
+    """
+    if layout.spec not in ("te", "local"):
+        raise ValueError(f"build_model needs a resolved layout (spec te or local), got spec={layout.spec!r}; "
+                         f"use layout.resolved()")
     if pre_process is None:
         pre_process = ps.is_pipeline_first_stage(ignore_virtual=True)
     if post_process is None:
         post_process = ps.is_pipeline_last_stage(ignore_virtual=True)
-    spec = resolve_spec(m.spec)
-    lcfg = language_transformer_config(m.language, par, dtype=m.dtype, recompute=recipe.train.recompute)
-    lcfg.calculate_per_token_loss = True
-    vcfg = vision_transformer_config(m.vision, par, dtype=m.dtype, recompute=recipe.train.recompute)
     from v2pe_megatron.runtime.distributed import device
 
-    model = InternVLModel(m, lcfg, vcfg, spec=spec, pre_process=pre_process, post_process=post_process)
+    model = InternVLModel(model_cfg, layout, recompute=recompute, pre_process=pre_process,
+                          post_process=post_process, core_attention=core_attention)
     # megatron's parallel layers are created on the device already; the torch conv/norms are not.
     return model.to(device())
 

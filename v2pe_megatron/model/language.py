@@ -21,25 +21,32 @@ from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor
 
-from v2pe_megatron.config import LanguageConfig, ParallelConfig
-
+from v2pe_megatron.config import LanguageConfig
+from v2pe_megatron.model.specs import block_spec, layer_spec
 from v2pe_megatron.model.transformer_config import shared_kwargs
+from v2pe_megatron.parallel.layout import Layout
 
 
-def language_transformer_config(lm: LanguageConfig, par: ParallelConfig, *, dtype: str = "fp32",
+def padded_vocab_size(vocab_size: int, tp: int) -> int:
+    """Vocab rounded up to a multiple of tp (megatron's vocab-parallel layers split it evenly).
+    Padded rows are extra logits past ``vocab_size``; ``InternVLModel.logits`` drops them."""
+    return -(-vocab_size // tp) * tp
+
+
+def language_transformer_config(lm: LanguageConfig, layout: Layout, *, dtype: str = "fp32",
                                 recompute: str = "none", init_std: float = 0.02) -> TransformerConfig:
-    """megatron ``TransformerConfig`` for the LLM from the recipe's language and parallel sections."""
+    """megatron ``TransformerConfig`` for the LLM from the model's language section and the layout."""
     kwargs = shared_kwargs(dtype=dtype, recompute=recompute, init_std=init_std)
-    if par.pp > 1 and par.pp_layers:
+    if layout.pp > 1 and layout.pp_layers:
         # Unequal stages: megatron's flexible layout (embedding on the first stage, loss on the last).
-        layout = [["decoder"] * n for n in par.pp_layers]
-        layout[0].insert(0, "embedding")
-        layout[-1].append("loss")
-        kwargs.update(pipeline_model_parallel_layout=layout)
-    if par.cp > 1:
+        stages = [["decoder"] * n for n in layout.pp_layers]
+        stages[0].insert(0, "embedding")
+        stages[-1].append("loss")
+        kwargs.update(pipeline_model_parallel_layout=stages)
+    if layout.cp > 1:
         # Read by Transformer Engine's attention (TEDotProductAttention) and checked by the local spec.
-        kwargs.update(cp_comm_type=par.cp_comm_type,
-                      hierarchical_context_parallel_sizes=list(par.hierarchical_cp_sizes) or None)
+        kwargs.update(cp_comm_type=layout.cp_comm_type,
+                      hierarchical_context_parallel_sizes=list(layout.hierarchical_cp_sizes) or None)
     return TransformerConfig(
         num_layers=lm.num_layers,
         hidden_size=lm.hidden_size,
@@ -53,10 +60,12 @@ def language_transformer_config(lm: LanguageConfig, par: ParallelConfig, *, dtyp
         activation_func=torch.nn.functional.silu,
         add_bias_linear=False,
         add_qkv_bias=lm.qkv_bias,
-        tensor_model_parallel_size=par.tp,
-        pipeline_model_parallel_size=par.pp,
-        context_parallel_size=par.cp,
-        sequence_parallel=par.sequence_parallel,
+        tensor_model_parallel_size=layout.tp,
+        pipeline_model_parallel_size=layout.pp,
+        context_parallel_size=layout.cp,
+        sequence_parallel=layout.sp,
+        # Loss summed per token, divided by the global batch's trained tokens in finalize_model_grads.
+        calculate_per_token_loss=True,
         **kwargs,
     )
 
@@ -133,3 +142,20 @@ class LanguageModel(LanguageModule):
         if labels is None:
             return logits.transpose(0, 1).contiguous()
         return self.compute_language_model_loss(labels, logits)
+
+
+def build_language_model(lm: LanguageConfig, layout: Layout, *, dtype: str = "fp32", recompute: str = "none",
+                         pre_process: bool = True, post_process: bool = True,
+                         core_attention: type | None = None) -> LanguageModel:
+    """The LLM for one pipeline stage (megatron's parallel state must be initialized).
+
+    ``core_attention`` replaces the local spec's attention class (a stand-in with Transformer
+    Engine's contract in tests); the layout's ``spec`` picks TE or local modules otherwise.
+    """
+    cfg = language_transformer_config(lm, layout, dtype=dtype, recompute=recompute)
+    spec = "local" if core_attention is not None else layout.spec
+    layers = block_spec(spec, cfg, layer_spec(spec, core_attention=core_attention))
+    return LanguageModel(cfg, layers, vocab_size=padded_vocab_size(lm.vocab_size, layout.tp),
+                         max_sequence_length=lm.max_position_embeddings, rotary_base=lm.rotary_base,
+                         pre_process=pre_process, post_process=post_process,
+                         tie_word_embeddings=lm.tie_word_embeddings)

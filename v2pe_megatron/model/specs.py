@@ -1,8 +1,8 @@
 """Layer specs for two worlds: Transformer Engine modules on GPU, local modules + our attention on CPU.
 
-The choice is made once from the recipe (``model.spec``: auto | te | local) and the machine. The
-local spec is what CI exercises; it runs every TP x PP x CP x DP layout on gloo. Parameter names
-differ between the two (TE fuses norm weights into ``linear_qkv.layer_norm_weight`` and
+The choice is made once from the recipe (``model.spec``: auto | te | local) and the machine
+(``parallel.layout.resolve_spec``), and carried by the ``Layout``. The local spec is what CI
+exercises; it runs every TP x PP x CP x DP layout on gloo. Parameter names differ between the two (TE fuses norm weights into ``linear_qkv.layer_norm_weight`` and
 ``linear_fc1.layer_norm_weight``); the HF mapping handles both.
 """
 
@@ -19,23 +19,8 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
-
-def have_transformer_engine() -> bool:
-    try:
-        from megatron.core.extensions.transformer_engine import HAVE_TE
-    except Exception:  # noqa: BLE001 - a broken TE install counts as absent
-        return False
-    return bool(HAVE_TE)
-
-
-def resolve_spec(requested: str) -> str:
-    """``auto`` -> ``te`` with CUDA and Transformer Engine, else ``local``."""
-    if requested == "auto":
-        return "te" if torch.cuda.is_available() and have_transformer_engine() else "local"
-    if requested == "te" and not (torch.cuda.is_available() and have_transformer_engine()):
-        raise RuntimeError("model.spec=te needs CUDA and transformer-engine (pip install '.[gpu]'); "
-                           "use model.spec=auto or local")
-    return requested
+from v2pe_megatron.model.attention import SDPACoreAttention
+from v2pe_megatron.parallel.layout import LayoutError, cp_comm_type_problem
 
 
 class TorchNorm:
@@ -122,18 +107,7 @@ def layer_spec(spec: str, *, mask_type: AttnMaskType = AttnMaskType.causal, qk_n
     """The layer spec for ``spec`` (already resolved: te | local)."""
     if spec == "te":
         return te_layer_spec(mask_type=mask_type, qk_norm=qk_norm)
-    if core_attention is None:
-        from v2pe_megatron.model.attention import SDPACoreAttention
-
-        core_attention = SDPACoreAttention
-    return local_layer_spec(core_attention=core_attention, mask_type=mask_type, qk_norm=qk_norm)
-
-
-def packed_qkv_format(model: torch.nn.Module) -> str:
-    """How packed micro-batches must be fed to ``model``: ``thd`` when its attention is Transformer
-    Engine's (TE honours ``cu_seqlens`` only in its packed format; megatron then applies rotary
-    through its THD path, see :mod:`v2pe_megatron.packed_seq`), ``sbhd`` for the local spec."""
-    return "thd" if any(type(m).__name__ == "TEDotProductAttention" for m in model.modules()) else "sbhd"
+    return local_layer_spec(core_attention=core_attention or SDPACoreAttention, mask_type=mask_type, qk_norm=qk_norm)
 
 
 def check_context_parallel(spec: str, config: TransformerConfig, layer: ModuleSpec) -> None:
@@ -156,10 +130,9 @@ def check_context_parallel(spec: str, config: TransformerConfig, layer: ModuleSp
         raise ValueError(f"parallel.cp={config.context_parallel_size}: the core attention {name} has no context "
                          f"parallelism; use the default local attention (SDPACoreAttention, ring attention), "
                          f"model.spec=te, or parallel.cp=1")
-    comm = config.cp_comm_type
-    if comm not in (None, "p2p"):
-        raise ValueError(f"parallel.cp_comm_type={comm!r} needs Transformer Engine (model.spec=te on a GPU with "
-                         f"transformer-engine); the local spec's ring attention is p2p: use cp_comm_type=p2p")
+    problem = cp_comm_type_problem(config.cp_comm_type or "p2p", "local", config.context_parallel_size)
+    if problem:
+        raise LayoutError(problem)
 
 
 def block_spec(spec: str, config: TransformerConfig, layer: ModuleSpec):

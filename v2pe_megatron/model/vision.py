@@ -25,14 +25,15 @@ from megatron.core.transformer.transformer_block import TransformerBlock, Transf
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor
 
-from v2pe_megatron.config import ParallelConfig, VisionConfig
+from v2pe_megatron.config import VisionConfig
 from v2pe_megatron.model.attention import SDPACoreAttention
 from v2pe_megatron.model.specs import layer_spec
 from v2pe_megatron.model.transformer_config import shared_kwargs
+from v2pe_megatron.parallel.layout import Layout
 
-def vision_transformer_config(v: VisionConfig, par: ParallelConfig, *, dtype: str = "fp32",
+def vision_transformer_config(v: VisionConfig, layout: Layout, *, dtype: str = "fp32",
                               recompute: str = "none", init_std: float = 0.02) -> TransformerConfig:
-    """megatron ``TransformerConfig`` for InternViT: TP from the recipe, SP/CP/PP off."""
+    """megatron ``TransformerConfig`` for InternViT: TP from the layout, SP/CP/PP off."""
     if v.qk_normalization:
         # InternViT-6B normalizes q/k over all heads at once; megatron's q/k norm is per head.
         raise NotImplementedError("model.vision.qk_normalization=true (InternViT-6B) is not supported")
@@ -52,7 +53,7 @@ def vision_transformer_config(v: VisionConfig, par: ParallelConfig, *, dtype: st
         add_bias_linear=True,
         add_qkv_bias=v.qkv_bias,
         bias_activation_fusion=False,
-        tensor_model_parallel_size=par.tp,
+        tensor_model_parallel_size=layout.tp,
         pipeline_model_parallel_size=1,
         context_parallel_size=1,
         sequence_parallel=False,

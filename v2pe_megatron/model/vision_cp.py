@@ -7,19 +7,20 @@ are dropped), so the vision tower's work and activations per rank are ~1/cp. The
 autograd function: forward all-gathers the shares, backward sums the feature gradients of all ranks
 (each rank only used the features of its own tokens) and hands each rank its share's, so every
 rank's vision tower copy gets the gradient of the tiles it encoded; megatron's DDP then sums the
-vision gradients over the data-and-context-parallel group as for every other weight.
+vision gradients over the data-and-context-parallel group as for every other weight. Which gathered
+features a rank's tokens take is decided with the token split, by
+:func:`v2pe_megatron.parallel.cp_split.image_feature_index`.
 """
 
 from __future__ import annotations
 
 from typing import Callable, Optional
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["gather_shares", "encode_images_cp", "image_feature_index", "cp_group_of"]
+__all__ = ["gather_shares", "encode_images_cp", "cp_group_of"]
 
 
 class _GatherShares(torch.autograd.Function):
@@ -66,25 +67,6 @@ def encode_images_cp(encode: Callable[[Tensor], Tensor], pixel_values: Tensor, g
         pixel_values = torch.cat([pixel_values, blank])
     local = encode(pixel_values[rank * per:(rank + 1) * per])
     return gather_shares(local, group)[:tiles]
-
-
-def image_feature_index(tokens: Tensor, index_maps: list[np.ndarray | Tensor], img_context_id: int) -> Tensor:
-    """Which rows of the micro-batch's flattened image features ([T * n, h], row-major order of the
-    whole batch's ``<IMG_CONTEXT>`` tokens) belong to this rank's local ``<IMG_CONTEXT>`` tokens,
-    in the local row-major order (the order ``InternVLModel.merge`` scatters them in).
-
-    ``tokens`` [B, S] is the whole batch; ``index_maps`` one zigzag map per row (or one map over the
-    flattened [1, B*S] batch for thd).
-    """
-    if len(index_maps) == 1 and tokens.shape[0] > 1:
-        tokens = tokens.reshape(1, -1)
-    ctx = tokens == img_context_id
-    ordinal = (torch.cumsum(ctx.reshape(-1).long(), 0) - 1).reshape(ctx.shape)
-    picked = []
-    for row, m in enumerate(index_maps):
-        m = torch.as_tensor(m, dtype=torch.long)
-        picked.append(ordinal[row, m][ctx[row, m]])
-    return torch.cat(picked) if picked else torch.zeros(0, dtype=torch.long)
 
 
 def cp_group_of(config) -> Optional[object]:

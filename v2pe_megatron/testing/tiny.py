@@ -8,34 +8,37 @@ from __future__ import annotations
 
 from typing import Iterator
 
+import numpy as np
 import torch
 from megatron.core import parallel_state as ps
 
 from v2pe_megatron.config import Recipe, load_recipe
-from v2pe_megatron.model.language import LanguageModel, language_transformer_config
-from v2pe_megatron.model.specs import block_spec, layer_spec, resolve_spec
-from v2pe_megatron.model.transformer_config import DTYPES
+from v2pe_megatron.model import language
+from v2pe_megatron.parallel.layout import Layout, resolve_spec
 from v2pe_megatron.runtime.distributed import device
 from v2pe_megatron.training.engine import masked_loss_func
 
 
 def tiny_recipe(*overrides: str) -> Recipe:
-    base = ["model.preset=tiny", "data.image_size=56", "data.seq_length=32", "optimizer.clip_grad=0",
-            "optimizer.weight_decay=0"]
+    base = ["model.preset=tiny", "data.seq_length=32", "optimizer.clip_grad=0", "optimizer.weight_decay=0"]
     return load_recipe(None, base + list(overrides))
 
 
-def build_language_model(recipe: Recipe) -> LanguageModel:
-    """The recipe's LLM for this rank's pipeline stage, with per-token loss averaging."""
-    lm = recipe.model.language
-    cfg = language_transformer_config(lm, recipe.parallel, dtype=recipe.model.dtype, recompute=recipe.train.recompute)
-    cfg.calculate_per_token_loss = True
-    spec = resolve_spec(recipe.model.spec)
-    layers = block_spec(spec, cfg, layer_spec(spec))
-    model = LanguageModel(cfg, layers, vocab_size=lm.vocab_size, max_sequence_length=lm.max_position_embeddings,
-                          rotary_base=lm.rotary_base, pre_process=ps.is_pipeline_first_stage(ignore_virtual=True),
-                          post_process=ps.is_pipeline_last_stage(ignore_virtual=True))
-    return model.to(device=device(), dtype=DTYPES[recipe.model.dtype])
+def layout_of(recipe: Recipe) -> Layout:
+    """The recipe's layout on the current process group, its spec resolved on this machine."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size() if dist.is_initialized() else None
+    return Layout.from_config(recipe.parallel, world_size=world, spec=resolve_spec(recipe.model.spec))
+
+
+def build_language_model(recipe: Recipe) -> language.LanguageModel:
+    """The recipe's LLM alone, for this rank's pipeline stage (the model API's own builder)."""
+    model = language.build_language_model(recipe.model.language, layout_of(recipe), dtype=recipe.model.dtype,
+                                          recompute=recipe.train.recompute,
+                                          pre_process=ps.is_pipeline_first_stage(ignore_virtual=True),
+                                          post_process=ps.is_pipeline_last_stage(ignore_virtual=True))
+    return model.to(device())
 
 
 def synthetic_lm_batches(num: int, *, micro_batch_size: int, seq_length: int, vocab_size: int,
@@ -63,3 +66,49 @@ def lm_forward_step(data_iterator: Iterator[dict], model):
     dev = next(model.parameters()).device
     out = model(batch["tokens"].to(dev), batch["position_ids"].to(dev), labels=batch["labels"].to(dev))
     return out, masked_loss_func(batch["loss_mask"].to(dev))
+
+
+# The tiny preset's image token ids and LLM tokens per 56 px tile ((56/14)^2 * 0.5^2).
+IMG_START, IMG_END, IMG_CTX = 5, 6, 7
+TOKENS_PER_TILE = 4
+
+
+def synthetic_packs(num: int, *, rows: int, seq_length: int, pad_multiple: int, seed: int = 5) -> list:
+    """``num`` collated micro-batches of ``rows`` packs each, made by the real packer
+    (``data.packing``) for the tiny preset: text-only sub-samples and sub-samples with a 1-2 tile
+    image, V2PE deltas < 1 (fractional positions restarting per sub-sample), sub-samples padded to
+    ``pad_multiple`` and a padding tail in most rows."""
+    from v2pe_megatron.data.packing import PreparedSample, build_pack, collate
+    from v2pe_megatron.v2pe import compute_position_ids
+
+    rng = np.random.default_rng(seed)
+    batches, sid = [], 0
+    for _ in range(num):
+        packs = []
+        for _ in range(rows):
+            samples, used = [], 0
+            while True:
+                n_text = int(rng.integers(5, 30))
+                toks = list(rng.integers(10, 500, n_text))
+                deltas, tiles = [], 0
+                if rng.random() < 0.6:  # an image of 1-2 tiles somewhere inside
+                    at = int(rng.integers(1, n_text))
+                    tiles = int(rng.integers(1, 3))
+                    toks[at:at] = [IMG_START] + [IMG_CTX] * (TOKENS_PER_TILE * tiles) + [IMG_END]
+                    deltas = [float(rng.choice([1.0, 0.5, 0.25, 1 / 16]))]
+                toks = np.asarray(toks, dtype=np.int64)
+                lp = -(-toks.size // pad_multiple) * pad_multiple
+                if used + lp > seq_length - pad_multiple:  # leave a padding tail segment in most rows
+                    break
+                pos = compute_position_ids(toks, img_start_id=IMG_START, img_end_id=IMG_END,
+                                           img_context_id=IMG_CTX, delta=deltas if deltas else 1.0)
+                target = rng.random(toks.size) > 0.3
+                pixels = rng.standard_normal((tiles, 3, 56, 56)).astype(np.float32)
+                samples.append(PreparedSample(sid, toks, target, pos, pixels, np.full(len(deltas), tiles, np.int32),
+                                              np.asarray(deltas)))
+                sid += 1
+                used += lp
+            packs.append(build_pack(samples, seq_length, pad_id=0, pad_multiple=pad_multiple,
+                                    image_shape=(3, 56, 56)))
+        batches.append(collate(packs))
+    return batches

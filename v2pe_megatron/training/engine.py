@@ -17,6 +17,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from v2pe_megatron.config import OptimizerConfig
+from v2pe_megatron.parallel.layout import Layout
 from v2pe_megatron.runtime.distributed import device
 
 
@@ -51,8 +52,12 @@ class StepResult:
 
 def train_step(model: list[DistributedDataParallel], optimizer, forward_step: Callable,
                data_iterator: Iterator[Any], *, num_microbatches: int, seq_length: int,
-               micro_batch_size: int, forward_only: bool = False) -> StepResult:
+               micro_batch_size: int, layout: Optional[Layout] = None, forward_only: bool = False) -> StepResult:
     """Forward/backward over ``num_microbatches`` micro-batches, then one optimizer step.
+
+    ``seq_length`` x ``micro_batch_size`` is the shape of a micro-batch as the loader makes it (the
+    whole sequence, before any context-parallel split); ``layout`` turns it into the shape megatron's
+    schedule sizes its stage-to-stage buffers with (``Layout.schedule_shape``; without a layout: sbhd).
 
     ``forward_step(data_iterator, model) -> (output, loss_func)`` where ``loss_func(output)`` returns
     ``(loss_sum, num_tokens, {"lm loss": tensor([loss_sum, num_tokens])})``: the 3-tuple form, so
@@ -66,6 +71,8 @@ def train_step(model: list[DistributedDataParallel], optimizer, forward_step: Ca
     config = model[0].config
     config.finalize_model_grads_func = finalize_model_grads
     config.grad_scale_func = optimizer.scale_loss if not forward_only else None
+    if layout is not None:
+        seq_length, micro_batch_size = layout.schedule_shape(seq_length, micro_batch_size)
     fb = get_forward_backward_func()
     losses = fb(forward_step_func=forward_step, data_iterator=data_iterator, model=model,
                 num_microbatches=num_microbatches, seq_length=seq_length, micro_batch_size=micro_batch_size,

@@ -20,6 +20,7 @@ from megatron.core import parallel_state as ps
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from v2pe_megatron.config import Recipe, validate
+from v2pe_megatron.parallel.layout import resolve_spec
 from v2pe_megatron.runtime import distributed as rt
 from v2pe_megatron.training import checkpointing as ckpt
 from v2pe_megatron.training.engine import build_optimizer, train_step, wrap_ddp
@@ -52,39 +53,30 @@ def _scheduler(recipe: Recipe, optimizer) -> OptimizerParamScheduler:
         end_wd=o.weight_decay, wd_incr_steps=max(steps, 1), wd_incr_style="constant")
 
 
-def _freeze(recipe: Recipe, model: torch.nn.Module) -> None:
-    t = recipe.train
-    for name, p in model.named_parameters():
-        top = name.split(".")[0]
-        if (t.freeze_vision and top == "vision_model") or (t.freeze_projector and top == "projector") or \
-                (t.freeze_language and top == "language_model"):
-            p.requires_grad_(False)
-
-
 def train(recipe: Recipe) -> RunSummary:
     """Run ``recipe`` on the current process group (torchrun, Slurm or a single process)."""
     from v2pe_megatron.data.loader import build_train_loader
     from v2pe_megatron.model.internvl import build_model
 
     t0 = time.time()
-    par = recipe.parallel
+    t = recipe.train
     with rt.process_group(recipe.launcher.backend, recipe.launcher.timeout_minutes):
         world = dist.get_world_size()
-        validate(recipe, world_size=world)
+        layout = validate(recipe, world_size=world, spec=resolve_spec(recipe.model.spec))
         rank0 = dist.get_rank() == 0
-        rt.initialize_model_parallel(par.tp, par.pp, par.cp, seed=recipe.train.seed,
-                                     hierarchical_cp_sizes=par.hierarchical_cp_sizes or None,
+        rt.initialize_model_parallel(layout.tp, layout.pp, layout.cp, seed=t.seed,
+                                     hierarchical_cp_sizes=list(layout.hierarchical_cp_sizes) or None,
                                      timeout_minutes=recipe.launcher.timeout_minutes)
-        model = build_model(recipe)
-        _freeze(recipe, model)
+        model = build_model(recipe.model, layout, recompute=t.recompute)
+        model.freeze(vision=t.freeze_vision, projector=t.freeze_projector, language=t.freeze_language)
         nparams = sum(p.numel() for p in model.parameters())
-        ddp = wrap_ddp(model, model.config, use_distributed_optimizer=par.use_distributed_optimizer)
+        ddp = wrap_ddp(model, model.config, use_distributed_optimizer=layout.distributed_optimizer)
         dtype = model.config.params_dtype
         optimizer = build_optimizer(recipe.optimizer, [ddp], params_dtype=dtype,
-                                    use_distributed_optimizer=par.use_distributed_optimizer)
+                                    use_distributed_optimizer=layout.distributed_optimizer)
         scheduler = _scheduler(recipe, optimizer)
         dp_rank, dp = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
-        loader = build_train_loader(recipe, dp_rank=dp_rank, dp_size=dp)
+        loader = build_train_loader(recipe, dp_rank=dp_rank, dp_size=dp, pad_multiple=layout.seq_multiple)
         d = recipe.data
         num_micro = d.global_batch_size // (d.micro_batch_size * dp)
 
@@ -98,20 +90,19 @@ def train(recipe: Recipe) -> RunSummary:
             if rank0:
                 log.info("resumed from %s at step %d", c.dir, start)
         tracker = Tracker(recipe, active=rank0, run_id=run_id)
-        layout = f"tp={par.tp} pp={par.pp} cp={par.cp} dp={dp}"
-        summary = RunSummary(0, start, world_size=world, layout=layout, parameters=nparams,
+        summary = RunSummary(0, start, world_size=world, layout=layout.describe(), parameters=nparams,
                              tracking_uri=tracker.uri, run_id=tracker.run_id)
         if rank0:
             log.info("recipe %s: %d ranks (%s), %.2fM parameters on rank 0, %d micro-batches of %d x %d "
-                     "tokens per step", recipe.name, world, layout, nparams / 1e6, num_micro,
+                     "tokens per step", recipe.name, world, layout.describe(), nparams / 1e6, num_micro,
                      d.micro_batch_size, d.seq_length)
         it = iter(loader)
         status = "FAILED"
         try:
             for step in range(start, recipe.train.steps):
                 ts = time.time()
-                res = train_step([ddp], optimizer, vlm_forward_step, it, num_microbatches=num_micro,
-                                 seq_length=d.seq_length // par.cp, micro_batch_size=d.micro_batch_size)
+                res = train_step([ddp], optimizer, vlm_forward_step, it, num_microbatches=num_micro, layout=layout,
+                                 seq_length=d.seq_length, micro_batch_size=d.micro_batch_size)
                 scheduler.step(increment=1)
                 if not math.isfinite(res.loss):
                     raise FloatingPointError(f"loss is {res.loss} at step {step + 1}")

@@ -7,7 +7,8 @@ pack, which is only right for a single sequence): this is Transformer Engine's T
 (``thd_get_partitioned_indices``) and what megatron's unfused THD rotary path assumes.
 
 Tokens, labels, loss masks and V2PE position ids must all be sliced with the same map; a pure numpy
-function of the padded lengths, it needs no process group.
+function of the padded lengths, it needs no process group. The image features follow the tokens:
+:func:`image_feature_index` says which of a pack's features a rank's ``<IMG_CONTEXT>`` tokens take.
 """
 
 from __future__ import annotations
@@ -16,8 +17,11 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+from torch import Tensor
 
-__all__ = ["zigzag_index_map", "split_for_cp", "cp_local_seq_lens"]
+from v2pe_megatron.parallel.layout import check_multiple, seq_multiple
+
+__all__ = ["zigzag_index_map", "split_for_cp", "cp_local_seq_lens", "image_feature_index"]
 
 
 def _check_lengths(seq_lens_padded: Sequence[int], cp_size: int) -> np.ndarray:
@@ -28,12 +32,7 @@ def _check_lengths(seq_lens_padded: Sequence[int], cp_size: int) -> np.ndarray:
         raise ValueError(f"seq_lens_padded must be a flat list of lengths, got shape {lens.shape}")
     if (lens < 0).any():
         raise ValueError(f"sub-sample lengths must be >= 0, got {lens.tolist()}")
-    multiple = 2 * cp_size
-    bad = np.flatnonzero(lens % multiple)
-    if cp_size > 1 and bad.size:
-        i = int(bad[0])
-        raise ValueError(f"sub-sample {i} has padded length {int(lens[i])}, which is not a multiple of "
-                         f"2*cp = {multiple}; pad every sub-sample to a multiple of {multiple}")
+    check_multiple(lens.tolist(), seq_multiple(cp_size))
     return lens
 
 
@@ -73,3 +72,22 @@ def cp_local_seq_lens(seq_lens_padded: Sequence[int], cp_size: int) -> list[int]
     """Lengths of the sub-samples as held by one CP rank (each padded length / cp)."""
     lens = _check_lengths(seq_lens_padded, cp_size)
     return (lens // cp_size).tolist()
+
+
+def image_feature_index(tokens: Tensor, index_maps: list[np.ndarray | Tensor], img_context_id: int) -> Tensor:
+    """Which rows of the micro-batch's flattened image features ([T * n, h], row-major order of the
+    whole batch's ``<IMG_CONTEXT>`` tokens) belong to this rank's local ``<IMG_CONTEXT>`` tokens,
+    in the local row-major order (the order ``InternVLModel.merge`` scatters them in).
+
+    ``tokens`` [B, S] is the whole batch; ``index_maps`` one zigzag map per row (or one map over the
+    flattened [1, B*S] batch for thd).
+    """
+    if len(index_maps) == 1 and tokens.shape[0] > 1:
+        tokens = tokens.reshape(1, -1)
+    ctx = tokens == img_context_id
+    ordinal = (torch.cumsum(ctx.reshape(-1).long(), 0) - 1).reshape(ctx.shape)
+    picked = []
+    for row, m in enumerate(index_maps):
+        m = torch.as_tensor(m, dtype=torch.long)
+        picked.append(ordinal[row, m][ctx[row, m]])
+    return torch.cat(picked) if picked else torch.zeros(0, dtype=torch.long)

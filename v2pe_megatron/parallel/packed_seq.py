@@ -1,21 +1,20 @@
 """Packed micro-batches -> megatron's ``PackedSeqParams`` and this context-parallel rank's share.
 
-Input is the data pipeline's collated batch (:func:`v2pe_megatron.data.packing.collate`): [B, S]
-``tokens``, ``labels``, ``loss_mask``, float64 ``position_ids`` and, per row, ``seq_lens``: the
-padded sub-sample lengths (each a multiple of :func:`pad_multiple`, the pack's tail included, so a
-row's lengths sum to S). Optionally ``seq_lens_unpadded`` (per row) marks each sub-sample's padding,
-which attention then masks as keys.
+Input is a :class:`~v2pe_megatron.parallel.batch.MicroBatch` from the data pipeline: [B, S] tokens,
+labels, loss mask, float64 V2PE positions and, per row, ``seq_lens``: the padded sub-sample lengths
+(each a multiple of the layout's ``seq_multiple``, the pack's tail included, so a row's lengths sum
+to S).
 
 Convention (megatron's and Transformer Engine's): ``cu_seqlens`` always describe the *whole* pack
 in global offsets, also on a CP rank that holds only its zigzag share of the tokens; attention and
 megatron's THD rotary derive the local layout from them.
 
-Two formats:
+Two formats (:attr:`v2pe_megatron.parallel.layout.Layout.qkv_format`):
 
 - ``sbhd`` (local spec, CPU or any GPU without TE): tensors stay [b, s_local]; ``cu_seqlens`` per
   row (a list of int32 tensors, one tensor when all rows agree). Tokens, labels, loss mask *and*
-  V2PE positions are sliced with one :func:`~v2pe_megatron.cp_split.zigzag_index_map`, so each
-  rank's rotary frequencies are computed for exactly its tokens.
+  V2PE positions are sliced with one :func:`~v2pe_megatron.parallel.cp_split.zigzag_index_map`, so
+  each rank's rotary frequencies are computed for exactly its tokens.
 - ``thd`` (Transformer Engine spec): rows are flattened into one [1, B*S] pack (TE's packed
   format has no batch dim). Tokens, labels and loss mask are sliced with the same map, but the
   position ids stay whole: megatron applies rotary in THD through ``_apply_rotary_pos_emb_thd``,
@@ -23,7 +22,8 @@ Two formats:
   two zigzag chunks per sub-sample itself (the same map). Feeding it the V2PE per-token frequencies
   of the whole pack therefore gives the right angles; the cost is one [B*S, 1, 1, D] float32 tensor
   per rank (0.5 GiB at 1M tokens, D=128), small next to the activations at that length. Fused RoPE
-  must stay off (it assumes arange positions).
+  must stay off (it assumes arange positions). ``cu_seqlens`` are int32 on the compute device and
+  ``max_seqlen`` a Python int, as TE requires.
 """
 
 from __future__ import annotations
@@ -35,21 +35,13 @@ import numpy as np
 import torch
 from megatron.core.packed_seq_params import PackedSeqParams
 
-from v2pe_megatron.cp_split import split_for_cp, zigzag_index_map
-from v2pe_megatron.model.vision_cp import image_feature_index
+from v2pe_megatron.parallel.batch import TOKEN_FIELDS, MicroBatch
+from v2pe_megatron.parallel.cp_split import image_feature_index, split_for_cp, zigzag_index_map
+from v2pe_megatron.parallel.layout import check_multiple, seq_multiple
 
-__all__ = ["pad_multiple", "packed_seq_params", "split_batch_for_cp", "QKV_FORMATS", "TOKEN_KEYS"]
+__all__ = ["packed_seq_params", "split_batch_for_cp", "QKV_FORMATS"]
 
 QKV_FORMATS = ("sbhd", "thd")
-# Per-token [B, S] tensors sliced with the index map.
-TOKEN_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
-
-
-def pad_multiple(cp: int, tp: int = 1, sequence_parallel: bool = False) -> int:
-    """What every sub-sample's padded length must be a multiple of: 2*cp chunks (cp > 1), each
-    divisible by tp under sequence parallelism."""
-    m = 2 * cp if cp > 1 else 1
-    return m * tp if sequence_parallel else m
 
 
 def _rows(seq_lens: Any) -> list[list[int]]:
@@ -70,10 +62,7 @@ def _check(rows: list[list[int]], unpadded: Optional[list[list[int]]], seq_lengt
         if seq_length is not None and sum(r) != seq_length:
             raise ValueError(f"row {i}: sub-sample lengths sum to {sum(r)}, the row holds {seq_length} tokens; "
                              f"seq_lens must cover the whole row (the padding tail as its own sub-sample)")
-        bad = [n for n in r if n % multiple]
-        if bad:
-            raise ValueError(f"row {i}: sub-sample lengths {bad} are not multiples of {multiple}; the packer must "
-                             f"pad every sub-sample to a multiple of {multiple} (data pad_multiple)")
+        check_multiple(r, multiple, f"row {i}: sub-sample")
         if unpadded is not None:
             u = unpadded[i]
             if len(u) != len(r) or any(not 0 <= a <= b for a, b in zip(u, r)):
@@ -91,7 +80,7 @@ def packed_seq_params(seq_lens: Any, *, seq_lens_unpadded: Any = None, qkv_forma
         raise ValueError(f"qkv_format={qkv_format!r} is not one of {QKV_FORMATS}")
     rows = _rows(seq_lens)
     unpadded = _rows(seq_lens_unpadded) if seq_lens_unpadded is not None else None
-    _check(rows, unpadded, None, pad_multiple(cp_size))
+    _check(rows, unpadded, None, seq_multiple(cp_size))
     if len({sum(r) for r in rows}) > 1:
         raise ValueError(f"rows of a micro-batch must have equal lengths, got {[sum(r) for r in rows]}")
     real = unpadded if unpadded is not None else rows
@@ -112,48 +101,46 @@ def packed_seq_params(seq_lens: Any, *, seq_lens_unpadded: Any = None, qkv_forma
                            max_seqlen_q=max_len, max_seqlen_kv=max_len)
 
 
-def split_batch_for_cp(batch: dict[str, Any], *, cp_size: int, cp_rank: int, qkv_format: str = "sbhd",
-                       keys: Sequence[str] = TOKEN_KEYS, img_context_id: Optional[int] = None) -> dict[str, Any]:
-    """This CP rank's share of a packed micro-batch, plus ``packed_seq_params``.
+def split_batch_for_cp(batch: MicroBatch, *, cp_size: int, cp_rank: int, qkv_format: str = "sbhd",
+                       img_context_id: Optional[int] = None, device: torch.device | str | None = None,
+                       seq_lens_unpadded: Any = None) -> MicroBatch:
+    """This CP rank's share of a packed micro-batch, with ``packed_seq_params`` filled in.
 
-    Every per-token tensor in ``keys`` is sliced with the one zigzag index map of its row (in
-    ``thd`` the positions stay whole, see the module docstring). Other entries (pixel values,
-    image counts, ...) are passed through unchanged: every CP rank gets all of the pack's tiles and
-    encodes its share (:mod:`v2pe_megatron.model.vision_cp`). With ``img_context_id``,
-    ``image_feature_index`` says which of the pack's image features this rank's
-    ``<IMG_CONTEXT>`` tokens take (``InternVLModel.forward(image_feature_index=...)``).
+    Every per-token tensor is sliced with the one zigzag index map of its row (in ``thd`` the rows
+    are flattened into one pack first, and the positions stay whole, see the module docstring).
+    Tiles and per-image metadata pass through unchanged: every CP rank gets all of the pack's tiles
+    and encodes its share (:mod:`v2pe_megatron.model.vision_cp`). With ``img_context_id`` (and
+    cp > 1), ``image_feature_index`` says which of the pack's image features this rank's
+    ``<IMG_CONTEXT>`` tokens take. ``device``: where ``cu_seqlens`` live (TE reads them on the GPU).
+    ``seq_lens_unpadded`` (per row) marks each sub-sample's padding, which attention then masks.
     """
     if qkv_format not in QKV_FORMATS:
         raise ValueError(f"qkv_format={qkv_format!r} is not one of {QKV_FORMATS}")
-    if "seq_lens" not in batch:
-        raise ValueError("the batch has no 'seq_lens' (per-row padded sub-sample lengths); pack it with "
-                         "v2pe_megatron.data.packing")
-    tokens = batch["tokens"]
+    tokens = batch.tokens
     B, S = tokens.shape
-    rows = _rows(batch["seq_lens"])
+    rows = _rows(batch.seq_lens)
     if len(rows) != B:
         raise ValueError(f"seq_lens has {len(rows)} rows but tokens has {B}")
-    unpadded = _rows(batch["seq_lens_unpadded"]) if batch.get("seq_lens_unpadded") is not None else None
-    _check(rows, unpadded, S, pad_multiple(cp_size))
-    out = dict(batch)
-    out["packed_seq_params"] = packed_seq_params(rows, seq_lens_unpadded=unpadded, qkv_format=qkv_format,
-                                                 cp_size=cp_size, device=tokens.device)
+    unpadded = _rows(seq_lens_unpadded) if seq_lens_unpadded is not None else None
+    _check(rows, unpadded, S, seq_multiple(cp_size))
+    for k in TOKEN_FIELDS:
+        t = getattr(batch, k)
+        if t.shape[:2] != (B, S):
+            raise ValueError(f"batch.{k} has shape {tuple(t.shape)}, expected [{B}, {S}, ...]")
+    psp = packed_seq_params(rows, seq_lens_unpadded=unpadded, qkv_format=qkv_format, cp_size=cp_size,
+                            device=tokens.device if device is None else device)
+    want_index = img_context_id is not None and cp_size > 1
     if qkv_format == "thd":
         index = torch.from_numpy(zigzag_index_map([n for r in rows for n in r], cp_size, cp_rank))
-        if img_context_id is not None:
-            out["image_feature_index"] = image_feature_index(tokens, [index], img_context_id)
-        for k in keys:
-            if k in batch and batch[k] is not None:
-                flat = batch[k].reshape(1, B * S)
-                out[k] = flat if k == "position_ids" else split_for_cp(flat, index, 1)
-        return out
-    maps = [torch.from_numpy(zigzag_index_map(r, cp_size, cp_rank)) for r in rows]
-    if img_context_id is not None:
-        out["image_feature_index"] = image_feature_index(tokens, maps, img_context_id)
-    for k in keys:
-        if k in batch and batch[k] is not None:
-            t = batch[k]
-            if t.shape[:2] != (B, S):
-                raise ValueError(f"batch[{k!r}] has shape {tuple(t.shape)}, expected [{B}, {S}, ...]")
-            out[k] = torch.stack([split_for_cp(t[i], m, 0) for i, m in enumerate(maps)])
-    return out
+        sliced = {k: getattr(batch, k).reshape(1, B * S) for k in TOKEN_FIELDS}
+        sliced = {k: (t if k == "position_ids" else split_for_cp(t, index, 1)) for k, t in sliced.items()}
+        feat = image_feature_index(tokens, [index], img_context_id) if want_index else None
+    else:
+        maps = [torch.from_numpy(zigzag_index_map(r, cp_size, cp_rank)) for r in rows]
+        if cp_size == 1:
+            sliced = {k: getattr(batch, k) for k in TOKEN_FIELDS}
+        else:
+            sliced = {k: torch.stack([split_for_cp(getattr(batch, k)[i], m, 0) for i, m in enumerate(maps)])
+                      for k in TOKEN_FIELDS}
+        feat = image_feature_index(tokens, maps, img_context_id) if want_index else None
+    return batch.replace(**sliced, packed_seq_params=psp, image_feature_index=feat)

@@ -1,0 +1,59 @@
+"""The micro-batch: what flows loader -> packing -> context-parallel split -> forward step.
+
+One dataclass, so every stage names the same fields and none re-lists them. The data pipeline fills
+the per-token tensors, the tiles and the per-row sub-sample lengths (``data.packing.collate``); the
+CP split (:func:`v2pe_megatron.parallel.packed_seq.split_batch_for_cp`) returns a new batch with this
+rank's share of the tokens and the attention metadata (``packed_seq_params``,
+``image_feature_index``) filled in; the forward step moves it to the device and calls the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from megatron.core.packed_seq_params import PackedSeqParams
+from torch import Tensor
+
+__all__ = ["MicroBatch", "TOKEN_FIELDS"]
+
+# Per-token [B, S] tensors: sliced together with one index map under context parallelism.
+TOKEN_FIELDS = ("tokens", "labels", "loss_mask", "position_ids")
+
+
+@dataclass
+class MicroBatch:
+    tokens: Tensor                     # int64 [B, S]
+    labels: Tensor                     # int64 [B, S]: the next token inside each sub-sample
+    loss_mask: Tensor                  # float32 [B, S]: 1 where ``labels`` is an assistant target
+    position_ids: Tensor               # float64 [B, S]: V2PE positions, restarting per sub-sample
+    seq_lens: list[Tensor]             # per row, int32 padded sub-sample lengths (the tail included)
+    pixel_values: Optional[Tensor] = None   # float32 [T, 3, H, W], the tiles of all rows in row order
+    num_tiles: Optional[Tensor] = None      # int32 [images]: tiles per image, in row order
+    deltas: Optional[Tensor] = None         # float64 [images]: the V2PE delta each image was placed with
+    sample_ids: Optional[list] = None       # per row, the ids of the samples packed into it
+    # Filled in by the context-parallel split:
+    packed_seq_params: Optional[PackedSeqParams] = None
+    image_feature_index: Optional[Tensor] = None  # which image features this CP rank's tokens take
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.tokens.shape)  # type: ignore[return-value]
+
+    @property
+    def num_images(self) -> int:
+        return 0 if self.num_tiles is None else int(self.num_tiles.numel())
+
+    def replace(self, **changes) -> "MicroBatch":
+        return dataclasses.replace(self, **changes)
+
+    def to(self, device: torch.device | str, dtype: Optional[torch.dtype] = None) -> "MicroBatch":
+        """Tensors the model reads moved to ``device``; ``pixel_values`` cast to the model's ``dtype``
+        (an empty set of tiles becomes None: a text-only batch)."""
+        pv = self.pixel_values
+        pv = pv.to(device=device, dtype=dtype) if pv is not None and pv.numel() else None
+        idx = self.image_feature_index
+        return self.replace(**{k: getattr(self, k).to(device) for k in TOKEN_FIELDS}, pixel_values=pv,
+                            image_feature_index=idx.to(device) if idx is not None else None)
