@@ -1,4 +1,4 @@
-"""V2PE positions (DESIGN.md section 1) and delta policies."""
+"""V2PE positions (docs/v2pe.md) and delta policies."""
 
 from __future__ import annotations
 

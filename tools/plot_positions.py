@@ -22,7 +22,7 @@ import numpy as np  # noqa: E402
 
 from v2pe_megatron.v2pe import compute_position_ids  # noqa: E402
 
-# InternVL2-2B ids (DESIGN.md section 2); only their roles matter for a synthetic sample.
+# InternVL2-2B ids (docs/internvl.md); only their roles matter for a synthetic sample.
 IMG_START, IMG_END, IMG_CONTEXT, TEXT = 92544, 92545, 92546, 1000
 
 

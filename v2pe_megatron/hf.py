@@ -1,6 +1,6 @@
 """HuggingFace InternVL checkpoints <-> the megatron-core InternVL model, in memory.
 
-Two HF layouts (DESIGN.md section 3):
+Two HF layouts (docs/internvl.md):
 
 - ``remote``: InternVL2 remote-code checkpoints (``InternVLChatModel``; ``vision_model.*``, ``mlp1.*``,
   ``language_model.*`` with InternLM2 ``wqkv`` names, or Qwen2/Llama names for InternVL2-1B/4B...).

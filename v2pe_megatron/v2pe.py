@@ -1,4 +1,4 @@
-"""V2PE: variable visual position encoding (DESIGN.md section 1).
+"""V2PE: variable visual position encoding (docs/v2pe.md).
 
 Positions are computed on the host in float64 so that visual steps as small as 1/256 stay exact far
 beyond the float32 limit (32,768); the rotary module turns them into angles in float64 too and only

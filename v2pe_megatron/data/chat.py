@@ -1,6 +1,6 @@
 """Chat templates, ``<image>`` expansion and the assistant-only training mask.
 
-``internlm2-chat`` (InternVL's template, DESIGN.md section 2)::
+``internlm2-chat`` (InternVL's template, docs/internvl.md)::
 
     <s><|im_start|>system\\n{sys}<|im_end|><|im_start|>user\\n{q}<|im_end|><|im_start|>assistant\\n{a}<|im_end|>...
 

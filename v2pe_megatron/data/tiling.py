@@ -1,4 +1,4 @@
-"""Dynamic tiling (DESIGN.md section 2) as one DALI pipeline, plus the Pillow reference.
+"""Dynamic tiling (docs/internvl.md) as one DALI pipeline, plus the Pillow reference.
 
 The grid rule is InternVL's ``dynamic_preprocess``: candidate grids (cols, rows) with
 min <= cols*rows <= max, ordered by tile count; the grid whose aspect ratio is closest to the image's

@@ -31,7 +31,7 @@ IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
 SPECIAL_TOKENS: tuple[str, ...] = (IM_END, IM_START, IMG_START, IMG_END, IMG_CONTEXT,
                                    "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>")
 
-# InternVL2-2B (InternLM2-chat-1.8B + InternVL's added tokens), DESIGN.md section 2.
+# InternVL2-2B (InternLM2-chat-1.8B + InternVL's added tokens), docs/internvl.md.
 INTERNVL2_ADDED_TOKENS: dict[str, int] = {tok: 92542 + i for i, tok in enumerate(SPECIAL_TOKENS)}
 
 TINY_VOCAB_SIZE = 512
