@@ -78,3 +78,32 @@ def test_device_context_still_applies_to_patched_factories():
     recognizes silently makes CPU tensors there (seen: garbage rotary buffers in a loaded model)."""
     made = run_distributed(_device_context_after_activation, 1)[0]
     assert all(made.values()), made
+
+
+def test_patch_set_undoes_each_patch_on_its_own():
+    from types import SimpleNamespace
+
+    from v2pe_megatron.runtime.patching import PatchSet
+
+    target = SimpleNamespace(a=1)
+    ps = PatchSet("test")
+
+    @ps.patch
+    def one():
+        ps.set(target, "a", 10)
+        ps.set(target, "new", 20)
+
+    @ps.patch
+    def broken():
+        ps.set(target, "a", 99)
+        raise ValueError("half applied")
+
+    ps.activate(["one"])
+    assert (target.a, target.new, ps.is_active("one")) == (10, 20, True)
+    with pytest.raises(ValueError):
+        ps.activate(["broken"])
+    assert target.a == 10 and not ps.is_active("broken")  # the failed patch left nothing behind
+    ps.deactivate("one")
+    assert target.a == 1 and not hasattr(target, "new") and not ps.is_active()
+    with pytest.raises(KeyError, match="no patch named"):
+        ps.activate(["typo"])

@@ -32,12 +32,12 @@ import logging
 
 import torch
 
+from v2pe_megatron.runtime.patching import PatchSet
+
 log = logging.getLogger(__name__)
 
-_ACTIVE: set[str] = set()
-# patch name -> [(object, attribute, original value)], so each patch can be undone on its own
-_ORIGINALS: dict[str, list[tuple[object, str, object]]] = {}
-_CURRENT: list[str] = []  # the patch being applied
+_patches = PatchSet(__name__)
+_set = _patches.set
 
 _FACTORIES = ("empty", "zeros", "ones", "full", "tensor", "arange", "rand", "randn", "randint", "randperm",
               "empty_strided", "as_tensor", "linspace", "eye", "zeros_like", "ones_like", "empty_like",
@@ -56,11 +56,6 @@ def _is_cuda(device) -> bool:
     return False
 
 
-def _set(obj, name: str, value) -> None:
-    _ORIGINALS.setdefault(_CURRENT[-1], []).append((obj, name, getattr(obj, name, None)))
-    setattr(obj, name, value)
-
-
 def _cpu_device_kwarg(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -73,6 +68,7 @@ def _cpu_device_kwarg(fn):
     return wrapper
 
 
+@_patches.patch
 def cuda_tensor_factories() -> None:
     # `with torch.device(...)` (used e.g. by transformers to build models on "meta") recognizes
     # factories by identity in a set it builds lazily, once. Build it from the *original* functions
@@ -134,6 +130,7 @@ class _NullEvent(_NullStream):
         return 0.0
 
 
+@_patches.patch
 def cuda_runtime_stubs() -> None:
     _set(torch.cuda, "synchronize", lambda *a, **k: None)
     _set(torch.cuda, "current_stream", lambda *a, **k: _NullStream())
@@ -157,6 +154,7 @@ _CPU_TO_CUDA_TYPE = {
 }
 
 
+@_patches.patch
 def tensor_type_names() -> None:
     orig_type = torch.Tensor.type
 
@@ -171,6 +169,7 @@ def tensor_type_names() -> None:
     _set(torch.Tensor, "type", type_)
 
 
+@_patches.patch
 def rng_tracker_on_cpu() -> None:
     from megatron.core.tensor_parallel import random as mrandom
 
@@ -193,6 +192,7 @@ def rng_tracker_on_cpu() -> None:
     _set(torch.cuda, "manual_seed", lambda seed: torch.default_generator.manual_seed(int(seed)))
 
 
+@_patches.patch
 def distributed_optimizer_checkpoint() -> None:
     from megatron.core.optimizer import distrib_optimizer as dopt
 
@@ -241,37 +241,20 @@ def _unshare_step_tensors(dist_opt) -> None:
             seen.add(id(state["step"]))
 
 
-PATCHES = {
-    "cuda_tensor_factories": cuda_tensor_factories,
-    "cuda_runtime_stubs": cuda_runtime_stubs,
-    "tensor_type_names": tensor_type_names,
-    "rng_tracker_on_cpu": rng_tracker_on_cpu,
-    "distributed_optimizer_checkpoint": distributed_optimizer_checkpoint,
-}
+PATCHES = _patches.patches
 
 
 def activate(only: tuple[str, ...] | None = None) -> None:
     """Apply the patches (idempotent). Refuses to run where CUDA is available."""
     if torch.cuda.is_available():
         raise RuntimeError("v2pe_megatron.runtime.cpu_compat must not be activated on a CUDA machine")
-    for name, patch in PATCHES.items():
-        if (only is None or name in only) and name not in _ACTIVE:
-            _CURRENT.append(name)
-            try:
-                patch()
-            finally:
-                _CURRENT.pop()
-            _ACTIVE.add(name)
-    log.debug("cpu_compat active: %s", sorted(_ACTIVE))
+    _patches.activate(only)
 
 
 def is_active(name: str | None = None) -> bool:
-    return bool(_ACTIVE) if name is None else name in _ACTIVE
+    return _patches.is_active(name)
 
 
 def deactivate(*names: str) -> None:
     """Undo the named patches, or all of them (the tests use this to show what each one prevents)."""
-    for name in names or tuple(_ORIGINALS):
-        for obj, attr, orig in reversed(_ORIGINALS.pop(name, [])):
-            setattr(obj, attr, orig)
-        _ACTIVE.discard(name)
+    _patches.deactivate(*names)
