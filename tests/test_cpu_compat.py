@@ -1,6 +1,6 @@
 """Each CPU patch exists because megatron-core fails without it: for every patch, the same tiny
 training step fails with that patch alone undone and succeeds with it back. (The distributed
-optimizer checkpoint patch is shown in test_foundation_resume.py.)"""
+optimizer's checkpoint fix for torch's Adam is not a CPU patch: see test_foundation_resume.py.)"""
 
 from __future__ import annotations
 
@@ -56,6 +56,14 @@ def test_refuses_to_activate_with_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     with pytest.raises(RuntimeError, match="must not be activated on a CUDA machine"):
         cpu_compat.activate()
+
+
+def test_torch_adam_checkpoint_fix_is_not_a_cpu_patch():
+    """GPU machines without TE/apex need it too, so "no CUDA" must not be what switches it on."""
+    from v2pe_megatron.runtime import torch_adam_checkpoint
+
+    assert "distributed_optimizer_checkpoint" not in cpu_compat.PATCHES
+    assert "distributed_optimizer_checkpoint" in torch_adam_checkpoint.PATCHES
 
 
 def test_patches_are_listed_in_the_module_docstring():

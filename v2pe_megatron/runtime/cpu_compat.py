@@ -17,11 +17,9 @@ Patches (each a named function below):
    grad clipping and the distributed optimizer assert on those names.
 4. ``rng_tracker_on_cpu``: the tensor-parallel RNG tracker stores and restores CUDA generator states;
    here it uses the CPU generator, so forked regions (TP-sharded init, dropout) stay reproducible.
-5. ``distributed_optimizer_checkpoint``: with plain ``torch.optim.Adam`` (no apex/TE fused Adam) the
-   DistributedOptimizer's checkpoint code (a) finds no ``step`` in fresh param states, (b) on load
-   gives every parameter the *same* ``step`` tensor, which Adam then increments once per parameter
-   per step, silently corrupting bias correction after resume, and (c) copies in place into a leaf
-   that requires grad outside ``no_grad``. The patch gives each state its own ``step`` tensor.
+
+Not here: the distributed optimizer's checkpoint fix for torch's Adam, which a GPU machine without
+Transformer Engine or apex needs as well (:mod:`v2pe_megatron.runtime.torch_adam_checkpoint`).
 """
 
 from __future__ import annotations
@@ -190,55 +188,6 @@ def rng_tracker_on_cpu() -> None:
     # torch.manual_seed itself calls torch.cuda.manual_seed_all (lazily, harmless here): seed the
     # CPU generator directly to avoid recursing through it.
     _set(torch.cuda, "manual_seed", lambda seed: torch.default_generator.manual_seed(int(seed)))
-
-
-@_patches.patch
-def distributed_optimizer_checkpoint() -> None:
-    from megatron.core.optimizer import distrib_optimizer as dopt
-
-    cls = dopt.DistributedOptimizer
-    orig_set_states = cls._set_main_param_and_optimizer_states
-    orig_load_state_dict = cls.load_state_dict
-    orig_state_dict = cls.state_dict
-
-    def state_dict(self):
-        # (a) megatron's init_state_fn creates exp_avg/exp_avg_sq but not torch Adam's `step`, and
-        # state_dict() reads `step` from every state (also when building the sharded dict to load into).
-        inner = getattr(self, "optimizer", None)
-        for st in (inner.state.values() if inner is not None else ()):
-            if st and "step" not in st:
-                st["step"] = torch.tensor(0.0)
-        return orig_state_dict(self)
-
-    def set_states(self, model_param, tensors):
-        # (a) the checkpoint carries no per-parameter `step` (megatron restores it separately), but
-        # the destination Adam state has one: give it a non-tensor so megatron skips it; (c) no_grad.
-        tensors = dict(tensors)
-        tensors.setdefault("step", None)
-        with torch.no_grad():
-            orig_set_states(self, model_param, tensors)
-
-    def load_state_dict(self, state_dict):
-        orig_load_state_dict(self, state_dict)
-        _unshare_step_tensors(self)  # (b)
-
-    _set(cls, "_set_main_param_and_optimizer_states", set_states)
-    _set(cls, "load_state_dict", load_state_dict)
-    _set(cls, "state_dict", state_dict)
-
-
-def _unshare_step_tensors(dist_opt) -> None:
-    """(b) Give every parameter's Adam state its own ``step`` tensor (values kept)."""
-    inner = getattr(dist_opt, "optimizer", None)
-    if inner is None:
-        return
-    seen: set[int] = set()
-    for state in inner.state.values():
-        step = state.get("step")
-        if torch.is_tensor(step):
-            if id(step) in seen:
-                state["step"] = step.detach().clone()
-            seen.add(id(state["step"]))
 
 
 PATCHES = _patches.patches
