@@ -1,6 +1,6 @@
 """Each CPU patch exists because megatron-core fails without it: for every patch, the same tiny
 training step fails with that patch alone undone and succeeds with it back. (The distributed
-optimizer checkpoint patch is shown in test_foundation_resume.py.)"""
+optimizer's checkpoint fix for torch's Adam is not a CPU patch: see test_foundation_resume.py.)"""
 
 from __future__ import annotations
 
@@ -58,6 +58,14 @@ def test_refuses_to_activate_with_cuda(monkeypatch):
         cpu_compat.activate()
 
 
+def test_torch_adam_checkpoint_fix_is_not_a_cpu_patch():
+    """GPU machines without TE/apex need it too, so "no CUDA" must not be what switches it on."""
+    from v2pe_megatron.runtime import torch_adam_checkpoint
+
+    assert "distributed_optimizer_checkpoint" not in cpu_compat.PATCHES
+    assert "distributed_optimizer_checkpoint" in torch_adam_checkpoint.PATCHES
+
+
 def test_patches_are_listed_in_the_module_docstring():
     for name in cpu_compat.PATCHES:
         assert f"``{name}``" in cpu_compat.__doc__
@@ -78,3 +86,32 @@ def test_device_context_still_applies_to_patched_factories():
     recognizes silently makes CPU tensors there (seen: garbage rotary buffers in a loaded model)."""
     made = run_distributed(_device_context_after_activation, 1)[0]
     assert all(made.values()), made
+
+
+def test_patch_set_undoes_each_patch_on_its_own():
+    from types import SimpleNamespace
+
+    from v2pe_megatron.runtime.patching import PatchSet
+
+    target = SimpleNamespace(a=1)
+    ps = PatchSet("test")
+
+    @ps.patch
+    def one():
+        ps.set(target, "a", 10)
+        ps.set(target, "new", 20)
+
+    @ps.patch
+    def broken():
+        ps.set(target, "a", 99)
+        raise ValueError("half applied")
+
+    ps.activate(["one"])
+    assert (target.a, target.new, ps.is_active("one")) == (10, 20, True)
+    with pytest.raises(ValueError):
+        ps.activate(["broken"])
+    assert target.a == 10 and not ps.is_active("broken")  # the failed patch left nothing behind
+    ps.deactivate("one")
+    assert target.a == 1 and not hasattr(target, "new") and not ps.is_active()
+    with pytest.raises(KeyError, match="no patch named"):
+        ps.activate(["typo"])

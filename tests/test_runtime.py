@@ -123,3 +123,52 @@ def test_local_launcher_ranks_meet_and_failures_stop_the_rest(tmp_path):
     t0 = time.monotonic()
     assert run_local([str(script), str(tmp_path), "fail"], 2) == 3
     assert time.monotonic() - t0 < 60  # rank 0 was stopped, not waited for
+
+
+def _seeded_draws(seed: int, scramble: int) -> dict:
+    """What a model built right after ``initialize_model_parallel(seed)`` would draw on the CPU."""
+    import random
+
+    import numpy as np
+
+    from v2pe_megatron.model.vision import VisionEmbeddings
+    from v2pe_megatron.runtime.distributed import model_parallel
+    from v2pe_megatron.testing import tiny
+
+    # Generators left in some other state by earlier work: what follows must not depend on it.
+    torch.manual_seed(scramble)
+    random.seed(scramble)
+    np.random.seed(scramble)
+    with model_parallel(seed=seed):
+        initial = torch.initial_seed()
+        emb = VisionEmbeddings(tiny.tiny_recipe().model.vision, torch.float32)
+        return {"initial_seed": initial, "params": torch.cat([p.detach().flatten() for p in emb.parameters()]),
+                "randn": torch.randn(4), "random": random.random(), "numpy": float(np.random.rand())}
+
+
+def test_seed_reaches_cpu_initialised_parameters_when_megatron_seeds_only_cuda(monkeypatch):
+    """On a GPU, megatron's model_parallel_cuda_manual_seed touches CUDA generators only; InternViT's
+    class/position embeddings and patch conv are made on the CPU and must still follow train.seed."""
+    import random
+
+    import numpy as np
+    from megatron.core import tensor_parallel
+
+    seen: list[int] = []
+    monkeypatch.setattr(tensor_parallel, "model_parallel_cuda_manual_seed", lambda seed, *a, **k: seen.append(seed))
+    saved = torch.get_rng_state(), random.getstate(), np.random.get_state()
+    try:
+        a = _seeded_draws(5, scramble=111)
+        b = _seeded_draws(5, scramble=222)
+        c = _seeded_draws(6, scramble=111)
+    finally:
+        torch.set_rng_state(saved[0])
+        random.setstate(saved[1])
+        np.random.set_state(saved[2])
+    assert seen == [5, 5, 6]  # megatron is still asked to seed its tracker
+    assert (a["initial_seed"], c["initial_seed"]) == (5, 6)
+    for key in ("params", "randn"):
+        assert torch.equal(a[key], b[key]), key
+        assert not torch.equal(a[key], c[key]), key
+    for key in ("random", "numpy"):
+        assert a[key] == b[key] and a[key] != c[key], key

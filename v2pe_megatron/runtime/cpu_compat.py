@@ -17,11 +17,9 @@ Patches (each a named function below):
    grad clipping and the distributed optimizer assert on those names.
 4. ``rng_tracker_on_cpu``: the tensor-parallel RNG tracker stores and restores CUDA generator states;
    here it uses the CPU generator, so forked regions (TP-sharded init, dropout) stay reproducible.
-5. ``distributed_optimizer_checkpoint``: with plain ``torch.optim.Adam`` (no apex/TE fused Adam) the
-   DistributedOptimizer's checkpoint code (a) finds no ``step`` in fresh param states, (b) on load
-   gives every parameter the *same* ``step`` tensor, which Adam then increments once per parameter
-   per step, silently corrupting bias correction after resume, and (c) copies in place into a leaf
-   that requires grad outside ``no_grad``. The patch gives each state its own ``step`` tensor.
+
+Not here: the distributed optimizer's checkpoint fix for torch's Adam, which a GPU machine without
+Transformer Engine or apex needs as well (:mod:`v2pe_megatron.runtime.torch_adam_checkpoint`).
 """
 
 from __future__ import annotations
@@ -32,12 +30,12 @@ import logging
 
 import torch
 
+from v2pe_megatron.runtime.patching import PatchSet
+
 log = logging.getLogger(__name__)
 
-_ACTIVE: set[str] = set()
-# patch name -> [(object, attribute, original value)], so each patch can be undone on its own
-_ORIGINALS: dict[str, list[tuple[object, str, object]]] = {}
-_CURRENT: list[str] = []  # the patch being applied
+_patches = PatchSet(__name__)
+_set = _patches.set
 
 _FACTORIES = ("empty", "zeros", "ones", "full", "tensor", "arange", "rand", "randn", "randint", "randperm",
               "empty_strided", "as_tensor", "linspace", "eye", "zeros_like", "ones_like", "empty_like",
@@ -56,11 +54,6 @@ def _is_cuda(device) -> bool:
     return False
 
 
-def _set(obj, name: str, value) -> None:
-    _ORIGINALS.setdefault(_CURRENT[-1], []).append((obj, name, getattr(obj, name, None)))
-    setattr(obj, name, value)
-
-
 def _cpu_device_kwarg(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -73,6 +66,7 @@ def _cpu_device_kwarg(fn):
     return wrapper
 
 
+@_patches.patch
 def cuda_tensor_factories() -> None:
     # `with torch.device(...)` (used e.g. by transformers to build models on "meta") recognizes
     # factories by identity in a set it builds lazily, once. Build it from the *original* functions
@@ -134,6 +128,7 @@ class _NullEvent(_NullStream):
         return 0.0
 
 
+@_patches.patch
 def cuda_runtime_stubs() -> None:
     _set(torch.cuda, "synchronize", lambda *a, **k: None)
     _set(torch.cuda, "current_stream", lambda *a, **k: _NullStream())
@@ -157,6 +152,7 @@ _CPU_TO_CUDA_TYPE = {
 }
 
 
+@_patches.patch
 def tensor_type_names() -> None:
     orig_type = torch.Tensor.type
 
@@ -171,6 +167,7 @@ def tensor_type_names() -> None:
     _set(torch.Tensor, "type", type_)
 
 
+@_patches.patch
 def rng_tracker_on_cpu() -> None:
     from megatron.core.tensor_parallel import random as mrandom
 
@@ -193,85 +190,20 @@ def rng_tracker_on_cpu() -> None:
     _set(torch.cuda, "manual_seed", lambda seed: torch.default_generator.manual_seed(int(seed)))
 
 
-def distributed_optimizer_checkpoint() -> None:
-    from megatron.core.optimizer import distrib_optimizer as dopt
-
-    cls = dopt.DistributedOptimizer
-    orig_set_states = cls._set_main_param_and_optimizer_states
-    orig_load_state_dict = cls.load_state_dict
-    orig_state_dict = cls.state_dict
-
-    def state_dict(self):
-        # (a) megatron's init_state_fn creates exp_avg/exp_avg_sq but not torch Adam's `step`, and
-        # state_dict() reads `step` from every state (also when building the sharded dict to load into).
-        inner = getattr(self, "optimizer", None)
-        for st in (inner.state.values() if inner is not None else ()):
-            if st and "step" not in st:
-                st["step"] = torch.tensor(0.0)
-        return orig_state_dict(self)
-
-    def set_states(self, model_param, tensors):
-        # (a) the checkpoint carries no per-parameter `step` (megatron restores it separately), but
-        # the destination Adam state has one: give it a non-tensor so megatron skips it; (c) no_grad.
-        tensors = dict(tensors)
-        tensors.setdefault("step", None)
-        with torch.no_grad():
-            orig_set_states(self, model_param, tensors)
-
-    def load_state_dict(self, state_dict):
-        orig_load_state_dict(self, state_dict)
-        _unshare_step_tensors(self)  # (b)
-
-    _set(cls, "_set_main_param_and_optimizer_states", set_states)
-    _set(cls, "load_state_dict", load_state_dict)
-    _set(cls, "state_dict", state_dict)
-
-
-def _unshare_step_tensors(dist_opt) -> None:
-    """(b) Give every parameter's Adam state its own ``step`` tensor (values kept)."""
-    inner = getattr(dist_opt, "optimizer", None)
-    if inner is None:
-        return
-    seen: set[int] = set()
-    for state in inner.state.values():
-        step = state.get("step")
-        if torch.is_tensor(step):
-            if id(step) in seen:
-                state["step"] = step.detach().clone()
-            seen.add(id(state["step"]))
-
-
-PATCHES = {
-    "cuda_tensor_factories": cuda_tensor_factories,
-    "cuda_runtime_stubs": cuda_runtime_stubs,
-    "tensor_type_names": tensor_type_names,
-    "rng_tracker_on_cpu": rng_tracker_on_cpu,
-    "distributed_optimizer_checkpoint": distributed_optimizer_checkpoint,
-}
+PATCHES = _patches.patches
 
 
 def activate(only: tuple[str, ...] | None = None) -> None:
     """Apply the patches (idempotent). Refuses to run where CUDA is available."""
     if torch.cuda.is_available():
         raise RuntimeError("v2pe_megatron.runtime.cpu_compat must not be activated on a CUDA machine")
-    for name, patch in PATCHES.items():
-        if (only is None or name in only) and name not in _ACTIVE:
-            _CURRENT.append(name)
-            try:
-                patch()
-            finally:
-                _CURRENT.pop()
-            _ACTIVE.add(name)
-    log.debug("cpu_compat active: %s", sorted(_ACTIVE))
+    _patches.activate(only)
 
 
 def is_active(name: str | None = None) -> bool:
-    return bool(_ACTIVE) if name is None else name in _ACTIVE
+    return _patches.is_active(name)
 
 
 def deactivate(*names: str) -> None:
     """Undo the named patches, or all of them (the tests use this to show what each one prevents)."""
-    for name in names or tuple(_ORIGINALS):
-        for obj, attr, orig in reversed(_ORIGINALS.pop(name, [])):
-            setattr(obj, attr, orig)
-        _ACTIVE.discard(name)
+    _patches.deactivate(*names)

@@ -119,7 +119,11 @@ def process_group(backend: str = "auto", timeout_minutes: float = 10.0,
 def initialize_model_parallel(tp: int = 1, pp: int = 1, cp: int = 1, *, seed: int = 1234,
                               hierarchical_cp_sizes: Optional[list[int]] = None,
                               timeout_minutes: float = 10.0) -> None:
-    """megatron-core parallel state (order tp-cp-dp-pp) and the model-parallel RNG tracker."""
+    """megatron-core parallel state (order tp-cp-dp-pp), the model-parallel RNG tracker and the
+    process-wide generators (torch CPU, python, numpy), all from ``seed``."""
+    import random
+
+    import numpy as np
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
 
@@ -129,6 +133,12 @@ def initialize_model_parallel(tp: int = 1, pp: int = 1, cp: int = 1, *, seed: in
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, context_parallel_size=cp,
         hierarchical_context_parallel_sizes=list(hierarchical_cp_sizes) if hierarchical_cp_sizes else None,
         distributed_timeout_minutes=int(max(1, timeout_minutes)))
+    # megatron's call seeds CUDA generators only: on a GPU, parameters made on the CPU (the vision
+    # embeddings, the patch conv) would otherwise ignore the seed. Before it, because torch.manual_seed
+    # seeds CUDA too and megatron's CUDA seeds must be the ones that stay.
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 

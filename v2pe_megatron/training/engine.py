@@ -39,7 +39,14 @@ def build_optimizer(opt: OptimizerConfig, model: list[torch.nn.Module], *, param
         adam_beta1=opt.adam_beta1, adam_beta2=opt.adam_beta2, adam_eps=opt.adam_eps, sgd_momentum=0.0,
         clip_grad=opt.clip_grad, bf16=bf16, fp16=fp16, params_dtype=params_dtype,
         use_distributed_optimizer=use_distributed_optimizer)
-    return get_megatron_optimizer(cfg, model)
+    optimizer = get_megatron_optimizer(cfg, model)
+    if use_distributed_optimizer:
+        # megatron falls back to torch's Adam without TE/apex, on GPUs too, and then resumes wrongly.
+        from v2pe_megatron.runtime import torch_adam_checkpoint
+
+        if torch_adam_checkpoint.needed(optimizer):
+            torch_adam_checkpoint.activate()
+    return optimizer
 
 
 @dataclass
