@@ -177,11 +177,14 @@ class _Ring:
         self.prev = ranks[(self.rank - 1) % self.size]
 
     def start(self, tensor: Tensor, tag: int):
-        # Distinct tags keep K/V blocks and gradient accumulators (same shape) from being matched
-        # to each other's receives.
+        # One batch_isend_irecv per exchange (as megatron's p2p_communication and Transformer Engine
+        # do): NCCL blocks an ungrouped send until the peer posts the matching receive, which
+        # deadlocks a ring where every rank sends first. Tags separate K/V blocks from gradient
+        # accumulators (same shape) on gloo only; NCCL ignores them and matches a pair's messages
+        # in posting order, which is why callers must post exchanges in the same order on every rank.
         recv = torch.empty_like(tensor)
-        works = [dist.isend(tensor, dst=self.next, group=self.group, tag=tag),
-                 dist.irecv(recv, src=self.prev, group=self.group, tag=tag)]
+        works = dist.batch_isend_irecv([dist.P2POp(dist.isend, tensor, self.next, self.group, tag),
+                                        dist.P2POp(dist.irecv, recv, self.prev, self.group, tag)])
         return works, recv
 
     @staticmethod
@@ -283,6 +286,8 @@ class _RingAttention(torch.autograd.Function):
         dq = torch.zeros_like(qs)
         cur = kv
         dkv = torch.zeros_like(kv)  # gradients for the K/V block currently held (starts with our own)
+        # Two exchanges are in flight per step; the posting order (K/V of step i, then dK/dV of step
+        # i) depends on the step only, never on the rank, so NCCL's in-order matching pairs them right.
         for step in range(cp):
             pending = ring.start(cur, _KV_TAG) if step < cp - 1 else None
             src = (rank - step) % cp
