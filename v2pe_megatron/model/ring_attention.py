@@ -33,7 +33,7 @@ import torch.distributed as dist
 from megatron.core.packed_seq_params import PackedSeqParams
 from torch import Tensor
 
-__all__ = ["ring_attention", "RingCoreAttention", "RowLayout", "Segment", "row_layouts"]
+__all__ = ["ring_attention", "RowLayout", "Segment", "row_layouts"]
 
 # Upper bound on elements of one score tile (heads x query rows x keys): 2^21 floats = 8 MiB.
 _TILE_ELEMS = 1 << 21
@@ -325,33 +325,3 @@ def ring_attention(query: Tensor, key: Tensor, value: Tensor, *, causal: bool, s
     group = cp_group if cp > 1 else None
     layouts = row_layouts(packed_seq_params, query.shape[1], query.shape[0], cp)
     return _RingAttention.apply(query, key, value, layouts, causal, float(softmax_scale), group)
-
-
-def _core_attention_base():
-    from v2pe_megatron.model.attention import SDPACoreAttention
-
-    return SDPACoreAttention
-
-
-class RingCoreAttention(_core_attention_base()):
-    """The local spec's core attention, but blockwise (ring) at every CP size, CP=1 included.
-
-    ``SDPACoreAttention`` at CP=1 builds an [s, s] block-diagonal mask, O(s^2) memory; this one
-    keeps O(s) (saved q/k/v/out/lse plus one score tile), which is what long packs on a machine
-    without flash attention need, and what makes CP=1 a fair baseline in ``benchmarks/cp_memory.py``.
-    """
-
-    def forward(self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor],
-                attn_mask_type=None, attention_bias: Optional[Tensor] = None,
-                packed_seq_params: Optional[PackedSeqParams] = None, **_unused) -> Tensor:
-        from megatron.core.transformer.enums import AttnMaskType
-
-        if attention_bias is not None:
-            raise NotImplementedError("attention_bias is not supported by RingCoreAttention")
-        mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
-        if attention_mask is not None and packed_seq_params is None:
-            raise NotImplementedError("RingCoreAttention takes packed_seq_params, not an attention mask")
-        causal = mask_type in (AttnMaskType.causal, AttnMaskType.padding_causal)
-        group = self.pg_collection.cp if self.cp_size > 1 else None
-        return ring_attention(query, key, value, causal=causal, softmax_scale=self.softmax_scale,
-                              packed_seq_params=packed_seq_params, cp_group=group)
