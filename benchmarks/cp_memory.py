@@ -71,8 +71,8 @@ def bench_rank(lengths: list[int], layers: int, max_sub: int) -> list[dict]:
     from megatron.core import parallel_state as ps
 
     from v2pe_megatron.config import load_recipe
+    from v2pe_megatron.model.attention import RingCoreAttention
     from v2pe_megatron.model.language import LanguageModel, language_transformer_config
-    from v2pe_megatron.model.ring_attention import RingCoreAttention
     from v2pe_megatron.model.specs import block_spec, layer_spec
     from v2pe_megatron.parallel.packed_seq import split_batch_for_cp
     from v2pe_megatron.runtime.distributed import model_parallel

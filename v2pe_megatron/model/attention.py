@@ -5,6 +5,9 @@ A drop-in for megatron-core's ``core_attention`` slot (same forward signature as
 [s, b, np * hn]. Unlike megatron's local ``DotProductAttention`` it understands packed sequences:
 ``packed_seq_params.cu_seqlens_q(_padded)`` (per batch row when given as a list) turns the mask
 into per-sub-sample attention, so attention never crosses a sub-sample boundary.
+
+Under context parallelism both classes call :func:`v2pe_megatron.model.ring_attention.ring_attention`;
+``RingCoreAttention`` does so at CP=1 too.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import divide
 from torch import Tensor
+
+from v2pe_megatron.model.ring_attention import ring_attention
 
 
 def row_boundaries(cu_seqlens: Tensor | list[Tensor], seq_len: int, batch: int) -> list[list[int]]:
@@ -84,8 +89,6 @@ class SDPACoreAttention(MegatronModule):
         causal = mask_type in (AttnMaskType.causal, AttnMaskType.padding_causal)
         s, b = query.shape[0], query.shape[1]
         if self.cp_size > 1:
-            from v2pe_megatron.model.ring_attention import ring_attention  # CP path (ring over the cp group)
-
             return ring_attention(query, key, value, causal=causal, softmax_scale=self.softmax_scale,
                                   packed_seq_params=packed_seq_params, cp_group=self.pg_collection.cp)
         # [s, b, h, d] -> [b, h, s, d]
@@ -117,3 +120,25 @@ class SDPACoreAttention(MegatronModule):
                        scale=self.softmax_scale)
         # [b, h, s, d] -> [s, b, h*d]
         return out.permute(2, 0, 1, 3).reshape(s, b, self.heads_per_partition * self.head_dim)
+
+
+class RingCoreAttention(SDPACoreAttention):
+    """The local spec's core attention, but blockwise (ring) at every CP size, CP=1 included.
+
+    ``SDPACoreAttention`` at CP=1 builds an [s, s] block-diagonal mask, O(s^2) memory; this one
+    keeps O(s) (saved q/k/v/out/lse plus one score tile), which is what long packs on a machine
+    without flash attention need, and what makes CP=1 a fair baseline in ``benchmarks/cp_memory.py``.
+    """
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor],
+                attn_mask_type: Optional[AttnMaskType] = None, attention_bias: Optional[Tensor] = None,
+                packed_seq_params: Optional[PackedSeqParams] = None, **_unused) -> Tensor:
+        if attention_bias is not None:
+            raise NotImplementedError("attention_bias is not supported by RingCoreAttention")
+        mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
+        if attention_mask is not None and packed_seq_params is None:
+            raise NotImplementedError("RingCoreAttention takes packed_seq_params, not an attention mask")
+        causal = mask_type in (AttnMaskType.causal, AttnMaskType.padding_causal)
+        group = self.pg_collection.cp if self.cp_size > 1 else None
+        return ring_attention(query, key, value, causal=causal, softmax_scale=self.softmax_scale,
+                              packed_seq_params=packed_seq_params, cp_group=group)

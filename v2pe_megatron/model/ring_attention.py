@@ -33,7 +33,7 @@ import torch.distributed as dist
 from megatron.core.packed_seq_params import PackedSeqParams
 from torch import Tensor
 
-__all__ = ["ring_attention", "RingCoreAttention", "RowLayout", "Segment", "row_layouts"]
+__all__ = ["ring_attention", "RowLayout", "Segment", "row_layouts"]
 
 # Upper bound on elements of one score tile (heads x query rows x keys): 2^21 floats = 8 MiB.
 _TILE_ELEMS = 1 << 21
@@ -177,11 +177,14 @@ class _Ring:
         self.prev = ranks[(self.rank - 1) % self.size]
 
     def start(self, tensor: Tensor, tag: int):
-        # Distinct tags keep K/V blocks and gradient accumulators (same shape) from being matched
-        # to each other's receives.
+        # One batch_isend_irecv per exchange (as megatron's p2p_communication and Transformer Engine
+        # do): NCCL blocks an ungrouped send until the peer posts the matching receive, which
+        # deadlocks a ring where every rank sends first. Tags separate K/V blocks from gradient
+        # accumulators (same shape) on gloo only; NCCL ignores them and matches a pair's messages
+        # in posting order, which is why callers must post exchanges in the same order on every rank.
         recv = torch.empty_like(tensor)
-        works = [dist.isend(tensor, dst=self.next, group=self.group, tag=tag),
-                 dist.irecv(recv, src=self.prev, group=self.group, tag=tag)]
+        works = dist.batch_isend_irecv([dist.P2POp(dist.isend, tensor, self.next, self.group, tag),
+                                        dist.P2POp(dist.irecv, recv, self.prev, self.group, tag)])
         return works, recv
 
     @staticmethod
@@ -283,6 +286,8 @@ class _RingAttention(torch.autograd.Function):
         dq = torch.zeros_like(qs)
         cur = kv
         dkv = torch.zeros_like(kv)  # gradients for the K/V block currently held (starts with our own)
+        # Two exchanges are in flight per step; the posting order (K/V of step i, then dK/dV of step
+        # i) depends on the step only, never on the rank, so NCCL's in-order matching pairs them right.
         for step in range(cp):
             pending = ring.start(cur, _KV_TAG) if step < cp - 1 else None
             src = (rank - step) % cp
@@ -320,33 +325,3 @@ def ring_attention(query: Tensor, key: Tensor, value: Tensor, *, causal: bool, s
     group = cp_group if cp > 1 else None
     layouts = row_layouts(packed_seq_params, query.shape[1], query.shape[0], cp)
     return _RingAttention.apply(query, key, value, layouts, causal, float(softmax_scale), group)
-
-
-def _core_attention_base():
-    from v2pe_megatron.model.attention import SDPACoreAttention
-
-    return SDPACoreAttention
-
-
-class RingCoreAttention(_core_attention_base()):
-    """The local spec's core attention, but blockwise (ring) at every CP size, CP=1 included.
-
-    ``SDPACoreAttention`` at CP=1 builds an [s, s] block-diagonal mask, O(s^2) memory; this one
-    keeps O(s) (saved q/k/v/out/lse plus one score tile), which is what long packs on a machine
-    without flash attention need, and what makes CP=1 a fair baseline in ``benchmarks/cp_memory.py``.
-    """
-
-    def forward(self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor],
-                attn_mask_type=None, attention_bias: Optional[Tensor] = None,
-                packed_seq_params: Optional[PackedSeqParams] = None, **_unused) -> Tensor:
-        from megatron.core.transformer.enums import AttnMaskType
-
-        if attention_bias is not None:
-            raise NotImplementedError("attention_bias is not supported by RingCoreAttention")
-        mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
-        if attention_mask is not None and packed_seq_params is None:
-            raise NotImplementedError("RingCoreAttention takes packed_seq_params, not an attention mask")
-        causal = mask_type in (AttnMaskType.causal, AttnMaskType.padding_causal)
-        group = self.pg_collection.cp if self.cp_size > 1 else None
-        return ring_attention(query, key, value, causal=causal, softmax_scale=self.softmax_scale,
-                              packed_seq_params=packed_seq_params, cp_group=group)
