@@ -1,6 +1,7 @@
 """``check_collective_devices``: CI is CPU-only, so a collective on a tensor made without a device
 passes here and fails on the first GPU run (NCCL: "No backend type associated with device type cpu").
-The checker makes such collectives fail on CPU too."""
+The checker makes such collectives fail on CPU too; the training loop, with a checkpoint and a resume,
+runs under it."""
 
 from __future__ import annotations
 
@@ -147,3 +148,26 @@ def test_to_another_tensor_follows_it(one_rank):
         with pytest.raises(AssertionError):
             dist.all_reduce(torch.ones(1, device=rt.device()).to(torch.tensor([1.0])))
 
+
+def _train_checked(overrides: list[str]) -> tuple[int, int, list[float]]:
+    from v2pe_megatron.config import load_recipe
+    from v2pe_megatron.training.loop import train
+
+    recipe = load_recipe(ROOT / "recipes/tiny_cpu.yaml", overrides)
+    with check_collective_devices():
+        s = train(recipe)
+    return s.final_step - s.steps_run, s.final_step, s.losses
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", [[], ["parallel.tp=2"], ["parallel.pp=2"]], ids=["dp2", "tp2", "pp2"])
+def test_training_loop_save_and_resume_under_checker(tmp_path, layout):
+    """Two ranks train, save at step 2 and stop; a second job resumes from that checkpoint and saves
+    again: every collective of the loop, the schedules, the optimizer and the checkpoints is checked."""
+    base = ["tracking.backend=none", f"checkpoint.dir={tmp_path / 'ckpt'}", "data.seq_length=128",
+            "train.steps=3", "train.log_interval=100", *layout]
+    first = run_distributed(_train_checked, 2, base + ["train.exit_after_steps=2"], timeout=300)
+    assert [r[:2] for r in first] == [(0, 2)] * 2
+    second = run_distributed(_train_checked, 2, base, timeout=300)
+    assert [r[:2] for r in second] == [(2, 3)] * 2
+    assert all(0 < x < 20 for x in first[0][2] + second[0][2])
