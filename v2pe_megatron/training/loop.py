@@ -154,7 +154,8 @@ def _should_stop(recipe: Recipe, steps_run: int, t0: float) -> bool:
     t = recipe.train
     stop = (t.exit_after_steps and steps_run >= t.exit_after_steps) or \
         (t.wallclock_minutes and time.time() - t0 >= 60 * t.wallclock_minutes)
-    flag = torch.tensor([1.0 if stop else 0.0])
+    # on this rank's device: an NCCL group has no CPU collectives
+    flag = torch.tensor([1.0 if stop else 0.0], device=rt.device())
     if dist.is_initialized():  # rank clocks differ: all ranks stop together
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return bool(flag.item())
@@ -163,7 +164,7 @@ def _should_stop(recipe: Recipe, steps_run: int, t0: float) -> bool:
 def _global_skips(local: dict[str, int]) -> dict[str, int]:
     """Skip counters summed over data-parallel ranks (all ranks call this)."""
     keys = sorted(local)
-    t = torch.tensor([local[k] for k in keys], dtype=torch.float64)
+    t = torch.tensor([local[k] for k in keys], dtype=torch.float64, device=rt.device())
     if dist.is_initialized() and ps.get_data_parallel_world_size() > 1:
         dist.all_reduce(t, group=ps.get_data_parallel_group(with_context_parallel=False))
     return {k: int(v) for k, v in zip(keys, t.tolist())}
