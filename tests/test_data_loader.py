@@ -294,3 +294,26 @@ def test_webdataset_text_members_and_missing_member(tmp_path):
     with pytest.raises(SampleError) as e:
         c.images[0].load()
     assert e.value.reason == "missing_image"
+
+
+def test_loader_without_dali_tiles_with_pillow(monkeypatch, caplog):
+    from v2pe_megatron.data import tiling
+
+    with_dali = build_train_loader(_recipe(), dp_rank=0, dp_size=1, prefetch=0)
+    assert isinstance(with_dali.tiler, tiling.DaliTiler)
+    want = _take(with_dali, 3)
+    monkeypatch.setitem(__import__("sys").modules, "nvidia.dali", None)  # "import nvidia.dali" now fails
+    monkeypatch.setattr(tiling, "_fallback_logged", False)
+    loaders = [build_train_loader(_recipe(), dp_rank=0, dp_size=1) for _ in range(2)]
+    assert all(isinstance(ld.tiler, tiling.PillowTiler) for ld in loaders)
+    assert len([r for r in caplog.records if "nvidia-dali cannot be imported" in r.getMessage()]) == 1
+    got = _take(loaders[0], 3)
+    for w, g in zip(want, got):
+        _check_batch(g)
+        for k in ("tokens", "labels", "position_ids", "num_tiles"):
+            np.testing.assert_array_equal(np.asarray(g[k]), np.asarray(w[k]), err_msg=k)
+        assert [r.tolist() for r in g["sample_ids"]] == [r.tolist() for r in w["sample_ids"]]
+        assert g["pixel_values"].shape == w["pixel_values"].shape
+        assert (g["pixel_values"] - w["pixel_values"]).abs().mean() < 0.01  # normalised units (~0.5 of a pixel level)
+    for ld in loaders:
+        ld.close()

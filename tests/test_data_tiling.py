@@ -1,5 +1,6 @@
 """Dynamic tiling: the grid rule against a plain transcription of InternVL's code, DALI pixels against
-the Pillow reference on real photographs, and corrupt images failing alone."""
+the Pillow reference on real photographs, the Pillow tiler (used without DALI) against DALI, and
+corrupt images failing alone."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 from PIL import Image
 
 from v2pe_megatron.data.tiling import (
-    IMAGENET_STD, DaliTiler, ImageDecodeError, choose_grid, image_size_of, pillow_tiles, tiles_for)
+    IMAGENET_STD, DaliTiler, ImageDecodeError, PillowTiler, choose_grid, image_size_of, pillow_tiles, tiles_for)
 
 
 def _internvl_grid(width, height, min_num, max_num, image_size):
@@ -118,11 +119,36 @@ def test_dali_tiles_row_major_and_thumbnail_small(photos):
     np.testing.assert_array_equal(c, a[:6])
 
 
-def test_corrupt_image_fails_alone(photos):
+def _pixel_units(a):
+    return np.abs(a) * np.asarray(IMAGENET_STD, np.float32)[:, None, None] * 255
+
+
+@pytest.mark.parametrize("use_thumbnail", [True, False])
+def test_pillow_tiler_matches_dali(photos, use_thumbnail):
+    s = 56
+    names = ["astronaut.jpg", "chelsea.png", "coffee.jpg", "camera_gray.png", "rocket.jpg"]
+    enc = [photos[n] for n in names]
+    grids = [choose_grid(*image_size_of(e), min_num=1, max_num=6, image_size=s) for e in enc] + [(1, 1), (2, 3)]
+    enc += [photos["coffee.jpg"], photos["rocket.jpg"]]
+    assert len(set(grids)) >= 3
+    pil = PillowTiler(s, use_thumbnail=use_thumbnail)(enc, grids)
+    dali = DaliTiler(s, use_thumbnail=use_thumbnail, max_batch=3)(enc, grids)
+    for e, g, p, d in zip(enc, grids, pil, dali):
+        assert p.shape == d.shape == (tiles_for(g, use_thumbnail), 3, s, s) and p.dtype == np.float32
+        np.testing.assert_array_equal(p, pillow_tiles(Image.open(io.BytesIO(e)), g, s, use_thumbnail))
+        per_tile = _pixel_units(p - d).mean(axis=(1, 2, 3))
+        assert per_tile.max() < 2.0, (g, per_tile)
+    # encoded images given as uint8 arrays, as DALI also takes them
+    (again,) = PillowTiler(s, use_thumbnail=use_thumbnail)([np.frombuffer(enc[0], np.uint8)], grids[:1])
+    np.testing.assert_array_equal(again, pil[0])
+
+
+@pytest.mark.parametrize("tiler_cls", [DaliTiler, PillowTiler])
+def test_corrupt_image_fails_alone(photos, tiler_cls):
     good = photos["astronaut.jpg"]
     truncated = good[: len(good) // 3]
     garbage = b"this is not an image at all" * 4
-    tiler = DaliTiler(56, max_batch=4)
+    tiler = tiler_cls(56, max_batch=4)
     out = tiler([good, truncated, garbage, photos["chelsea.png"]], [(1, 1), (1, 1), (1, 1), (2, 1)])
     assert isinstance(out[1], ImageDecodeError) and isinstance(out[2], ImageDecodeError)
     assert out[0].shape == (1, 3, 56, 56) and out[3].shape == (3, 3, 56, 56)
@@ -139,6 +165,7 @@ def test_mixed_gpu_decode_matches_cpu(photos):
 
     if not cuda_available():
         pytest.skip("needs CUDA")
+    pytest.importorskip("nvidia.dali", reason="needs nvidia-dali")
     enc = [photos["astronaut.jpg"], photos["coffee.jpg"]]
     grids = [(2, 2), (3, 2)]
     cpu = DaliTiler(56, device="cpu")(enc, grids)

@@ -30,7 +30,7 @@ from v2pe_megatron.data.chat import tokenize_sample
 from v2pe_megatron.data.formats import MemoryDataset, MixedIndex, load_meta
 from v2pe_megatron.data.packing import Packer, PreparedSample, collate, truncate_or_skip
 from v2pe_megatron.data.skips import NoUsableSamplesError, SampleError, SkipCounter
-from v2pe_megatron.data.tiling import DaliTiler, ImageDecodeError, choose_grid, image_size_of, tiles_for
+from v2pe_megatron.data.tiling import ImageDecodeError, choose_grid, image_size_of, make_tiler, tiles_for
 from v2pe_megatron.data.tokenizer import Tokenizer, build_tokenizer
 
 if TYPE_CHECKING:
@@ -85,9 +85,9 @@ class TrainLoader:
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.max_epochs = max_epochs
         self.prefetch = prefetch
-        self.tiler = DaliTiler(settings.image_size, use_thumbnail=settings.data.use_thumbnail,
-                               num_threads=max(1, settings.data.num_workers), max_batch=settings.window,
-                               device=settings.data.dali_device)
+        self.tiler = make_tiler(settings.image_size, use_thumbnail=settings.data.use_thumbnail,
+                                num_threads=max(1, settings.data.num_workers), max_batch=settings.window,
+                                device=settings.data.dali_device)
         self._state: dict[str, Any] = {"epoch": 0, "pos": 0, "skips": SkipCounter().as_dict()}
         self._skips = SkipCounter()
         self.stats = {"samples": 0, "tokens": 0, "tiles": 0, "packs": 0, "micro_batches": 0}

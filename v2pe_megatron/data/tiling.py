@@ -15,16 +15,22 @@ multi-tile images (a per-sample DALI conditional): for a 1x1 grid it would repea
 be dropped, which was up to half the work of such an image; with ``use_thumbnail=False`` the graph has
 no thumbnail at all. ``antialias=True`` costs nothing when magnifying (DALI 2.4 CPU, measured), so
 there is no separate magnify-only path.
+
+Where nvidia-dali is not installed (it is a 400 MB wheel that not every machine carries),
+:func:`make_tiler` returns a :class:`PillowTiler`: the same call on the Pillow reference, slower.
 """
 
 from __future__ import annotations
 
 import io
+import logging
 import threading
 from collections.abc import Sequence
 from functools import lru_cache
 
 import numpy as np
+
+log = logging.getLogger("v2pe_megatron.data")
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -222,3 +228,53 @@ class DaliTiler:
                             first = next((ln for ln in str(e).splitlines() if ln.strip()), "decode failed")
                             results.append(ImageDecodeError(first))
         return results
+
+
+# ---------------------------------------------------------------------------------------------
+# Without DALI
+# ---------------------------------------------------------------------------------------------
+class PillowTiler:
+    """:class:`DaliTiler`'s call on :func:`pillow_tiles`, one image at a time on the calling thread.
+
+    ``num_threads``, ``max_batch`` and ``device`` are accepted so the two are interchangeable; the
+    work is CPU only. Tiles agree with DALI's to within resampling rounding (tests/test_data_tiling.py).
+    """
+
+    def __init__(self, image_size: int, *, use_thumbnail: bool = True, num_threads: int = 1,
+                 max_batch: int = 16, device: str = "cpu") -> None:
+        self.image_size = image_size
+        self.use_thumbnail = use_thumbnail
+        self.device = "cpu"
+
+    def __call__(self, encoded: Sequence[bytes | np.ndarray],
+                 grids: Sequence[tuple[int, int]]) -> list[np.ndarray | ImageDecodeError]:
+        from PIL import Image, UnidentifiedImageError
+
+        results: list[np.ndarray | ImageDecodeError] = []
+        for e, grid in zip(encoded, grids):
+            try:
+                with Image.open(io.BytesIO(e)) as im:
+                    results.append(pillow_tiles(im, grid, self.image_size, self.use_thumbnail))
+            except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+                results.append(ImageDecodeError(f"decode failed: {err}"))
+        return results
+
+
+_fallback_logged = False
+
+
+def make_tiler(image_size: int, *, use_thumbnail: bool = True, num_threads: int = 1, max_batch: int = 16,
+               device: str = "cpu") -> DaliTiler | PillowTiler:
+    """A :class:`DaliTiler`, or a :class:`PillowTiler` when nvidia-dali cannot be imported."""
+    global _fallback_logged
+    try:
+        import nvidia.dali  # noqa: F401  (DaliTiler only imports it at its first batch)
+    except ImportError as e:
+        if not _fallback_logged:
+            _fallback_logged = True
+            log.warning("nvidia-dali cannot be imported (%s): tiling images with Pillow on the CPU "
+                        "(same tiles, slower; data.dali_device=%s not used)", e, device)
+        return PillowTiler(image_size, use_thumbnail=use_thumbnail, num_threads=num_threads,
+                           max_batch=max_batch, device=device)
+    return DaliTiler(image_size, use_thumbnail=use_thumbnail, num_threads=num_threads, max_batch=max_batch,
+                     device=device)
