@@ -25,6 +25,7 @@ from megatron.core.utils import divide
 from torch import Tensor
 
 from v2pe_megatron.model.ring_attention import ring_attention
+from v2pe_megatron.parallel.layout import LayoutError, cp_comm_type_problem
 
 
 def row_boundaries(cu_seqlens: Tensor | list[Tensor], seq_len: int, batch: int) -> list[list[int]]:
@@ -76,9 +77,9 @@ class SDPACoreAttention(MegatronModule):
         # asks for CP split their sequence (the vision tower keeps context_parallel_size=1).
         self.cp_size = (pg_collection.cp.size() if config.context_parallel_size > 1
                         and getattr(pg_collection, "cp", None) is not None else 1)
-        if self.cp_size > 1 and cp_comm_type not in (None, "p2p"):
-            raise ValueError(f"parallel.cp_comm_type={cp_comm_type!r} needs Transformer Engine (model.spec=te); the "
-                             f"local spec's ring attention exchanges K/V point to point: use cp_comm_type=p2p")
+        problem = cp_comm_type_problem(cp_comm_type or "p2p", "local", self.cp_size)
+        if problem:
+            raise LayoutError(problem)
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor],
                 attn_mask_type: Optional[AttnMaskType] = None, attention_bias: Optional[Tensor] = None,
@@ -125,9 +126,10 @@ class SDPACoreAttention(MegatronModule):
 class RingCoreAttention(SDPACoreAttention):
     """The local spec's core attention, but blockwise (ring) at every CP size, CP=1 included.
 
-    ``SDPACoreAttention`` at CP=1 builds an [s, s] block-diagonal mask, O(s^2) memory; this one
-    keeps O(s) (saved q/k/v/out/lse plus one score tile), which is what long packs on a machine
-    without flash attention need, and what makes CP=1 a fair baseline in ``benchmarks/cp_memory.py``.
+    ``SDPACoreAttention`` at CP=1 calls torch SDPA per sub-sample, whose CPU (math) kernel holds each
+    sub-sample's [L, L] scores; this one keeps O(s) (saved q/k/v/out/lse plus one score tile), which
+    is what long packs on a machine without flash attention need, and what makes CP=1 a fair
+    baseline in ``benchmarks/cp_memory.py``.
     """
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor],

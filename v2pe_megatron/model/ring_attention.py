@@ -1,6 +1,6 @@
 """Ring attention over the context-parallel group, for packed sequences, without Transformer Engine.
 
-Layout (megatron's and Transformer Engine's THD convention, :mod:`v2pe_megatron.cp_split`): every
+Layout (megatron's and Transformer Engine's THD convention, :mod:`v2pe_megatron.parallel.cp_split`): every
 sub-sample of a row, padded length ``L`` (a multiple of 2*cp), is cut into 2*cp chunks of
 ``c = L / (2 cp)`` tokens and rank ``r`` holds chunks ``r`` and ``2cp-1-r``, sub-sample after
 sub-sample. ``cu_seqlens`` in :class:`PackedSeqParams` describe the *whole* pack (global offsets),
