@@ -1,4 +1,5 @@
-"""Shared pytest setup: `gpu`-marked tests skip without CUDA; quiet, single-threaded torch."""
+"""Shared pytest setup: `gpu`-marked tests skip without CUDA; multi-rank tests must be `slow`-marked;
+quiet, single-threaded torch."""
 
 from __future__ import annotations
 
@@ -21,3 +22,12 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_runtest_setup(item):
+    # Before any fixture of the test (module-scoped ones too): run_distributed refuses to start ranks
+    # for a test that is not marked slow, so that `-m 'not slow'` stays the quick loop.
+    if item.get_closest_marker("slow") is not None:
+        os.environ["V2PE_TEST_MARKED_SLOW"] = "1"
+    else:
+        os.environ.pop("V2PE_TEST_MARKED_SLOW", None)

@@ -7,7 +7,7 @@
 #
 # Parts: a) install the carried wheels, torch/CUDA/GPU; b) the gpu-marked tests (those needing
 # Transformer Engine or DALI skip with their reason); c) the tiny LLM's training step in bf16 against
-# fp32 (tests/test_gpu_bf16.py); d) 1-rank NCCL v2pe-train on the tiny recipe with step times;
+# fp32 (tests/training/test_gpu_bf16.py); d) 1-rank NCCL v2pe-train on the tiny recipe with step times;
 # e) SUMMARY, one line per part. The whole log goes to $OUT/device_check.log when $OUT is set.
 #
 # --dry-run: checks the wheels are there and under the limit, installs them into a temporary
@@ -38,9 +38,9 @@ define_cmds() {
   INSTALL=("$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade
            --target "$site" .whl/*.whl)
   INFO=("$py" tools/device_info.py)
-  GPU_TESTS=("$py" -m pytest -m gpu tests/ --ignore=tests/test_gpu_bf16.py -q -rs -p no:cacheprovider -p no:warnings
+  GPU_TESTS=("$py" -m pytest -m gpu tests/ --ignore=tests/training/test_gpu_bf16.py -q -rs -p no:cacheprovider -p no:warnings
              --timeout=120)
-  BF16_TEST=("$py" -m pytest -m gpu tests/test_gpu_bf16.py -q -s -rs -p no:cacheprovider -p no:warnings --timeout=120)
+  BF16_TEST=("$py" -m pytest -m gpu tests/training/test_gpu_bf16.py -q -s -rs -p no:cacheprovider -p no:warnings --timeout=120)
   TRAIN=("$py" -m v2pe_megatron.cli.train recipes/tiny_cpu.yaml launcher.nproc_per_node=1
          launcher.backend=nccl tracking.backend=none train.steps=5 train.log_interval=1 model.dtype=bf16)
 }
@@ -152,7 +152,7 @@ dry_run() {
   add b "gpu tests" "$( ((rc == 0)) && echo PASS || echo FAIL)" "dry: $(pytest_counts)"
 
   header "c) dry: the bf16/fp32 step comparison on CPU (gloo)"
-  if run 120 "${sim[@]}" "$py" tests/test_gpu_bf16.py; then
+  if run 120 "${sim[@]}" "$py" tests/training/test_gpu_bf16.py; then
     add c "bf16 step" PASS "dry: $(grep -E '^cpu: loss' "$PARTLOG" | sed 's/^cpu: //')"
   else
     add c "bf16 step" FAIL "dry: $(grep -E 'Error' "$PARTLOG" | tail -1)"

@@ -237,7 +237,7 @@ class PillowTiler:
     """:class:`DaliTiler`'s call on :func:`pillow_tiles`, one image at a time on the calling thread.
 
     ``num_threads``, ``max_batch`` and ``device`` are accepted so the two are interchangeable; the
-    work is CPU only. Tiles agree with DALI's to within resampling rounding (tests/test_data_tiling.py).
+    work is CPU only. Tiles agree with DALI's to within resampling rounding (tests/data/test_tiling.py).
     """
 
     def __init__(self, image_size: int, *, use_thumbnail: bool = True, num_threads: int = 1,

@@ -3,7 +3,7 @@
 megatron-core is written for GPUs and hard-codes CUDA in a handful of places. Everything here exists
 so that the *same* TP x PP x CP x DP code paths run on gloo in CI; nothing changes a numerical
 result. :func:`activate` is called by the runtime only when the process has no CUDA (it refuses to
-run otherwise), and every patch has a test in ``tests/test_cpu_compat.py`` that shows the failure it
+run otherwise), and every patch has a test in ``tests/runtime/test_cpu_compat.py`` that shows the failure it
 prevents.
 
 Patches (each a named function below):

@@ -11,7 +11,7 @@ apex. With torch's Adam under the DistributedOptimizer, megatron's checkpoint co
     tensor, which the checkpoint keeps per param group, not per parameter;
 (b) on load gives every parameter the *same* ``step`` tensor, which torch's Adam then increments once
     per parameter per step: after a resume, bias correction is silently wrong and the run diverges
-    from the one that was never interrupted (``tests/test_foundation_resume.py``);
+    from the one that was never interrupted (``tests/training/test_resume.py``);
 (c) copies the loaded states in place into leaves that require grad outside ``no_grad``.
 
 The patch gives each state its own ``step`` tensor and runs the copies under ``no_grad``. It acts only

@@ -71,6 +71,9 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 
     """
     from v2pe_megatron.runtime.launch import host_store, rank_env
 
+    if "PYTEST_CURRENT_TEST" in os.environ and "V2PE_TEST_MARKED_SLOW" not in os.environ:
+        raise DistributedTestError("a test that starts ranks must be marked @pytest.mark.slow (tests/conftest.py), "
+                                   "so that `-m 'not slow'` stays the quick loop")
     store = host_store(world_size)
     # Non-daemonic: megatron's checkpoint writer starts helper processes of its own.
     ctx = mp.get_context("spawn")

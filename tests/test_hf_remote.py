@@ -195,6 +195,7 @@ def ours(path: str):
     return model.logits(ids, pixels, pos), model.model_cfg.img_context_token_id, model.hf_layout
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_remote_internlm2_layout_matches_plain_torch(tmp_path):
     tensors = _tensors()

@@ -123,9 +123,25 @@ def _build_cp_model(kind: str) -> str:
     return "no error"
 
 
+@pytest.mark.slow
 def test_model_build_rejects_attention_without_cp():
     from v2pe_megatron.testing.distributed import run_distributed
 
     msgs = run_distributed(_build_cp_models, 2, ["megatron_local", "a2a"], timeout=120)[0]
     assert "DotProductAttention has no context parallelism" in msgs[0], msgs[0]
     assert "set parallel.cp_comm_type=p2p" in msgs[1], msgs[1]
+
+
+def test_gpu_extra_pins_the_transformer_engine_releases_the_table_covers():
+    import re
+    import tomllib
+    from pathlib import Path
+
+    from v2pe_megatron.parallel.layout import TE_VERSION_RANGE
+
+    meta = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())
+    (req,) = [r for r in meta["project"]["optional-dependencies"]["gpu"] if r.startswith("transformer-engine")]
+    lo = tuple(int(x) for x in re.search(r">=(\d+)\.(\d+)", req).groups())
+    hi = tuple(int(x) for x in re.search(r"<(\d+)\.(\d+)", req).groups())
+    first, last = TE_VERSION_RANGE
+    assert lo == first and hi == (last[0], last[1] + 1), (req, TE_VERSION_RANGE)

@@ -91,6 +91,7 @@ LAYOUTS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_layout_matches_single_rank(reference, name):
     d, ref = reference
@@ -146,6 +147,7 @@ def _logits_at(workdir: str, tp: int, pp: int, save: bool) -> dict:
         return {"logits": captured.get("logits"), "last": ps.is_pipeline_last_stage()}
 
 
+@pytest.mark.slow
 def test_checkpoint_saved_at_tp2_loads_at_tp1_and_pp2(tmp_path):
     d = str(tmp_path)
     saved = run_distributed(_logits_at, 2, d, 2, 1, True)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _train(tmp: Path, *overrides: str) -> subprocess.CompletedProcess:
@@ -33,6 +33,7 @@ def uninterrupted(tmp_path_factory):
     return tmp, r
 
 
+@pytest.mark.slow
 def test_demo_run_trains_and_tracks(uninterrupted):
     tmp, r = uninterrupted
     out = r.stdout + r.stderr
@@ -52,6 +53,7 @@ def test_demo_run_trains_and_tracks(uninterrupted):
     assert runs[0].data.params["parallel.tp"] == "1"
 
 
+@pytest.mark.slow
 def test_resume_continues_losses_and_run(uninterrupted, tmp_path):
     _, full = uninterrupted
     first = _train(tmp_path, "train.steps=4", "train.exit_after_steps=2")
@@ -69,6 +71,7 @@ def test_resume_continues_losses_and_run(uninterrupted, tmp_path):
     assert len(runs) == 1  # the resumed job logged into the same run
 
 
+@pytest.mark.slow
 def test_bad_layout_fails_before_launch(tmp_path):
     r = _train(tmp_path, "parallel.tp=3")
     assert r.returncode == 2

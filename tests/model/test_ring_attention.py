@@ -200,6 +200,7 @@ def _ring_world(cases) -> list[dict]:
     return [_check_ring(cp, *c) for c in cases]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cp", [2, 4])
 def test_ring_matches_full_attention(cp):
     cases = [(ROWS_CP4, REAL_CP4, True, None), (ROWS_CP4, REAL_CP4, False, None),
@@ -244,6 +245,7 @@ def _batches(log: list) -> list[list]:
     return [out[b] for b in sorted(out)]
 
 
+@pytest.mark.slow
 def test_ring_exchanges_are_grouped_and_posted_in_the_same_order_on_every_rank():
     # NCCL blocks an ungrouped send until its receive is posted and matches the p2p messages between
     # a pair in posting order, ignoring tags; gloo hides both. So every exchange must be one

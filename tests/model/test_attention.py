@@ -3,6 +3,7 @@ and backward, with GQA, per-row sub-sample layouts and a padding tail."""
 
 from __future__ import annotations
 
+import pytest
 import math
 
 import torch
@@ -59,6 +60,7 @@ def _check() -> dict:
         return errs
 
 
+@pytest.mark.slow
 def test_packed_attention_matches_block_diagonal_reference():
     errs = run_distributed(_check, 1)[0]
     assert errs[True] < 1e-5 and errs[False] < 1e-5, errs

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def load(path: Path):
@@ -35,6 +35,7 @@ def test_plot_positions_writes_png(tmp_path):
         tool.main(["--out", str(tmp_path / "r.png"), "--input-ids", str(ids), "--img-context-id", "7"])
 
 
+@pytest.mark.slow
 def test_benchmark_loop_reference_agrees_and_script_runs():
     bench = load(ROOT / "benchmarks" / "v2pe_positions.py")
     ids = bench.make_sample(5000, 12, 64, seed=3)

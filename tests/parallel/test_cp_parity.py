@@ -169,6 +169,7 @@ def test_packs_hold_images_text_and_padding():
     assert any(b.pixel_values.shape[0] % 4 for b in batches)  # CP4 shares need blank tiles
 
 
+@pytest.mark.slow
 def test_cp_layouts_match_cp1(reference):
     results = run_distributed(run_all_layouts, 4, {k: v["weights"] for k, v in reference.items()}, timeout=480)
     for name, res in results[0].items():

@@ -151,6 +151,7 @@ def compare(tmp: str, names: list[str]) -> dict:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_tp_pp_sp_match_single_rank(tmp_path):
     tmp = str(tmp_path)

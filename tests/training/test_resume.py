@@ -69,6 +69,7 @@ def uninterrupted(tmp_path_factory):
     return d, run_distributed(_run, 2, d, "full", 0, STEPS, False, False)[0]
 
 
+@pytest.mark.slow
 def test_resume_matches_uninterrupted_run(uninterrupted, tmp_path):
     ref_dir, ref = uninterrupted
     d = str(tmp_path)
@@ -78,6 +79,7 @@ def test_resume_matches_uninterrupted_run(uninterrupted, tmp_path):
     assert run_distributed(_max_diff, 1, f"{ref_dir}/final_full", f"{d}/final_resumed")[0] < 1e-6
 
 
+@pytest.mark.slow
 def test_without_patch_resume_silently_diverges(uninterrupted, tmp_path):
     """Why ``torch_adam_checkpoint`` exists: megatron's load path with torch Adam gives every
     parameter one shared ``step`` tensor, so the resumed run either fails or (worse) goes on with
@@ -113,6 +115,7 @@ def _activation_by_build_optimizer() -> dict:
     return out
 
 
+@pytest.mark.slow
 def test_build_optimizer_switches_the_fix_on_by_its_cause():
     """Not by "no CUDA": the CPU patches are all on here and the fix is none of them; building a
     distributed optimizer over torch's Adam is what switches it on (as it must on a GPU without TE/apex)."""

@@ -77,6 +77,7 @@ def _sleep_forever():
     time.sleep(3600)
 
 
+@pytest.mark.slow
 def test_harness_runs_ranks_and_collects_results():
     out = run_distributed(_allreduce_rank, 3)
     assert [o["rank"] for o in out] == [0, 1, 2]
@@ -84,6 +85,7 @@ def test_harness_runs_ranks_and_collects_results():
     assert all(o["cpu_compat"] == (not torch.cuda.is_available()) for o in out)
 
 
+@pytest.mark.slow
 def test_harness_shows_failing_rank_traceback():
     t0 = time.monotonic()
     with pytest.raises(DistributedTestError, match="rank 1 of 2 failed") as e:
@@ -93,6 +95,7 @@ def test_harness_shows_failing_rank_traceback():
     assert time.monotonic() - t0 < 100
 
 
+@pytest.mark.slow
 def test_harness_times_out():
     with pytest.raises(DistributedTestError, match="timed out"):
         run_distributed(_sleep_forever, 1, timeout=15)
@@ -104,6 +107,7 @@ def test_nccl_backend_on_gpu():
     assert os.environ.get("CUDA_VISIBLE_DEVICES", "0") != ""
 
 
+@pytest.mark.slow
 def test_local_launcher_ranks_meet_and_failures_stop_the_rest(tmp_path):
     from v2pe_megatron.runtime.launch import run_local
 

@@ -40,6 +40,7 @@ def _without(name: str, distopt: bool) -> dict:
     return {"failure": failure, "grad_norm": grad_norm}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,distopt", [
     ("cuda_tensor_factories", False),
     ("cuda_runtime_stubs", True),
@@ -81,6 +82,7 @@ def _device_context_after_activation() -> dict:
     return made
 
 
+@pytest.mark.slow
 def test_device_context_still_applies_to_patched_factories():
     """transformers builds models under ``with torch.device("meta")``; a factory the context no longer
     recognizes silently makes CPU tensors there (seen: garbage rotary buffers in a loaded model)."""

@@ -145,6 +145,7 @@ def errors(path: str) -> dict:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_native_internvl_matches_transformers(tmp_path):
     pytest.importorskip("transformers")
@@ -196,6 +197,7 @@ def ours_tied(path: str) -> torch.Tensor:
     return model.logits(ids, pixels, None)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_tied_embeddings_checkpoint(tmp_path):
     path = str(tmp_path / "tied")

@@ -311,9 +311,9 @@ def test_loader_without_dali_tiles_with_pillow(monkeypatch, caplog):
     for w, g in zip(want, got):
         _check_batch(g)
         for k in ("tokens", "labels", "position_ids", "num_tiles"):
-            np.testing.assert_array_equal(np.asarray(g[k]), np.asarray(w[k]), err_msg=k)
-        assert [r.tolist() for r in g["sample_ids"]] == [r.tolist() for r in w["sample_ids"]]
-        assert g["pixel_values"].shape == w["pixel_values"].shape
-        assert (g["pixel_values"] - w["pixel_values"]).abs().mean() < 0.01  # normalised units (~0.5 of a pixel level)
+            np.testing.assert_array_equal(np.asarray(getattr(g, k)), np.asarray(getattr(w, k)), err_msg=k)
+        assert [r.tolist() for r in g.sample_ids] == [r.tolist() for r in w.sample_ids]
+        assert g.pixel_values.shape == w.pixel_values.shape
+        assert (g.pixel_values - w.pixel_values).abs().mean() < 0.01  # normalised units (~0.5 of a pixel level)
     for ld in loaders:
         ld.close()

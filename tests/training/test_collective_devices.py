@@ -16,7 +16,7 @@ from v2pe_megatron.runtime import distributed as rt
 from v2pe_megatron.testing.collectives import check_collective_devices
 from v2pe_megatron.testing.distributed import run_distributed
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -3,13 +3,14 @@ and gradient norm at every step as at CP=1, on the tiny InternVL with images and
 
 from __future__ import annotations
 
+import pytest
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _run(tmp: Path, *overrides: str) -> list[tuple[float, float]]:
@@ -24,6 +25,7 @@ def _run(tmp: Path, *overrides: str) -> list[tuple[float, float]]:
     return [(float(a), float(b)) for a, b in steps]
 
 
+@pytest.mark.slow
 def test_cp2_training_matches_cp1(tmp_path):
     (tmp_path / "cp1").mkdir()
     (tmp_path / "cp2").mkdir()
