@@ -53,7 +53,7 @@ class VisionConfig:
 
 @dataclass
 class ProjectorConfig:
-    """``mlp1``: pixel shuffle + LayerNorm + Linear + GELU + Linear."""
+    """The projector (HF's ``mlp1``): pixel shuffle + LayerNorm + Linear + GELU + Linear."""
 
     downsample_ratio: float = 0.5
     layernorm_eps: float = 1e-5

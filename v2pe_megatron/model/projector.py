@@ -1,4 +1,4 @@
-"""InternVL's ``mlp1``: pixel shuffle + LayerNorm + Linear + GELU + Linear.
+"""The projector (HF's ``mlp1``): pixel shuffle + LayerNorm + Linear + GELU + Linear.
 
 Tensor parallel as a megatron MLP: ``linear_1`` column-parallel (each rank a slice of the LLM
 hidden size), GELU on the slice, ``linear_2`` row-parallel (all-reduced, bias added once). The
