@@ -31,6 +31,9 @@ def _under_launcher() -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_intermixed_args(argv)  # overrides may follow flags (--nproc 4 parallel.tp=2)
+    from v2pe_megatron.runtime.quiet import quiet_library_warnings
+
+    quiet_library_warnings()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     for noisy in ("megatron", "mlflow", "alembic", "urllib3", "torch"):

@@ -89,7 +89,8 @@ def train(recipe: Recipe) -> RunSummary:
             run_id = extra.get("mlflow_run_id")
             if rank0:
                 log.info("resumed from %s at step %d", c.dir, start)
-        tracker = Tracker(recipe, active=rank0, run_id=run_id)
+        tracker = Tracker(recipe, active=rank0, run_id=run_id,
+                          tags={"layout": layout.describe(), "world_size": world})
         summary = RunSummary(0, start, world_size=world, layout=layout.describe(), parameters=nparams,
                              tracking_uri=tracker.uri, run_id=tracker.run_id)
         if rank0:

@@ -1,20 +1,61 @@
-"""Experiment tracking: MLflow on rank 0, nothing elsewhere.
+"""Experiment tracking: MLflow on rank 0, nothing elsewhere; it never stops or stalls training.
 
 With no ``tracking.tracking_uri`` the store is embedded: ``sqlite:///runs/<recipe>/mlflow.db`` with
 artifacts under ``runs/<recipe>/mlruns`` (no server to run; ``mlflow ui --backend-store-uri`` on the
 same URI shows it). Any server works via ``tracking.tracking_uri=http://host:port``. A resumed run
 re-opens the same MLflow run (its id is kept in the checkpoint).
+
+What a run records: the resolved recipe as params (new runs; MLflow params cannot change later), tags
+(``git_commit`` of this project, ``layout``, ``device``, ``world_size``), the recipe YAML as the
+artifact ``recipe.yaml``, per-step metrics (whatever the loop passes, plus ``memory/peak_allocated_gb``
+on GPU or ``memory/rss_gb`` on CPU), and the final status FINISHED / KILLED / FAILED.
+
+Why it cannot hurt the run:
+
+- Every metric is first appended to ``runs/<recipe>/metrics.jsonl`` (one JSON object per step with
+  the run id), on the training thread: a local file, microseconds. That file is the record whenever
+  the server was unreachable.
+- Talking to MLflow happens on one background thread behind a bounded queue. ``log_metrics`` never
+  waits: when the queue is full (a slow server), the oldest unsent step is dropped from the upload
+  (it is in the JSONL file).
+- MLflow's REST client retries 7 times with exponential backoff and a 120 s timeout by default (4+
+  minutes per call against a dead server). The tracker sets short defaults for this process
+  (:data:`HTTP_DEFAULTS`; any ``MLFLOW_HTTP_REQUEST_*`` variable already set wins).
+- The first failure prints one warning; while the server is down the thread only re-probes it every
+  :data:`RETRY_AFTER_S` seconds, and picks up again when it answers.
+- ``close`` waits at most :data:`CLOSE_TIMEOUT_S` for the upload thread.
 """
 
 from __future__ import annotations
 
+import atexit
+import json
 import logging
+import os
+import queue
+import re
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any, Optional
 
-from v2pe_megatron.config import Recipe, flatten, to_dict
+from v2pe_megatron.config import Recipe, flatten, to_dict, to_yaml
 
 log = logging.getLogger(__name__)
+
+# MLflow REST client settings for this process: a dead server costs seconds, not minutes.
+HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "5",
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.2",
+}
+RETRY_AFTER_S = 30.0
+QUEUE_SIZE = 1000
+CLOSE_TIMEOUT_S = 20.0
+STATUSES = ("FINISHED", "KILLED", "FAILED")
 
 
 def default_run_dir(recipe: Recipe) -> Path:
@@ -29,40 +70,319 @@ def resolve_tracking_uri(recipe: Recipe) -> str:
     return f"sqlite:///{d / 'mlflow.db'}"
 
 
-class Tracker:
-    """No-op unless ``active`` (rank 0 with tracking.backend=mlflow)."""
+# ---------------------------------------------------------------------------------------------
+# Tags
+# ---------------------------------------------------------------------------------------------
+def git_commit(start: Path | None = None) -> str:
+    """The commit checked out in the project's own git checkout (worktrees included), read from the
+    files under ``.git``; ``git rev-parse`` (5 s timeout) if those are unusual; ``"unknown"`` when the
+    package is not in a checkout (an installed wheel)."""
+    root = Path(start or Path(__file__).resolve().parents[2])
+    dot = root / ".git"
+    try:
+        if dot.is_file():  # a worktree or submodule: "gitdir: <path>"
+            gitdir = Path(dot.read_text().split("gitdir:", 1)[1].strip())
+            gitdir = gitdir if gitdir.is_absolute() else (root / gitdir)
+        elif dot.is_dir():
+            gitdir = dot
+        else:
+            return "unknown"
+        common = gitdir
+        if (gitdir / "commondir").is_file():
+            c = Path((gitdir / "commondir").read_text().strip())
+            common = c if c.is_absolute() else (gitdir / c)
+        head = (gitdir / "HEAD").read_text().strip()
+        if not head.startswith("ref:"):
+            return head
+        ref = head[4:].strip()
+        for d in (gitdir, common):
+            if (d / ref).is_file():
+                return (d / ref).read_text().strip()
+        packed = common / "packed-refs"
+        if packed.is_file():
+            for line in packed.read_text().splitlines():
+                parts = line.split()
+                if len(parts) == 2 and parts[1] == ref:
+                    return parts[0]
+    except (OSError, IndexError, UnicodeDecodeError):
+        pass
+    try:
+        r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
+        if r.returncode == 0 and r.stdout.strip():
+            return r.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return "unknown"
 
-    def __init__(self, recipe: Recipe, *, active: bool, run_id: Optional[str] = None):
+
+def device_name() -> str:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return f"GPU: {torch.cuda.get_device_name(torch.cuda.current_device())}"
+    except Exception:  # a broken CUDA install must not stop tracking
+        pass
+    cpu = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"CPU: {cpu or os.uname().machine} ({os.cpu_count()} cores)"
+
+
+def memory_metrics() -> dict[str, float]:
+    """This process's memory: peak allocated GPU memory, or the resident set size on CPU (GB)."""
+    try:
+        import torch
+
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            return {"memory/peak_allocated_gb": torch.cuda.max_memory_allocated() / 1e9}
+    except Exception:
+        pass
+    try:
+        import psutil
+
+        return {"memory/rss_gb": psutil.Process().memory_info().rss / 1e9}
+    except Exception:
+        return {}
+
+
+def _short_reason(err: BaseException) -> str:
+    """'Connection refused' rather than MLflow's three-line wrapper of urllib3's exception."""
+    text = str(err).strip()
+    for pat in (r"\[Errno -?\d+\] [^\"')(]+", r"[Rr]ead timed out[^\"')]*", r"timed out", r"Max retries exceeded"):
+        m = re.search(pat, text)
+        if m:
+            return m.group(0).strip()
+    return (text.splitlines()[0][:200] if text else type(err).__name__)
+
+
+class _DropMlflowRetries(logging.Filter):
+    """urllib3 logs one warning per retry of MLflow's REST calls; the tracker's own warning says it
+    once."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return not (msg.startswith("Retrying") and "/api/2.0/mlflow" in msg)
+
+
+def exit_status(status: str) -> str:
+    """``status`` unless an exception is being raised through the caller (``close`` called from a
+    ``finally``): Ctrl-C is KILLED, any other exception FAILED."""
+    exc = sys.exc_info()[1]
+    if exc is None or status == "KILLED":
+        return status
+    if isinstance(exc, KeyboardInterrupt):
+        return "KILLED"
+    if isinstance(exc, SystemExit) and exc.code in (0, None):
+        return status
+    return "FAILED"
+
+
+_retry_filter: Optional[logging.Filter] = None
+
+
+def _quiet_retries() -> None:
+    global _retry_filter
+    if _retry_filter is None:
+        _retry_filter = _DropMlflowRetries()
+        logging.getLogger("urllib3.connectionpool").addFilter(_retry_filter)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tracker
+# ---------------------------------------------------------------------------------------------
+class Tracker:
+    """No-op unless ``active`` (rank 0 with tracking.backend=mlflow).
+
+    ``tags`` are added to the run's tags (the loop passes ``layout`` and ``world_size``)."""
+
+    def __init__(self, recipe: Recipe, *, active: bool, run_id: Optional[str] = None,
+                 tags: Optional[dict[str, Any]] = None):
         self.active = active and recipe.tracking.backend == "mlflow"
-        self.run_id: Optional[str] = None
+        self.run_id: Optional[str] = run_id if self.active else None
         self.uri: Optional[str] = None
+        self.local_path: Optional[Path] = None
+        self.dropped = 0          # steps not uploaded because the queue was full
+        self.online = False       # the server answered the last call
+        self._warned = False
+        self._closed = False
+        self._monitor = None
+        self._client = None
+        self._queue: queue.Queue = queue.Queue(maxsize=QUEUE_SIZE)
+        self._thread: Optional[threading.Thread] = None
         if not self.active:
             return
-        import mlflow
-
-        self._mlflow = mlflow
+        for k, v in HTTP_DEFAULTS.items():
+            os.environ.setdefault(k, v)
+        _quiet_retries()
+        run_dir = default_run_dir(recipe)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.local_path = (run_dir / "metrics.jsonl").resolve()
+        self._local = open(self.local_path, "a", buffering=1)
         self.uri = resolve_tracking_uri(recipe)
-        mlflow.set_tracking_uri(self.uri)
-        artifacts = (default_run_dir(recipe) / "mlruns").resolve().as_uri()
-        exp = mlflow.get_experiment_by_name(recipe.tracking.experiment)
-        exp_id = exp.experiment_id if exp else mlflow.create_experiment(recipe.tracking.experiment,
-                                                                        artifact_location=artifacts)
-        if recipe.tracking.system_metrics:
-            mlflow.enable_system_metrics_logging()
-        run = mlflow.start_run(run_id=run_id, experiment_id=None if run_id else exp_id,
-                               run_name=recipe.tracking.run_name or recipe.name)
-        self.run_id = run.info.run_id
-        if run_id is None:
-            params = {k: str(v)[:500] for k, v in flatten(to_dict(recipe)).items()}
-            items = list(params.items())
-            for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
-                mlflow.log_params(dict(items[i:i + 100]))
+        self._recipe = recipe
+        tags = {"git_commit": git_commit(), "device": device_name(), **(tags or {})}
+        tags["mlflow.source.git.commit"] = tags["git_commit"]
+        t0 = time.time()
+        try:
+            self._start_run(recipe, run_id, tags)
+            self.online = True
+        except Exception as e:  # noqa: BLE001 - whatever MLflow raises, training goes on
+            self._warn(e)
+        log.debug("MLflow start took %.1fs", time.time() - t0)
+        self._thread = threading.Thread(target=self._work, name="v2pe-mlflow", daemon=True)
+        self._thread.start()
+        atexit.register(self._at_exit)
 
+    # -- MLflow calls (start on the caller's thread, everything else on the worker) -------------
+    def _start_run(self, recipe: Recipe, run_id: Optional[str], tags: dict[str, Any]) -> None:
+        from mlflow.tracking import MlflowClient
+
+        self._client = client = MlflowClient(tracking_uri=self.uri)
+        if run_id is None:
+            exp = client.get_experiment_by_name(recipe.tracking.experiment)
+            if exp is not None:
+                exp_id = exp.experiment_id
+            else:
+                local = not self.uri.startswith(("http://", "https://", "databricks"))
+                artifacts = (default_run_dir(recipe) / "mlruns").resolve().as_uri() if local else None
+                exp_id = client.create_experiment(recipe.tracking.experiment, artifact_location=artifacts)
+            run = client.create_run(exp_id, run_name=recipe.tracking.run_name or recipe.name)
+            self.run_id = run.info.run_id
+            params = {k: str(v)[:500] for k, v in flatten(to_dict(recipe)).items()}
+        else:
+            client.update_run(run_id, status="RUNNING")
+            params = {}  # params are immutable in MLflow; the first job's recipe stays
+        from mlflow.entities import Param, RunTag
+
+        items = list(params.items())
+        for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
+            client.log_batch(self.run_id, params=[Param(k, v) for k, v in items[i:i + 100]])
+        client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        client.log_text(self.run_id, to_yaml(recipe), "recipe.yaml")
+        if recipe.tracking.system_metrics:
+            try:
+                from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+                self._monitor = SystemMetricsMonitor(self.run_id)
+                self._monitor.start()
+            except Exception as e:  # noqa: BLE001
+                log.warning("MLflow system metrics are off: %s", e)
+                self._monitor = None
+
+    def _warn(self, err: BaseException) -> None:
+        self.online = False
+        if not self._warned:
+            self._warned = True
+            first = _short_reason(err)
+            log.warning("MLflow at %s is not reachable (%s): training continues; metrics are kept in %s "
+                        "and sent again once the server answers (checked every %.0fs)",
+                        self.uri, first, self.local_path, RETRY_AFTER_S)
+
+    def _work(self) -> None:
+        from mlflow.entities import Metric
+
+        last_try = time.time() if not self.online else 0.0
+        while True:
+            item = self._queue.get()
+            batch = [item]
+            while item[0] == "metrics" and len(batch) < 50:  # one request for what piled up
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                batch.append(nxt)
+                if nxt[0] != "metrics":
+                    break
+            metrics = [b for b in batch if b[0] == "metrics"]
+            end = next((b for b in batch if b[0] == "end"), None)
+            if metrics and self.run_id and self._client is not None and (self.online or time.time() - last_try >= RETRY_AFTER_S):
+                last_try = time.time()
+                ms = [Metric(k, v, int(ts * 1000), step) for _, step, ts, m in metrics for k, v in m.items()]
+                try:
+                    for i in range(0, len(ms), 1000):  # MLflow caps a batch at 1000 metrics
+                        self._client.log_batch(self.run_id, metrics=ms[i:i + 1000])
+                    if not self.online and self._warned:
+                        log.warning("MLflow at %s answers again; steps logged while it was down are in %s",
+                                    self.uri, self.local_path)
+                    self.online = True
+                except Exception as e:  # noqa: BLE001
+                    self._warn(e)
+            if end is not None:
+                self._finish(end[1])
+                return
+
+    def _finish(self, status: str) -> None:
+        if self._monitor is not None:
+            try:
+                self._monitor.finish()
+            except Exception:  # noqa: BLE001
+                pass
+        if not self.run_id or self._client is None:
+            return
+        try:  # also when the server was down: it may be back, and each try is bounded
+            self._client.set_terminated(self.run_id, status=status)
+        except Exception as e:  # noqa: BLE001
+            self._warn(e)
+            log.warning("MLflow run %s could not be marked %s", self.run_id, status)
+
+    # -- API ---------------------------------------------------------------------------------------
     def log_metrics(self, metrics: dict[str, Any], step: int) -> None:
-        if self.active:
-            self._mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v is not None}, step=step)
+        if not self.active:
+            return
+        m = {k: float(v) for k, v in metrics.items() if v is not None}
+        m.update(memory_metrics())
+        ts = time.time()
+        self._local.write(json.dumps({"run_id": self.run_id, "step": step, "time": round(ts, 3), **m}) + "\n")
+        item = ("metrics", step, ts, m)
+        while True:
+            try:
+                self._queue.put_nowait(item)
+                return
+            except queue.Full:
+                try:  # the oldest unsent step goes (it is in the JSONL file)
+                    self._queue.get_nowait()
+                    self.dropped += 1
+                except queue.Empty:
+                    pass
 
     def close(self, status: str = "FINISHED") -> None:
-        if self.active:
-            self._mlflow.end_run(status=status)
-            self.active = False
+        """End the run. Called from a ``finally`` while an exception propagates, the status becomes
+        KILLED (KeyboardInterrupt) or FAILED (anything else) whatever ``status`` says, so a run
+        never stays RUNNING after its process died of an exception."""
+        if not self.active or self._closed:
+            return
+        status = exit_status(status)
+        if status not in STATUSES:
+            raise ValueError(f"MLflow run status must be one of {STATUSES}, got {status!r}")
+        self._closed = True
+        self.active = False
+        while True:
+            try:
+                self._queue.put(("end", status), timeout=1.0)
+                break
+            except queue.Full:
+                try:
+                    self._queue.get_nowait()
+                except queue.Empty:
+                    pass
+        if self._thread is not None:
+            self._thread.join(CLOSE_TIMEOUT_S)
+            if self._thread.is_alive():
+                log.warning("MLflow did not answer within %.0fs at close; run %s may show as RUNNING "
+                            "(metrics are in %s)", CLOSE_TIMEOUT_S, self.run_id, self.local_path)
+        self._local.close()
+        if self.dropped:
+            log.warning("%d step(s) were not sent to MLflow (the server was slow); they are in %s",
+                        self.dropped, self.local_path)
+
+    def _at_exit(self) -> None:
+        # The interpreter is exiting with the run still open (an exit that skipped the loop's
+        # finally): the run did not finish.
+        if self.active and not self._closed:
+            self.close("FAILED")

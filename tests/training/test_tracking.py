@@ -1,0 +1,150 @@
+"""The MLflow tracker in-process, on the embedded sqlite store and against an unreachable server:
+what a run records, its final status whatever ends it, and that tracking never holds training up.
+(The real ``mlflow server`` and the full CLI are in test_tracking_server.py, slow-marked.)"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+import pytest
+
+from v2pe_megatron.config import load_recipe
+from v2pe_megatron.training import tracking
+from v2pe_megatron.training.tracking import Tracker
+
+
+@pytest.fixture
+def in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for k in tracking.HTTP_DEFAULTS:
+        monkeypatch.delenv(k, raising=False)
+    return tmp_path
+
+
+def _recipe(*overrides):
+    return load_recipe(None, ["name=trk", "tracking.system_metrics=false", "train.steps=7", *overrides])
+
+
+def _client(tmp):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=f"sqlite:///{tmp / 'runs/trk/mlflow.db'}")
+
+
+def test_sqlite_run_has_params_tags_artifact_metrics_and_finishes(in_tmp):
+    t = Tracker(_recipe(), active=True, tags={"layout": "tp=1 pp=1 cp=1 dp=2", "world_size": 2})
+    for step in (1, 2, 3):
+        t.log_metrics({"loss": 1.0 / step, "grad_norm": None, "skipped/corrupt_image": 0}, step)
+    t.close("FINISHED")
+
+    c = _client(in_tmp)
+    run = c.get_run(t.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.steps"] == "7" and run.data.params["name"] == "trk"
+    tags = run.data.tags
+    assert tags["layout"] == "tp=1 pp=1 cp=1 dp=2" and tags["world_size"] == "2"
+    assert tags["device"].startswith(("CPU: ", "GPU: "))
+    assert tags["git_commit"] == tags["mlflow.source.git.commit"] == tracking.git_commit()
+    assert [h.value for h in c.get_metric_history(t.run_id, "loss")] == pytest.approx([1, 0.5, 1 / 3])
+    assert "grad_norm" not in run.data.metrics  # None values are not logged as NaN
+    assert run.data.metrics["skipped/corrupt_image"] == 0
+    mem = "memory/peak_allocated_gb" if "GPU" in tags["device"] else "memory/rss_gb"
+    assert 0 < run.data.metrics[mem] < 1000
+    recipe_yaml = c.download_artifacts(t.run_id, "recipe.yaml", str(in_tmp))
+    assert "steps: 7" in open(recipe_yaml).read()
+    # Every step is in the local JSONL too, with its run id.
+    lines = [json.loads(x) for x in (in_tmp / "runs/trk/metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [1, 2, 3] and {x["run_id"] for x in lines} == {t.run_id}
+
+
+def test_resumed_tracker_continues_the_same_run(in_tmp):
+    first = Tracker(_recipe(), active=True)
+    first.log_metrics({"loss": 3.0}, 1)
+    first.close("KILLED")
+    assert _client(in_tmp).get_run(first.run_id).info.status == "KILLED"
+    again = Tracker(_recipe("train.steps=9"), active=True, run_id=first.run_id)
+    assert again.run_id == first.run_id
+    again.log_metrics({"loss": 2.0}, 2)
+    again.close("FINISHED")
+    c = _client(in_tmp)
+    assert len(c.search_runs([c.get_experiment_by_name("v2pe-megatron").experiment_id])) == 1
+    assert [h.step for h in c.get_metric_history(first.run_id, "loss")] == [1, 2]
+    assert c.get_run(first.run_id).info.status == "FINISHED"
+    assert c.get_run(first.run_id).data.params["train.steps"] == "7"  # params are the first job's
+
+
+@pytest.mark.parametrize("exc, status", [(RuntimeError("data"), "FAILED"), (KeyboardInterrupt(), "KILLED")])
+def test_an_exception_through_close_ends_the_run_failed_or_killed(in_tmp, exc, status):
+    t = Tracker(_recipe(), active=True)
+    with pytest.raises(type(exc)):
+        run_status = "FINISHED"  # what a loop would pass if it did not know
+        try:
+            raise exc
+        finally:
+            t.close(run_status)
+    assert _client(in_tmp).get_run(t.run_id).info.status == status
+
+
+def test_inactive_tracker_does_nothing(in_tmp):
+    t = Tracker(_recipe(), active=False)
+    t.log_metrics({"loss": 1.0}, 1)
+    t.close()
+    assert t.run_id is None and not (in_tmp / "runs").exists()
+
+
+def test_unreachable_server_costs_seconds_and_keeps_metrics_locally(in_tmp, caplog):
+    caplog.set_level(logging.WARNING)
+    t0 = time.monotonic()
+    t = Tracker(_recipe("tracking.tracking_uri=http://127.0.0.1:9"), active=True)
+    started = time.monotonic() - t0
+    for step in range(1, 21):
+        t.log_metrics({"loss": float(step)}, step)
+    t.close("FINISHED")
+    total = time.monotonic() - t0
+    assert started < 15 and total < 30, (started, total)  # MLflow's defaults: 4+ minutes
+    warnings = [r for r in caplog.records if "not reachable" in r.getMessage()]
+    assert len(warnings) == 1 and "Connection refused" in warnings[0].getMessage()
+    assert not [r for r in caplog.records if r.getMessage().startswith("Retrying")]
+    lines = [json.loads(x) for x in (in_tmp / "runs/trk/metrics.jsonl").read_text().splitlines()]
+    assert [x["loss"] for x in lines] == [float(s) for s in range(1, 21)]
+
+
+def test_a_slow_server_never_blocks_log_metrics(in_tmp, monkeypatch):
+    t = Tracker(_recipe(), active=True)
+    calls = []
+
+    def slow_log_batch(*a, **k):
+        calls.append(1)
+        time.sleep(0.5)
+
+    monkeypatch.setattr(t._client, "log_batch", slow_log_batch)
+    worst = 0.0
+    for step in range(1, tracking.QUEUE_SIZE + 50):  # more than the queue holds
+        s = time.perf_counter()
+        t.log_metrics({"loss": 1.0}, step)
+        worst = max(worst, time.perf_counter() - s)
+    assert worst < 0.05, worst
+    monkeypatch.setattr(tracking, "CLOSE_TIMEOUT_S", 2.0)
+    t.close("FINISHED")
+    assert calls and t.dropped > 0  # the oldest unsent steps went; the JSONL has them all
+    assert len((in_tmp / "runs/trk/metrics.jsonl").read_text().splitlines()) == tracking.QUEUE_SIZE + 49
+
+
+def test_git_commit_reads_worktrees_and_packed_refs(tmp_path):
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    main_git = tmp_path / "main/.git"
+    (main_git / "worktrees/wt").mkdir(parents=True)
+    (main_git / "packed-refs").write_text(f"# pack-refs with: peeled\n{sha} refs/heads/feature\n")
+    wt = main_git / "worktrees/wt"
+    (wt / "HEAD").write_text("ref: refs/heads/feature\n")
+    (wt / "commondir").write_text("../..\n")
+    (tmp_path / "wt").mkdir()
+    (tmp_path / "wt/.git").write_text(f"gitdir: {wt}\n")
+    assert tracking.git_commit(tmp_path / "wt") == sha
+    (tmp_path / "detached/.git").mkdir(parents=True)
+    (tmp_path / "detached/.git/HEAD").write_text(sha + "\n")
+    assert tracking.git_commit(tmp_path / "detached") == sha
+    (tmp_path / "plain").mkdir()
+    assert tracking.git_commit(tmp_path / "plain") == "unknown"
