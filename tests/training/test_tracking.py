@@ -117,7 +117,7 @@ def test_a_slow_server_never_blocks_log_metrics(in_tmp, monkeypatch):
 
     def slow_log_batch(*a, **k):
         calls.append(1)
-        time.sleep(0.5)
+        time.sleep(2.0)
 
     monkeypatch.setattr(t._client, "log_batch", slow_log_batch)
     worst = 0.0
@@ -125,7 +125,7 @@ def test_a_slow_server_never_blocks_log_metrics(in_tmp, monkeypatch):
         s = time.perf_counter()
         t.log_metrics({"loss": 1.0}, step)
         worst = max(worst, time.perf_counter() - s)
-    assert worst < 0.05, worst
+    assert worst < 0.5, worst  # a blocking call would take the 2 s of one upload
     monkeypatch.setattr(tracking, "CLOSE_TIMEOUT_S", 2.0)
     t.close("FINISHED")
     assert calls and t.dropped > 0  # the oldest unsent steps went; the JSONL has them all
