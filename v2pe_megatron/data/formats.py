@@ -120,6 +120,10 @@ class Dataset:
     def read(self, i: int) -> RawSample:
         raise NotImplementedError
 
+    def locate(self, i: int) -> str:
+        """Where sample ``i`` is, for a person to open: ``file:line``, ``shard.tar:key``, ..."""
+        return f"{self.name}[{i}]"
+
 
 class JsonlDataset(Dataset):
     """InternVL annotation file: one JSON sample per line; blank lines do not count."""
@@ -166,6 +170,14 @@ class JsonlDataset(Dataset):
         raw = os.pread(self._fd, end - start, start)
         return parse_record(_decode_json_line(raw), self._resolve)
 
+    def locate(self, i: int) -> str:
+        # Line numbers count every line (blank ones too), as an editor shows them; counted only
+        # when a skip is reported, so the index keeps one offset per sample.
+        start = int(self.starts[i])
+        with open(self.path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            line = int(np.count_nonzero(np.frombuffer(mm, dtype=np.uint8, count=start) == 10)) + 1
+        return f"{self.path}:{line}"
+
     def __del__(self) -> None:
         if getattr(self, "_fd", None) is not None:
             try:
@@ -211,6 +223,10 @@ class TarDataset(Dataset):
         with open(self.shards[si], "rb") as f:
             f.seek(off)
             return f.read(size)
+
+    def locate(self, i: int) -> str:
+        key, members = self.samples[i]
+        return f"{self.shards[next(iter(members.values()))[0]]}:{key}"
 
     def read(self, i: int) -> RawSample:
         key, members = self.samples[i]
@@ -346,6 +362,9 @@ class MixedIndex:
     def read(self, gid: int) -> tuple[Dataset, RawSample]:
         d = self.datasets[int(self.ds[gid])]
         return d, d.read(int(self.line[gid]))
+
+    def locate(self, gid: int) -> str:
+        return self.dataset_of(gid).locate(int(self.line[gid]))
 
     def dataset_of(self, gid: int) -> Dataset:
         return self.datasets[int(self.ds[gid])]

@@ -30,7 +30,8 @@ from v2pe_megatron.data.chat import tokenize_sample
 from v2pe_megatron.data.formats import MemoryDataset, MixedIndex, load_meta
 from v2pe_megatron.data.packing import Packer, PreparedSample, collate, truncate_or_skip
 from v2pe_megatron.data.skips import NoUsableSamplesError, SampleError, SkipCounter
-from v2pe_megatron.data.tiling import ImageDecodeError, choose_grid, image_size_of, make_tiler, tiles_for
+from v2pe_megatron.data.tiling import (ImageDecodeError, allow_large_images, choose_grid, image_size_of, make_tiler,
+                                       tiles_for)
 from v2pe_megatron.data.tokenizer import Tokenizer, build_tokenizer
 
 if TYPE_CHECKING:
@@ -61,6 +62,7 @@ class _Prechecked:
     tokens: np.ndarray
     target: np.ndarray
     encoded: list[bytes]
+    names: list[str]
     grids: list[tuple[int, int]]
     tiles: list[int]
 
@@ -85,6 +87,7 @@ class TrainLoader:
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.max_epochs = max_epochs
         self.prefetch = prefetch
+        allow_large_images()  # data.max_image_pixels is checked on every header instead (_precheck)
         self.tiler = make_tiler(settings.image_size, use_thumbnail=settings.data.use_thumbnail,
                                 num_threads=max(1, settings.data.num_workers), max_batch=settings.window,
                                 device=settings.data.dali_device)
@@ -233,7 +236,7 @@ class TrainLoader:
             next_cursor = (epoch, pos + 1)
             seen_since_start += 1
             if isinstance(res, SampleError):
-                skips.add(res, f"#{pos} of epoch {epoch} on dp rank {self.dp_rank}")
+                skips.add(res, f"#{pos} of epoch {epoch} on dp rank {self.dp_rank}")  # res.where wins
                 if good_since_start == 0 and seen_since_start >= _ALL_BAD_PROBE:
                     raise NoUsableSamplesError(self._all_bad_message(skips))
                 continue
@@ -241,7 +244,8 @@ class TrainLoader:
             try:
                 packs = packer.add(res)  # checks fit before touching the pending pack
             except SampleError as e:
-                skips.add(e, f"#{pos} of epoch {epoch} on dp rank {self.dp_rank}")
+                e.where = self._where(res.gid)
+                skips.add(e)
                 continue
             good_since_start += 1
             good_in_epoch += 1
@@ -268,16 +272,41 @@ class TrainLoader:
         return (f"no usable sample in the data on dp rank {self.dp_rank}: every sample read was skipped "
                 f"({reasons}); check data.meta_path, image roots and data.seq_length / max_tiles_per_pack")
 
+    def _where(self, gid: int, sample_id: str = "") -> str:
+        """``<annotation file>:<line> id=<id> (dp rank r)`` for skip messages: what a person opens."""
+        try:
+            loc = self.index.locate(gid)
+        except Exception:  # noqa: BLE001 - a message must not fail the loader
+            loc = f"sample {gid}"
+        return f"{loc}{f' id={sample_id}' if sample_id else ''} (dp rank {self.dp_rank})"
+
     def _precheck(self, gid: int) -> _Prechecked:
+        try:
+            ds, raw = self.index.read(gid)
+        except SampleError as e:
+            e.where = self._where(gid)
+            raise
+        try:
+            return self._precheck_sample(gid, ds, raw)
+        except SampleError as e:
+            e.where = self._where(gid, raw.id)
+            raise
+
+    def _precheck_sample(self, gid: int, ds, raw) -> _Prechecked:
         cfg = self.cfg
-        ds, raw = self.index.read(gid)
-        encoded = [im.load() for im in raw.images]
-        sizes = []
-        for b in encoded:
+        limit = cfg.data.max_image_pixels
+        encoded, sizes = [], []
+        for im in raw.images:
+            b = im.load()
             try:
-                sizes.append(image_size_of(b))
+                w, h = image_size_of(b)
             except ImageDecodeError as e:
-                raise SampleError("corrupt_image", str(e)) from e
+                raise SampleError("corrupt_image", f"{im.name}: {e}") from e
+            if limit and w * h > limit:  # before any decoder allocates w*h*3 bytes
+                raise SampleError("oversized_image", f"{im.name}: {w}x{h} = {w * h} pixels > "
+                                  f"data.max_image_pixels={limit} (raise it, or 0 for no limit)")
+            encoded.append(b)
+            sizes.append((w, h))
         max_num = ds.max_dynamic_patch or cfg.data.max_dynamic_patch
         if len(encoded) > 1:  # InternVL shares the tile budget among a sample's images
             max_num = max(1, max_num // len(encoded))
@@ -293,7 +322,8 @@ class TrainLoader:
             raise SampleError("no_loss_tokens", f"{tk.ids.size} tokens, none left to train on")
         if sum(tiles[:n_img]) > cfg.data.max_tiles_per_pack:
             raise SampleError("too_many_tiles", f"{sum(tiles[:n_img])} tiles > max_tiles_per_pack={cfg.data.max_tiles_per_pack}")
-        return _Prechecked(gid, tokens, target, encoded[:n_img], grids[:n_img], tiles[:n_img])
+        return _Prechecked(gid, tokens, target, encoded[:n_img], [im.name for im in raw.images[:n_img]],
+                           grids[:n_img], tiles[:n_img])
 
     def _prepare_window(self, gids: list[int]) -> list[PreparedSample | SampleError]:
         from v2pe_megatron.v2pe import compute_position_ids
@@ -314,9 +344,11 @@ class TrainLoader:
                 out.append(p)
                 continue
             arrs = [next(decoded) for _ in p.encoded]
-            bad = next((a for a in arrs if isinstance(a, ImageDecodeError)), None)
+            bad = next(((n, a) for n, a in zip(p.names, arrs) if isinstance(a, ImageDecodeError)), None)
             if bad is not None:
-                out.append(SampleError("corrupt_image", str(bad)))
+                err = SampleError("corrupt_image", f"{bad[0]}: {bad[1]}")
+                err.where = self._where(p.gid)
+                out.append(err)
                 continue
             n = len(arrs)
             deltas = np.asarray(self.policy.deltas(n, p.gid), dtype=np.float64)

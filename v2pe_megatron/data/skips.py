@@ -16,6 +16,7 @@ REASONS: tuple[str, ...] = (
     "image_count_mismatch",  # number of <image> placeholders != number of images
     "missing_image",         # image file (or tar member) not found
     "corrupt_image",         # header unreadable or decode failed (truncated, not an image)
+    "oversized_image",       # the header claims more pixels than data.max_image_pixels
     "bad_markup",            # the text itself contains image markup tokens
     "too_long",              # longer than seq_length with data.overlong=skip
     "too_many_tiles",        # more tiles than data.max_tiles_per_pack
@@ -35,6 +36,8 @@ class SampleError(Exception):
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
         self.detail = detail
+        # Which sample: "<annotation file>:<line> id=<id>" (set by the loader, which knows).
+        self.where = ""
 
 
 class NoUsableSamplesError(RuntimeError):
@@ -51,7 +54,7 @@ class SkipCounter:
         n = self.counts.get(err.reason, 0) + 1
         self.counts[err.reason] = n
         if n <= _LOG_FIRST:
-            log.warning("skipped sample %s: %s%s", where, err,
+            log.warning("skipped sample %s: %s%s", err.where or where, err,
                         " (further ones are only counted)" if n == _LOG_FIRST else "")
 
     @property

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 import threading
 from collections.abc import Sequence
 from functools import lru_cache
@@ -95,15 +96,38 @@ def pillow_tiles(image, grid: tuple[int, int], image_size: int, use_thumbnail: b
     return np.stack(out).astype(np.float32)
 
 
+_BYTESIO = re.compile(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
+
+
+def _pil_reason(err: BaseException) -> str:
+    """Pillow's message without the ``<_io.BytesIO object at 0x...>`` it names the file by (the
+    caller names the file)."""
+    from PIL import UnidentifiedImageError
+
+    if isinstance(err, UnidentifiedImageError):
+        return "not an image format Pillow can identify"
+    return _BYTESIO.sub("", str(err)).strip() or type(err).__name__
+
+
+def allow_large_images() -> None:
+    """Turn off Pillow's own decompression-bomb check (process-wide): the loader checks every header
+    against ``data.max_image_pixels`` before anything is decoded, and that limit is the user's to
+    set (Pillow's would otherwise raise out of the loader for any image above ~179 MP, or warn above
+    ~89 MP, whatever the recipe says)."""
+    from PIL import Image
+
+    Image.MAX_IMAGE_PIXELS = None
+
+
 def image_size_of(data: bytes) -> tuple[int, int]:
     """(width, height) from the header only; raises ImageDecodeError for anything unreadable."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     try:
         with Image.open(io.BytesIO(data)) as im:
             w, h = im.size
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise ImageDecodeError(f"unreadable image header: {e}") from e
+    except (Image.DecompressionBombError, OSError, ValueError, SyntaxError) as e:  # UnidentifiedImageError is an OSError
+        raise ImageDecodeError(f"unreadable image header: {_pil_reason(e)}") from e
     if w <= 0 or h <= 0:
         raise ImageDecodeError(f"image has size {w}x{h}")
     return w, h
@@ -255,8 +279,8 @@ class PillowTiler:
             try:
                 with Image.open(io.BytesIO(e)) as im:
                     results.append(pillow_tiles(im, grid, self.image_size, self.use_thumbnail))
-            except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
-                results.append(ImageDecodeError(f"decode failed: {err}"))
+            except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as err:
+                results.append(ImageDecodeError(f"decode failed: {_pil_reason(err)}"))
         return results
 
 
