@@ -1,0 +1,158 @@
+"""``v2pe-train`` against a real ``mlflow server`` on 127.0.0.1 (started here, stopped by PID), an
+unreachable one, and one killed mid-run: the run is recorded when the server is there, and training
+neither stalls nor dies when it is not. Slow: subprocesses (server, 2 ranks)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+MLFLOW = str(Path(sys.executable).with_name("mlflow"))
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_server(workdir: Path) -> tuple[subprocess.Popen, str]:
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = _free_port()
+    log = open(workdir / "server.log", "w")
+    proc = subprocess.Popen(
+        [MLFLOW, "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{workdir / 'server.db'}",
+         "--artifacts-destination", str(workdir / "artifacts")],
+        cwd=workdir, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"mlflow server exited: {(workdir / 'server.log').read_text()[-2000:]}")
+        try:
+            with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
+                if r.status == 200:
+                    return proc, uri
+        except OSError:
+            time.sleep(0.5)
+    _stop(proc)
+    raise RuntimeError("mlflow server did not answer /health within 120 s")
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    # The server's workers are its children, in the session it leads: its PID is their group id.
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    proc, uri = _start_server(tmp_path_factory.mktemp("mlflow-server"))
+    yield uri
+    _stop(proc)
+
+
+def _cmd(uri: str, *overrides: str) -> list[str]:
+    return [sys.executable, "-m", "v2pe_megatron.cli.train", str(ROOT / "recipes/tiny_cpu.yaml"),
+            f"tracking.tracking_uri={uri}", "tracking.system_metrics=false", "data.seq_length=128", *overrides]
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_HTTP_REQUEST")}
+    return dict(env, PYTHONUNBUFFERED="1")
+
+
+def _step_times(out: str) -> list[float]:
+    return [float(x) for x in re.findall(r"step \d+/\d+  loss .*?step ([0-9.]+)s", out)]
+
+
+def test_run_against_a_server_has_params_tags_artifact_and_finishes(server, tmp_path):
+    r = subprocess.run(_cmd(server, "train.steps=3"), cwd=tmp_path, env=_env(), capture_output=True, text=True,
+                       timeout=600)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-3000:]
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(tracking_uri=server)
+    run_id = re.search(r"MLflow run (\w+) in ", r.stdout).group(1)
+    run = c.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.steps"] == "3" and run.data.params["parallel.tp"] == "1"
+    tags = run.data.tags
+    assert tags["layout"] == "tp=1 pp=1 cp=1 dp=2" and tags["world_size"] == "2"
+    assert re.fullmatch(r"[0-9a-f]{40}|unknown", tags["git_commit"]) and tags["device"].startswith("CPU: ")
+    assert [h.step for h in c.get_metric_history(run_id, "loss")] == [1, 2, 3]
+    assert "memory/rss_gb" in run.data.metrics and "step_time_s" in run.data.metrics
+    assert "steps: 3" in open(c.download_artifacts(run_id, "recipe.yaml", str(tmp_path))).read()
+    # Library noise silenced at its source; one console line per step.
+    for noise in ("Transformer Engine and Apex", "absl", "Rewrapping ModuleSpec", "MimoModelConfig",
+                  "No CUDA runtime", "full scope is deprecated", "not reachable"):
+        assert noise not in out, noise
+    assert len(re.findall(r"step \d+/3  loss", out)) == 3
+
+
+def test_unreachable_server_costs_seconds_and_training_finishes(tmp_path):
+    t0 = time.monotonic()
+    r = subprocess.run(_cmd("http://127.0.0.1:9", "train.steps=3"), cwd=tmp_path, env=_env(),
+                       capture_output=True, text=True, timeout=600)
+    wall = time.monotonic() - t0
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-3000:]
+    assert len(re.findall(r"is not reachable", out)) == 1 and "Retrying" not in out
+    assert "ran steps 1..3" in r.stdout
+    # A run of this size takes ~15 s here; MLflow's own retry defaults made it 4 min 19 s, then die.
+    assert wall < 90, wall
+    lines = [json.loads(x) for x in (tmp_path / "runs/tiny_cpu/metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [1, 2, 3]
+    print(f"unreachable tracking server: whole run {wall:.1f}s")
+
+
+def test_server_killed_mid_run_neither_stalls_nor_kills_training(tmp_path):
+    proc, uri = _start_server(tmp_path / "srv")
+    steps = 30
+    try:
+        t0 = time.monotonic()
+        run = subprocess.Popen(_cmd(uri, f"train.steps={steps}"), cwd=tmp_path, env=_env(), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+        lines, killed_at = [], None
+        for line in run.stdout:
+            lines.append(line)
+            if killed_at is None and re.search(r"step 3/\d+  loss", line):
+                _stop(proc)
+                killed_at = time.monotonic()
+        run.wait(timeout=60)
+    finally:
+        _stop(proc)
+        if run.poll() is None:
+            run.kill()
+    out = "".join(lines)
+    assert run.returncode == 0, out[-3000:]
+    assert killed_at is not None
+    after_kill = time.monotonic() - killed_at
+    times = _step_times(out)
+    assert len(times) == steps
+    # Before: MLflow stalled the step loop for 8 minutes, then the run died unsaved.
+    assert max(times[3:]) < max(5.0, 10 * sorted(times)[len(times) // 2]), times
+    assert after_kill < 60, after_kill
+    lines = [json.loads(x) for x in (tmp_path / "runs/tiny_cpu/metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == list(range(1, steps + 1))
+    print(f"server killed after step 3: {after_kill:.1f}s to the end of the run, "
+          f"step times before {times[:3]}, max after {max(times[3:]):.3f}s, whole run {time.monotonic() - t0:.1f}s")
