@@ -148,3 +148,16 @@ def test_git_commit_reads_worktrees_and_packed_refs(tmp_path):
     assert tracking.git_commit(tmp_path / "detached") == sha
     (tmp_path / "plain").mkdir()
     assert tracking.git_commit(tmp_path / "plain") == "unknown"
+
+
+def test_system_metrics_go_to_the_run_store(in_tmp, monkeypatch, caplog):
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.3")
+    caplog.set_level(logging.WARNING)
+    t = Tracker(_recipe("tracking.system_metrics=true"), active=True)
+    t.log_metrics({"loss": 1.0}, 1)
+    time.sleep(1.5)
+    t.close("FINISHED")
+    metrics = _client(in_tmp).get_run(t.run_id).data.metrics
+    assert any(k.startswith("system/") for k in metrics), metrics
+    assert not (in_tmp / "mlflow.db").exists() and not (in_tmp / "mlruns").exists()  # MLflow's defaults
+    assert not [r for r in caplog.records if "Failed" in r.getMessage()]

@@ -269,7 +269,8 @@ class Tracker:
             try:
                 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-                self._monitor = SystemMetricsMonitor(self.run_id)
+                self._monitor = SystemMetricsMonitor(self.run_id, tracking_uri=self.uri,
+                                                     resume_logging=run_id is not None)
                 self._monitor.start()
             except Exception as e:  # noqa: BLE001
                 log.warning("MLflow system metrics are off: %s", e)
@@ -277,6 +278,9 @@ class Tracker:
 
     def _warn(self, err: BaseException) -> None:
         self.online = False
+        monitor, self._monitor = self._monitor, None
+        if monitor is not None:  # it would warn every 10 s; finish() joins it, so not on this thread
+            threading.Thread(target=monitor.finish, name="v2pe-mlflow-monitor-stop", daemon=True).start()
         if not self._warned:
             self._warned = True
             first = _short_reason(err)
