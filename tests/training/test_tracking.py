@@ -161,3 +161,38 @@ def test_system_metrics_go_to_the_run_store(in_tmp, monkeypatch, caplog):
     assert any(k.startswith("system/") for k in metrics), metrics
     assert not (in_tmp / "mlflow.db").exists() and not (in_tmp / "mlruns").exists()  # MLflow's defaults
     assert not [r for r in caplog.records if "Failed" in r.getMessage()]
+
+
+def test_sqlite_store_is_created_atomically(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracking.init_sqlite_store(uri)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlflow.db"]
+    from mlflow.tracking import MlflowClient
+
+    assert MlflowClient(tracking_uri=uri).get_experiment_by_name("Default") is not None
+
+
+def test_a_start_interrupted_during_the_migrations_leaves_no_broken_database(tmp_path, monkeypatch):
+    # Before: a rank stopped during MLflow's schema migrations (the launcher stops the other ranks
+    # when one fails early) left a half-migrated mlflow.db that every later run of the recipe failed on.
+    import mlflow.store.db.utils as db_utils
+
+    real = db_utils._upgrade_db
+
+    def dies_halfway(engine):
+        with engine.begin() as conn:
+            from sqlalchemy import text
+
+            conn.execute(text("CREATE TABLE _alembic_tmp_experiments (x INTEGER)"))
+        raise KeyboardInterrupt  # SIGTERM / Ctrl-C in the middle of the migrations
+
+    monkeypatch.setattr(db_utils, "_upgrade_db", dies_halfway)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with pytest.raises(KeyboardInterrupt):
+        tracking.init_sqlite_store(uri)
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(db_utils, "_upgrade_db", real)
+    tracking.init_sqlite_store(uri)
+    from mlflow.tracking import MlflowClient
+
+    assert MlflowClient(tracking_uri=uri).get_experiment_by_name("Default") is not None

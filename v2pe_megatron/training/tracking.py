@@ -70,6 +70,32 @@ def resolve_tracking_uri(recipe: Recipe) -> str:
     return f"sqlite:///{d / 'mlflow.db'}"
 
 
+def init_sqlite_store(uri: str) -> None:
+    """Create a new embedded store atomically: MLflow builds a sqlite database by running its ~50
+    schema migrations in place (seconds), and a rank killed meanwhile (the launcher stops the others
+    when one rank fails early) left a half-migrated ``mlflow.db`` that every later run of the recipe
+    failed on ("table _alembic_tmp_experiments already exists"). Build it under a temporary name, then
+    rename."""
+    if not uri.startswith("sqlite:///"):
+        return
+    path = Path(uri[len("sqlite:///"):])
+    if path.exists():
+        return
+    from mlflow.tracking import MlflowClient
+
+    # A name never used before: MLflow caches stores (and their engines) by URI.
+    tmp = path.with_name(f".{path.name}.init-{os.getpid()}-{time.time_ns()}")
+    try:
+        client = MlflowClient(tracking_uri=f"sqlite:///{tmp}")  # runs the migrations
+        store = client._tracking_client.store
+        if hasattr(store, "engine"):
+            store.engine.dispose()
+        if not path.exists():
+            os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 # ---------------------------------------------------------------------------------------------
 # Tags
 # ---------------------------------------------------------------------------------------------
@@ -243,6 +269,7 @@ class Tracker:
     def _start_run(self, recipe: Recipe, run_id: Optional[str], tags: dict[str, Any]) -> None:
         from mlflow.tracking import MlflowClient
 
+        init_sqlite_store(self.uri)
         self._client = client = MlflowClient(tracking_uri=self.uri)
         if run_id is None:
             exp = client.get_experiment_by_name(recipe.tracking.experiment)
