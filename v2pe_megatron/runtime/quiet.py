@@ -68,18 +68,17 @@ class _DropMessages(logging.Filter):
         return not self.pattern.match(record.getMessage())
 
 
-_installed = False
+_log_filters: dict[tuple[str, str], logging.Filter] = {}
 
 
 def quiet_library_warnings() -> None:
     """Silence :data:`SILENCED` and :data:`SILENCED_LOGS` in this process (idempotent). Call it before
     megatron / torch.distributed are imported: several of these are emitted at import time."""
-    global _installed
-    if _installed:
-        return
-    _installed = True
     for pattern, category in SILENCED:
-        warnings.filterwarnings("ignore", message=pattern, category=category)
+        warnings.filterwarnings("ignore", message=pattern, category=category)  # deduplicated by warnings
     for name, pattern in SILENCED_LOGS:
-        logging.getLogger(name).addFilter(_DropMessages(pattern))
+        f = _log_filters.setdefault((name, pattern), _DropMessages(pattern))
+        logger = logging.getLogger(name)
+        if f not in logger.filters:
+            logger.addFilter(f)
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
