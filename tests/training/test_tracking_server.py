@@ -156,3 +156,21 @@ def test_server_killed_mid_run_neither_stalls_nor_kills_training(tmp_path):
     assert [x["step"] for x in lines] == list(range(1, steps + 1))
     print(f"server killed after step 3: {after_kill:.1f}s to the end of the run, "
           f"step times before {times[:3]}, max after {max(times[3:]):.3f}s, whole run {time.monotonic() - t0:.1f}s")
+
+
+def test_a_cli_run_that_dies_before_its_first_checkpoint_ends_failed(tmp_path):
+    # Before: such runs stayed RUNNING in MLflow forever.
+    conv = [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "x"}]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"id": i, "image": "gone.png", "conversations": conv})
+                                              + "\n" for i in range(4)))
+    (tmp_path / "meta.json").write_text(json.dumps({"d": {"annotation": "d.jsonl"}}))
+    cmd = [sys.executable, "-m", "v2pe_megatron.cli.train", str(ROOT / "recipes/tiny_cpu.yaml"), "--nproc", "1",
+           "tracking.system_metrics=false", f"data.meta_path={tmp_path / 'meta.json'}",
+           f"checkpoint.dir={tmp_path / 'ckpt'}", "checkpoint.save_interval=1"]
+    r = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode != 0 and "no usable sample" in r.stderr, r.stderr[-3000:]
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'runs/tiny_cpu/mlflow.db'}")
+    runs = c.search_runs([c.get_experiment_by_name("v2pe-megatron").experiment_id])
+    assert [x.info.status for x in runs] == ["FAILED"]
