@@ -196,3 +196,12 @@ def test_a_start_interrupted_during_the_migrations_leaves_no_broken_database(tmp
     from mlflow.tracking import MlflowClient
 
     assert MlflowClient(tracking_uri=uri).get_experiment_by_name("Default") is not None
+
+
+def test_a_checkpoint_run_id_unknown_to_the_store_starts_a_new_run(in_tmp, caplog):
+    caplog.set_level(logging.WARNING)
+    t = Tracker(_recipe(), active=True, run_id="0123456789abcdef0123456789abcdef")
+    assert t.run_id and t.run_id != "0123456789abcdef0123456789abcdef" and t.online
+    t.close()
+    assert "is not in" in caplog.text
+    assert _client(in_tmp).get_run(t.run_id).info.status == "FINISHED"

@@ -177,6 +177,18 @@ def memory_metrics() -> dict[str, float]:
         return {}
 
 
+def _run_exists(client, run_id: str) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_run(run_id)
+        return True
+    except MlflowException as e:
+        if e.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return False
+        raise  # unreachable server and the like: the caller's warning
+
+
 def _short_reason(err: BaseException) -> str:
     """'Connection refused' rather than MLflow's three-line wrapper of urllib3's exception."""
     text = str(err).strip()
@@ -237,6 +249,7 @@ class Tracker:
         self.online = False       # the server answered the last call
         self._warned = False
         self._closed = False
+        self._local_failed = False
         self._monitor = None
         self._client = None
         self._queue: queue.Queue = queue.Queue(maxsize=QUEUE_SIZE)
@@ -271,6 +284,9 @@ class Tracker:
 
         init_sqlite_store(self.uri)
         self._client = client = MlflowClient(tracking_uri=self.uri)
+        if run_id is not None and not _run_exists(client, run_id):
+            log.warning("MLflow run %s (from the checkpoint) is not in %s: starting a new run", run_id, self.uri)
+            run_id = self.run_id = None
         if run_id is None:
             exp = client.get_experiment_by_name(recipe.tracking.experiment)
             if exp is not None:
@@ -369,7 +385,12 @@ class Tracker:
         m = {k: float(v) for k, v in metrics.items() if v is not None}
         m.update(memory_metrics())
         ts = time.time()
-        self._local.write(json.dumps({"run_id": self.run_id, "step": step, "time": round(ts, 3), **m}) + "\n")
+        try:
+            self._local.write(json.dumps({"run_id": self.run_id, "step": step, "time": round(ts, 3), **m}) + "\n")
+        except (OSError, ValueError) as e:  # a full disk is not a reason to stop training either
+            if not self._local_failed:
+                self._local_failed = True
+                log.warning("cannot append to %s (%s); MLflow still gets the metrics", self.local_path, e)
         item = ("metrics", step, ts, m)
         while True:
             try:
