@@ -15,9 +15,21 @@ from v2pe_megatron.training import tracking
 from v2pe_megatron.training.tracking import Tracker
 
 
+@pytest.fixture(scope="module")
+def empty_store(tmp_path_factory):
+    """MLflow's schema migrations take seconds: run them once, copy the file per test."""
+    db = tmp_path_factory.mktemp("store") / "mlflow.db"
+    tracking.init_sqlite_store(f"sqlite:///{db}")
+    return db
+
+
 @pytest.fixture
-def in_tmp(tmp_path, monkeypatch):
+def in_tmp(tmp_path, monkeypatch, empty_store):
+    import shutil
+
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs/trk").mkdir(parents=True)
+    shutil.copy(empty_store, tmp_path / "runs/trk/mlflow.db")
     for k in tracking.HTTP_DEFAULTS:
         monkeypatch.delenv(k, raising=False)
     return tmp_path
@@ -91,7 +103,7 @@ def test_inactive_tracker_does_nothing(in_tmp):
     t = Tracker(_recipe(), active=False)
     t.log_metrics({"loss": 1.0}, 1)
     t.close()
-    assert t.run_id is None and not (in_tmp / "runs").exists()
+    assert t.run_id is None and not (in_tmp / "runs/trk/metrics.jsonl").exists()
 
 
 def test_unreachable_server_costs_seconds_and_keeps_metrics_locally(in_tmp, caplog):
@@ -163,15 +175,6 @@ def test_system_metrics_go_to_the_run_store(in_tmp, monkeypatch, caplog):
     assert not [r for r in caplog.records if "Failed" in r.getMessage()]
 
 
-def test_sqlite_store_is_created_atomically(tmp_path):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    tracking.init_sqlite_store(uri)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlflow.db"]
-    from mlflow.tracking import MlflowClient
-
-    assert MlflowClient(tracking_uri=uri).get_experiment_by_name("Default") is not None
-
-
 def test_a_start_interrupted_during_the_migrations_leaves_no_broken_database(tmp_path, monkeypatch):
     # Before: a rank stopped during MLflow's schema migrations (the launcher stops the other ranks
     # when one fails early) left a half-migrated mlflow.db that every later run of the recipe failed on.
@@ -193,6 +196,7 @@ def test_a_start_interrupted_during_the_migrations_leaves_no_broken_database(tmp
     assert list(tmp_path.iterdir()) == []
     monkeypatch.setattr(db_utils, "_upgrade_db", real)
     tracking.init_sqlite_store(uri)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlflow.db"]  # no temporary left behind
     from mlflow.tracking import MlflowClient
 
     assert MlflowClient(tracking_uri=uri).get_experiment_by_name("Default") is not None

@@ -272,8 +272,7 @@ class Tracker:
             self._start_run(recipe, run_id, tags)
             self.online = True
         except Exception as e:  # noqa: BLE001 - whatever MLflow raises, training goes on
-            self._warn(e)
-        log.debug("MLflow start took %.1fs", time.time() - t0)
+            self._warn(e, f"gave up after {time.time() - t0:.1f}s")
         self._thread = threading.Thread(target=self._work, name="v2pe-mlflow", daemon=True)
         self._thread.start()
         atexit.register(self._at_exit)
@@ -303,11 +302,16 @@ class Tracker:
             params = {}  # params are immutable in MLflow; the first job's recipe stays
         from mlflow.entities import Param, RunTag
 
-        items = list(params.items())
-        for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
-            client.log_batch(self.run_id, params=[Param(k, v) for k, v in items[i:i + 100]])
-        client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
-        client.log_text(self.run_id, to_yaml(recipe), "recipe.yaml")
+        run, text = self.run_id, to_yaml(recipe)
+
+        def describe() -> None:  # on the worker: the first step does not wait for these uploads
+            items = list(params.items())
+            for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
+                client.log_batch(run, params=[Param(k, v) for k, v in items[i:i + 100]])
+            client.log_batch(run, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+            client.log_text(run, text, "recipe.yaml")
+
+        self._queue.put(("call", describe))
         if recipe.tracking.system_metrics:
             try:
                 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
@@ -319,16 +323,16 @@ class Tracker:
                 log.warning("MLflow system metrics are off: %s", e)
                 self._monitor = None
 
-    def _warn(self, err: BaseException) -> None:
+    def _warn(self, err: BaseException, note: str = "") -> None:
         self.online = False
         monitor, self._monitor = self._monitor, None
         if monitor is not None:  # it would warn every 10 s; finish() joins it, so not on this thread
             threading.Thread(target=monitor.finish, name="v2pe-mlflow-monitor-stop", daemon=True).start()
         if not self._warned:
             self._warned = True
-            first = _short_reason(err)
-            log.warning("MLflow at %s is not reachable (%s): training continues; metrics are kept in %s "
-                        "and sent again once the server answers (checked every %.0fs)",
+            first = _short_reason(err) + (f"; {note}" if note else "")
+            log.warning("MLflow at %s is not reachable (%s): training continues; every step is kept in %s; "
+                        "MLflow gets new steps again once the server answers (checked every %.0fs)",
                         self.uri, first, self.local_path, RETRY_AFTER_S)
 
     def _work(self) -> None:
@@ -348,6 +352,12 @@ class Tracker:
                     break
             metrics = [b for b in batch if b[0] == "metrics"]
             end = next((b for b in batch if b[0] == "end"), None)
+            call = next((b[1] for b in batch if b[0] == "call"), None)
+            if call is not None and self.online:
+                try:
+                    call()
+                except Exception as e:  # noqa: BLE001
+                    self._warn(e)
             if metrics and self.run_id and self._client is not None and (self.online or time.time() - last_try >= RETRY_AFTER_S):
                 last_try = time.time()
                 ms = [Metric(k, v, int(ts * 1000), step) for _, step, ts, m in metrics for k, v in m.items()]
