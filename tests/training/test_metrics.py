@@ -56,3 +56,53 @@ def test_eta_leaves_out_the_first_step():
     m = meter.end_step(3, 2.0, 1)
     assert m["eta_s"] == pytest.approx(7 * 1.5)
     assert StepMeter.format(m).endswith("ETA 0:00:10")
+
+
+def _train_logged(overrides: list[str]) -> list[str]:
+    import logging
+    from pathlib import Path
+
+    from v2pe_megatron.config import load_recipe
+    from v2pe_megatron.training.loop import train
+
+    lines: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda rec: lines.append(rec.getMessage())
+    logger = logging.getLogger("v2pe_megatron.train")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    train(load_recipe(Path(__file__).parents[2] / "recipes/tiny_cpu.yaml", overrides))
+    return lines
+
+
+@pytest.mark.slow
+def test_training_log_and_mlflow_carry_throughput(tmp_path):
+    """2 DP ranks, square loss, a per-device peak from the recipe: the log line and MLflow carry
+    tokens/s, TFLOP/s per device, MFU and the ETA."""
+    import re
+
+    import mlflow
+
+    from v2pe_megatron.testing.distributed import run_distributed
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    overrides = ["data.seq_length=128", "train.steps=3", "train.loss_reduction=square", "train.peak_tflops=10",
+                 f"tracking.tracking_uri={uri}", "tracking.system_metrics=false"]
+    lines = run_distributed(_train_logged, 2, overrides, timeout=300)[0]
+    steps = [line for line in lines if line.startswith("step ")]
+    assert len(steps) == 3
+    for line in steps:
+        assert re.search(r"tokens/s \d+  TFLOP/s [0-9.e-]+  MFU [0-9.]+%  ETA \d+:\d\d:\d\d  step", line), line
+    mlflow.set_tracking_uri(uri)
+    run = mlflow.search_runs(experiment_names=["v2pe-megatron"], output_format="list")[0]
+    client = mlflow.tracking.MlflowClient()
+    hist = {k: [m.value for m in client.get_metric_history(run.info.run_id, k)]
+            for k in ("tokens_per_s", "tflops_per_device", "mfu_pct", "eta_s", "step_flops")}
+    assert all(len(v) == 3 for v in hist.values()), hist
+    assert hist["mfu_pct"] == pytest.approx([100 * t / 10 for t in hist["tflops_per_device"]])
+    assert hist["eta_s"][-1] == 0
+    # Every step draws 2 packs of 128 tokens (one per DP rank), summed over the ranks: at least the
+    # LLM's dense and logits work on 256 tokens, at most two whole-row attentions and 2 full packs of tiles.
+    low = flops.step_flops(tiny_recipe().model, [1] * 256).model
+    high = flops.step_flops(tiny_recipe().model, [128, 128], tiles=2 * 64).model
+    assert all(low < f <= high for f in hist["step_flops"]), (low, hist["step_flops"], high)
