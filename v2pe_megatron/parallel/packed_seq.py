@@ -13,8 +13,9 @@ Two formats (:attr:`v2pe_megatron.parallel.layout.Layout.qkv_format`):
 
 - ``sbhd`` (local spec, CPU or any GPU without TE): tensors stay [b, s_local]; ``cu_seqlens`` per
   row (a list of int32 tensors, one tensor when all rows agree). Tokens, labels, loss mask *and*
-  V2PE positions are sliced with one :func:`~v2pe_megatron.parallel.cp_split.zigzag_index_map`, so
-  each rank's rotary frequencies are computed for exactly its tokens.
+  V2PE positions (and per-token loss weights, when the batch carries them) are sliced with one
+  :func:`~v2pe_megatron.parallel.cp_split.zigzag_index_map`, so each rank's rotary frequencies are
+  computed for exactly its tokens.
 - ``thd`` (Transformer Engine spec): rows are flattened into one [1, B*S] pack (TE's packed
   format has no batch dim). Tokens, labels and loss mask are sliced with the same map, but the
   position ids stay whole: megatron applies rotary in THD through ``_apply_rotary_pos_emb_thd``,
