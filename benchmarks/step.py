@@ -227,6 +227,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--nproc", type=int, default=1, help="ranks for our step (gloo on the CPU)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads in all (split over ranks)")
     ap.add_argument("--no-hf", action="store_true", help="skip transformers")
+    ap.add_argument("--hf-first", action="store_true", help="measure transformers before ours (order check)")
     args = ap.parse_args(argv)
 
     base = (GPU_2B if args.gpu else MID) if not args.preset else [f"model.preset={args.preset}"]
@@ -238,6 +239,9 @@ def main(argv: list[str] | None = None) -> None:
     for seq in lengths:
         overrides = base + COMMON + [f"data.seq_length={seq}", "data.micro_batch_size=1",
                                      f"data.global_batch_size={1}"] + list(args.overrides)
+        with_hf = not args.gpu and not args.no_hf
+        hf = measure_hf(overrides, args.steps, args.subsamples, args.tiles, args.threads) if (
+            with_hf and args.hf_first) else None
         if args.gpu:
             if not torch.cuda.is_available():
                 raise SystemExit("--gpu needs CUDA")
@@ -254,8 +258,8 @@ def main(argv: list[str] | None = None) -> None:
         print(_line("v2pe-megatron", ours["tokens"], ours["times"], flops, ours["world"], ours["peak"]), flush=True)
         if ours["peak"]:
             mfu = 100 * flops / ours["world"] / statistics.median(ours["times"]) / ours["peak"]
-        if not args.gpu and not args.no_hf:
-            hf = measure_hf(overrides, args.steps, args.subsamples, args.tiles, args.threads)
+        if with_hf:
+            hf = hf or measure_hf(overrides, args.steps, args.subsamples, args.tiles, args.threads)
             print(_line("transformers", hf["tokens"], hf["times"], flops, 1), flush=True)
             ratio = (ours["tokens"] / statistics.median(ours["times"])) / (hf["tokens"] / statistics.median(hf["times"]))
             print(f"losses: ours {' '.join(f'{x:.4f}' for x in ours['losses'])}; transformers "
