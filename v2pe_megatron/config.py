@@ -193,8 +193,9 @@ class TrainConfig:
     steps: int = 10
     seed: int = 1234
     log_interval: int = 1
-    # token: mean over the trained tokens of the global batch. ("square", InternVL's per-sub-sample
-    # 1/sqrt weighting, arrives with the full pretraining loop.)
+    # token: mean over the trained tokens of the global batch. square: InternVL/V2PE's weighting,
+    # every trained token of a sub-sample with n trained tokens weighs 1/sqrt(n), normalised by the
+    # global batch's weight sum (training/loss.py).
     loss_reduction: str = "token"
     # none | selective | full
     recompute: str = "none"
@@ -205,6 +206,9 @@ class TrainConfig:
     wallclock_minutes: float = 0.0
     # Stop (after saving) once this job ran this many steps, e.g. to fit a scheduler slot; 0 = no limit.
     exit_after_steps: int = 0
+    # Peak dense TFLOP/s of one device for the MFU figure; 0 = from the device table (v2pe_megatron.flops:
+    # bf16/fp16 runs on known GPUs only; on the CPU, unknown devices and fp32 runs no MFU unless given).
+    peak_tflops: float = 0.0
 
 
 @dataclass
@@ -379,7 +383,7 @@ def validate(recipe: Recipe, world_size: int | None = None, *, spec: str | None 
     errs += _choice(d.overlong, "data.overlong", ("truncate", "skip"))
     errs += _choice(d.dali_device, "data.dali_device", ("auto", "cpu", "gpu"))
     errs += _choice(d.template, "data.template", ("internlm2-chat", "plain"))
-    errs += _choice(t.loss_reduction, "train.loss_reduction", ("token",))
+    errs += _choice(t.loss_reduction, "train.loss_reduction", ("token", "square"))
     errs += _choice(t.recompute, "train.recompute", ("none", "selective", "full"))
     errs += _choice(recipe.optimizer.name, "optimizer.name", ("adam", "sgd"))
     errs += _choice(recipe.optimizer.decay_style, "optimizer.decay_style", ("cosine", "linear", "constant"))
@@ -392,6 +396,9 @@ def validate(recipe: Recipe, world_size: int | None = None, *, spec: str | None 
                      recipe.launcher.nproc_per_node), ("launcher.nnodes", recipe.launcher.nnodes)):
         if val < 1:
             errs.append(f"{key}={val} must be >= 1")
+
+    if t.peak_tflops < 0:
+        errs.append(f"train.peak_tflops={t.peak_tflops} must be >= 0 (0: the device table)")
 
     # V2PE
     v = recipe.v2pe

@@ -17,10 +17,12 @@ import torch
 from megatron.core.packed_seq_params import PackedSeqParams
 from torch import Tensor
 
-__all__ = ["MicroBatch", "TOKEN_FIELDS"]
+__all__ = ["MicroBatch", "TOKEN_FIELDS", "OPTIONAL_TOKEN_FIELDS"]
 
 # Per-token [B, S] tensors: sliced together with one index map under context parallelism.
 TOKEN_FIELDS = ("tokens", "labels", "loss_mask", "position_ids")
+# Per-token [B, S] tensors a batch may carry (None otherwise), sliced like TOKEN_FIELDS.
+OPTIONAL_TOKEN_FIELDS = ("loss_weight",)
 
 
 @dataclass
@@ -34,6 +36,9 @@ class MicroBatch:
     num_tiles: Optional[Tensor] = None      # int32 [images]: tiles per image, in row order
     deltas: Optional[Tensor] = None         # float64 [images]: the V2PE delta each image was placed with
     sample_ids: Optional[list] = None       # per row, the ids of the samples packed into it
+    # float32 [B, S]: per-token loss weight (train.loss_reduction=square), set on the whole pack before
+    # the context-parallel split so that each rank's share carries its tokens' weights.
+    loss_weight: Optional[Tensor] = None
     # Filled in by the context-parallel split:
     packed_seq_params: Optional[PackedSeqParams] = None
     image_feature_index: Optional[Tensor] = None  # which image features this CP rank's tokens take
@@ -41,6 +46,10 @@ class MicroBatch:
     @property
     def shape(self) -> tuple[int, int]:
         return tuple(self.tokens.shape)  # type: ignore[return-value]
+
+    def token_fields(self) -> tuple[str, ...]:
+        """The per-token fields this batch carries (TOKEN_FIELDS + the optional ones that are set)."""
+        return TOKEN_FIELDS + tuple(k for k in OPTIONAL_TOKEN_FIELDS if getattr(self, k) is not None)
 
     @property
     def num_images(self) -> int:
@@ -55,5 +64,5 @@ class MicroBatch:
         pv = self.pixel_values
         pv = pv.to(device=device, dtype=dtype) if pv is not None and pv.numel() else None
         idx = self.image_feature_index
-        return self.replace(**{k: getattr(self, k).to(device) for k in TOKEN_FIELDS}, pixel_values=pv,
+        return self.replace(**{k: getattr(self, k).to(device) for k in self.token_fields()}, pixel_values=pv,
                             image_feature_index=idx.to(device) if idx is not None else None)

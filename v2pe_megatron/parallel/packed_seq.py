@@ -13,8 +13,9 @@ Two formats (:attr:`v2pe_megatron.parallel.layout.Layout.qkv_format`):
 
 - ``sbhd`` (local spec, CPU or any GPU without TE): tensors stay [b, s_local]; ``cu_seqlens`` per
   row (a list of int32 tensors, one tensor when all rows agree). Tokens, labels, loss mask *and*
-  V2PE positions are sliced with one :func:`~v2pe_megatron.parallel.cp_split.zigzag_index_map`, so
-  each rank's rotary frequencies are computed for exactly its tokens.
+  V2PE positions (and per-token loss weights, when the batch carries them) are sliced with one
+  :func:`~v2pe_megatron.parallel.cp_split.zigzag_index_map`, so each rank's rotary frequencies are
+  computed for exactly its tokens.
 - ``thd`` (Transformer Engine spec): rows are flattened into one [1, B*S] pack (TE's packed
   format has no batch dim). Tokens, labels and loss mask are sliced with the same map, but the
   position ids stay whole: megatron applies rotary in THD through ``_apply_rotary_pos_emb_thd``,
@@ -35,7 +36,7 @@ import numpy as np
 import torch
 from megatron.core.packed_seq_params import PackedSeqParams
 
-from v2pe_megatron.parallel.batch import TOKEN_FIELDS, MicroBatch
+from v2pe_megatron.parallel.batch import MicroBatch
 from v2pe_megatron.parallel.cp_split import image_feature_index, split_for_cp, zigzag_index_map
 from v2pe_megatron.parallel.layout import check_multiple, seq_multiple
 
@@ -123,7 +124,8 @@ def split_batch_for_cp(batch: MicroBatch, *, cp_size: int, cp_rank: int, qkv_for
         raise ValueError(f"seq_lens has {len(rows)} rows but tokens has {B}")
     unpadded = _rows(seq_lens_unpadded) if seq_lens_unpadded is not None else None
     _check(rows, unpadded, S, seq_multiple(cp_size))
-    for k in TOKEN_FIELDS:
+    fields = batch.token_fields()
+    for k in fields:
         t = getattr(batch, k)
         if t.shape[:2] != (B, S):
             raise ValueError(f"batch.{k} has shape {tuple(t.shape)}, expected [{B}, {S}, ...]")
@@ -132,15 +134,15 @@ def split_batch_for_cp(batch: MicroBatch, *, cp_size: int, cp_rank: int, qkv_for
     want_index = img_context_id is not None and cp_size > 1
     if qkv_format == "thd":
         index = torch.from_numpy(zigzag_index_map([n for r in rows for n in r], cp_size, cp_rank))
-        sliced = {k: getattr(batch, k).reshape(1, B * S) for k in TOKEN_FIELDS}
+        sliced = {k: getattr(batch, k).reshape(1, B * S) for k in fields}
         sliced = {k: (t if k == "position_ids" else split_for_cp(t, index, 1)) for k, t in sliced.items()}
         feat = image_feature_index(tokens, [index], img_context_id) if want_index else None
     else:
         maps = [torch.from_numpy(zigzag_index_map(r, cp_size, cp_rank)) for r in rows]
         if cp_size == 1:
-            sliced = {k: getattr(batch, k) for k in TOKEN_FIELDS}
+            sliced = {k: getattr(batch, k) for k in fields}
         else:
             sliced = {k: torch.stack([split_for_cp(getattr(batch, k)[i], m, 0) for i, m in enumerate(maps)])
-                      for k in TOKEN_FIELDS}
+                      for k in fields}
         feat = image_feature_index(tokens, maps, img_context_id) if want_index else None
     return batch.replace(**sliced, packed_seq_params=psp, image_feature_index=feat)

@@ -17,6 +17,7 @@ from v2pe_megatron.parallel.layout import Layout
 from v2pe_megatron.parallel.packed_seq import split_batch_for_cp
 from v2pe_megatron.training.checkpointing import unwrap
 from v2pe_megatron.training.engine import masked_loss_func
+from v2pe_megatron.training.loss import weighted_loss_func
 
 
 def prepare_batch(batch: MicroBatch, layout: Layout, device: torch.device, dtype: torch.dtype,
@@ -39,4 +40,7 @@ def vlm_forward_step(data_iterator: Iterator[MicroBatch], model):
     b = prepare_batch(batch, inner.layout, p.device, p.dtype, inner.img_context_token_id)
     out = model(b.tokens, b.position_ids, b.pixel_values, labels=b.labels, packed_seq_params=b.packed_seq_params,
                 image_feature_index=b.image_feature_index)
+    # Batches weighted by training.loss.step_batches (train.loss_reduction=square) carry their weights.
+    if b.loss_weight is not None:
+        return out, weighted_loss_func(b.loss_mask, b.loss_weight)
     return out, masked_loss_func(b.loss_mask)

@@ -25,6 +25,7 @@ from v2pe_megatron.runtime import distributed as rt
 from v2pe_megatron.training import checkpointing as ckpt
 from v2pe_megatron.training.engine import build_optimizer, train_step, wrap_ddp
 from v2pe_megatron.training.forward import vlm_forward_step
+from v2pe_megatron.training.metrics import StepMeter
 from v2pe_megatron.training.tracking import Tracker
 
 log = logging.getLogger("v2pe_megatron.train")
@@ -98,12 +99,15 @@ def train(recipe: Recipe) -> RunSummary:
                      "tokens per step", recipe.name, world, layout.describe(), nparams / 1e6, num_micro,
                      d.micro_batch_size, d.seq_length)
         it = iter(loader)
+        meter = StepMeter(recipe, world_size=world, total_steps=t.steps, device=rt.device(),
+                          dp_group=ps.get_data_parallel_group(with_context_parallel=False))
         status = "FAILED"
         try:
             for step in range(start, recipe.train.steps):
                 ts = time.time()
-                res = train_step([ddp], optimizer, vlm_forward_step, it, num_microbatches=num_micro, layout=layout,
-                                 seq_length=d.seq_length, micro_batch_size=d.micro_batch_size)
+                res = train_step([ddp], optimizer, vlm_forward_step, meter.batches(it, num_micro),
+                                 num_microbatches=num_micro, layout=layout, seq_length=d.seq_length,
+                                 micro_batch_size=d.micro_batch_size)
                 scheduler.step(increment=1)
                 if not math.isfinite(res.loss):
                     raise FloatingPointError(f"loss is {res.loss} at step {step + 1}")
@@ -113,15 +117,14 @@ def train(recipe: Recipe) -> RunSummary:
                 summary.final_step = step + 1
                 skips = _global_skips(loader.skips)
                 lr = optimizer.param_groups[0]["lr"]
-                tokens_per_s = d.global_batch_size * d.seq_length / dt
+                perf = meter.end_step(step + 1, dt, d.global_batch_size * d.seq_length)
                 if rank0 and (step + 1) % recipe.train.log_interval == 0:
-                    log.info("step %d/%d  loss %.5f  lr %.3e  grad_norm %s  tokens/s %.0f  step %.2fs%s",
+                    log.info("step %d/%d  loss %.5f  lr %.3e  grad_norm %s  %s  step %.2fs%s",
                              step + 1, recipe.train.steps, res.loss, lr,
-                             f"{res.grad_norm:.3f}" if res.grad_norm is not None else "n/a", tokens_per_s, dt,
+                             f"{res.grad_norm:.3f}" if res.grad_norm is not None else "n/a", meter.format(perf), dt,
                              ("  skipped " + ", ".join(f"{k}={v}" for k, v in skips.items() if v)) if any(
                                  skips.values()) else "")
-                tracker.log_metrics({"loss": res.loss, "lr": lr, "grad_norm": res.grad_norm,
-                                     "tokens_per_s": tokens_per_s, "step_time_s": dt,
+                tracker.log_metrics({"loss": res.loss, "lr": lr, "grad_norm": res.grad_norm, **perf, "step_time_s": dt,
                                      "trained_tokens": res.num_tokens,
                                      **{f"skipped/{k}": v for k, v in skips.items()}}, step=step + 1)
                 if c.dir and c.save_interval and (step + 1) % c.save_interval == 0:
