@@ -201,6 +201,9 @@ class TrainConfig:
     wallclock_minutes: float = 0.0
     # Stop (after saving) once this job ran this many steps, e.g. to fit a scheduler slot; 0 = no limit.
     exit_after_steps: int = 0
+    # A step with a non-finite loss or grad norm is skipped (no update); this many in a row stop the
+    # run (after saving) with exit_codes.NONFINITE.
+    max_nonfinite_steps: int = 10
 
 
 @dataclass
@@ -210,6 +213,9 @@ class CheckpointConfig:
     load: bool = True
     format: str = "torch_dist"
     keep_last: int = 2
+    # load=false over a folder that holds checkpoints is refused unless this is true (then the run
+    # starts from scratch and overwrites what it saves; it never deletes another run's checkpoints).
+    overwrite: bool = False
 
 
 @dataclass

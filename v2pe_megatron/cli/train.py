@@ -3,6 +3,10 @@
 Under torchrun or srun it runs as the rank it was given. Started by hand with
 ``launcher.nproc_per_node > 1`` it starts those ranks itself on this machine (see
 ``runtime.launch``), so ``v2pe-train recipes/tiny_cpu.yaml`` is a complete 2-rank run.
+
+Exit codes (``runtime.exit_codes``): 0 done, 1 error, 2 bad recipe or command line, 75 stopped by
+SIGTERM/SIGUSR1/SIGINT after a complete checkpoint (run the same command to resume), 65 stopped after
+``train.max_nonfinite_steps`` non-finite steps in a row.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import os
 import sys
 
 from v2pe_megatron.config import RecipeError, expected_world_size, load_recipe, to_yaml
+from v2pe_megatron.runtime import exit_codes
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -44,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
             load_recipe(args.recipe, overrides, validate_for_world_size=expected_world_size(recipe))
     except RecipeError as e:
         print(f"v2pe-train: {e}", file=sys.stderr)
-        return 2
+        return exit_codes.USAGE
     if args.print_recipe:
         print(to_yaml(recipe))
         return 0
@@ -52,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     if not _under_launcher() and nproc > 1:
         if recipe.launcher.nnodes > 1:
             print("v2pe-train: multi-node runs start under srun or torchrun (see slurm/)", file=sys.stderr)
-            return 2
+            return exit_codes.USAGE
         from v2pe_megatron.runtime.launch import run_local
 
         cmd = ["-m", "v2pe_megatron.cli.train", args.recipe, *overrides]
@@ -62,9 +67,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(recipe) -> int:
+    """One rank's run; returns its ``runtime.exit_codes`` code."""
+    from v2pe_megatron.training.checkpointing import CheckpointError
     from v2pe_megatron.training.loop import train
 
-    s = train(recipe)
+    try:
+        s = train(recipe)
+    except CheckpointError as e:  # names the folder and the fix: no stack trace
+        print(f"v2pe-train: {e}", file=sys.stderr)
+        return exit_codes.ERROR
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
     if rank == 0:
         print(f"\nv2pe-train: {recipe.name}: ran steps {s.final_step - s.steps_run + 1}..{s.final_step} on "
@@ -79,7 +90,12 @@ def _run(recipe) -> int:
         if s.tracking_uri:
             print(f"v2pe-train: MLflow run {s.run_id} in {s.tracking_uri} "
                   f"(view: mlflow ui --backend-store-uri {s.tracking_uri})")
-    return 0
+        if s.nonfinite_steps:
+            print(f"v2pe-train: {s.nonfinite_steps} step(s) skipped for a non-finite loss or grad norm")
+        if s.exit_code != exit_codes.SUCCESS:
+            print(f"v2pe-train: exit code {s.exit_code} ("
+                  f"{'stopped by a signal; run the same command again to resume' if s.exit_code == exit_codes.RESUME else 'too many non-finite steps in a row'})")
+    return s.exit_code
 
 
 if __name__ == "__main__":
