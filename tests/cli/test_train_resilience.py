@@ -225,6 +225,8 @@ def test_sigkill_at_random_moments(reference, tmp_path):
                 time.sleep(delay)
                 moment = f"{delay:.2f} s after the first step"
             victims = [r.proc.pid] + r.ranks()
+            # the parent and its 2 ranks only: no checkpoint-writer helper processes
+            assert len(victims) == 3 or r.proc.poll() is not None, victims
             saving = [p.name for p in ckpt.glob("iter_*.tmp")]
             for pid in victims:
                 os.kill(pid, signal.SIGKILL)
@@ -306,3 +308,15 @@ def test_fresh_start_over_checkpoints_needs_overwrite_and_deletes_nothing_foreig
     names = sorted(p.name for p in (tmp_path / "ckpt").glob("iter_*"))
     assert names == ["iter_0000002", "iter_0000003", "iter_0000004", "iter_0000008"]
     assert (tmp_path / "ckpt" / "latest").read_text() == "3"
+
+
+@pytest.mark.slow
+def test_sigkill_of_one_rank_ends_the_whole_run(tmp_path):
+    r = Run(tmp_path, "tracking.backend=none", "train.steps=200", "checkpoint.save_interval=2", sleep=0.2)
+    r.wait_for(r"saved checkpoint")
+    ranks = r.ranks()
+    os.kill(ranks[1], signal.SIGKILL)
+    rc = r.wait(timeout=120)
+    assert rc not in (0, exit_codes.RESUME), r.out[-3000:]
+    time.sleep(0.5)
+    assert not _alive(ranks)

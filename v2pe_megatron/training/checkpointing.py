@@ -14,11 +14,11 @@ saved from the inner module's ``sharded_state_dict()`` (not the DDP wrapper's), 
 reshards on load to any TP/PP layout; the distributed optimizer state uses the ``fully_reshardable``
 format so it can be resumed across TP and DP changes too.
 
-Loading verifies the manifest before anything is read: torch distributed checkpointing unpickles
-``.metadata``, so a training checkpoint is a trusted artifact, and the manifest at least guarantees
-that it is the one this code wrote, whole (foreign weights come in through ``v2pe-convert``, which
-reads safetensors only). A damaged checkpoint is reported by name and the previous complete one is
-used (``find_resumable``).
+Loading verifies the manifest before anything is read, because torch distributed checkpointing
+unpickles ``.metadata``: a truncated or swapped file is caught before it is parsed. The manifest
+proves a checkpoint whole, not who wrote it: training checkpoints are trusted artifacts (foreign
+weights come in through ``v2pe-convert``, roadmap step 8, which reads safetensors only). A damaged
+checkpoint is reported by name and the previous complete one is used (``find_resumable``).
 
 Hashing and verifying are spread over the ranks (each hashes every world-th file), so the cost per
 rank shrinks with the job. Saving runs megatron's writer in this process: its default keeps a
