@@ -174,6 +174,12 @@ def test_sigterm_mid_run_saves_and_resumes(reference, tmp_path, target):
     t = time.time()
     for pid in ([first.proc.pid] + ranks if target == "all" else [first.proc.pid]):
         os.kill(pid, signal.SIGTERM)
+    first.wait_for(r"stopping after step")
+    for pid in [first.proc.pid] + ranks:  # a second signal, during the save, changes nothing
+        try:
+            os.kill(pid, signal.SIGUSR1)
+        except ProcessLookupError:
+            pass
     rc = first.wait()
     seconds = time.time() - t
     print(f"SIGTERM to {target}: exit {rc} after {seconds:.2f} s")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 
 from v2pe_megatron.config import RecipeError, expected_world_size, load_recipe, to_yaml
@@ -88,6 +89,13 @@ def _run(recipe) -> int:
     from v2pe_megatron.training.checkpointing import CheckpointError
     from v2pe_megatron.training.loop import train
 
+    from v2pe_megatron.runtime.signals import STOP_SIGNALS
+
+    # train() records stop signals while it runs; once it returns, the checkpoint is saved and a late
+    # signal (e.g. a second SIGTERM) must not turn the exit code into 128+N. A Python handler, not
+    # SIG_IGN: an ignored signal would stay ignored in any program a rank starts.
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, lambda *_: None)
     try:
         s = train(recipe)
     except CheckpointError as e:  # names the folder and the fix: no stack trace

@@ -56,6 +56,8 @@ class StopSignals:
 
 
 _PR_SET_PDEATHSIG = 1
+# Looked up here, in the parent: between fork and exec a child of a threaded process must not dlopen.
+_prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
 
 
 def die_with_parent(parent_pid: int, sig: int = signal.SIGTERM) -> None:
@@ -63,9 +65,8 @@ def die_with_parent(parent_pid: int, sig: int = signal.SIGTERM) -> None:
     started by ``runtime.launch`` never trains on as an orphan. For ``subprocess.Popen(preexec_fn=)``:
     runs in the child between fork and exec (the setting survives exec). SIGTERM, not SIGKILL, so the
     rank still stops through the loop's usual path; elsewhere than Linux it does nothing."""
-    if not sys.platform.startswith("linux"):
+    if _prctl is None:
         return
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+    _prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
     if os.getppid() != parent_pid:  # the parent died before prctl took effect
         os.kill(os.getpid(), sig)

@@ -288,18 +288,17 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, iteration: int, model: list[tor
 
 
 def load_checkpoint(ckpt_dir: str | os.PathLike, model: list[torch.nn.Module], optimizer=None,
-                    iteration: Optional[int] = None) -> tuple[int, dict[str, Any]]:
-    """Collective. Verifies, then loads weights (and optimizer state) in place; returns (iteration, extra)."""
+                    iteration: Optional[int] = None, *, verified: bool = False) -> tuple[int, dict[str, Any]]:
+    """Collective. Verifies (unless ``verified``: ``iteration`` came from ``find_resumable``), then
+    loads weights (and optimizer state) in place; returns (iteration, extra)."""
     if iteration is None:
-        iteration = find_resumable(ckpt_dir)  # verified
+        iteration, verified = find_resumable(ckpt_dir), True
         if iteration is None:
             raise FileNotFoundError(f"no checkpoint in {ckpt_dir}")
-        path = iteration_dir(ckpt_dir, iteration)
-    else:
-        path = iteration_dir(ckpt_dir, iteration)
-        problem = verify(path)
-        if problem is not None:
-            raise CheckpointError(f"checkpoint {path} is damaged: {problem}")
+    path = iteration_dir(ckpt_dir, iteration)
+    problem = None if verified else verify(path)
+    if problem is not None:
+        raise CheckpointError(f"checkpoint {path} is damaged: {problem}")
     model_sd = _model_sd(model)
     state: dict[str, Any] = {"model": model_sd}
     if optimizer is not None:

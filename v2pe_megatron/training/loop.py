@@ -204,10 +204,11 @@ def _resume(recipe: Recipe, ddp, optimizer, dp_rank: int, rank0: bool):
                 f"{'...' if len(existing) > 5 else ''}): set checkpoint.overwrite=true to start over in it "
                 "(their iterations get overwritten as this run saves), or choose another checkpoint.dir")
         return None
-    if ckpt.find_resumable(c.dir) is None:
-        return None
     t = time.time()
-    start, extra = ckpt.load_checkpoint(c.dir, [ddp], optimizer)
+    found = ckpt.find_resumable(c.dir)
+    if found is None:
+        return None
+    start, extra = ckpt.load_checkpoint(c.dir, [ddp], optimizer, iteration=found, verified=True)
     if rank0:
         log.info("resumed from %s at step %d (%.1f s)", ckpt.iteration_dir(c.dir, start), start, time.time() - t)
     return start, extra
