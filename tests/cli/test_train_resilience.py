@@ -214,7 +214,9 @@ def test_sigkill_at_random_moments(reference, tmp_path):
 
     ref, _, _ = reference
     ckpt = tmp_path / "ckpt"
-    rng = random.Random(int(os.environ.get("V2PE_KILL_SEED", time.time())))
+    seed = int(os.environ.get("V2PE_KILL_SEED", time.time_ns() % 2**32))
+    print(f"kill moments: V2PE_KILL_SEED={seed}")
+    rng = random.Random(seed)
     kills, outs, expected_resume = 0, [], None
     args = ("checkpoint.save_interval=1", "tracking.backend=none")
     for attempt in range(6):
