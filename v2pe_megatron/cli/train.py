@@ -117,9 +117,11 @@ def _run(recipe) -> int:
                   f"(view: mlflow ui --backend-store-uri {s.tracking_uri})")
         if s.nonfinite_steps:
             print(f"v2pe-train: {s.nonfinite_steps} step(s) skipped for a non-finite loss or grad norm")
-        if s.exit_code != exit_codes.SUCCESS:
-            print(f"v2pe-train: exit code {s.exit_code} ("
-                  f"{'stopped by a signal; run the same command again to resume' if s.exit_code == exit_codes.RESUME else 'too many non-finite steps in a row'})")
+        if s.exit_code == exit_codes.RESUME:
+            print(f"v2pe-train: exit code {s.exit_code}: stopped by a signal; run the same command to resume")
+        elif s.exit_code == exit_codes.NONFINITE:
+            print(f"v2pe-train: exit code {s.exit_code}: too many non-finite steps in a row "
+                  "(train.max_nonfinite_steps)")
     return s.exit_code
 
 
