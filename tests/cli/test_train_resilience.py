@@ -35,7 +35,7 @@ import pytest
 from v2pe_megatron.runtime import exit_codes
 
 ROOT = Path(__file__).resolve().parents[2]
-STEPS = 8
+STEPS = 16  # enough for 5 chained kills to land before the run ends
 
 HOOK = '''
 import os
@@ -136,7 +136,8 @@ def _mlflow_runs(tmp: Path):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """One uninterrupted run (checkpoints at 4 and 8): its losses, log and checkpoint folder."""
+    """One uninterrupted run (checkpoints at 4, 8, 12, 16; keep_last=2 leaves 12 and 16): its losses,
+    log and checkpoint folder."""
     tmp = tmp_path_factory.mktemp("ref")
     r = Run(tmp, "checkpoint.save_interval=4")
     assert r.wait() == 0, r.out[-4000:]
@@ -157,10 +158,11 @@ def _assert_on_curve(ref: dict[int, float], *outs: str) -> set[int]:
 @pytest.mark.slow
 def test_final_step_saved_once_with_one_log_line(reference):
     _, out, ckpt = reference
-    assert len(re.findall(r"saved checkpoint \S+iter_0000008 at step 8 \(\d+\.\d s\)", out)) == 1
+    assert len(re.findall(r"saved checkpoint \S+iter_0000016 at step 16 \(\d+\.\d s\)", out)) == 1
     assert len(re.findall(r"saved checkpoint \S+iter_0000004 at step 4", out)) == 1
     assert "async save is deprecated" not in out
-    assert (ckpt / "iter_0000008" / "manifest.json").is_file()
+    assert sorted(p.name for p in ckpt.glob("iter_*")) == ["iter_0000012", "iter_0000016"]
+    assert (ckpt / "iter_0000016" / "manifest.json").is_file()
 
 
 @pytest.mark.slow
@@ -222,16 +224,19 @@ def test_sigkill_at_random_moments(reference, tmp_path):
     for attempt in range(6):
         r = Run(tmp_path, *args, sleep=0.1)
         if attempt < 5:
-            r.wait_for(r"step \d+/" if attempt else r"resumed from|step 1/")
+            first = int(r.wait_for(r"step (\d+)/").group(1))
             if attempt == 0:  # during a save
                 end = time.time() + 60
                 while not list(ckpt.glob("iter_*.tmp")) and time.time() < end and r.proc.poll() is None:
                     time.sleep(0.002)
                 moment = "during a save"
             else:
-                delay = rng.uniform(0.0, 1.0)
+                # at most ~3 steps per attempt, so that 5 kills land before step STEPS
+                later, delay = rng.randint(0, 1), rng.uniform(0.0, 0.3)
+                if later:
+                    r.wait_for(rf"step {first + 1}/")
                 time.sleep(delay)
-                moment = f"{delay:.2f} s after the first step"
+                moment = f"{delay:.2f} s after step {first + later}"
             victims = [r.proc.pid] + r.ranks()
             # the parent and its 2 ranks only: no checkpoint-writer helper processes
             assert len(victims) == 3 or r.proc.poll() is not None, victims
@@ -294,13 +299,13 @@ def test_nonfinite_steps_skipped_then_stop(tmp_path):
 def test_damaged_newest_checkpoint_falls_back(reference, tmp_path):
     ref, _, ckpt = reference
     shutil.copytree(ckpt, tmp_path / "ckpt")
-    shard = sorted((tmp_path / "ckpt" / "iter_0000008").glob("*.distcp"))[0]
+    shard = sorted((tmp_path / "ckpt" / "iter_0000016").glob("*.distcp"))[0]
     shard.write_bytes(shard.read_bytes()[:-100])
     r = Run(tmp_path, "tracking.backend=none")
     assert r.wait() == 0, r.out[-4000:]
-    assert re.search(r"skipping damaged checkpoint \S+iter_0000008: \S+\.distcp has \d+ bytes", r.out)
-    assert "resumed from" in r.out and "at step 4" in r.out
-    assert _assert_on_curve(ref, r.out) == {5, 6, 7, 8}
+    assert re.search(r"skipping damaged checkpoint \S+iter_0000016: \S+\.distcp has \d+ bytes", r.out)
+    assert re.search(r"resumed from \S+iter_0000012 at step 12", r.out)
+    assert _assert_on_curve(ref, r.out) == {13, 14, 15, 16}
 
 
 @pytest.mark.slow
@@ -314,7 +319,7 @@ def test_fresh_start_over_checkpoints_needs_overwrite_and_deletes_nothing_foreig
             "train.steps=3", "checkpoint.save_interval=1", "checkpoint.keep_last=2")
     assert r.wait() == 0, r.out[-4000:]
     names = sorted(p.name for p in (tmp_path / "ckpt").glob("iter_*"))
-    assert names == ["iter_0000002", "iter_0000003", "iter_0000004", "iter_0000008"]
+    assert names == ["iter_0000002", "iter_0000003", "iter_0000012", "iter_0000016"]
     assert (tmp_path / "ckpt" / "latest").read_text() == "3"
 
 
