@@ -202,7 +202,7 @@ class TrainConfig:
     # Stop (after saving) once this job ran this many steps, e.g. to fit a scheduler slot; 0 = no limit.
     exit_after_steps: int = 0
     # A step with a non-finite loss or grad norm is skipped (no update); this many in a row stop the
-    # run (after saving) with exit_codes.NONFINITE.
+    # run (after saving) with exit_codes.NONFINITE; 0: never stop for it.
     max_nonfinite_steps: int = 10
 
 

@@ -306,6 +306,11 @@ def test_damaged_newest_checkpoint_falls_back(reference, tmp_path):
     assert re.search(r"skipping damaged checkpoint \S+iter_0000016: \S+\.distcp has \d+ bytes", r.out)
     assert re.search(r"resumed from \S+iter_0000012 at step 12", r.out)
     assert _assert_on_curve(ref, r.out) == {13, 14, 15, 16}
+    from v2pe_megatron.training.checkpointing import iteration_dir, verify
+
+    # the damaged iter_16 was replaced by a complete one, nothing half-written is left
+    assert verify(iteration_dir(tmp_path / "ckpt", 16)) is None
+    assert not list((tmp_path / "ckpt").glob("*.tmp"))
 
 
 @pytest.mark.slow

@@ -272,13 +272,15 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, iteration: int, model: list[tor
     write_manifest(tmp)  # the last act of a save: a folder with a valid manifest is complete
     _barrier()
     if _rank() == 0:
-        if final.exists():
-            shutil.rmtree(final)
+        replaced = final.with_name(final.name + ".replaced.tmp")  # a kill leaves it to clean_stale_tmp
+        if final.exists():  # an overwritten run's checkpoint: out of the way by rename, deleted last
+            final.rename(replaced)
         tmp.rename(final)
         _fsync_dir(Path(ckpt_dir))
         marker = Path(ckpt_dir) / "latest.tmp"
         marker.write_text(str(iteration))
         marker.replace(Path(ckpt_dir) / "latest")
+        shutil.rmtree(replaced, ignore_errors=True)
         if keep_last > 0 and lineage:
             older = sorted({i for i in lineage if i < iteration})
             for old in older[:max(0, len(older) - (keep_last - 1))]:
