@@ -209,6 +209,9 @@ class TrainConfig:
     # Peak dense TFLOP/s of one device for the MFU figure; 0 = from the device table (v2pe_megatron.flops:
     # bf16/fp16 runs on known GPUs only; on the CPU, unknown devices and fp32 runs no MFU unless given).
     peak_tflops: float = 0.0
+    # A step with a non-finite loss or grad norm is skipped (no update); this many in a row stop the
+    # run (after saving) with exit_codes.NONFINITE; 0: never stop for it.
+    max_nonfinite_steps: int = 10
 
 
 @dataclass
@@ -218,6 +221,9 @@ class CheckpointConfig:
     load: bool = True
     format: str = "torch_dist"
     keep_last: int = 2
+    # load=false over a folder that holds checkpoints is refused unless this is true (then the run
+    # starts from scratch and overwrites what it saves; it never deletes another run's checkpoints).
+    overwrite: bool = False
 
 
 @dataclass

@@ -3,6 +3,10 @@
 Under torchrun or srun it runs as the rank it was given. Started by hand with
 ``launcher.nproc_per_node > 1`` it starts those ranks itself on this machine (see
 ``runtime.launch``), so ``v2pe-train recipes/tiny_cpu.yaml`` is a complete 2-rank run.
+
+Exit codes (``runtime.exit_codes``): 0 done, 1 error, 2 bad recipe or command line, 75 stopped by
+SIGTERM/SIGUSR1/SIGINT after a complete checkpoint (run the same command to resume), 65 stopped after
+``train.max_nonfinite_steps`` non-finite steps in a row.
 """
 
 from __future__ import annotations
@@ -10,9 +14,11 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 
 from v2pe_megatron.config import RecipeError, expected_world_size, load_recipe, to_yaml
+from v2pe_megatron.runtime import exit_codes
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -47,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
             load_recipe(args.recipe, overrides, validate_for_world_size=expected_world_size(recipe))
     except RecipeError as e:
         print(f"v2pe-train: {e}", file=sys.stderr)
-        return 2
+        return exit_codes.USAGE
     if args.print_recipe:
         print(to_yaml(recipe))
         return 0
@@ -55,19 +61,49 @@ def main(argv: list[str] | None = None) -> int:
     if not _under_launcher() and nproc > 1:
         if recipe.launcher.nnodes > 1:
             print("v2pe-train: multi-node runs start under srun or torchrun (see slurm/)", file=sys.stderr)
-            return 2
+            return exit_codes.USAGE
         from v2pe_megatron.runtime.launch import run_local
 
         cmd = ["-m", "v2pe_megatron.cli.train", args.recipe, *overrides]
         print(f"v2pe-train: starting {nproc} ranks: {' '.join(cmd)}", flush=True)
-        return run_local(cmd, nproc)
-    return _run(recipe)
+        code = run_local(cmd, nproc)
+        if argv is None:
+            _exit_now(code)
+        return code
+    code = _run(recipe)
+    if argv is None:  # a process of its own (not a caller's function call): leave now
+        _exit_now(code)
+    return code
+
+
+def _exit_now(code: int) -> None:
+    """Exit without the interpreter's teardown. Everything that matters is closed by now (checkpoint
+    fsynced, MLflow run ended, process group destroyed); what is left is the garbage collection of
+    torch, megatron and MLflow's module state, ~6-10 s per rank on a small machine, which a job's
+    signal-to-exit time (a scheduler's grace period) should not pay."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _run(recipe) -> int:
+    """One rank's run; returns its ``runtime.exit_codes`` code."""
+    from v2pe_megatron.training.checkpointing import CheckpointError
     from v2pe_megatron.training.loop import train
 
-    s = train(recipe)
+    from v2pe_megatron.runtime.signals import STOP_SIGNALS
+
+    # train() records stop signals while it runs; once it returns, the checkpoint is saved and a late
+    # signal (e.g. a second SIGTERM) must not turn the exit code into 128+N. A Python handler, not
+    # SIG_IGN: an ignored signal would stay ignored in any program a rank starts.
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, lambda *_: None)
+    try:
+        s = train(recipe)
+    except CheckpointError as e:  # names the folder and the fix: no stack trace
+        print(f"v2pe-train: {e}", file=sys.stderr)
+        return exit_codes.ERROR
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
     if rank == 0:
         print(f"\nv2pe-train: {recipe.name}: ran steps {s.final_step - s.steps_run + 1}..{s.final_step} on "
@@ -82,7 +118,14 @@ def _run(recipe) -> int:
         if s.tracking_uri:
             print(f"v2pe-train: MLflow run {s.run_id} in {s.tracking_uri} "
                   f"(view: mlflow ui --backend-store-uri {s.tracking_uri})")
-    return 0
+        if s.nonfinite_steps:
+            print(f"v2pe-train: {s.nonfinite_steps} step(s) skipped for a non-finite loss or grad norm")
+        if s.exit_code == exit_codes.RESUME:
+            print(f"v2pe-train: exit code {s.exit_code}: stopped by a signal; run the same command to resume")
+        elif s.exit_code == exit_codes.NONFINITE:
+            print(f"v2pe-train: exit code {s.exit_code}: too many non-finite steps in a row "
+                  "(train.max_nonfinite_steps)")
+    return s.exit_code
 
 
 if __name__ == "__main__":

@@ -1,10 +1,16 @@
-"""Start N local ranks without a port race.
+"""Start N local ranks without a port race, and stop them with the parent.
 
 The parent process hosts the rendezvous TCPStore on a port the OS assigns (bind to port 0), then
 starts the ranks with ``MASTER_PORT`` set to it and ``TORCHELASTIC_USE_AGENT_STORE=True``, torch's
 convention (the one torchrun's agent uses) for "connect to the store, do not host one". Choosing a
 free port first and binding it later in a child races with every other connection the machine opens
 in between; this cannot.
+
+Signals: the parent forwards SIGTERM, SIGUSR1 and SIGINT to every rank (the ranks run in their own
+session, so a terminal's Ctrl-C reaches them once, through the parent) and returns the ranks' code
+(``exit_codes.RESUME`` after a signal). If the parent dies, even by SIGKILL, each rank gets SIGTERM
+from the kernel (``signals.die_with_parent``). A rank that fails takes the others down: SIGTERM, then
+SIGKILL after ``FAIL_GRACE_S`` (a graceful stop needs every rank, so it may never complete).
 """
 
 from __future__ import annotations
@@ -18,6 +24,12 @@ import time
 from typing import Sequence
 
 from torch.distributed import TCPStore
+
+from v2pe_megatron.runtime import exit_codes
+from v2pe_megatron.runtime.signals import STOP_SIGNALS, die_with_parent
+
+FAIL_GRACE_S = 30.0
+GRACEFUL = (exit_codes.SUCCESS, exit_codes.RESUME, exit_codes.NONFINITE)
 
 
 def host_store(world_size: int, timeout_minutes: float = 30.0) -> TCPStore:
@@ -33,31 +45,52 @@ def rank_env(store: TCPStore, rank: int, world_size: int) -> dict[str, str]:
 
 def run_local(argv: Sequence[str], nproc: int, *, env: dict[str, str] | None = None) -> int:
     """Run ``python <argv>`` as ``nproc`` ranks on this machine; return the first non-zero exit code
-    (the others are stopped), or 0."""
+    (a failing rank's code wins over the graceful ones), or 0."""
     store = host_store(nproc)
     base = dict(os.environ if env is None else env)
     base.setdefault("OMP_NUM_THREADS", "1")  # as torchrun does: N ranks share the cores
-    procs = [subprocess.Popen([sys.executable, *argv], env={**base, **rank_env(store, r, nproc)})
-             for r in range(nproc)]
-    code = 0
+    me = os.getpid()
+    procs: list[subprocess.Popen] = []
+
+    def forward(signum, frame):
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in STOP_SIGNALS}
     try:
-        while procs:
-            for p in list(procs):
-                rc = p.poll()
-                if rc is None:
-                    continue
-                procs.remove(p)
-                if rc != 0 and code == 0:
-                    code = rc
-                    for other in procs:  # a lost rank would leave the others waiting in a collective
-                        other.send_signal(signal.SIGTERM)
-            time.sleep(0.1)
-    except KeyboardInterrupt:
-        for p in procs:
-            p.send_signal(signal.SIGINT)
-        for p in procs:
-            p.wait()
-        return 130
+        procs.extend(subprocess.Popen([sys.executable, *argv], env={**base, **rank_env(store, r, nproc)},
+                                      start_new_session=True, preexec_fn=lambda: die_with_parent(me))
+                     for r in range(nproc))
+        return _wait(procs)
     finally:
+        for p in procs:  # only reached with live ranks if the parent itself fails
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        for s, h in previous.items():
+            signal.signal(s, h)
         del store
+
+
+def _wait(procs: list[subprocess.Popen]) -> int:
+    live, code, kill_at = list(procs), 0, None
+    while live:
+        for p in list(live):
+            rc = p.poll()
+            if rc is None:
+                continue
+            live.remove(p)
+            rc = 128 - rc if rc < 0 else rc  # killed by signal N: the shell's 128+N
+            if rc != 0 and (code == 0 or (code in GRACEFUL and rc not in GRACEFUL)):
+                code = rc
+            if rc not in GRACEFUL and kill_at is None:
+                # a lost rank leaves the others waiting in a collective
+                for other in live:
+                    other.send_signal(signal.SIGTERM)
+                kill_at = time.monotonic() + FAIL_GRACE_S
+        if kill_at is not None and time.monotonic() > kill_at:
+            for p in live:
+                p.kill()
+        time.sleep(0.1)
     return code

@@ -1,20 +1,37 @@
-"""Atomic torch_dist checkpoints of model + optimizer (+ any extra state), loadable at another layout.
+"""Atomic, verified torch_dist checkpoints of model + optimizer (+ any extra state), loadable at
+another layout.
 
 Layout on disk::
 
-    <dir>/iter_0000010/      one megatron dist_checkpointing (torch_dist) checkpoint
-    <dir>/latest             text file with the last *complete* iteration
+    <dir>/iter_0000010/                one megatron dist_checkpointing (torch_dist) checkpoint
+    <dir>/iter_0000010/manifest.json   relative path, size and sha256 of every other file in it
+    <dir>/latest                       text file with the last *complete* iteration
 
-A checkpoint is written to ``iter_XXXXXXX.tmp`` and renamed only after every rank finished, so a
-job killed mid-save leaves the previous checkpoint as ``latest``. Model weights are saved from the
-inner module's ``sharded_state_dict()`` (not the DDP wrapper's), which megatron reshards on load to
-any TP/PP layout; the distributed optimizer state uses the ``fully_reshardable`` format so it can be
-resumed across TP and DP changes too.
+A checkpoint is written to ``iter_XXXXXXX.tmp``; when every rank finished writing, the manifest is
+written (the last file of a save), the folder is renamed and only then ``latest`` moves. So a job
+killed at any moment, also mid-save, leaves ``latest`` naming a complete checkpoint. Model weights are
+saved from the inner module's ``sharded_state_dict()`` (not the DDP wrapper's), which megatron
+reshards on load to any TP/PP layout; the distributed optimizer state uses the ``fully_reshardable``
+format so it can be resumed across TP and DP changes too.
+
+Loading verifies the manifest before anything is read, because torch distributed checkpointing
+unpickles ``.metadata``: a truncated or swapped file is caught before it is parsed. The manifest
+proves a checkpoint whole, not who wrote it: training checkpoints are trusted artifacts (foreign
+weights come in through ``v2pe-convert``, roadmap step 8, which reads safetensors only). A damaged
+checkpoint is reported by name and the previous complete one is used (``find_resumable``).
+
+Hashing and verifying are spread over the ranks (each hashes every world-th file), so the cost per
+rank shrinks with the job. Saving runs megatron's writer in this process: its default keeps a
+``multiprocessing`` manager process per rank (hundreds of MB) that outlives a killed rank.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import os
+import queue
 import shutil
 from pathlib import Path
 from typing import Any, Optional
@@ -24,6 +41,13 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 
 OPTIM_SHARDING = {"distrib_optim_sharding_type": "fully_reshardable"}
+MANIFEST = "manifest.json"
+
+log = logging.getLogger("v2pe_megatron.train")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint folder that cannot be used; the message names it and says why."""
 
 
 def unwrap(module: torch.nn.Module) -> torch.nn.Module:
@@ -43,17 +67,44 @@ def iteration_dir(ckpt_dir: str | os.PathLike, iteration: int) -> Path:
 
 
 def latest_iteration(ckpt_dir: str | os.PathLike) -> Optional[int]:
+    """What ``latest`` says (None without one); garbage in it or a missing folder is a CheckpointError."""
     f = Path(ckpt_dir) / "latest"
     if not f.is_file():
         return None
-    text = f.read_text().strip()
+    text = f.read_text(errors="replace").strip()
     if not text.isdigit() or not iteration_dir(ckpt_dir, int(text)).is_dir():
-        raise RuntimeError(f"{f} names iteration {text!r}, which has no complete checkpoint in {ckpt_dir}")
+        raise CheckpointError(f"{f} names iteration {text[:40]!r}, which has no checkpoint folder in {ckpt_dir}")
     return int(text)
+
+
+def saved_iterations(ckpt_dir: str | os.PathLike) -> list[int]:
+    """Iterations with a (renamed, so once complete) ``iter_*`` folder, ascending."""
+    out = []
+    for p in Path(ckpt_dir).glob("iter_*"):
+        digits = p.name[len("iter_"):]
+        if p.is_dir() and digits.isdigit():
+            out.append(int(digits))
+    return sorted(out)
+
+
+def clean_stale_tmp(ckpt_dir: str | os.PathLike) -> list[str]:
+    """Rank 0, before a run saves anything: remove ``iter_*.tmp`` folders of killed saves."""
+    removed = []
+    for p in sorted(Path(ckpt_dir).glob("iter_*.tmp")):
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p.name)
+    if removed:
+        log.info("removed %d incomplete checkpoint folder(s) of an interrupted save in %s: %s", len(removed),
+                 ckpt_dir, ", ".join(removed))
+    return removed
 
 
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
 
 
 def _barrier() -> None:
@@ -61,9 +112,148 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _files(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def _gather(obj) -> list:
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * _world()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def write_manifest(folder: Path) -> None:
+    """Collective: every rank hashes its share of the files, rank 0 writes the manifest (fsynced)."""
+    names = [_files(folder) if _rank() == 0 else None]
+    if dist.is_initialized():
+        dist.broadcast_object_list(names, src=0)
+    mine = {n: {"size": (folder / n).stat().st_size, "sha256": _sha256(folder / n)}
+            for n in names[0][_rank()::_world()]}
+    entries = {k: v for part in _gather(mine) for k, v in part.items()}
+    if _rank() == 0:
+        tmp = folder / (MANIFEST + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump({"version": 1, "files": dict(sorted(entries.items()))}, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(folder / MANIFEST)
+        _fsync_dir(folder)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def verify(folder: Path) -> Optional[str]:
+    """Collective. None when ``folder`` matches its manifest, else why not (the same on every rank)."""
+    problem = None
+    files: dict = {}
+    try:
+        files = json.loads((folder / MANIFEST).read_text())["files"]
+        if not isinstance(files, dict) or not files:
+            raise ValueError("no files listed")
+    except FileNotFoundError:
+        problem = f"no {MANIFEST} (an incomplete save, or written before manifests existed)"
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        problem = f"unreadable {MANIFEST} ({e})"
+    if problem is None:
+        extra = sorted(set(_files(folder)) - set(files))
+        for name, meta in sorted(files.items()):
+            p = folder / name
+            if not p.is_file():
+                problem = f"{name} is missing"
+            elif p.stat().st_size != meta.get("size"):
+                problem = f"{name} has {p.stat().st_size} bytes, the manifest says {meta.get('size')}"
+            if problem:
+                break
+        if problem is None and extra:
+            problem = f"files not in the manifest: {', '.join(extra[:3])}"
+    if problem is None:  # sizes agree: the expensive part, spread over the ranks
+        names = sorted(files)[_rank()::_world()]
+        bad = next((n for n in names if _sha256(folder / n) != files[n].get("sha256")), None)
+        problem = f"{bad} does not match its sha256 in the manifest" if bad else None
+    problems = [x for x in _gather(problem) if x]
+    return problems[0] if problems else None
+
+
+def find_resumable(ckpt_dir: str | os.PathLike) -> Optional[int]:
+    """Collective. The iteration to resume from: ``latest`` if it verifies, else the newest older
+    checkpoint that does (each rejected one is named in a warning). None when the folder holds no
+    checkpoint at all; CheckpointError when it holds some and none verifies (never a silent restart)."""
+    saved = saved_iterations(ckpt_dir)
+    try:
+        latest = latest_iteration(ckpt_dir)
+        if latest is None and saved:
+            _warn(f"{Path(ckpt_dir) / 'latest'} is missing although {ckpt_dir} holds checkpoints; "
+                  f"looking for the newest complete one")
+    except CheckpointError as e:
+        latest = None
+        _warn(f"{e}; looking for the newest complete checkpoint instead")
+    if latest is None and not saved:
+        return None
+    candidates = ([latest] if latest is not None else []) + \
+        [i for i in reversed(saved) if latest is None or i < latest]
+    rejected = []
+    for it in candidates:
+        problem = verify(iteration_dir(ckpt_dir, it))
+        if problem is None:
+            if rejected:
+                _warn(f"resuming from {iteration_dir(ckpt_dir, it)}, the newest complete checkpoint")
+            return it
+        rejected.append(f"{iteration_dir(ckpt_dir, it)}: {problem}")
+        _warn(f"skipping damaged checkpoint {iteration_dir(ckpt_dir, it)}: {problem}")
+    raise CheckpointError(f"no usable checkpoint in {ckpt_dir}: " + "; ".join(rejected) +
+                          " (delete them, or set checkpoint.load=false checkpoint.overwrite=true to start over)")
+
+
+def _warn(msg: str) -> None:
+    if _rank() == 0:
+        log.warning(msg)
+
+
+def _writer_in_process() -> None:
+    """megatron's torch_dist writer collects results in a ``multiprocessing.Manager().Queue()``, a
+    spawned server process per rank that outlives a killed rank; our saves run the writer
+    synchronously in this process, where a plain queue does the same job."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is None:
+        filesystem_async._results_queue = queue.Queue()
+
+
+class _DropAsyncDeprecation(logging.Filter):
+    # megatron's synchronous save goes through its own async code path and warns that "MCore's async
+    # save is deprecated" although nothing here saves asynchronously; no argument avoids it.
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "async save is deprecated" not in record.getMessage()
+
+
+logging.getLogger("megatron.core.dist_checkpointing.strategies.torch").addFilter(_DropAsyncDeprecation())
+
+
 def save_checkpoint(ckpt_dir: str | os.PathLike, iteration: int, model: list[torch.nn.Module],
-                    optimizer=None, extra: Optional[dict[str, Any]] = None, keep_last: int = 0) -> Path:
-    """Collective: every rank calls it. Returns the final directory."""
+                    optimizer=None, extra: Optional[dict[str, Any]] = None, keep_last: int = 0,
+                    lineage: Optional[list[int]] = None) -> Path:
+    """Collective: every rank calls it. Returns the final directory.
+
+    ``keep_last`` > 0 deletes older checkpoints of ``lineage`` (the iterations this run and the
+    runs it resumed from wrote, oldest first) beyond the newest ``keep_last``; nothing else is ever
+    deleted, in particular no checkpoint of another run and nothing above ``iteration``.
+    """
     final = iteration_dir(ckpt_dir, iteration)
     tmp = final.with_name(final.name + ".tmp")
     if _rank() == 0:
@@ -71,6 +261,7 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, iteration: int, model: list[tor
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     _barrier()
+    _writer_in_process()
     model_sd = _model_sd(model)
     state: dict[str, Any] = {"model": model_sd, "iteration": iteration, "extra": extra or {}}
     if optimizer is not None:
@@ -78,29 +269,38 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, iteration: int, model: list[tor
         state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=False, metadata=OPTIM_SHARDING)
     dist_checkpointing.save(state, str(tmp), content_metadata=OPTIM_SHARDING)
     _barrier()
+    write_manifest(tmp)  # the last act of a save: a folder with a valid manifest is complete
+    _barrier()
     if _rank() == 0:
-        if final.exists():
-            shutil.rmtree(final)
+        replaced = final.with_name(final.name + ".replaced.tmp")  # a kill leaves it to clean_stale_tmp
+        if final.exists():  # an overwritten run's checkpoint: out of the way by rename, deleted last
+            final.rename(replaced)
         tmp.rename(final)
+        _fsync_dir(Path(ckpt_dir))
         marker = Path(ckpt_dir) / "latest.tmp"
         marker.write_text(str(iteration))
         marker.replace(Path(ckpt_dir) / "latest")
-        if keep_last > 0:
-            done = sorted(p for p in Path(ckpt_dir).glob("iter_*") if not p.name.endswith(".tmp"))
-            for old in done[:-keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(replaced, ignore_errors=True)
+        if keep_last > 0 and lineage:
+            older = sorted({i for i in lineage if i < iteration})
+            for old in older[:max(0, len(older) - (keep_last - 1))]:
+                shutil.rmtree(iteration_dir(ckpt_dir, old), ignore_errors=True)
     _barrier()
     return final
 
 
 def load_checkpoint(ckpt_dir: str | os.PathLike, model: list[torch.nn.Module], optimizer=None,
-                    iteration: Optional[int] = None) -> tuple[int, dict[str, Any]]:
-    """Collective. Loads weights (and optimizer state) in place; returns (iteration, extra)."""
+                    iteration: Optional[int] = None, *, verified: bool = False) -> tuple[int, dict[str, Any]]:
+    """Collective. Verifies (unless ``verified``: ``iteration`` came from ``find_resumable``), then
+    loads weights (and optimizer state) in place; returns (iteration, extra)."""
     if iteration is None:
-        iteration = latest_iteration(ckpt_dir)
+        iteration, verified = find_resumable(ckpt_dir), True
         if iteration is None:
-            raise FileNotFoundError(f"no complete checkpoint in {ckpt_dir} (no 'latest' file)")
+            raise FileNotFoundError(f"no checkpoint in {ckpt_dir}")
     path = iteration_dir(ckpt_dir, iteration)
+    problem = None if verified else verify(path)
+    if problem is not None:
+        raise CheckpointError(f"checkpoint {path} is damaged: {problem}")
     model_sd = _model_sd(model)
     state: dict[str, Any] = {"model": model_sd}
     if optimizer is not None:

@@ -19,6 +19,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from v2pe_megatron.config import OptimizerConfig
 from v2pe_megatron.parallel.layout import Layout
 from v2pe_megatron.runtime.distributed import device
+from v2pe_megatron.training.nonfinite import guarded_step
 
 
 def wrap_ddp(model: torch.nn.Module, config: TransformerConfig, *, use_distributed_optimizer: bool = False
@@ -54,7 +55,7 @@ class StepResult:
     loss: float               # mean loss per trained token over the global batch
     num_tokens: int           # trained tokens in the global batch
     grad_norm: Optional[float]
-    update_successful: bool
+    update_successful: bool   # False: non-finite loss or grad norm, the optimizer did not step
 
 
 def train_step(model: list[DistributedDataParallel], optimizer, forward_step: Callable,
@@ -96,7 +97,7 @@ def train_step(model: list[DistributedDataParallel], optimizer, forward_step: Ca
     loss_sum, tokens = totals.tolist()
     grad_norm, ok = None, True
     if not forward_only:
-        ok, grad_norm, _ = optimizer.step()
+        ok, grad_norm = guarded_step(optimizer, loss_sum / max(tokens, 1.0))
     return StepResult(loss=loss_sum / max(tokens, 1.0), num_tokens=int(tokens),
                       grad_norm=float(grad_norm) if grad_norm is not None else None, update_successful=bool(ok))
 

@@ -1,15 +1,16 @@
 """A pretraining run from a recipe: runtime, model, data, optimizer, steps, checkpoints, tracking.
 
-This is the first cut of the loop (the roadmap's step 6 hardens it: signals, wall-clock budget, NaN
-handling, MFU). What it already guarantees: every rank validates the recipe against the real world
-size before building anything; the data loader, the optimizer and the iteration are saved together
-so a resumed run continues exactly where the saved one stopped.
+Every rank validates the recipe against the real world size before building anything; the data
+loader, the optimizer and the iteration are saved together so a resumed run continues exactly where
+the saved one stopped. How a run ends (``runtime.exit_codes``): all ranks agree after every step, in
+one collective, whether to stop (step/time budget, a stop signal on any rank, too many non-finite
+steps in a row), then save once and exit with the same code. A step with a non-finite loss or grad
+norm updates nothing (``training.nonfinite``).
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Optional
@@ -22,6 +23,8 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from v2pe_megatron.config import Recipe, validate
 from v2pe_megatron.parallel.layout import resolve_spec
 from v2pe_megatron.runtime import distributed as rt
+from v2pe_megatron.runtime import exit_codes
+from v2pe_megatron.runtime.signals import StopSignals
 from v2pe_megatron.training import checkpointing as ckpt
 from v2pe_megatron.training.engine import build_optimizer, train_step, wrap_ddp
 from v2pe_megatron.training.forward import vlm_forward_step
@@ -43,6 +46,9 @@ class RunSummary:
     tracking_uri: Optional[str] = None
     run_id: Optional[str] = None
     seconds: float = 0.0
+    stop_reason: int = 0          # STOP_* (0: ran to the end)
+    exit_code: int = exit_codes.SUCCESS
+    nonfinite_steps: int = 0
 
 
 def _scheduler(recipe: Recipe, optimizer) -> OptimizerParamScheduler:
@@ -61,6 +67,7 @@ def train(recipe: Recipe) -> RunSummary:
 
     t0 = time.time()
     t = recipe.train
+    stop_signals = StopSignals().install()  # first: a signal during set-up still ends in a save
     with rt.process_group(recipe.launcher.backend, recipe.launcher.timeout_minutes):
         world = dist.get_world_size()
         layout = validate(recipe, world_size=world, spec=resolve_spec(recipe.model.spec))
@@ -81,15 +88,16 @@ def train(recipe: Recipe) -> RunSummary:
         d = recipe.data
         num_micro = d.global_batch_size // (d.micro_batch_size * dp)
 
-        start, run_id = 0, None
+        start, run_id, lineage = 0, None, []
         c = recipe.checkpoint
-        if c.dir and c.load and ckpt.latest_iteration(c.dir) is not None:
-            start, extra = ckpt.load_checkpoint(c.dir, [ddp], optimizer)
-            loader.load_state_dict(extra["loader"][dp_rank])
-            scheduler.load_state_dict(extra["scheduler"])
-            run_id = extra.get("mlflow_run_id")
-            if rank0:
-                log.info("resumed from %s at step %d", c.dir, start)
+        if c.dir:
+            resumed = _resume(recipe, ddp, optimizer, dp_rank, rank0)
+            if resumed is not None:
+                start, extra = resumed
+                loader.load_state_dict(extra["loader"][dp_rank])
+                scheduler.load_state_dict(extra["scheduler"])
+                run_id = extra.get("mlflow_run_id")
+                lineage = list(extra.get("lineage", [start]))
         tracker = Tracker(recipe, active=rank0, run_id=run_id,
                           tags={"layout": layout.describe(), "world_size": world})
         summary = RunSummary(0, start, world_size=world, layout=layout.describe(), parameters=nparams,
@@ -101,16 +109,17 @@ def train(recipe: Recipe) -> RunSummary:
         it = iter(loader)
         meter = StepMeter(recipe, world_size=world, total_steps=t.steps, device=rt.device(),
                           dp_group=ps.get_data_parallel_group(with_context_parallel=False))
-        status = "FAILED"
+        status, saved_at = "FAILED", start if lineage else None
+        nonfinite = NonFinite(t.max_nonfinite_steps)
         try:
             for step in range(start, recipe.train.steps):
                 ts = time.time()
                 res = train_step([ddp], optimizer, vlm_forward_step, meter.batches(it, num_micro),
                                  num_microbatches=num_micro, layout=layout, seq_length=d.seq_length,
                                  micro_batch_size=d.micro_batch_size)
-                scheduler.step(increment=1)
-                if not math.isfinite(res.loss):
-                    raise FloatingPointError(f"loss is {res.loss} at step {step + 1}")
+                if res.update_successful:  # a skipped update leaves the LR schedule where it is
+                    scheduler.step(increment=1)
+                nonfinite.record(res, step + 1, rank0)
                 dt = time.time() - ts
                 summary.losses.append(res.loss)
                 summary.steps_run += 1
@@ -126,33 +135,104 @@ def train(recipe: Recipe) -> RunSummary:
                                  skips.values()) else "")
                 tracker.log_metrics({"loss": res.loss, "lr": lr, "grad_norm": res.grad_norm, **perf, "step_time_s": dt,
                                      "trained_tokens": res.num_tokens,
+                                     "skipped/nonfinite_steps": nonfinite.total,
                                      **{f"skipped/{k}": v for k, v in skips.items()}}, step=step + 1)
                 if c.dir and c.save_interval and (step + 1) % c.save_interval == 0:
-                    _save(recipe, step + 1, ddp, optimizer, scheduler, loader, tracker)
-                if _should_stop(recipe, summary.steps_run, t0):
+                    saved_at = _save(recipe, step + 1, ddp, optimizer, scheduler, loader, tracker, lineage)
+                reason = _should_stop(recipe, summary.steps_run, t0, signal_received=stop_signals.received,
+                                      nonfinite=nonfinite.exhausted)
+                if reason:
+                    summary.stop_reason = reason
                     if rank0:
-                        log.info("stopping after step %d (this job's step or time budget)", step + 1)
+                        log.info("stopping after step %d: %s", step + 1, STOP_MESSAGES[reason])
                     break
-            if c.dir and summary.steps_run:
-                _save(recipe, summary.final_step, ddp, optimizer, scheduler, loader, tracker)
-            status = "FINISHED"
+            if c.dir and summary.steps_run and saved_at != summary.final_step:
+                _save(recipe, summary.final_step, ddp, optimizer, scheduler, loader, tracker, lineage)
+            status = {STOP_SIGNAL: "KILLED", STOP_NONFINITE: "FAILED"}.get(summary.stop_reason, "FINISHED")
+            summary.exit_code = {STOP_SIGNAL: exit_codes.RESUME,
+                                 STOP_NONFINITE: exit_codes.NONFINITE}.get(summary.stop_reason, exit_codes.SUCCESS)
         finally:
             tracker.close(status)
+            stop_signals.restore()
             if hasattr(loader, "close"):
                 loader.close()
         summary.skips = _global_skips(loader.skips)
+        summary.nonfinite_steps = nonfinite.total
         summary.seconds = time.time() - t0
         return summary
 
 
-def _should_stop(recipe: Recipe, steps_run: int, t0: float) -> bool:
+STOP_BUDGET, STOP_SIGNAL, STOP_NONFINITE = 1, 2, 3  # ordered: the highest reason on any rank wins
+STOP_MESSAGES = {STOP_BUDGET: "this job's step or time budget",
+                 STOP_SIGNAL: f"a stop signal (saving, then exit code {exit_codes.RESUME}: run again to resume)",
+                 STOP_NONFINITE: "too many non-finite steps in a row (train.max_nonfinite_steps; saving, then "
+                                 f"exit code {exit_codes.NONFINITE})"}
+
+
+class NonFinite:
+    """Counts steps whose update was skipped for a non-finite loss or grad norm (same on all ranks)."""
+
+    def __init__(self, limit: int):
+        self.limit, self.total, self.in_a_row = limit, 0, 0
+
+    def record(self, res, step: int, rank0: bool) -> None:
+        if res.update_successful:
+            self.in_a_row = 0
+            return
+        self.total += 1
+        self.in_a_row += 1
+        if rank0:
+            log.warning("step %d: loss %s, grad norm %s: not finite, update skipped (%d in a row, %d in all; "
+                        "the run stops at train.max_nonfinite_steps=%d in a row)", step, res.loss, res.grad_norm,
+                        self.in_a_row, self.total, self.limit)
+
+    @property
+    def exhausted(self) -> bool:
+        return self.limit > 0 and self.in_a_row >= self.limit
+
+
+def _resume(recipe: Recipe, ddp, optimizer, dp_rank: int, rank0: bool):
+    """Collective. (step, extra) of the checkpoint to continue from, or None to start at step 0.
+
+    Refuses to start from scratch over existing checkpoints unless the recipe says so: a fresh run
+    would overwrite them step by step."""
+    c = recipe.checkpoint
+    if rank0:
+        ckpt.clean_stale_tmp(c.dir)
+    dist.barrier()
+    existing = ckpt.saved_iterations(c.dir)
+    if not c.load:
+        if existing and not c.overwrite:
+            raise ckpt.CheckpointError(
+                f"checkpoint.load=false but {c.dir} holds checkpoints (iterations {existing[:5]}"
+                f"{'...' if len(existing) > 5 else ''}): set checkpoint.overwrite=true to start over in it "
+                "(their iterations get overwritten as this run saves), or choose another checkpoint.dir")
+        return None
+    t = time.time()
+    found = ckpt.find_resumable(c.dir)
+    if found is None:
+        return None
+    start, extra = ckpt.load_checkpoint(c.dir, [ddp], optimizer, iteration=found, verified=True)
+    if rank0:
+        log.info("resumed from %s at step %d (%.1f s)", ckpt.iteration_dir(c.dir, start), start, time.time() - t)
+    return start, extra
+def _should_stop(recipe: Recipe, steps_run: int, t0: float, *, signal_received: Optional[int] = None,
+                 nonfinite: bool = False) -> int:
+    """Collective, once per step: the stop reason all ranks agree on (0: go on). A signal may have
+    reached only some ranks, and rank clocks differ: the maximum over ranks decides."""
     t = recipe.train
-    stop = (t.exit_after_steps and steps_run >= t.exit_after_steps) or \
-        (t.wallclock_minutes and time.time() - t0 >= 60 * t.wallclock_minutes)
-    flag = torch.tensor([1.0 if stop else 0.0], device=rt.device())  # NCCL takes device tensors only
-    if dist.is_initialized():  # rank clocks differ: all ranks stop together
+    reason = 0
+    if (t.exit_after_steps and steps_run >= t.exit_after_steps) or \
+            (t.wallclock_minutes and time.time() - t0 >= 60 * t.wallclock_minutes):
+        reason = STOP_BUDGET
+    if signal_received:
+        reason = STOP_SIGNAL
+    if nonfinite:
+        reason = STOP_NONFINITE
+    flag = torch.tensor([float(reason)], device=rt.device())  # NCCL takes device tensors only
+    if dist.is_initialized():
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item())
+    return int(flag.item())
 
 
 def _global_skips(local: dict[str, int]) -> dict[str, int]:
@@ -164,12 +244,20 @@ def _global_skips(local: dict[str, int]) -> dict[str, int]:
     return {k: int(v) for k, v in zip(keys, t.tolist())}
 
 
-def _save(recipe, step, ddp, optimizer, scheduler, loader, tracker) -> None:
+def _save(recipe, step, ddp, optimizer, scheduler, loader, tracker, lineage: list[int]) -> int:
+    """Collective; returns ``step``. ``lineage`` (the iterations this run and the runs it resumed
+    from saved) gains ``step``; keep_last prunes only within it."""
+    t = time.time()
     # Every DP rank's loader position travels in the checkpoint (gathered; rank 0's copy is written).
     states = [None] * ps.get_data_parallel_world_size()
     dist.all_gather_object(states, loader.state_dict(), group=ps.get_data_parallel_group())
     run_id = [tracker.run_id]
     dist.broadcast_object_list(run_id, src=0)  # common checkpoint state must agree on all ranks
-    extra = {"loader": states, "scheduler": scheduler.state_dict(), "mlflow_run_id": run_id[0]}
-    ckpt.save_checkpoint(recipe.checkpoint.dir, step, [ddp], optimizer, extra=extra,
-                         keep_last=recipe.checkpoint.keep_last)
+    lineage[:] = [i for i in lineage if i != step][-100:] + [step]
+    extra = {"loader": states, "scheduler": scheduler.state_dict(), "mlflow_run_id": run_id[0],
+             "lineage": list(lineage)}
+    path = ckpt.save_checkpoint(recipe.checkpoint.dir, step, [ddp], optimizer, extra=extra,
+                                keep_last=recipe.checkpoint.keep_last, lineage=lineage)
+    if dist.get_rank() == 0:
+        log.info("saved checkpoint %s at step %d (%.1f s)", path, step, time.time() - t)
+    return step
