@@ -235,16 +235,6 @@ def _writer_in_process() -> None:
         filesystem_async._results_queue = queue.Queue()
 
 
-class _DropAsyncDeprecation(logging.Filter):
-    # megatron's synchronous save goes through its own async code path and warns that "MCore's async
-    # save is deprecated" although nothing here saves asynchronously; no argument avoids it.
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "async save is deprecated" not in record.getMessage()
-
-
-logging.getLogger("megatron.core.dist_checkpointing.strategies.torch").addFilter(_DropAsyncDeprecation())
-
-
 def save_checkpoint(ckpt_dir: str | os.PathLike, iteration: int, model: list[torch.nn.Module],
                     optimizer=None, extra: Optional[dict[str, Any]] = None, keep_last: int = 0,
                     lineage: Optional[list[int]] = None) -> Path:
