@@ -210,6 +210,9 @@ class CheckpointConfig:
     load: bool = True
     format: str = "torch_dist"
     keep_last: int = 2
+    # Start from these weights (a torch_dist checkpoint: an iter_* folder or a weights-only folder) with
+    # a new optimizer and schedule at step 0; ignored when resuming from ``dir``.
+    pretrained: str = ""
 
 
 @dataclass

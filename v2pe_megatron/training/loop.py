@@ -23,6 +23,7 @@ from v2pe_megatron.config import Recipe, validate
 from v2pe_megatron.parallel.layout import resolve_spec
 from v2pe_megatron.runtime import distributed as rt
 from v2pe_megatron.training import checkpointing as ckpt
+from v2pe_megatron.training import init_weights
 from v2pe_megatron.training.engine import build_optimizer, train_step, wrap_ddp
 from v2pe_megatron.training.forward import vlm_forward_step
 from v2pe_megatron.training.tracking import Tracker
@@ -67,7 +68,17 @@ def train(recipe: Recipe) -> RunSummary:
         rt.initialize_model_parallel(layout.tp, layout.pp, layout.cp, seed=t.seed,
                                      hierarchical_cp_sizes=list(layout.hierarchical_cp_sizes) or None,
                                      timeout_minutes=recipe.launcher.timeout_minutes)
+        c = recipe.checkpoint
+        resuming = bool(c.dir and c.load and ckpt.latest_iteration(c.dir) is not None)
         model = build_model(recipe.model, layout, recompute=t.recompute)
+        # Weights come in before the optimizer exists: a bf16 optimizer copies them into its fp32
+        # master weights when it is built.
+        if not resuming and c.pretrained:
+            src = ckpt.load_model_weights(c.pretrained, [model])
+            if rank0:
+                log.info("starting from the weights in %s (new optimizer and schedule, step 0)", src)
+        elif not resuming and init_weights.layout_dependent(layout):
+            init_weights.load_reference_init(recipe, [model])
         model.freeze(vision=t.freeze_vision, projector=t.freeze_projector, language=t.freeze_language)
         nparams = sum(p.numel() for p in model.parameters())
         ddp = wrap_ddp(model, model.config, use_distributed_optimizer=layout.distributed_optimizer)
@@ -81,10 +92,10 @@ def train(recipe: Recipe) -> RunSummary:
         num_micro = d.global_batch_size // (d.micro_batch_size * dp)
 
         start, run_id = 0, None
-        c = recipe.checkpoint
-        if c.dir and c.load and ckpt.latest_iteration(c.dir) is not None:
+        if resuming:
             start, extra = ckpt.load_checkpoint(c.dir, [ddp], optimizer)
-            loader.load_state_dict(extra["loader"][dp_rank])
+            # Every saved DP rank's state: the position is global, so any DP size resumes from it.
+            loader.load_state_dict(extra["loader"])
             scheduler.load_state_dict(extra["scheduler"])
             run_id = extra.get("mlflow_run_id")
             if rank0:
