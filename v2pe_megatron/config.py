@@ -424,6 +424,15 @@ def validate(recipe: Recipe, world_size: int | None = None, *, spec: str | None 
     if par.use_distributed_optimizer and recipe.optimizer.name != "adam":
         errs.append("parallel.use_distributed_optimizer=true needs optimizer.name=adam")
 
+    c = recipe.checkpoint
+    if c.pretrained and not (c.dir and c.load and (Path(c.dir) / "latest").is_file()):  # resuming ignores it
+        from v2pe_megatron.training.checkpointing import weights_dir
+
+        try:
+            weights_dir(c.pretrained)
+        except (OSError, ValueError, RuntimeError) as e:
+            errs.append(f"checkpoint.pretrained={c.pretrained}: {e}")
+
     # The parallel layout: its own rules, then (with a world size) the data-parallel size.
     layout = Layout.from_config(par, spec=spec or m.spec)
     shapes = dict(model=m, seq_length=d.seq_length if d.seq_length >= 1 else None)
