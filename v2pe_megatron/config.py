@@ -129,6 +129,8 @@ class ParallelConfig:
     dp: int = -1
     sequence_parallel: bool = False
     use_distributed_optimizer: bool = False
+    # Interleaved pipeline: model chunks per pipeline rank (megatron's virtual pipeline stages).
+    virtual_pp: int = 1
     # Language-model layers per pipeline stage (unequal splits allowed); empty: even split.
     pp_layers: list[int] = field(default_factory=list)
     # Context-parallel communication (Transformer Engine): p2p | a2a | a2a+p2p | all_gather

@@ -1,6 +1,6 @@
 """Golden loss: the tiny recipe's first 20 CPU losses, run through ``v2pe-train`` from the recipe
-alone, match a stored curve to 1e-5 at every layout: 1 rank, TP=2, PP=2, CP=2 and DP=2 with the
-distributed optimizer. A checkpoint saved at step 8 under one layout resumes under another on the
+alone, match a stored curve to 1e-5 at every layout: 1 rank, TP=2, PP=2 (also interleaved: 2 virtual
+stages per rank), CP=2 and DP=2 with the distributed optimizer. A checkpoint saved at step 8 under one layout resumes under another on the
 same curve; ``checkpoint.pretrained`` starts from weights only (an ``iter_*`` folder or a bare
 weights folder) at step 0 with a new optimizer. Two things make that possible: initial weights that do not depend on the
 layout (training/init_weights.py) and global batches made of the same micro-batches at every DP size
@@ -32,6 +32,7 @@ TOL = 1e-5 + 1e-9  # printed to 5 decimals: rounding both sides may show a 1e-5 
 LAYOUTS = {
     "tp2": ["launcher.nproc_per_node=2", "parallel.tp=2"],
     "pp2": ["launcher.nproc_per_node=2", "parallel.pp=2"],
+    "pp2_vpp2": ["launcher.nproc_per_node=2", "parallel.pp=2", "parallel.virtual_pp=2"],  # interleaved
     "cp2": ["launcher.nproc_per_node=2", "parallel.cp=2"],
     "dp2_distopt": ["launcher.nproc_per_node=2", "parallel.use_distributed_optimizer=true"],
 }
@@ -86,6 +87,9 @@ RESUMES = {  # saved under A -> resumed under B
     "dp2_distopt->tp2_distopt": (["launcher.nproc_per_node=2", DISTOPT], ["launcher.nproc_per_node=2", DISTOPT,
                                                                            "parallel.tp=2"]),
     "pp2->cp2": (["launcher.nproc_per_node=2", "parallel.pp=2"], ["launcher.nproc_per_node=2", "parallel.cp=2"]),
+    # model chunks in the checkpoint -> none: the tensors' keys are global layer numbers
+    "pp2_vpp2->1rank": (["launcher.nproc_per_node=2", "parallel.pp=2", "parallel.virtual_pp=2"],
+                        ["launcher.nproc_per_node=1"]),
 }
 
 

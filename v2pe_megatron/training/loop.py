@@ -67,23 +67,27 @@ def train(recipe: Recipe) -> RunSummary:
         rank0 = dist.get_rank() == 0
         rt.initialize_model_parallel(layout.tp, layout.pp, layout.cp, seed=t.seed,
                                      hierarchical_cp_sizes=list(layout.hierarchical_cp_sizes) or None,
-                                     timeout_minutes=recipe.launcher.timeout_minutes)
+                                     timeout_minutes=recipe.launcher.timeout_minutes, vpp=layout.virtual_pp)
         c = recipe.checkpoint
         resuming = bool(c.dir and c.load and ckpt.latest_iteration(c.dir) is not None)
-        model = build_model(recipe.model, layout, recompute=t.recompute)
+        # One model chunk per virtual pipeline stage (interleaved schedule), else the stage's model.
+        models = [build_model(recipe.model, layout, recompute=t.recompute,
+                              vp_stage=i if layout.virtual_pp > 1 else None) for i in range(layout.virtual_pp)]
         # Weights come in before the optimizer exists: a bf16 optimizer copies them into its fp32
         # master weights when it is built.
         if not resuming and c.pretrained:
-            src = ckpt.load_model_weights(c.pretrained, [model])
+            src = ckpt.load_model_weights(c.pretrained, models)
             if rank0:
                 log.info("starting from the weights in %s (new optimizer and schedule, step 0)", src)
         elif not resuming and init_weights.layout_dependent(layout):
-            init_weights.load_reference_init(recipe, [model])
-        model.freeze(vision=t.freeze_vision, projector=t.freeze_projector, language=t.freeze_language)
-        nparams = sum(p.numel() for p in model.parameters())
-        ddp = wrap_ddp(model, model.config, use_distributed_optimizer=layout.distributed_optimizer)
-        dtype = model.config.params_dtype
-        optimizer = build_optimizer(recipe.optimizer, [ddp], params_dtype=dtype,
+            init_weights.load_reference_init(recipe, models)
+        for m in models:
+            m.freeze(vision=t.freeze_vision, projector=t.freeze_projector, language=t.freeze_language)
+        nparams = sum(p.numel() for m in models for p in m.parameters())
+        ddp = [wrap_ddp(m, m.config, use_distributed_optimizer=layout.distributed_optimizer, disable_bucketing=i > 0)
+               for i, m in enumerate(models)]
+        dtype = models[0].config.params_dtype
+        optimizer = build_optimizer(recipe.optimizer, ddp, params_dtype=dtype,
                                     use_distributed_optimizer=layout.distributed_optimizer)
         scheduler = _scheduler(recipe, optimizer)
         dp_rank, dp = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
@@ -93,7 +97,7 @@ def train(recipe: Recipe) -> RunSummary:
 
         start, run_id = 0, None
         if resuming:
-            start, extra = ckpt.load_checkpoint(c.dir, [ddp], optimizer)
+            start, extra = ckpt.load_checkpoint(c.dir, ddp, optimizer)
             # Every saved DP rank's state: the position is global, so any DP size resumes from it.
             loader.load_state_dict(extra["loader"])
             scheduler.load_state_dict(extra["scheduler"])
@@ -112,7 +116,7 @@ def train(recipe: Recipe) -> RunSummary:
         try:
             for step in range(start, recipe.train.steps):
                 ts = time.time()
-                res = train_step([ddp], optimizer, vlm_forward_step, it, num_microbatches=num_micro, layout=layout,
+                res = train_step(ddp, optimizer, vlm_forward_step, it, num_microbatches=num_micro, layout=layout,
                                  seq_length=d.seq_length, micro_batch_size=d.micro_batch_size)
                 scheduler.step(increment=1)
                 if not math.isfinite(res.loss):
@@ -178,5 +182,5 @@ def _save(recipe, step, ddp, optimizer, scheduler, loader, tracker) -> None:
     run_id = [tracker.run_id]
     dist.broadcast_object_list(run_id, src=0)  # common checkpoint state must agree on all ranks
     extra = {"loader": states, "scheduler": scheduler.state_dict(), "mlflow_run_id": run_id[0]}
-    ckpt.save_checkpoint(recipe.checkpoint.dir, step, [ddp], optimizer, extra=extra,
+    ckpt.save_checkpoint(recipe.checkpoint.dir, step, ddp, optimizer, extra=extra,
                          keep_last=recipe.checkpoint.keep_last)
