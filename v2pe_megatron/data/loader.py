@@ -65,7 +65,7 @@ class LoaderSettings:
     image_size: int          # model.vision.image_size: tiles are this many pixels square
     num_image_token: int     # LLM tokens per tile (model.num_image_token)
     pad_multiple: int = 1    # the layout's seq_multiple: every sub-sample is padded to it
-    window: int = 16         # samples tiled per DALI call
+    window: int = 16         # images per DALI pipeline run (a micro-batch's images go in one call)
 
 
 @dataclass
@@ -380,15 +380,12 @@ class TrainLoader:
     def _prepare(self, pre: list[_Prechecked]) -> list[PreparedSample | SampleError]:
         from v2pe_megatron.v2pe import compute_position_ids
 
-        flat_enc = [b for p in pre if isinstance(p, _Prechecked) for b in p.encoded]
-        flat_grid = [g for p in pre if isinstance(p, _Prechecked) for g in p.grids]
+        flat_enc = [b for p in pre for b in p.encoded]
+        flat_grid = [g for p in pre for g in p.grids]
         decoded = iter(self.tiler(flat_enc, flat_grid) if flat_enc else [])
         s = self.cfg.image_size
         out: list[PreparedSample | SampleError] = []
         for p in pre:
-            if isinstance(p, SampleError):
-                out.append(p)
-                continue
             arrs = [next(decoded) for _ in p.encoded]
             bad = next((a for a in arrs if isinstance(a, ImageDecodeError)), None)
             if bad is not None:
