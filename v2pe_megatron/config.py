@@ -129,6 +129,8 @@ class ParallelConfig:
     dp: int = -1
     sequence_parallel: bool = False
     use_distributed_optimizer: bool = False
+    # Interleaved pipeline: model chunks per pipeline rank (megatron's virtual pipeline stages).
+    virtual_pp: int = 1
     # Language-model layers per pipeline stage (unequal splits allowed); empty: even split.
     pp_layers: list[int] = field(default_factory=list)
     # Context-parallel communication (Transformer Engine): p2p | a2a | a2a+p2p | all_gather
@@ -224,6 +226,9 @@ class CheckpointConfig:
     # load=false over a folder that holds checkpoints is refused unless this is true (then the run
     # starts from scratch and overwrites what it saves; it never deletes another run's checkpoints).
     overwrite: bool = False
+    # Start from these weights (a torch_dist checkpoint: an iter_* folder or a weights-only folder) with
+    # a new optimizer and schedule at step 0; ignored when resuming from ``dir``.
+    pretrained: str = ""
 
 
 @dataclass
@@ -437,6 +442,15 @@ def validate(recipe: Recipe, world_size: int | None = None, *, spec: str | None 
         errs.append(f"need 1 <= data.min_dynamic_patch ({d.min_dynamic_patch}) <= max_dynamic_patch ({d.max_dynamic_patch})")
     if par.use_distributed_optimizer and recipe.optimizer.name != "adam":
         errs.append("parallel.use_distributed_optimizer=true needs optimizer.name=adam")
+
+    c = recipe.checkpoint
+    if c.pretrained and not (c.dir and c.load and (Path(c.dir) / "latest").is_file()):  # resuming ignores it
+        from v2pe_megatron.training.checkpointing import weights_dir
+
+        try:
+            weights_dir(c.pretrained)
+        except (OSError, ValueError, RuntimeError) as e:
+            errs.append(f"checkpoint.pretrained={c.pretrained}: {e}")
 
     # The parallel layout: its own rules, then (with a world size) the data-parallel size.
     layout = Layout.from_config(par, spec=spec or m.spec)

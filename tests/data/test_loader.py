@@ -124,15 +124,62 @@ def test_mixing_shuffling_sharding(tmp_path):
     assert not (idx.rank_order(1, 1, 3) == orders[1]).all()
 
 
-def test_synthetic_default_data_sharded_by_rank():
-    r = _recipe("")
-    ids = []
+def _same_batch(x, y, msg=""):
+    for k in ("tokens", "labels", "loss_mask", "position_ids", "pixel_values", "deltas"):
+        np.testing.assert_array_equal(getattr(x, k).numpy(), getattr(y, k).numpy(), err_msg=f"{msg}: {k}")
+    assert [a.tolist() for a in x.seq_lens] == [a.tolist() for a in y.seq_lens], msg
+    assert [a.tolist() for a in x.sample_ids] == [a.tolist() for a in y.sample_ids], msg
+
+
+def test_dp_ranks_deal_one_global_stream_of_micro_batches():
+    """The contract (changed on purpose from sharding samples by rank): the stream of packed
+    micro-batches is the same at every DP size, and DP rank r of dp gets micro-batches r, r+dp, ...
+    so a step's global batch holds the same samples in the same order whatever dp is."""
+    r = _recipe("", "data.seq_length=256")
+    one = list(build_train_loader(r, dp_rank=0, dp_size=1, max_epochs=1, prefetch=0))
+    ids = [s for b in one for row in b.sample_ids for s in row.tolist()]
+    assert sorted(ids) == list(range(24)) and len(one) >= 6
+    for dp in (2, 3):
+        for rank in range(dp):
+            loader = build_train_loader(r, dp_rank=rank, dp_size=dp, max_epochs=1, prefetch=0)
+            mine = list(loader)
+            assert len(mine) == len(one[rank::dp])
+            for k, (x, y) in enumerate(zip(one[rank::dp], mine)):
+                _same_batch(x, y, f"dp {dp} rank {rank} micro-batch {k}")
+            assert loader.stats["micro_batches"] == len(mine)  # it decoded only its own
+
+
+def test_resume_at_another_dp_size(tmp_path):
+    """A state saved at a step boundary under dp=2 (both ranks agree on it) resumes under dp=1 and
+    dp=3 with the micro-batches the uninterrupted dp=1 stream has from there; the skip counters of the
+    saved ranks add up on the new rank 0."""
+    meta = write_synthetic(tmp_path / "d", 14, seed=9, min_side=20, max_side=100, haystack_words=20)
+    with open(tmp_path / "d" / "data.jsonl", "a") as f:
+        f.write("not json\n")
+    r = _recipe(str(meta), "v2pe.policy=random", "data.seq_length=512", "data.micro_batch_size=1")
+    ref_loader = build_train_loader(r, dp_rank=0, dp_size=1, prefetch=0)
+    ref = _take(ref_loader, 12)
+    steps = 3  # per dp=2 rank: micro-batches 0..5 of the global stream
+    saved, skips = [], []
     for rank in range(2):
-        loader = build_train_loader(r, dp_rank=rank, dp_size=2, max_epochs=1, prefetch=0)
-        got = [s for b in loader for row in b.sample_ids for s in row.tolist()]
-        assert len(got) == 12
-        ids.append(set(got))
-    assert not ids[0] & ids[1] and len(ids[0] | ids[1]) == 24
+        ld = build_train_loader(r, dp_rank=rank, dp_size=2)
+        _take(ld, steps)
+        saved.append(json.loads(json.dumps(ld.state_dict())))
+        skips.append(ld.skips)
+        ld.close()
+    assert (saved[0]["epoch"], saved[0]["pos"]) == (saved[1]["epoch"], saved[1]["pos"])
+    for dp in (1, 3):
+        got = []
+        for rank in range(dp):
+            ld = build_train_loader(r, dp_rank=rank, dp_size=dp, prefetch=0)
+            ld.load_state_dict(saved)
+            if rank == 0:
+                assert ld.skips == {k: skips[0][k] + skips[1][k] for k in skips[0]}
+            else:
+                assert not any(ld.skips.values())
+            got.append(_take(ld, (12 - 2 * steps) // dp))
+        for k, x in enumerate(ref[2 * steps:]):
+            _same_batch(x, got[k % dp][k // dp], f"resumed at dp {dp}, micro-batch {2 * steps + k}")
 
 
 def test_resume_replays_exactly(tmp_path):

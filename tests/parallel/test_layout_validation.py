@@ -145,3 +145,24 @@ def test_gpu_extra_pins_the_transformer_engine_releases_the_table_covers():
     hi = tuple(int(x) for x in re.search(r"<(\d+)\.(\d+)", req).groups())
     first, last = TE_VERSION_RANGE
     assert lo == first and hi == (last[0], last[1] + 1), (req, TE_VERSION_RANGE)
+
+
+@pytest.mark.parametrize("overrides, world, fragment", [
+    (["parallel.virtual_pp=2"], None, "needs parallel.pp > 1"),
+    (["parallel.virtual_pp=0"], None, "parallel.virtual_pp=0 must be >= 1"),
+    # tiny: 4 LLM layers; pp*vpp = 2*4 = 8 does not divide them
+    (["parallel.pp=2", "parallel.virtual_pp=4"], None, "pp*virtual_pp = 2*4 must divide model.language.num_layers=4"),
+    (["parallel.pp=2", "parallel.virtual_pp=2", "parallel.pp_layers=[1,3]"], None, "remove parallel.pp_layers"),
+    # megatron's interleaved schedule: micro-batches per step a multiple of pp (here 3 of 1 sample, dp 1)
+    (["parallel.pp=2", "parallel.virtual_pp=2", "data.micro_batch_size=1", "data.global_batch_size=3"], 2,
+     "to be a multiple of parallel.pp=2; use data.global_batch_size=4"),
+])
+def test_virtual_pipeline_rules(overrides, world, fragment):
+    with pytest.raises(RecipeError) as e:
+        load_recipe(None, BASE + overrides, validate_for_world_size=world)
+    assert fragment in str(e.value), str(e.value)
+
+
+def test_virtual_pipeline_layout_passes():
+    load_recipe(None, BASE + ["parallel.pp=2", "parallel.virtual_pp=2", "data.global_batch_size=2",
+                              "data.micro_batch_size=1"], validate_for_world_size=2)

@@ -61,7 +61,8 @@ def _inspect(args: argparse.Namespace) -> int:
     except (RecipeError, ValueError, FileNotFoundError, NoUsableSamplesError) as e:
         print(f"v2pe-data inspect: {e}", file=sys.stderr)
         return 2
-    total = len(loader.index.rank_order(0, args.dp_rank, args.dp_size))
+    # every DP rank reads (checks) the whole epoch; it decodes every dp_size-th micro-batch of it
+    total = len(loader.index.epoch_order(0))
     if args.max_samples:
         total = min(total, args.max_samples)
     d = recipe.data

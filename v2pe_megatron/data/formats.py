@@ -369,9 +369,14 @@ class MixedIndex:
     def dataset_of(self, gid: int) -> Dataset:
         return self.datasets[int(self.ds[gid])]
 
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """The global ids of ``epoch`` in training order: a seeded permutation, the same for every
+        data-parallel size (the loader deals micro-batches, not samples, to ranks)."""
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self))
+
     def rank_order(self, epoch: int, dp_rank: int, dp_size: int) -> np.ndarray:
-        """This rank's global ids for ``epoch``: a seeded permutation, dealt round-robin, cut so that
-        every rank has the same count."""
-        perm = np.random.default_rng([self.seed, epoch]).permutation(len(self))
+        """``epoch_order`` dealt round-robin by sample, cut so that every rank has the same count (a
+        sharding of samples; the training loader shards packed micro-batches instead)."""
+        perm = self.epoch_order(epoch)
         per_rank = len(self) // dp_size
         return perm[: per_rank * dp_size][dp_rank::dp_size]

@@ -1,14 +1,27 @@
 """The training data iterator: samples -> tokens + tiles -> packs -> micro-batches.
 
-Per rank, an epoch is the rank's share of a seeded permutation of the mixed index (formats.py).
-Samples are read in that order, checked cheaply first (record, placeholders, files, image headers,
-length), then a window of them goes through one DALI tiling call; the survivors are packed greedily.
+One global stream, whatever the data-parallel size: an epoch is a seeded permutation of the mixed
+index (formats.py), and every DP rank walks all of it, checking each sample cheaply (record,
+placeholders, files, image headers, tokens, length: no pixel decoding) and taking the greedy packing
+decisions, which need only lengths and tile counts. The packs are numbered, ``micro_batch_size`` of
+them make global micro-batch m, and DP rank r decodes (one DALI tiling call per micro-batch) and
+yields only micro-batches r, r + dp, r + 2 dp, ... So a step's global batch (dp ranks x
+num_microbatches) is the same micro-batches at any DP size, and decoding, the expensive part, is
+split dp ways. A sample whose pixels fail to decode (its header was fine) is dropped from its pack,
+which keeps the other ranks' plans valid; the pack is then shorter, at every DP size alike.
 
-Resume exactness: the state after a micro-batch is the position (epoch, index) of the first sample
-of the pack still being filled, together with the skip counters as they stood just before it.
-Everything after that position is re-read on resume, and because every step is a pure function of
-(position, seed), the resumed run yields exactly the micro-batches the uninterrupted one would have
-(the V2PE delta draw is keyed by the sample's global id, never by a running RNG).
+Skips are counted by the rank that owns the micro-batch being filled when they happen, so the sum
+over DP ranks (what the training log reports) counts each skip once.
+
+Resume exactness: a rank yields its micro-batch of a round of dp micro-batches only when the whole
+round is planned, and the state it hands out is the position (epoch, index) of the first sample of
+the pack still being filled at the end of that round: at a step boundary, the same global position
+on every DP rank. Greedy packing restarted at a pack's first sample rebuilds the same packs, and
+every step is a pure function of (position, seed) (the V2PE delta draw is keyed by the sample's
+global id, never by a running RNG), so a resumed run, at this DP size or another, yields exactly the
+micro-batches the uninterrupted one would have. Each rank's state also carries its own skip
+counters; :meth:`TrainLoader.load_state_dict` takes all saved ranks' states and gives their sum to
+rank 0.
 
 A background thread prepares ``prefetch`` micro-batches ahead; each carries its own state and skip
 counters, so what :meth:`TrainLoader.state_dict` and :attr:`TrainLoader.skips` report always
@@ -28,7 +41,7 @@ import numpy as np
 
 from v2pe_megatron.data.chat import tokenize_sample
 from v2pe_megatron.data.formats import MemoryDataset, MixedIndex, load_meta
-from v2pe_megatron.data.packing import Packer, PreparedSample, collate, truncate_or_skip
+from v2pe_megatron.data.packing import Packer, PreparedSample, build_pack, collate, truncate_or_skip
 from v2pe_megatron.data.skips import NoUsableSamplesError, SampleError, SkipCounter
 from v2pe_megatron.data.tiling import (ImageDecodeError, allow_large_images, choose_grid, image_size_of, make_tiler,
                                        tiles_for)
@@ -40,7 +53,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("v2pe_megatron.data")
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: a global position (any DP size resumes it)
 # Give up early when this many samples in a row from the start were all bad.
 _ALL_BAD_PROBE = 10_000
 
@@ -53,7 +66,7 @@ class LoaderSettings:
     image_size: int          # model.vision.image_size: tiles are this many pixels square
     num_image_token: int     # LLM tokens per tile (model.num_image_token)
     pad_multiple: int = 1    # the layout's seq_multiple: every sub-sample is padded to it
-    window: int = 16         # samples tiled per DALI call
+    window: int = 16         # images per DALI pipeline run (a micro-batch's images go in one call)
 
 
 @dataclass
@@ -64,7 +77,16 @@ class _Prechecked:
     encoded: list[bytes]
     names: list[str]
     grids: list[tuple[int, int]]
-    tiles: list[int]
+    tile_counts: list[int]
+    where: str = ""
+
+    @property
+    def length(self) -> int:
+        return int(self.tokens.size)
+
+    @property
+    def tiles(self) -> int:
+        return int(sum(self.tile_counts))
 
 
 class TrainLoader:
@@ -108,24 +130,41 @@ class TrainLoader:
         return self._skips.as_dict()
 
     def _fingerprint(self) -> dict[str, Any]:
-        return {"num_samples": len(self.index), "dp_size": self.dp_size, "seed": self.cfg.data.seed,
+        return {"num_samples": len(self.index), "seed": self.cfg.data.seed,
                 "seq_length": self.cfg.data.seq_length, "micro_batch_size": self.cfg.data.micro_batch_size}
 
     def state_dict(self) -> dict[str, Any]:
         return {"version": STATE_VERSION, "epoch": int(self._state["epoch"]), "pos": int(self._state["pos"]),
                 "skips": dict(self._state["skips"]), "dp_rank": self.dp_rank, **self._fingerprint()}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("version") != STATE_VERSION:
-            raise ValueError(f"data loader state version {state.get('version')} != {STATE_VERSION}")
-        mismatch = {k: (state.get(k), v) for k, v in self._fingerprint().items() if state.get(k) != v}
-        if mismatch:
-            raise ValueError("data loader state was saved with different data settings (saved, now): "
-                             + ", ".join(f"{k}={a} vs {b}" for k, (a, b) in mismatch.items())
-                             + "; resuming would not replay the same samples")
+    def load_state_dict(self, state: dict[str, Any] | list[dict[str, Any]]) -> None:
+        """``state``: one rank's state, or every saved DP rank's (a checkpoint holds them all; the DP
+        size may have changed since). The position is global; the skip counters of all saved ranks
+        go, summed, to DP rank 0 so that the run's total stays right."""
+        states = list(state) if isinstance(state, (list, tuple)) else [state]
+        if not states:
+            raise ValueError("no data loader state to resume from")
+        for st in states:
+            if st.get("version") != STATE_VERSION:
+                raise ValueError(f"data loader state version {st.get('version')} != {STATE_VERSION} (saved by an "
+                                 f"older release whose sample order depended on the DP size)")
+            mismatch = {k: (st.get(k), v) for k, v in self._fingerprint().items() if st.get(k) != v}
+            if mismatch:
+                raise ValueError("data loader state was saved with different data settings (saved, now): "
+                                 + ", ".join(f"{k}={a} vs {b}" for k, (a, b) in mismatch.items())
+                                 + "; resuming would not replay the same samples")
+        where = {(int(st["epoch"]), int(st["pos"])) for st in states}
+        if len(where) != 1:
+            raise ValueError(f"the saved data-parallel ranks stopped at different positions {sorted(where)}")
+        total = SkipCounter()
+        if self.dp_rank == 0:
+            for st in states:
+                for k, v in st["skips"].items():
+                    total.counts[k] = total.counts.get(k, 0) + int(v)
+        (epoch, pos), = where
         self.close()
-        self._state = {"epoch": int(state["epoch"]), "pos": int(state["pos"]), "skips": dict(state["skips"])}
-        self._skips = SkipCounter(state["skips"])
+        self._state = {"epoch": epoch, "pos": pos, "skips": total.as_dict()}
+        self._skips = SkipCounter(total.as_dict())
 
     # ----------------------------------------------------------------------------------------
     # Iteration
@@ -194,39 +233,55 @@ class TrainLoader:
     # ----------------------------------------------------------------------------------------
     # Producer
     # ----------------------------------------------------------------------------------------
-    def _items(self, epoch: int, pos: int) -> Iterator[tuple[tuple[int, int], PreparedSample | SampleError]]:
+    def _items(self, epoch: int, pos: int) -> Iterator[tuple[tuple[int, int], _Prechecked | SampleError]]:
         while self.max_epochs is None or epoch < self.max_epochs:
-            order = self.index.rank_order(epoch, self.dp_rank, self.dp_size)
+            order = self.index.epoch_order(epoch)
             while pos < order.size:
-                window = order[pos: pos + self.cfg.window]
-                for k, res in enumerate(self._prepare_window([int(g) for g in window])):
-                    yield (epoch, pos + k), res
-                pos += window.size
+                where = f"#{pos} of epoch {epoch}"
+                try:
+                    res: _Prechecked | SampleError = self._precheck(int(order[pos]))
+                    res.where = where
+                except SampleError as e:
+                    res = e
+                yield (epoch, pos), res
+                pos += 1
             epoch, pos = epoch + 1, 0
 
     def _produce(self, start: dict[str, Any]) -> Iterator[tuple]:
         cfg = self.cfg
-        packer = Packer(cfg.data.seq_length, max_tiles_per_pack=cfg.data.max_tiles_per_pack, pad_id=self.tok.pad_id,
-                        pad_multiple=cfg.pad_multiple, packing=cfg.data.packing,
-                        image_shape=(3, cfg.image_size, cfg.image_size))
+        dp, me, mbs = self.dp_size, self.dp_rank, cfg.data.micro_batch_size
+        planner = Packer(cfg.data.seq_length, max_tiles_per_pack=cfg.data.max_tiles_per_pack, pad_id=self.tok.pad_id,
+                         pad_multiple=cfg.pad_multiple, packing=cfg.data.packing,
+                         image_shape=(3, cfg.image_size, cfg.image_size), build=list)
         skips = SkipCounter(start["skips"])
         stats = {"samples": 0, "tokens": 0, "tiles": 0, "packs": 0, "micro_batches": 0}
         pending_state: dict[str, Any] | None = None
-        buffer: list[dict[str, Any]] = []
+        planned: list[list[_Prechecked]] = []   # the packs of global micro-batch ``micro``
+        micro = 0                               # counted from ``start``: rounds of dp begin there
+        mine: Any = None                        # this rank's decoded micro-batch of the current round
         good_since_start, seen_since_start = 0, 0
         epoch_clean = start["pos"] == 0
         good_in_epoch, cur_epoch = 0, start["epoch"]
         next_cursor = (start["epoch"], start["pos"])
 
-        def emit() -> tuple:
-            batch = collate(buffer)
-            buffer.clear()
-            stats["micro_batches"] += 1
-            if packer.pending:
-                st = dict(pending_state or {})
-            else:
-                st = {"epoch": next_cursor[0], "pos": next_cursor[1], "skips": skips.as_dict()}
-            return batch, st, skips.as_dict(), dict(stats)
+        def finish_micro() -> bool:
+            """Micro-batch ``micro`` is planned: decode it if it is ours. True at the end of a round."""
+            nonlocal micro, mine
+            if micro % dp == me:
+                mine = self._materialize(planned, skips, stats)
+            planned.clear()
+            micro += 1
+            return micro % dp == 0
+
+        def state_now() -> dict[str, Any]:
+            if planner.pending:
+                return dict(pending_state or {})
+            return {"epoch": next_cursor[0], "pos": next_cursor[1], "skips": skips.as_dict()}
+
+        def hand_out() -> tuple:
+            nonlocal mine
+            item, mine = (mine, state_now(), skips.as_dict(), dict(stats)), None
+            return item
 
         for (epoch, pos), res in self._items(start["epoch"], start["pos"]):
             if epoch != cur_epoch:
@@ -235,37 +290,64 @@ class TrainLoader:
                 cur_epoch, good_in_epoch, epoch_clean = epoch, 0, True
             next_cursor = (epoch, pos + 1)
             seen_since_start += 1
+            owner = micro % dp == me
             if isinstance(res, SampleError):
-                skips.add(res, f"#{pos} of epoch {epoch} on dp rank {self.dp_rank}")  # res.where wins
+                if owner:
+                    skips.add(res, f"#{pos} of epoch {epoch}")  # res.where, when set, wins
                 if good_since_start == 0 and seen_since_start >= _ALL_BAD_PROBE:
                     raise NoUsableSamplesError(self._all_bad_message(skips))
                 continue
-            before = {"epoch": epoch, "pos": pos, "skips": skips.as_dict()}
             try:
-                packs = packer.add(res)  # checks fit before touching the pending pack
+                packs = planner.add(res)  # checks fit before touching the pending pack
             except SampleError as e:
-                e.where = self._where(res.gid)
-                skips.add(e)
+                if owner:
+                    e.where = self._where(res.gid)
+                    skips.add(e)
                 continue
             good_since_start += 1
             good_in_epoch += 1
-            if packer.pending and packer.pending[0] is res:
-                pending_state = before
-            stats["samples"] += 1
-            stats["tokens"] += res.length
-            stats["tiles"] += res.tiles
+            round_done = False
             for p in packs:
-                stats["packs"] += 1
-                buffer.append(p)
-                if len(buffer) == cfg.data.micro_batch_size:
-                    yield emit()
+                planned.append(p)
+                if len(planned) == mbs:
+                    round_done = finish_micro() or round_done
+            if planner.pending and planner.pending[0] is res:
+                # after the decode of the packs ``res`` closed: their decode skips lie before ``res``
+                pending_state = {"epoch": epoch, "pos": pos, "skips": skips.as_dict()}
+            if round_done:
+                yield hand_out()
         if epoch_clean and good_in_epoch == 0 and seen_since_start:
             raise NoUsableSamplesError(self._all_bad_message(skips))
-        if packer.pending:
-            stats["packs"] += 1
-            buffer.append(packer.flush())
-        if buffer:
-            yield emit()
+        if planner.pending:
+            planned.append(planner.flush())
+        if planned:
+            finish_micro()
+        if mine is not None:
+            yield hand_out()
+
+    def _materialize(self, packs: list[list[_Prechecked]], skips: SkipCounter, stats: dict[str, int]) -> Any:
+        """Decode one micro-batch's planned packs (one tiling call) and collate them."""
+        samples = [p for pack in packs for p in pack]
+        prepared = self._prepare(samples)
+        built, k = [], 0
+        for pack in packs:
+            keep = []
+            for p in pack:
+                res = prepared[k]
+                k += 1
+                if isinstance(res, SampleError):
+                    skips.add(res, p.where)
+                    continue
+                keep.append(res)
+                stats["samples"] += 1
+                stats["tokens"] += res.length
+                stats["tiles"] += res.tiles
+            built.append(build_pack(keep, self.cfg.data.seq_length, pad_id=self.tok.pad_id,
+                                    pad_multiple=self.cfg.pad_multiple,
+                                    image_shape=(3, self.cfg.image_size, self.cfg.image_size)))
+        stats["packs"] += len(built)
+        stats["micro_batches"] += 1
+        return collate(built)
 
     def _all_bad_message(self, skips: SkipCounter) -> str:
         reasons = ", ".join(f"{k}={v}" for k, v in skips.nonzero().items()) or "none"
@@ -325,24 +407,15 @@ class TrainLoader:
         return _Prechecked(gid, tokens, target, encoded[:n_img], [im.name for im in raw.images[:n_img]],
                            grids[:n_img], tiles[:n_img])
 
-    def _prepare_window(self, gids: list[int]) -> list[PreparedSample | SampleError]:
+    def _prepare(self, pre: list[_Prechecked]) -> list[PreparedSample | SampleError]:
         from v2pe_megatron.v2pe import compute_position_ids
 
-        pre: list[_Prechecked | SampleError] = []
-        for gid in gids:
-            try:
-                pre.append(self._precheck(gid))
-            except SampleError as e:
-                pre.append(e)
-        flat_enc = [b for p in pre if isinstance(p, _Prechecked) for b in p.encoded]
-        flat_grid = [g for p in pre if isinstance(p, _Prechecked) for g in p.grids]
+        flat_enc = [b for p in pre for b in p.encoded]
+        flat_grid = [g for p in pre for g in p.grids]
         decoded = iter(self.tiler(flat_enc, flat_grid) if flat_enc else [])
         s = self.cfg.image_size
         out: list[PreparedSample | SampleError] = []
         for p in pre:
-            if isinstance(p, SampleError):
-                out.append(p)
-                continue
             arrs = [next(decoded) for _ in p.encoded]
             bad = next(((n, a) for n, a in zip(p.names, arrs) if isinstance(a, ImageDecodeError)), None)
             if bad is not None:
@@ -357,7 +430,7 @@ class TrainLoader:
             # A lone image stays a view of DALI's (read-only) output; build_pack makes the one copy.
             pix = arrs[0] if len(arrs) == 1 else np.concatenate(arrs) if arrs else np.zeros((0, 3, s, s), np.float32)
             out.append(PreparedSample(p.gid, p.tokens, p.target, pos, pix,
-                                      np.asarray(p.tiles, dtype=np.int32), deltas))
+                                      np.asarray(p.tile_counts, dtype=np.int32), deltas))
         return out
 
 

@@ -12,7 +12,7 @@ prompts and image tokens have mask 0.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -123,10 +123,15 @@ def build_pack(samples: Sequence[PreparedSample], seq_length: int, *, pad_id: in
 
 class Packer:
     """Greedy first-come packing. ``add`` returns the packs it completed; ``pending`` is the pack
-    being filled (its first sample's cursor is where a resumed run restarts)."""
+    being filled (its first sample's cursor is where a resumed run restarts).
+
+    The decisions need only each sample's ``length`` and ``tiles``; ``build`` turns a finished list
+    of samples into what ``add``/``flush`` return (default: :func:`build_pack`). The loader plans
+    packs from undecoded samples with ``build=list``."""
 
     def __init__(self, seq_length: int, *, max_tiles_per_pack: int, pad_id: int, pad_multiple: int = 1,
-                 packing: bool = True, image_shape: tuple[int, int, int] = (3, 448, 448)) -> None:
+                 packing: bool = True, image_shape: tuple[int, int, int] = (3, 448, 448),
+                 build: Callable[[list[Any]], Any] | None = None) -> None:
         if pad_multiple < 1 or seq_length % pad_multiple:
             raise ValueError(f"seq_length {seq_length} must be a multiple of pad_multiple {pad_multiple}")
         self.seq_length = seq_length
@@ -135,6 +140,7 @@ class Packer:
         self.pad_multiple = pad_multiple
         self.packing = packing
         self.image_shape = image_shape
+        self.build = build
         self.pending: list[PreparedSample] = []
         self._tokens = 0
         self._tiles = 0
@@ -165,6 +171,9 @@ class Packer:
         return out
 
     def flush(self) -> dict[str, Any]:
+        if self.build is not None:
+            done, self.pending, self._tokens, self._tiles = self.build(self.pending), [], 0, 0
+            return done
         pack = build_pack(self.pending, self.seq_length, pad_id=self.pad_id, pad_multiple=self.pad_multiple,
                           image_shape=self.image_shape)
         self.pending, self._tokens, self._tiles = [], 0, 0

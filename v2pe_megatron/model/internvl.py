@@ -42,11 +42,13 @@ class InternVLModel(MegatronModule):
     """Built by :func:`build_model`; ``layout`` is the parallel layout it was built for."""
 
     def __init__(self, model_cfg: ModelConfig, layout: Layout, *, recompute: str = "none",
-                 pre_process: bool = True, post_process: bool = True, core_attention: type | None = None):
+                 pre_process: bool = True, post_process: bool = True, core_attention: type | None = None,
+                 vp_stage: Optional[int] = None):
         # The wrapper shares the LLM's TransformerConfig object: DDP and the schedules read it from here.
         language_model = build_language_model(model_cfg.language, layout, dtype=model_cfg.dtype,
                                               recompute=recompute, pre_process=pre_process,
-                                              post_process=post_process, core_attention=core_attention)
+                                              post_process=post_process, core_attention=core_attention,
+                                              vp_stage=vp_stage)
         super().__init__(config=language_model.config)
         self.language_model = language_model
         self.model_type = ModelType.encoder_or_decoder
@@ -155,24 +157,26 @@ class InternVLModel(MegatronModule):
 
 def build_model(model_cfg: ModelConfig, layout: Layout, *, recompute: str = "none",
                 pre_process: Optional[bool] = None, post_process: Optional[bool] = None,
-                core_attention: type | None = None) -> InternVLModel:
+                core_attention: type | None = None, vp_stage: Optional[int] = None) -> InternVLModel:
     """The InternVL model for this rank's pipeline stage, on this rank's device.
 
     ``layout``: a resolved layout (``spec`` te or local; see ``Layout.resolved``) matching megatron's
     initialized parallel state. ``pre_process``/``post_process`` default to the first/last pipeline
-    stage. ``core_attention``: see :func:`v2pe_megatron.model.language.build_language_model`.
+    stage (of virtual stage ``vp_stage``, interleaved pipelines: one call per model chunk).
+    ``core_attention``: see :func:`v2pe_megatron.model.language.build_language_model`.
     """
     if layout.spec not in ("te", "local"):
         raise ValueError(f"build_model needs a resolved layout (spec te or local), got spec={layout.spec!r}; "
                          f"use layout.resolved()")
+    virtual = vp_stage is not None
     if pre_process is None:
-        pre_process = ps.is_pipeline_first_stage(ignore_virtual=True)
+        pre_process = ps.is_pipeline_first_stage(ignore_virtual=not virtual, vp_stage=vp_stage)
     if post_process is None:
-        post_process = ps.is_pipeline_last_stage(ignore_virtual=True)
+        post_process = ps.is_pipeline_last_stage(ignore_virtual=not virtual, vp_stage=vp_stage)
     from v2pe_megatron.runtime.distributed import device
 
     model = InternVLModel(model_cfg, layout, recompute=recompute, pre_process=pre_process,
-                          post_process=post_process, core_attention=core_attention)
+                          post_process=post_process, core_attention=core_attention, vp_stage=vp_stage)
     # megatron's parallel layers are created on the device already; the torch conv/norms are not.
     return model.to(device())
 

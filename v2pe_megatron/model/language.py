@@ -43,6 +43,8 @@ def language_transformer_config(lm: LanguageConfig, layout: Layout, *, dtype: st
         stages[0].insert(0, "embedding")
         stages[-1].append("loss")
         kwargs.update(pipeline_model_parallel_layout=stages)
+    if layout.virtual_pp > 1:
+        kwargs.update(virtual_pipeline_model_parallel_size=layout.virtual_pp)
     if layout.cp > 1:
         # Read by Transformer Engine's attention (TEDotProductAttention) and checked by the local spec.
         kwargs.update(cp_comm_type=layout.cp_comm_type,
@@ -80,7 +82,7 @@ class LanguageModel(LanguageModule):
 
     def __init__(self, config: TransformerConfig, layer_spec, *, vocab_size: int,
                  max_sequence_length: int, rotary_base: float, pre_process: bool = True,
-                 post_process: bool = True, tie_word_embeddings: bool = False):
+                 post_process: bool = True, tie_word_embeddings: bool = False, vp_stage: Optional[int] = None):
         super().__init__(config=config)
         from v2pe_megatron.v2pe import V2PERotaryEmbedding
 
@@ -98,7 +100,7 @@ class LanguageModel(LanguageModule):
         self.rotary_pos_emb = V2PERotaryEmbedding(config.kv_channels, rotary_base)
         # layer_spec: a layer ModuleSpec or TransformerBlockSubmodules (see specs.block_spec)
         self.decoder = TransformerBlock(config=config, spec=layer_spec, pre_process=pre_process,
-                                        post_process=post_process)
+                                        post_process=post_process, vp_stage=vp_stage)
         if post_process:
             self.output_layer = tensor_parallel.ColumnParallelLinear(
                 config.hidden_size, vocab_size, config=config, init_method=config.init_method, bias=False,
@@ -146,7 +148,7 @@ class LanguageModel(LanguageModule):
 
 def build_language_model(lm: LanguageConfig, layout: Layout, *, dtype: str = "fp32", recompute: str = "none",
                          pre_process: bool = True, post_process: bool = True,
-                         core_attention: type | None = None) -> LanguageModel:
+                         core_attention: type | None = None, vp_stage: Optional[int] = None) -> LanguageModel:
     """The LLM for one pipeline stage (megatron's parallel state must be initialized).
 
     ``core_attention`` replaces the local spec's attention class (a stand-in with Transformer
@@ -154,8 +156,8 @@ def build_language_model(lm: LanguageConfig, layout: Layout, *, dtype: str = "fp
     """
     cfg = language_transformer_config(lm, layout, dtype=dtype, recompute=recompute)
     spec = "local" if core_attention is not None else layout.spec
-    layers = block_spec(spec, cfg, layer_spec(spec, core_attention=core_attention))
+    layers = block_spec(spec, cfg, layer_spec(spec, core_attention=core_attention), vp_stage=vp_stage)
     return LanguageModel(cfg, layers, vocab_size=padded_vocab_size(lm.vocab_size, layout.tp),
                          max_sequence_length=lm.max_position_embeddings, rotary_base=lm.rotary_base,
                          pre_process=pre_process, post_process=post_process,
-                         tie_word_embeddings=lm.tie_word_embeddings)
+                         tie_word_embeddings=lm.tie_word_embeddings, vp_stage=vp_stage)

@@ -135,7 +135,7 @@ def check_context_parallel(spec: str, config: TransformerConfig, layer: ModuleSp
         raise LayoutError(problem)
 
 
-def block_spec(spec: str, config: TransformerConfig, layer: ModuleSpec):
+def block_spec(spec: str, config: TransformerConfig, layer: ModuleSpec, vp_stage: int | None = None):
     """Block submodules for this pipeline stage: the layer spec repeated, and a final norm that
     matches the spec (megatron's default for a bare layer spec is a norm that rejects SP on CPU)."""
     from megatron.core import parallel_state as ps
@@ -144,7 +144,7 @@ def block_spec(spec: str, config: TransformerConfig, layer: ModuleSpec):
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
     pp_rank = ps.get_pipeline_model_parallel_rank() if ps.model_parallel_is_initialized() else 0
-    n = get_num_layers_to_build(config, vp_stage=None, pp_rank=pp_rank)
+    n = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
     if spec == "te":
         from megatron.core.extensions.transformer_engine import TENorm
 

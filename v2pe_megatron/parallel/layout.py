@@ -152,6 +152,7 @@ class Layout:
     hierarchical_cp_sizes: tuple[int, ...] = ()
     pp_layers: tuple[int, ...] = ()
     distributed_optimizer: bool = False
+    virtual_pp: int = 1
     te: Optional[tuple[int, int]] = field(default=None, compare=False)
 
     # ------------------------------------------------------------------ construction
@@ -178,7 +179,8 @@ class Layout:
             te = te_version()
         return cls(tp=par.tp, pp=par.pp, cp=par.cp, dp=dp, sp=par.sequence_parallel, spec=spec,
                    cp_comm_type=par.cp_comm_type, hierarchical_cp_sizes=tuple(par.hierarchical_cp_sizes),
-                   pp_layers=tuple(par.pp_layers), distributed_optimizer=par.use_distributed_optimizer, te=te)
+                   pp_layers=tuple(par.pp_layers), distributed_optimizer=par.use_distributed_optimizer, te=te,
+                   virtual_pp=getattr(par, "virtual_pp", 1))
 
     def resolved(self) -> "Layout":
         """This layout with ``spec`` resolved on this machine (``auto`` -> te | local)."""
@@ -216,14 +218,16 @@ class Layout:
 
     def describe(self) -> str:
         dp = self.dp if self.dp > 0 else "?"
-        return f"tp={self.tp} pp={self.pp} cp={self.cp} dp={dp}" + (" sp" if self.sp else "")
+        return (f"tp={self.tp} pp={self.pp}" + (f" vpp={self.virtual_pp}" if self.virtual_pp > 1 else "")
+                + f" cp={self.cp} dp={dp}" + (" sp" if self.sp else ""))
 
     # ------------------------------------------------------------------ rules
     def problems(self, *, model: Optional["ModelConfig"] = None, seq_length: Optional[int] = None,
                  micro_batch_size: Optional[int] = None, global_batch_size: Optional[int] = None) -> list[str]:
         """Every reason this layout cannot run (with the given model and batch shapes), each with its fix."""
         errs: list[str] = []
-        for key, val in (("parallel.tp", self.tp), ("parallel.pp", self.pp), ("parallel.cp", self.cp)):
+        for key, val in (("parallel.tp", self.tp), ("parallel.pp", self.pp), ("parallel.cp", self.cp),
+                         ("parallel.virtual_pp", self.virtual_pp)):
             if val < 1:
                 errs.append(f"{key}={val} must be >= 1")
         if self.dp == 0 or self.dp < -1:
@@ -235,6 +239,11 @@ class Layout:
         if self.cp_comm_type not in CP_COMM_TYPES:
             errs.append(f"parallel.cp_comm_type={self.cp_comm_type!r} is not one of {', '.join(CP_COMM_TYPES)}")
 
+        if self.virtual_pp > 1 and self.pp == 1:
+            errs.append(f"parallel.virtual_pp={self.virtual_pp} interleaves pipeline stages and needs parallel.pp > 1; "
+                        f"set virtual_pp=1 or raise pp")
+        if self.virtual_pp > 1 and self.pp_layers:
+            errs.append("parallel.virtual_pp > 1 takes an even split of the layers; remove parallel.pp_layers")
         if self.sp and self.tp == 1:
             errs.append("parallel.sequence_parallel=true needs parallel.tp > 1; set sequence_parallel=false or raise tp")
         m = self.seq_multiple
@@ -260,6 +269,12 @@ class Layout:
             if global_batch_size % (micro_batch_size * self.dp):
                 errs.append(f"data.global_batch_size={global_batch_size} must be a multiple of micro_batch_size*dp "
                             f"= {micro_batch_size}*{self.dp}")
+            elif self.virtual_pp > 1 and (global_batch_size // (micro_batch_size * self.dp)) % self.pp:
+                # megatron's interleaved schedule runs micro-batches in groups of pp per model chunk
+                per_step, group = global_batch_size // (micro_batch_size * self.dp), micro_batch_size * self.dp * self.pp
+                errs.append(f"parallel.virtual_pp={self.virtual_pp} needs the micro-batches per step "
+                            f"(global_batch_size / (micro_batch_size*dp) = {per_step}) to be a multiple of "
+                            f"parallel.pp={self.pp}; use data.global_batch_size={group * -(-global_batch_size // group)}")
         return errs
 
     def _model_problems(self, model: "ModelConfig") -> list[str]:
@@ -283,6 +298,9 @@ class Layout:
             elif sum(self.pp_layers) != lm.num_layers or min(self.pp_layers) < 1:
                 errs.append(f"parallel.pp_layers={list(self.pp_layers)} must be positive and sum to "
                             f"model.language.num_layers={lm.num_layers}")
+        elif self.virtual_pp > 1 and lm.num_layers % (self.pp * self.virtual_pp):
+            errs.append(f"parallel.pp*virtual_pp = {self.pp}*{self.virtual_pp} must divide "
+                        f"model.language.num_layers={lm.num_layers} (one equal model chunk per virtual stage)")
         elif lm.num_layers % self.pp:
             errs.append(f"parallel.pp={self.pp} must divide model.language.num_layers={lm.num_layers}, or give an "
                         f"unequal split with parallel.pp_layers")

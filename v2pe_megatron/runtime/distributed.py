@@ -118,7 +118,7 @@ def process_group(backend: str = "auto", timeout_minutes: float = 10.0,
 
 def initialize_model_parallel(tp: int = 1, pp: int = 1, cp: int = 1, *, seed: int = 1234,
                               hierarchical_cp_sizes: Optional[list[int]] = None,
-                              timeout_minutes: float = 10.0) -> None:
+                              timeout_minutes: float = 10.0, vpp: int = 1) -> None:
     """megatron-core parallel state (order tp-cp-dp-pp), the model-parallel RNG tracker and the
     process-wide generators (torch CPU, python, numpy), all from ``seed``."""
     import random
@@ -132,6 +132,7 @@ def initialize_model_parallel(tp: int = 1, pp: int = 1, cp: int = 1, *, seed: in
     ps.initialize_model_parallel(
         tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, context_parallel_size=cp,
         hierarchical_context_parallel_sizes=list(hierarchical_cp_sizes) if hierarchical_cp_sizes else None,
+        virtual_pipeline_model_parallel_size=vpp if vpp > 1 else None,
         distributed_timeout_minutes=int(max(1, timeout_minutes)))
     # megatron's call seeds CUDA generators only: on a GPU, parameters made on the CPU (the vision
     # embeddings, the patch conv) would otherwise ignore the seed. Before it, because torch.manual_seed

@@ -57,9 +57,20 @@ def unwrap(module: torch.nn.Module) -> torch.nn.Module:
 
 
 def _model_sd(model: list[torch.nn.Module]) -> dict:
-    if len(model) != 1:
-        raise NotImplementedError("virtual pipeline chunks are not supported yet")
-    return unwrap(model[0]).sharded_state_dict()
+    """The model's sharded state dict; with virtual pipeline chunks one sub-dict per chunk. The
+    tensors' checkpoint keys are global (layer numbers included), so what a chunk is called here never
+    reaches the file: a checkpoint written with chunks loads without and vice versa."""
+    if len(model) == 1:
+        return unwrap(model[0]).sharded_state_dict()
+    return {f"chunk{i}": unwrap(m).sharded_state_dict() for i, m in enumerate(model)}
+
+
+def _load_model_sd(model: list[torch.nn.Module], sd: dict) -> None:
+    if len(model) == 1:
+        unwrap(model[0]).load_state_dict(sd, strict=True)
+        return
+    for i, m in enumerate(model):
+        unwrap(m).load_state_dict(sd[f"chunk{i}"], strict=True)
 
 
 def iteration_dir(ckpt_dir: str | os.PathLike, iteration: int) -> Path:
@@ -297,25 +308,47 @@ def load_checkpoint(ckpt_dir: str | os.PathLike, model: list[torch.nn.Module], o
         _ensure_optimizer_state(optimizer)
         state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=OPTIM_SHARDING)
     loaded = dist_checkpointing.load(state, str(path))
-    unwrap(model[0]).load_state_dict(loaded["model"], strict=True)
+    _load_model_sd(model, loaded["model"])
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
     return int(loaded.get("iteration", iteration)), dict(loaded.get("extra", {}))
 
 
-def load_model_weights(path: str | os.PathLike, model: torch.nn.Module) -> None:
-    """Weights only, from a checkpoint directory (an ``iter_*`` dir or a bare dist checkpoint)."""
-    sd = unwrap(model).sharded_state_dict()
-    loaded = dist_checkpointing.load({"model": sd}, str(path))
-    unwrap(model).load_state_dict(loaded["model"], strict=True)
+def weights_dir(path: str | os.PathLike) -> Path:
+    """The torch_dist checkpoint that ``path`` names: itself (an ``iter_*`` folder or a weights-only
+    folder), or, for a training checkpoint folder with a ``latest`` file, its latest iteration.
+    Raises with the path and what is wrong before anything is read."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{p} does not exist")
+    if not p.is_dir():
+        raise NotADirectoryError(f"{p} is a file, not a checkpoint folder")
+    if (p / "latest").is_file() and not (p / "metadata.json").is_file():
+        it = latest_iteration(p)
+        assert it is not None
+        p = iteration_dir(p, it)
+    if not (p / "metadata.json").is_file():
+        raise ValueError(f"{p} is not a torch_dist checkpoint (no metadata.json): give an iter_* folder, a "
+                         f"checkpoint folder with 'latest', or a weights folder as save_model_weights writes")
+    return p
 
 
-def save_model_weights(path: str | os.PathLike, model: torch.nn.Module) -> None:
+def load_model_weights(path: str | os.PathLike, model: torch.nn.Module | list[torch.nn.Module]) -> Path:
+    """Weights only (collective), resharded to this rank's layout; returns the folder read (see
+    :func:`weights_dir`). An optimizer built before this call keeps stale master weights: load first."""
+    p = weights_dir(path)
+    chunks = model if isinstance(model, list) else [model]
+    loaded = dist_checkpointing.load({"model": _model_sd(chunks)}, str(p))
+    _load_model_sd(chunks, loaded["model"])
+    return p
+
+
+def save_model_weights(path: str | os.PathLike, model: torch.nn.Module | list[torch.nn.Module]) -> None:
     """Weights only (collective); the directory is created."""
     if _rank() == 0:
         Path(path).mkdir(parents=True, exist_ok=True)
     _barrier()
-    dist_checkpointing.save({"model": unwrap(model).sharded_state_dict()}, str(path))
+    dist_checkpointing.save({"model": _model_sd(model if isinstance(model, list) else [model])}, str(path))
     _barrier()
 
 

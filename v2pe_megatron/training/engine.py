@@ -22,13 +22,16 @@ from v2pe_megatron.runtime.distributed import device
 from v2pe_megatron.training.nonfinite import guarded_step
 
 
-def wrap_ddp(model: torch.nn.Module, config: TransformerConfig, *, use_distributed_optimizer: bool = False
-             ) -> DistributedDataParallel:
-    """megatron DDP with fp32 gradient buffers; per-token loss scaling is done in finalize_model_grads."""
+def wrap_ddp(model: torch.nn.Module, config: TransformerConfig, *, use_distributed_optimizer: bool = False,
+             disable_bucketing: bool = False) -> DistributedDataParallel:
+    """megatron DDP with fp32 gradient buffers; per-token loss scaling is done in finalize_model_grads.
+    ``disable_bucketing``: for every model chunk but the first of an interleaved pipeline (as megatron
+    does: their gradients are reduced together at the end of the step)."""
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=use_distributed_optimizer,
         check_for_nan_in_grad=False, average_in_collective=False)
-    return DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
+    return DistributedDataParallel(config=config, ddp_config=ddp_config, module=model,
+                                   disable_bucketing=disable_bucketing)
 
 
 def build_optimizer(opt: OptimizerConfig, model: list[torch.nn.Module], *, params_dtype: torch.dtype,
@@ -72,6 +75,11 @@ def train_step(model: list[DistributedDataParallel], optimizer, forward_step: Ca
     megatron neither divides by the micro-batch count nor multiplies by the CP size, and gradients
     are scaled by 1/(trained tokens in the global batch) in ``finalize_model_grads``.
     """
+    if len(model) > 1 and not isinstance(data_iterator, list):
+        # Interleaved pipeline: every model chunk reads each micro-batch (the first for tokens and
+        # tiles, all for positions and packing, the last for labels), in its own order.
+        batches = [next(data_iterator) for _ in range(num_microbatches)]
+        data_iterator = [iter(batches) for _ in model]
     for m in model:
         m.zero_grad_buffer()
     if not forward_only:

@@ -26,6 +26,7 @@ from v2pe_megatron.runtime import distributed as rt
 from v2pe_megatron.runtime import exit_codes
 from v2pe_megatron.runtime.signals import StopSignals
 from v2pe_megatron.training import checkpointing as ckpt
+from v2pe_megatron.training import init_weights
 from v2pe_megatron.training.engine import build_optimizer, train_step, wrap_ddp
 from v2pe_megatron.training.forward import vlm_forward_step
 from v2pe_megatron.training.metrics import StepMeter
@@ -74,13 +75,29 @@ def train(recipe: Recipe) -> RunSummary:
         rank0 = dist.get_rank() == 0
         rt.initialize_model_parallel(layout.tp, layout.pp, layout.cp, seed=t.seed,
                                      hierarchical_cp_sizes=list(layout.hierarchical_cp_sizes) or None,
-                                     timeout_minutes=recipe.launcher.timeout_minutes)
-        model = build_model(recipe.model, layout, recompute=t.recompute)
-        model.freeze(vision=t.freeze_vision, projector=t.freeze_projector, language=t.freeze_language)
-        nparams = sum(p.numel() for p in model.parameters())
-        ddp = wrap_ddp(model, model.config, use_distributed_optimizer=layout.distributed_optimizer)
-        dtype = model.config.params_dtype
-        optimizer = build_optimizer(recipe.optimizer, [ddp], params_dtype=dtype,
+                                     timeout_minutes=recipe.launcher.timeout_minutes, vpp=layout.virtual_pp)
+        c = recipe.checkpoint
+        # Collective, before any model exists: which checkpoint (if any) this run continues from.
+        resume_at = _find_resume(recipe, rank0) if c.dir else None
+        resuming = resume_at is not None
+        # One model chunk per virtual pipeline stage (interleaved schedule), else the stage's model.
+        models = [build_model(recipe.model, layout, recompute=t.recompute,
+                              vp_stage=i if layout.virtual_pp > 1 else None) for i in range(layout.virtual_pp)]
+        # Weights come in before the optimizer exists: a bf16 optimizer copies them into its fp32
+        # master weights when it is built.
+        if not resuming and c.pretrained:
+            src = ckpt.load_model_weights(c.pretrained, models)
+            if rank0:
+                log.info("starting from the weights in %s (new optimizer and schedule, step 0)", src)
+        elif not resuming and init_weights.layout_dependent(layout):
+            init_weights.load_reference_init(recipe, models)
+        for m in models:
+            m.freeze(vision=t.freeze_vision, projector=t.freeze_projector, language=t.freeze_language)
+        nparams = sum(p.numel() for m in models for p in m.parameters())
+        ddp = [wrap_ddp(m, m.config, use_distributed_optimizer=layout.distributed_optimizer, disable_bucketing=i > 0)
+               for i, m in enumerate(models)]
+        dtype = models[0].config.params_dtype
+        optimizer = build_optimizer(recipe.optimizer, ddp, params_dtype=dtype,
                                     use_distributed_optimizer=layout.distributed_optimizer)
         scheduler = _scheduler(recipe, optimizer)
         dp_rank, dp = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
@@ -89,15 +106,17 @@ def train(recipe: Recipe) -> RunSummary:
         num_micro = d.global_batch_size // (d.micro_batch_size * dp)
 
         start, run_id, lineage = 0, None, []
-        c = recipe.checkpoint
-        if c.dir:
-            resumed = _resume(recipe, ddp, optimizer, dp_rank, rank0)
-            if resumed is not None:
-                start, extra = resumed
-                loader.load_state_dict(extra["loader"][dp_rank])
-                scheduler.load_state_dict(extra["scheduler"])
-                run_id = extra.get("mlflow_run_id")
-                lineage = list(extra.get("lineage", [start]))
+        if resume_at is not None:
+            t_load = time.time()
+            start, extra = ckpt.load_checkpoint(c.dir, ddp, optimizer, iteration=resume_at, verified=True)
+            # Every saved DP rank's state: the position is global, so any DP size resumes from it.
+            loader.load_state_dict(extra["loader"])
+            scheduler.load_state_dict(extra["scheduler"])
+            run_id = extra.get("mlflow_run_id")
+            lineage = list(extra.get("lineage", [start]))
+            if rank0:
+                log.info("resumed from %s at step %d (%.1f s)", ckpt.iteration_dir(c.dir, start), start,
+                         time.time() - t_load)
         tracker = Tracker(recipe, active=rank0, run_id=run_id,
                           tags={"layout": layout.describe(), "world_size": world})
         summary = RunSummary(0, start, world_size=world, layout=layout.describe(), parameters=nparams,
@@ -114,7 +133,7 @@ def train(recipe: Recipe) -> RunSummary:
         try:
             for step in range(start, recipe.train.steps):
                 ts = time.time()
-                res = train_step([ddp], optimizer, vlm_forward_step, meter.batches(it, num_micro),
+                res = train_step(ddp, optimizer, vlm_forward_step, meter.batches(it, num_micro),
                                  num_microbatches=num_micro, layout=layout, seq_length=d.seq_length,
                                  micro_batch_size=d.micro_batch_size)
                 if res.update_successful:  # a skipped update leaves the LR schedule where it is
@@ -191,8 +210,8 @@ class NonFinite:
         return self.limit > 0 and self.in_a_row >= self.limit
 
 
-def _resume(recipe: Recipe, ddp, optimizer, dp_rank: int, rank0: bool):
-    """Collective. (step, extra) of the checkpoint to continue from, or None to start at step 0.
+def _find_resume(recipe: Recipe, rank0: bool) -> Optional[int]:
+    """Collective. The iteration to continue from (its manifest verified), or None to start at step 0.
 
     Refuses to start from scratch over existing checkpoints unless the recipe says so: a fresh run
     would overwrite them step by step."""
@@ -208,14 +227,9 @@ def _resume(recipe: Recipe, ddp, optimizer, dp_rank: int, rank0: bool):
                 f"{'...' if len(existing) > 5 else ''}): set checkpoint.overwrite=true to start over in it "
                 "(their iterations get overwritten as this run saves), or choose another checkpoint.dir")
         return None
-    t = time.time()
-    found = ckpt.find_resumable(c.dir)
-    if found is None:
-        return None
-    start, extra = ckpt.load_checkpoint(c.dir, [ddp], optimizer, iteration=found, verified=True)
-    if rank0:
-        log.info("resumed from %s at step %d (%.1f s)", ckpt.iteration_dir(c.dir, start), start, time.time() - t)
-    return start, extra
+    return ckpt.find_resumable(c.dir)
+
+
 def _should_stop(recipe: Recipe, steps_run: int, t0: float, *, signal_received: Optional[int] = None,
                  nonfinite: bool = False) -> int:
     """Collective, once per step: the stop reason all ranks agree on (0: go on). A signal may have
@@ -256,7 +270,7 @@ def _save(recipe, step, ddp, optimizer, scheduler, loader, tracker, lineage: lis
     lineage[:] = [i for i in lineage if i != step][-100:] + [step]
     extra = {"loader": states, "scheduler": scheduler.state_dict(), "mlflow_run_id": run_id[0],
              "lineage": list(lineage)}
-    path = ckpt.save_checkpoint(recipe.checkpoint.dir, step, [ddp], optimizer, extra=extra,
+    path = ckpt.save_checkpoint(recipe.checkpoint.dir, step, ddp, optimizer, extra=extra,
                                 keep_last=recipe.checkpoint.keep_last, lineage=lineage)
     if dist.get_rank() == 0:
         log.info("saved checkpoint %s at step %d (%.1f s)", path, step, time.time() - t)
