@@ -77,3 +77,22 @@ def test_bad_layout_fails_before_launch(tmp_path):
     assert r.returncode == 2
     assert "parallel.tp=3 must divide" in r.stderr
     assert "starting" not in r.stdout
+
+
+def _lrs(out: str) -> dict[int, float]:
+    return {int(s): float(lr) for s, lr in re.findall(r"step (\d+)/\d+  loss [0-9.]+  lr ([0-9.e+-]+)", out)}
+
+
+@pytest.mark.slow
+def test_extending_a_finished_run_follows_the_recipes_schedule(tmp_path):
+    # A finished 4-step run ends at lr 0 (cosine to min_lr 0); raising train.steps must not train the
+    # new steps at that final lr: the schedule is the recipe's, over 8 steps, and the change is said.
+    first = _train(tmp_path, "train.steps=4", "tracking.backend=none")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert _lrs(first.stdout + first.stderr)[4] == 0.0
+    more = _train(tmp_path, "train.steps=8", "tracking.backend=none")
+    out = more.stdout + more.stderr
+    assert more.returncode == 0, out[-3000:]
+    lrs = _lrs(out)
+    assert sorted(lrs) == [5, 6, 7, 8] and lrs[5] > 0 and lrs[8] == 0.0
+    assert "schedule follows the recipe" in out and "lr_decay_steps 4 -> 8 (train.steps)" in out

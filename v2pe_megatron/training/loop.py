@@ -55,10 +55,27 @@ class RunSummary:
 def _scheduler(recipe: Recipe, optimizer) -> OptimizerParamScheduler:
     o, steps = recipe.optimizer, recipe.train.steps
     warmup = int(round(o.warmup_fraction * steps))
+    # The recipe's schedule wins over a checkpoint's (override): a run extended by raising train.steps
+    # decays over the new length instead of training the new steps at the old schedule's final lr.
     return OptimizerParamScheduler(
         optimizer, init_lr=0.0 if warmup else o.lr, max_lr=o.lr, min_lr=o.min_lr, lr_warmup_steps=warmup,
         lr_decay_steps=max(steps, warmup + 1), lr_decay_style=o.decay_style, start_wd=o.weight_decay,
-        end_wd=o.weight_decay, wd_incr_steps=max(steps, 1), wd_incr_style="constant")
+        end_wd=o.weight_decay, wd_incr_steps=max(steps, 1), wd_incr_style="constant",
+        use_checkpoint_opt_param_scheduler=False, override_opt_param_scheduler=True)
+
+
+# The schedule's keys in megatron's state dict, and the recipe key that sets each.
+_SCHEDULE_KEYS = {"max_lr": "optimizer.lr", "min_lr": "optimizer.min_lr", "lr_warmup_steps": "optimizer.warmup_fraction",
+                  "lr_decay_steps": "train.steps", "lr_decay_style": "optimizer.decay_style"}
+
+
+def _restore_schedule(scheduler: OptimizerParamScheduler, saved: dict, rank0: bool) -> None:
+    """The checkpoint's step count, the recipe's schedule; one warning when the two schedules differ."""
+    changed = [f"{k} {saved[k]} -> {getattr(scheduler, k)} ({key})" for k, key in _SCHEDULE_KEYS.items()
+               if k in saved and saved[k] != getattr(scheduler, k)]
+    if changed and rank0:
+        log.warning("the learning-rate schedule follows the recipe, not the checkpoint: %s", "; ".join(changed))
+    scheduler.load_state_dict(saved)
 
 
 def train(recipe: Recipe) -> RunSummary:
@@ -111,7 +128,7 @@ def train(recipe: Recipe) -> RunSummary:
             start, extra = ckpt.load_checkpoint(c.dir, ddp, optimizer, iteration=resume_at, verified=True)
             # Every saved DP rank's state: the position is global, so any DP size resumes from it.
             loader.load_state_dict(extra["loader"])
-            scheduler.load_state_dict(extra["scheduler"])
+            _restore_schedule(scheduler, extra["scheduler"], rank0)
             run_id = extra.get("mlflow_run_id")
             lineage = list(extra.get("lineage", [start]))
             if rank0:
