@@ -119,7 +119,7 @@ def test_resume_at_another_layout_stays_on_the_curve(saved, tmp_path, case):
     shutil.copytree(ckpt, tmp_path / "ckpt")
     r = train(tmp_path, *RESUMES[case][1], f"checkpoint.dir={tmp_path / 'ckpt'}")
     second = losses_of(r)
-    assert f"resumed from {tmp_path / 'ckpt'} at step {SAVE_AT}" in r.stdout + r.stderr
+    assert f"resumed from {tmp_path / 'ckpt' / f'iter_{SAVE_AT:07d}'} at step {SAVE_AT}" in r.stdout + r.stderr
     got = first + second
     print(f"{case}: max |loss - golden| over {len(got)} steps: {_max_diff(got, _golden()):.1e}")
     assert _max_diff(got, _golden()) <= TOL, (case, got, _golden())
