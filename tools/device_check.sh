@@ -10,6 +10,10 @@
 # fp32 (tests/training/test_gpu_bf16.py); d) 1-rank NCCL v2pe-train on the tiny recipe with step times;
 # e) SUMMARY, one line per part. The whole log goes to $OUT/device_check.log when $OUT is set.
 #
+# --bench: a) then e) the training-step benchmark (benchmarks/step.py --gpu: InternVL2-2B shapes,
+# local spec, bf16, 8K and 32K tokens, tokens/s, TFLOP/s and MFU), instead of b)-d); one command of
+# at most 8 minutes too. With --dry-run it prints that command and checks the script imports.
+#
 # --dry-run: checks the wheels are there and under the limit, installs them into a temporary
 # --target and imports megatron.core and omegaconf from it with the repo, prints every command the
 # real run executes, then runs the CPU equivalents with every package the GPU image lacks hidden
@@ -20,11 +24,14 @@ cd "$(dirname "$0")/.." || exit 2
 REPO=$PWD
 
 DRY=0
-case "${1:-}" in
-  --dry-run) DRY=1 ;;
-  "") ;;
-  *) echo "usage: $0 [--dry-run]" >&2; exit 2 ;;
-esac
+BENCH=0
+for arg in "$@"; do
+  case "$arg" in
+    --dry-run) DRY=1 ;;
+    --bench) BENCH=1 ;;
+    *) echo "usage: $0 [--dry-run] [--bench]" >&2; exit 2 ;;
+  esac
+done
 
 DEADLINE=470          # seconds; the brief is 8 minutes for the whole command
 LOG=$(mktemp /tmp/device_check.XXXXXX.log)
@@ -43,6 +50,17 @@ define_cmds() {
   BF16_TEST=("$py" -m pytest -m gpu tests/training/test_gpu_bf16.py -q -s -rs -p no:cacheprovider -p no:warnings --timeout=120)
   TRAIN=("$py" -m v2pe_megatron.cli.train recipes/tiny_cpu.yaml launcher.nproc_per_node=1
          launcher.backend=nccl tracking.backend=none train.steps=5 train.log_interval=1 model.dtype=bf16)
+  BENCH_CMD=("$py" benchmarks/step.py --gpu --steps 3)
+}
+
+bench_part() {  # e) the step benchmark; its result lines go to the summary
+  header "e) training-step benchmark: InternVL2-2B shapes, local spec, bf16, 8K and 32K tokens"
+  local t0=$SECONDS
+  if run 420 "${BENCH_CMD[@]}"; then
+    add e "benchmark" PASS "$(grep -E 'tokens/s' "$PARTLOG" | sed -E 's/ +/ /g' | paste -sd';' -) [$((SECONDS - t0))s]"
+  else
+    add e "benchmark" FAIL "$(grep -E 'Error|error' "$PARTLOG" | tail -1)"
+  fi
 }
 
 SUMMARY=()
@@ -87,6 +105,7 @@ real_run() {
     add b "gpu tests" SKIP "setup failed"; add c "bf16 step" SKIP "setup failed"
     add d "v2pe-train" SKIP "setup failed"; return
   fi
+  if ((BENCH)); then bench_part; return; fi
 
   header "b) gpu-marked tests (without Transformer Engine and DALI)"
   local t0=$SECONDS
@@ -127,8 +146,10 @@ dry_run() {
   header "the real run executes (on the GPU machine, from the repo root)"
   define_cmds python3 /tmp/v2pe_device_site
   echo "export PYTHONPATH=\$PWD:/tmp/v2pe_device_site V2PE_EXPECT_SITE=/tmp/v2pe_device_site V2PE_REQUIRE_CUDA=1"
-  show "${INSTALL[@]}"; show "${INFO[@]}"; show "${GPU_TESTS[@]}"; show "${BF16_TEST[@]}"; show "${TRAIN[@]}"
-  echo "(d again with model.dtype=fp32 if bf16 fails)"
+  show "${INSTALL[@]}"; show "${INFO[@]}"
+  if ((BENCH)); then show "${BENCH_CMD[@]}"
+  else show "${GPU_TESTS[@]}"; show "${BF16_TEST[@]}"; show "${TRAIN[@]}"; echo "(d again with model.dtype=fp32 if bf16 fails)"
+  fi
 
   define_cmds "$py" "$site"
   # Once the wheels are in, what the GPU image lacks is made unimportable (tools/device_sim).
@@ -145,6 +166,13 @@ dry_run() {
     add a setup FAIL "$(tail -1 "$PARTLOG")"
     add b "gpu tests" SKIP "setup failed"; add c "bf16 step" SKIP "setup failed"
     add d "v2pe-train" SKIP "setup failed"; return
+  fi
+
+  if ((BENCH)); then
+    header "e) dry: the benchmark script imports with the GPU machine's packages only"
+    if run 60 "${sim[@]}" "$py" benchmarks/step.py --help >/dev/null; then add e "benchmark" PASS "dry: imports; --gpu needs CUDA"
+    else add e "benchmark" FAIL "dry: $(tail -1 "$PARTLOG")"; fi
+    return
   fi
 
   header "b) dry: collect the gpu-marked tests with the GPU machine's packages only"
@@ -172,7 +200,7 @@ dry_run() {
 }
 
 main() {
-  echo "device_check $( ((DRY)) && echo '--dry-run ')on $(hostname) at $(date -u +%FT%TZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+  echo "device_check $( ((DRY)) && echo '--dry-run ')$( ((BENCH)) && echo '--bench ')on $(hostname) at $(date -u +%FT%TZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
   if ((DRY)); then dry_run; else real_run; fi
   header "SUMMARY$( ((DRY)) && echo ' (dry run: CPU equivalents)')"
   printf '%s\n' "${SUMMARY[@]}"

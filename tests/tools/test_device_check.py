@@ -32,3 +32,11 @@ def test_device_check_dry_run(tmp_path):
     # what the real run will execute is printed
     assert "-m pytest -m gpu tests/" in out and "launcher.backend=nccl" in out
     assert (tmp_path / "device_check.log").read_text().strip().endswith(summary.strip().splitlines()[-1])
+    # --bench: setup, then the step benchmark (on CPU: the script imports with the GPU image's packages)
+    bench = subprocess.run(["bash", "tools/device_check.sh", "--dry-run", "--bench"], cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=300)
+    out = bench.stdout + bench.stderr
+    assert bench.returncode == 0, out[-6000:]
+    assert "benchmarks/step.py --gpu --steps 3" in out
+    summary = out[out.rindex("===== SUMMARY"):]
+    assert "e   benchmark    PASS" in summary and "b   gpu tests" not in summary, summary
