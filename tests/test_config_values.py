@@ -20,6 +20,7 @@ BAD = {
     "train.log_interval=0": "train.log_interval=0 must be >= 1",
     "train.wallclock_minutes=-5": "train.wallclock_minutes=-5.0 must be >= 0",
     "train.exit_after_steps=-1": "train.exit_after_steps=-1 must be >= 0",
+    "train.max_nonfinite_steps=-1": "train.max_nonfinite_steps=-1 must be >= 0",
     "checkpoint.keep_last=-1": "checkpoint.keep_last=-1 must be >= 0",
     "checkpoint.save_interval=-10": "checkpoint.save_interval=-10 must be >= 0",
     "data.global_batch_size=0": "data.global_batch_size=0 must be >= 1",

@@ -499,6 +499,8 @@ def _value_problems(recipe: Recipe) -> list[str]:
         errs.append(f"train.wallclock_minutes={t.wallclock_minutes} must be >= 0 (0 = no limit)")
     if t.exit_after_steps < 0:
         errs.append(f"train.exit_after_steps={t.exit_after_steps} must be >= 0 (0 = no limit)")
+    if t.max_nonfinite_steps < 0:
+        errs.append(f"train.max_nonfinite_steps={t.max_nonfinite_steps} must be >= 0 (0 = never stop for it)")
     if c.keep_last < 0:
         errs.append(f"checkpoint.keep_last={c.keep_last} must be >= 0 (0 keeps every checkpoint)")
     if c.save_interval < 0:
