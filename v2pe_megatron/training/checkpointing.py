@@ -31,7 +31,6 @@ import hashlib
 import json
 import logging
 import os
-import queue
 import shutil
 from pathlib import Path
 from typing import Any, Optional
@@ -39,6 +38,8 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
+
+from v2pe_megatron.runtime import megatron_writer
 
 OPTIM_SHARDING = {"distrib_optim_sharding_type": "fully_reshardable"}
 MANIFEST = "manifest.json"
@@ -236,16 +237,6 @@ def _warn(msg: str) -> None:
         log.warning(msg)
 
 
-def _writer_in_process() -> None:
-    """megatron's torch_dist writer collects results in a ``multiprocessing.Manager().Queue()``, a
-    spawned server process per rank that outlives a killed rank; our saves run the writer
-    synchronously in this process, where a plain queue does the same job."""
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
-
-    if filesystem_async._results_queue is None:
-        filesystem_async._results_queue = queue.Queue()
-
-
 def save_checkpoint(ckpt_dir: str | os.PathLike, iteration: int, model: list[torch.nn.Module],
                     optimizer=None, extra: Optional[dict[str, Any]] = None, keep_last: int = 0,
                     lineage: Optional[list[int]] = None) -> Path:
@@ -262,7 +253,7 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, iteration: int, model: list[tor
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     _barrier()
-    _writer_in_process()
+    megatron_writer.activate()  # no helper process may outlive a killed rank
     model_sd = _model_sd(model)
     state: dict[str, Any] = {"model": model_sd, "iteration": iteration, "extra": extra or {}}
     if optimizer is not None:
