@@ -474,56 +474,43 @@ def validate(recipe: Recipe, world_size: int | None = None, *, spec: str | None 
 def _value_problems(recipe: Recipe) -> list[str]:
     """Ranges of single values and files that must exist: caught here, before any process group or
     model, instead of inside Adam or the data loader minutes later."""
-    errs: list[str] = []
     o, t, c, d = recipe.optimizer, recipe.train, recipe.checkpoint, recipe.data
-    if o.lr < 0:
-        errs.append(f"optimizer.lr={o.lr} must be >= 0 (e.g. optimizer.lr=1e-4)")
-    if o.min_lr < 0 or o.min_lr > max(o.lr, 0):
-        errs.append(f"optimizer.min_lr={o.min_lr} must be in [0, optimizer.lr={o.lr}] (the cosine/linear "
-                    f"decay goes from lr down to min_lr)")
-    if o.weight_decay < 0:
-        errs.append(f"optimizer.weight_decay={o.weight_decay} must be >= 0 (0 turns it off)")
-    for key, b in (("adam_beta1", o.adam_beta1), ("adam_beta2", o.adam_beta2)):
-        if not 0.0 <= b < 1.0:
-            errs.append(f"optimizer.{key}={b} must be in [0, 1) (typical: 0.9 / 0.999)")
-    if o.adam_eps <= 0:
-        errs.append(f"optimizer.adam_eps={o.adam_eps} must be > 0 (typical: 1e-8)")
-    if o.clip_grad < 0:
-        errs.append(f"optimizer.clip_grad={o.clip_grad} must be >= 0 (0 turns clipping off)")
-    if not 0.0 <= o.warmup_fraction <= 1.0:
-        errs.append(f"optimizer.warmup_fraction={o.warmup_fraction} must be in [0, 1] (a fraction of "
-                    f"train.steps, e.g. 0.03)")
-    if t.log_interval < 1:
-        errs.append(f"train.log_interval={t.log_interval} must be >= 1 (steps between console lines)")
-    if t.wallclock_minutes < 0:
-        errs.append(f"train.wallclock_minutes={t.wallclock_minutes} must be >= 0 (0 = no limit)")
-    if t.exit_after_steps < 0:
-        errs.append(f"train.exit_after_steps={t.exit_after_steps} must be >= 0 (0 = no limit)")
-    if t.max_nonfinite_steps < 0:
-        errs.append(f"train.max_nonfinite_steps={t.max_nonfinite_steps} must be >= 0 (0 = never stop for it)")
-    if c.keep_last < 0:
-        errs.append(f"checkpoint.keep_last={c.keep_last} must be >= 0 (0 keeps every checkpoint)")
-    if c.save_interval < 0:
-        errs.append(f"checkpoint.save_interval={c.save_interval} must be >= 0 (0 = save only at the end)")
-    if d.global_batch_size < 1:
-        errs.append(f"data.global_batch_size={d.global_batch_size} must be >= 1")
-    if d.max_tiles_per_pack < 1:
-        errs.append(f"data.max_tiles_per_pack={d.max_tiles_per_pack} must be >= 1")
-    if d.num_workers < 1:
-        errs.append(f"data.num_workers={d.num_workers} must be >= 1")
-    if d.max_image_pixels < 0:
-        errs.append(f"data.max_image_pixels={d.max_image_pixels} must be >= 0 (0 = no limit)")
+    # (key, value, acceptable, the rule and its fix)
+    rules = [
+        ("optimizer.lr", o.lr, o.lr >= 0, "must be >= 0 (e.g. optimizer.lr=1e-4)"),
+        ("optimizer.min_lr", o.min_lr, 0 <= o.min_lr <= max(o.lr, 0),
+         f"must be in [0, optimizer.lr={o.lr}] (the cosine/linear decay goes from lr down to min_lr)"),
+        ("optimizer.weight_decay", o.weight_decay, o.weight_decay >= 0, "must be >= 0 (0 turns it off)"),
+        ("optimizer.adam_beta1", o.adam_beta1, 0.0 <= o.adam_beta1 < 1.0, "must be in [0, 1) (typical: 0.9 / 0.999)"),
+        ("optimizer.adam_beta2", o.adam_beta2, 0.0 <= o.adam_beta2 < 1.0, "must be in [0, 1) (typical: 0.9 / 0.999)"),
+        ("optimizer.adam_eps", o.adam_eps, o.adam_eps > 0, "must be > 0 (typical: 1e-8)"),
+        ("optimizer.clip_grad", o.clip_grad, o.clip_grad >= 0, "must be >= 0 (0 turns clipping off)"),
+        ("optimizer.warmup_fraction", o.warmup_fraction, 0.0 <= o.warmup_fraction <= 1.0,
+         "must be in [0, 1] (a fraction of train.steps, e.g. 0.03)"),
+        ("train.log_interval", t.log_interval, t.log_interval >= 1, "must be >= 1 (steps between console lines)"),
+        ("train.wallclock_minutes", t.wallclock_minutes, t.wallclock_minutes >= 0, "must be >= 0 (0 = no limit)"),
+        ("train.exit_after_steps", t.exit_after_steps, t.exit_after_steps >= 0, "must be >= 0 (0 = no limit)"),
+        ("train.max_nonfinite_steps", t.max_nonfinite_steps, t.max_nonfinite_steps >= 0,
+         "must be >= 0 (0 = never stop for it)"),
+        ("checkpoint.keep_last", c.keep_last, c.keep_last >= 0, "must be >= 0 (0 keeps every checkpoint)"),
+        ("checkpoint.save_interval", c.save_interval, c.save_interval >= 0, "must be >= 0 (0 = save only at the end)"),
+        ("data.global_batch_size", d.global_batch_size, d.global_batch_size >= 1, "must be >= 1"),
+        ("data.max_tiles_per_pack", d.max_tiles_per_pack, d.max_tiles_per_pack >= 1, "must be >= 1"),
+        ("data.num_workers", d.num_workers, d.num_workers >= 1, "must be >= 1"),
+        ("data.max_image_pixels", d.max_image_pixels, d.max_image_pixels >= 0, "must be >= 0 (0 = no limit)"),
+        ("data.synthetic_num_samples", d.synthetic_num_samples, bool(d.meta_path) or d.synthetic_num_samples >= 1,
+         "must be >= 1 (or set data.meta_path)"),
+        ("launcher.timeout_minutes", recipe.launcher.timeout_minutes, recipe.launcher.timeout_minutes > 0,
+         "must be > 0"),
+    ]
+    errs = [f"{key}={value} {rule}" for key, value, ok, rule in rules if not ok]
     if d.meta_path and not Path(d.meta_path).is_file():
         errs.append(f"data.meta_path={d.meta_path!r}: no such file (relative paths are from "
                     f"{os.getcwd()}; leave it empty for synthetic data)")
-    if not d.meta_path and d.synthetic_num_samples < 1:
-        errs.append(f"data.synthetic_num_samples={d.synthetic_num_samples} must be >= 1 (or set data.meta_path)")
     tp = Path(d.tokenizer_path)
     if d.tokenizer_path and not (tp.is_file() or (tp / "tokenizer.model").is_file()):
         errs.append(f"data.tokenizer_path={d.tokenizer_path!r}: no such file (a sentencepiece tokenizer.model "
                     f"or its folder; leave it empty for the built-in tiny tokenizer)")
-    if recipe.launcher.timeout_minutes <= 0:
-        errs.append(f"launcher.timeout_minutes={recipe.launcher.timeout_minutes} must be > 0")
     return errs
 
 
