@@ -137,12 +137,11 @@ def split_batch_for_cp(batch: MicroBatch, *, cp_size: int, cp_rank: int, qkv_for
         sliced = {k: getattr(batch, k).reshape(1, B * S) for k in fields}
         sliced = {k: (t if k == "position_ids" else split_for_cp(t, index, 1)) for k, t in sliced.items()}
         feat = image_feature_index(tokens, [index], img_context_id) if want_index else None
+    elif cp_size == 1:  # nothing to split: no index maps on this per-micro-batch path
+        sliced, feat = {k: getattr(batch, k) for k in fields}, None
     else:
         maps = [torch.from_numpy(zigzag_index_map(r, cp_size, cp_rank)) for r in rows]
-        if cp_size == 1:
-            sliced = {k: getattr(batch, k) for k in fields}
-        else:
-            sliced = {k: torch.stack([split_for_cp(getattr(batch, k)[i], m, 0) for i, m in enumerate(maps)])
-                      for k in fields}
+        sliced = {k: torch.stack([split_for_cp(getattr(batch, k)[i], m, 0) for i, m in enumerate(maps)])
+                  for k in fields}
         feat = image_feature_index(tokens, maps, img_context_id) if want_index else None
     return batch.replace(**sliced, packed_seq_params=psp, image_feature_index=feat)
