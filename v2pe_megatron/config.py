@@ -91,6 +91,10 @@ class ModelConfig:
     spec: str = "auto"
     # fp32 | bf16 | fp16 (parameters and compute)
     dtype: str = "fp32"
+    # The loss is computed vocab-parallel over this many tokens of the local sequence at a time, so a
+    # [tokens, vocab] logits tensor never exists whole (1M tokens x 92K vocab is ~194 GB in bf16);
+    # 0: the whole local sequence in one piece.
+    loss_chunk_tokens: int = 0
 
     @property
     def num_image_token(self) -> int:
