@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from v2pe_megatron.parallel.cp_split import tile_share
 from v2pe_megatron.testing.distributed import run_distributed
 from v2pe_megatron.testing.tiny import IMG_CTX, IMG_START, TOKENS_PER_TILE
 
@@ -91,7 +92,7 @@ def _forward_step(data_iterator, model):
     b = next(data_iterator)
     if hasattr(unwrap(model), "vision_model"):  # InternVL: the pack's tiles, encoded in shares over the CP ranks
         out = model(b.tokens, b.position_ids, b.pixel_values, labels=b.labels,
-                    packed_seq_params=b.packed_seq_params, image_feature_index=b.image_feature_index)
+                    packed_seq_params=b.packed_seq_params, image_exchange=b.image_exchange)
     else:
         out = model(b.tokens, b.position_ids, labels=b.labels, packed_seq_params=b.packed_seq_params)
     return out, masked_loss_func(b.loss_mask)
@@ -129,7 +130,7 @@ def run_layout(tp: int, cp: int, sp: bool, weights: dict | None, kind: str = "lm
         # numpy, not tensors: torch's queue pickler would share tensor storage with an exiting process
         grads = {n: _gather(n, p.main_grad.detach().clone(), p, cfg).numpy() for n, p in model.named_parameters()}
         out = {"loss": res.loss, "tokens": res.num_tokens, "grads": grads, "encoded": encoded,
-               "tiles": [int(b.pixel_values.shape[0]) for b in mine]}
+               "tiles": [int(b.num_tiles.sum()) for b in mine], "cp_rank": cp_rank}
         if weights is None:
             out["weights"] = {n: p.detach().clone().numpy() for n, p in model.named_parameters()}
     return out
@@ -148,7 +149,8 @@ def run_all_layouts(weights: dict) -> dict:
         out[f"{kind} cp4"] = run_layout(1, 4, False, weights[kind], kind)
         out[f"{kind} cp2xtp2sp"] = run_layout(2, 2, True, weights[kind], kind)
     return {k: v if torch.distributed.get_rank() == 0 else {"loss": v["loss"], "encoded": v["encoded"],
-                                                               "tiles": v["tiles"]} for k, v in out.items()}
+                                                               "tiles": v["tiles"], "cp_rank": v["cp_rank"]}
+            for k, v in out.items()}
 
 
 @pytest.fixture(scope="module")
@@ -166,7 +168,7 @@ def test_packs_hold_images_text_and_padding():
     assert (tokens == IMG_START).any()
     for b in batches:  # one feature row per <IMG_CONTEXT> token
         assert b.pixel_values.shape[0] * TOKENS_PER_TILE == int((b.tokens == IMG_CTX).sum())
-    assert any(b.pixel_values.shape[0] % 4 for b in batches)  # CP4 shares need blank tiles
+    assert any(b.pixel_values.shape[0] % 4 for b in batches)  # CP4 shares of unequal sizes
 
 
 @pytest.mark.slow
@@ -190,4 +192,5 @@ def test_cp_layouts_match_cp1(reference):
         for name, res in r.items():
             if name.startswith("internvl"):
                 cp = 4 if "cp4" in name else 2
-                assert res["encoded"] == [-(-t // cp) for t in res["tiles"] if t], (name, res)
+                shares = [tile_share(t, cp, res["cp_rank"]) for t in res["tiles"]]
+                assert res["encoded"] == [b - a for a, b in shares if b > a], (name, res)

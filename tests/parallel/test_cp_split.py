@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from v2pe_megatron.parallel.cp_split import cp_local_seq_lens, split_for_cp, zigzag_index_map
+from v2pe_megatron.parallel.cp_split import cp_local_seq_lens, split_for_cp, tile_share, zigzag_index_map, zigzag_owner
 
 
 def megatron_zigzag(x: torch.Tensor, cp: int, rank: int, seq_dim: int = 1) -> torch.Tensor:
@@ -76,3 +76,21 @@ def test_split_for_cp_on_other_dims():
     x = torch.arange(2 * 8 * 3).view(2, 8, 3)
     idx = zigzag_index_map([8], 2, 1)
     torch.testing.assert_close(split_for_cp(x.transpose(0, 1), idx, 0), megatron_zigzag(x, 2, 1).transpose(0, 1))
+
+
+@pytest.mark.parametrize("lens,cp", [([8, 16, 0, 24], 2), ([16, 32], 4), ([24], 1)])
+def test_zigzag_owner_inverts_the_index_maps(lens, cp):
+    owner = zigzag_owner(lens, cp)
+    for r in range(cp):
+        assert (owner[zigzag_index_map(lens, cp, r)] == r).all()
+    assert np.bincount(owner, minlength=cp).tolist() == [sum(lens) // cp] * cp
+
+
+@pytest.mark.parametrize("tiles,cp", [(0, 4), (3, 4), (6, 4), (8, 4), (13, 3), (5, 1)])
+def test_tile_shares_cover_the_tiles_once_in_order(tiles, cp):
+    shares = [tile_share(tiles, cp, r) for r in range(cp)]
+    assert shares[0][0] == 0 and shares[-1][1] == tiles
+    assert all(a[1] == b[0] for a, b in zip(shares, shares[1:]))
+    assert max(b - a for a, b in shares) == -(-tiles // cp)
+    with pytest.raises(ValueError, match="cp_rank"):
+        tile_share(tiles, cp, cp)

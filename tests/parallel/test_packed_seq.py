@@ -13,7 +13,7 @@ import torch
 from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd, _apply_rotary_pos_emb_thd
 
 from v2pe_megatron.parallel.batch import MicroBatch
-from v2pe_megatron.parallel.cp_split import image_feature_index, zigzag_index_map
+from v2pe_megatron.parallel.cp_split import image_feature_index, tile_share, zigzag_index_map
 from v2pe_megatron.parallel.layout import Layout, seq_multiple
 from v2pe_megatron.parallel.packed_seq import packed_seq_params, split_batch_for_cp
 from v2pe_megatron.testing.fakes import FakeGroup
@@ -81,27 +81,46 @@ def test_thd_rotary_on_whole_pack_freqs_matches_sbhd_split(cp):
 
 
 @pytest.mark.parametrize("fmt", ["sbhd", "thd"])
-def test_image_feature_index_follows_the_tokens(fmt):
+@pytest.mark.parametrize("cp", [2, 4])
+def test_image_exchange_delivers_what_the_tokens_take(fmt, cp):
+    """Simulated all-to-all of every rank's plan: each rank receives exactly the feature rows its
+    local <IMG_CONTEXT> tokens take (the all-gather path's image_feature_index), in order, and holds
+    only its tile share."""
     b = _batch()
-    cp = 2
-    ordinal = torch.full_like(b.tokens, -1)
-    ctx = b.tokens == 7
-    ordinal[ctx] = torch.arange(int(ctx.sum()))
-    seen = []
-    for rank in range(cp):
-        part = split_batch_for_cp(b, cp_size=cp, cp_rank=rank, qkv_format=fmt, img_context_id=7)
-        local_tokens = part.tokens
+    n_ctx = int((b.tokens == 7).sum())        # 12 = 6 tiles x 2 tokens
+    tiles = 6
+    b = b.replace(pixel_values=torch.arange(tiles, dtype=torch.float32).reshape(tiles, 1, 1, 1).expand(tiles, 3, 2, 2),
+                  num_tiles=torch.tensor([2, 4], dtype=torch.int32))
+    feats = torch.arange(n_ctx)               # feature row g, as a value
+    parts = [split_batch_for_cp(b, cp_size=cp, cp_rank=r, qkv_format=fmt, img_context_id=7) for r in range(cp)]
+    sent = {}
+    for r, part in enumerate(parts):
+        start, stop = tile_share(tiles, cp, r)
+        assert part.tile_range == part.image_exchange.tile_range == (start, stop)
+        assert part.pixel_values[:, 0, 0, 0].tolist() == list(range(start, stop))
+        plan = part.image_exchange
+        rows = feats[start * 2:stop * 2][plan.send_rows]
+        sent[r] = rows.split(list(plan.send_counts))
+    for r, part in enumerate(parts):
+        got = torch.cat([sent[s][r] for s in range(cp)])
+        assert parts[r].image_exchange.recv_counts == tuple(len(sent[s][r]) for s in range(cp))
         if fmt == "thd":
-            maps = [zigzag_index_map([n for r in ROWS for n in r], cp, rank)]
-            local_ord = ordinal.reshape(1, -1)[:, torch.from_numpy(maps[0])]
+            maps = [zigzag_index_map([n for row in ROWS for n in row], cp, r)]
         else:
-            maps = [zigzag_index_map(r, cp, rank) for r in ROWS]
-            local_ord = torch.stack([ordinal[i, torch.from_numpy(m)] for i, m in enumerate(maps)])
-        want = local_ord[local_tokens == 7]
-        torch.testing.assert_close(part.image_feature_index, want)
-        torch.testing.assert_close(image_feature_index(b.tokens, maps, 7), want)
-        seen.append(want)
-    assert sorted(torch.cat(seen).tolist()) == list(range(int(ctx.sum())))
+            maps = [zigzag_index_map(row, cp, r) for row in ROWS]
+        want = image_feature_index(b.tokens, maps, 7)
+        torch.testing.assert_close(got, want)
+        assert got.numel() == int((part.tokens == 7).sum())
+
+
+def test_a_loader_share_is_checked_against_the_rule():
+    b = _batch().replace(pixel_values=torch.zeros(3, 3, 2, 2), num_tiles=torch.tensor([2, 4], dtype=torch.int32))
+    ok = split_batch_for_cp(b.replace(tile_range=(0, 3)), cp_size=2, cp_rank=0, img_context_id=7)
+    assert ok.pixel_values.shape[0] == 3 and ok.image_exchange.tile_range == (0, 3)
+    with pytest.raises(ValueError, match=r"share is \[3, 6\).*cp_rank"):
+        split_batch_for_cp(b.replace(tile_range=(0, 3)), cp_size=2, cp_rank=1, img_context_id=7)
+    with pytest.raises(ValueError, match="num_tiles add up to 6"):
+        split_batch_for_cp(b, cp_size=2, cp_rank=0, img_context_id=7)
 
 
 def test_training_feeds_te_models_thd():

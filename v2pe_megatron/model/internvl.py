@@ -7,12 +7,16 @@ vision tower and projector live on the first pipeline stage only.
 Forward contract (the training loop and context parallelism rely on it)::
 
     forward(input_ids [b, s], position_ids float64 [b, s], pixel_values [T, 3, H, W] | None, *,
-            labels=None, packed_seq_params=None, image_feature_index=None)
+            labels=None, packed_seq_params=None, image_feature_index=None, image_exchange=None)
       -> logits [b, s, V/tp] (no labels) | per-token loss [b, s] (labels) | hidden (non-last stage)
 
 ``image_feature_index`` (optional, long [n_ctx]) picks which rows of the flattened [T * n, H]
 features go to this rank's ``<IMG_CONTEXT>`` tokens, for callers that hold only part of a sequence
-(context parallelism); without it the counts must match exactly.
+(context parallelism) with every tile in ``pixel_values``. ``image_exchange`` (a
+``parallel.cp_split.ImageExchange``, set by ``split_batch_for_cp``) is the context-parallel path:
+``pixel_values`` holds only this rank's tile share (None when it is empty) and the features travel
+by all-to-all to the ranks whose tokens take them (``model/vision_cp.py``). Without either, the
+counts must match exactly.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from v2pe_megatron.config import ModelConfig
 from v2pe_megatron.model.language import build_language_model
 from v2pe_megatron.model.projector import Projector
 from v2pe_megatron.model.vision import InternViT, vision_transformer_config
-from v2pe_megatron.model.vision_cp import cp_group_of, encode_images_cp
+from v2pe_megatron.model.vision_cp import cp_group_of, encode_images_cp, encode_images_exchange
 from v2pe_megatron.parallel.layout import Layout
 
 # The three parts a recipe can freeze, by the attribute that holds each.
@@ -103,11 +107,22 @@ class InternVLModel(MegatronModule):
         return sum(p.sum() for p in params) * 0.0
 
     def merge(self, input_ids: Tensor, pixel_values: Optional[Tensor],
-              image_feature_index: Optional[Tensor] = None) -> Tensor:
+              image_feature_index: Optional[Tensor] = None, image_exchange=None) -> Tensor:
         """Full-sequence embeddings [s, b, h] with the image features in place of <IMG_CONTEXT>."""
         emb = self.language_model.embed(input_ids, scatter=False)         # [s, b, h]
         ctx = input_ids == self.img_context_token_id                      # [b, s]
         n_ctx = int(ctx.sum())
+        if image_exchange is not None and image_exchange.tokens_per_tile:
+            # Context parallelism: this rank holds its tile share only; the features come by all-to-all
+            # (every CP rank of a micro-batch with images joins it, whatever its share).
+            share = pixel_values if pixel_values is not None else emb.new_zeros((0,))
+            zero = self._vision_params_zero() if torch.is_grad_enabled() else None
+            feats = encode_images_exchange(self.image_features, share, image_exchange, cp_group_of(self.config),
+                                           hidden_size=emb.shape[-1], zero=zero)
+            if feats.shape[0] != n_ctx:
+                raise ValueError(f"{n_ctx} <IMG_CONTEXT> tokens (id {self.img_context_token_id}) on this CP rank "
+                                 f"but {feats.shape[0]} image features exchanged to it")
+            return self._scatter_features(emb, ctx, feats)
         if pixel_values is None or pixel_values.shape[0] == 0:
             if n_ctx:
                 raise ValueError(f"{n_ctx} <IMG_CONTEXT> tokens (id {self.img_context_token_id}) but no pixel_values")
@@ -122,16 +137,21 @@ class InternVLModel(MegatronModule):
             raise ValueError(f"{n_ctx} <IMG_CONTEXT> tokens (id {self.img_context_token_id}) but "
                              f"{feats.shape[0]} image features ({pixel_values.shape[0]} tiles x "
                              f"{feats.shape[0] // max(pixel_values.shape[0], 1)} tokens)")
+        return self._scatter_features(emb, ctx, feats)
+
+    @staticmethod
+    def _scatter_features(emb: Tensor, ctx: Tensor, feats: Tensor) -> Tensor:
         bsh = emb.transpose(0, 1)                                         # [b, s, h], row-major like HF
         bsh = bsh.masked_scatter(ctx.unsqueeze(-1).to(bsh.device), feats.to(bsh.dtype))
         return bsh.transpose(0, 1).contiguous()
 
     def forward(self, input_ids: Optional[Tensor], position_ids: Tensor, pixel_values: Optional[Tensor] = None, *,
                 labels: Optional[Tensor] = None, packed_seq_params: Optional[PackedSeqParams] = None,
-                image_feature_index: Optional[Tensor] = None) -> Tensor:
+                image_feature_index: Optional[Tensor] = None, image_exchange=None) -> Tensor:
         decoder_input = None
         if self.pre_process:
-            decoder_input = self.language_model.scatter_sp(self.merge(input_ids, pixel_values, image_feature_index))
+            decoder_input = self.language_model.scatter_sp(self.merge(input_ids, pixel_values, image_feature_index,
+                                                                      image_exchange))
         return self.language_model(None, position_ids, decoder_input=decoder_input, labels=labels,
                                    packed_seq_params=packed_seq_params)
 

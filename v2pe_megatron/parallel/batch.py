@@ -4,7 +4,7 @@ One dataclass, so every stage names the same fields and none re-lists them. The 
 the per-token tensors, the tiles and the per-row sub-sample lengths (``data.packing.collate``); the
 CP split (:func:`v2pe_megatron.parallel.packed_seq.split_batch_for_cp`) returns a new batch with this
 rank's share of the tokens and the attention metadata (``packed_seq_params``,
-``image_feature_index``) filled in; the forward step moves it to the device and calls the model.
+``image_exchange``) filled in; the forward step moves it to the device and calls the model.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from typing import Optional
 import torch
 from megatron.core.packed_seq_params import PackedSeqParams
 from torch import Tensor
+
+from v2pe_megatron.parallel.cp_split import ImageExchange
 
 __all__ = ["MicroBatch", "TOKEN_FIELDS", "OPTIONAL_TOKEN_FIELDS"]
 
@@ -33,6 +35,9 @@ class MicroBatch:
     position_ids: Tensor               # float64 [B, S]: V2PE positions, restarting per sub-sample
     seq_lens: list[Tensor]             # per row, int32 padded sub-sample lengths (the tail included)
     pixel_values: Optional[Tensor] = None   # float32 [T, 3, H, W], the tiles of all rows in row order
+    # [start, stop) when ``pixel_values`` holds only these tiles of the micro-batch (one CP rank's
+    # ``parallel.cp_split.tile_share``, decoded alone by the loader); None: every tile.
+    tile_range: Optional[tuple[int, int]] = None
     num_tiles: Optional[Tensor] = None      # int32 [images]: tiles per image, in row order
     deltas: Optional[Tensor] = None         # float64 [images]: the V2PE delta each image was placed with
     sample_ids: Optional[list] = None       # per row, the ids of the samples packed into it
@@ -41,7 +46,10 @@ class MicroBatch:
     loss_weight: Optional[Tensor] = None
     # Filled in by the context-parallel split:
     packed_seq_params: Optional[PackedSeqParams] = None
-    image_feature_index: Optional[Tensor] = None  # which image features this CP rank's tokens take
+    # Which of the whole batch's image features this CP rank's tokens take, for callers that hold
+    # every tile (the all-gather reference path of model.vision_cp); the CP split sets image_exchange.
+    image_feature_index: Optional[Tensor] = None
+    image_exchange: Optional[ImageExchange] = None  # the CP rank's image-feature all-to-all plan
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -60,9 +68,10 @@ class MicroBatch:
 
     def to(self, device: torch.device | str, dtype: Optional[torch.dtype] = None) -> "MicroBatch":
         """Tensors the model reads moved to ``device``; ``pixel_values`` cast to the model's ``dtype``
-        (an empty set of tiles becomes None: a text-only batch)."""
+        (an empty set of tiles becomes None: a text-only batch, or a CP rank whose tile share is empty)."""
         pv = self.pixel_values
         pv = pv.to(device=device, dtype=dtype) if pv is not None and pv.numel() else None
-        idx = self.image_feature_index
+        idx, plan = self.image_feature_index, self.image_exchange
         return self.replace(**{k: getattr(self, k).to(device) for k in self.token_fields()}, pixel_values=pv,
-                            image_feature_index=idx.to(device) if idx is not None else None)
+                            image_feature_index=idx.to(device) if idx is not None else None,
+                            image_exchange=plan.to(device) if plan is not None else None)

@@ -9,11 +9,22 @@ pack, which is only right for a single sequence): this is Transformer Engine's T
 Tokens, labels, loss masks and V2PE position ids must all be sliced with the same map; a pure numpy
 function of the padded lengths, it needs no process group. The image features follow the tokens:
 :func:`image_feature_index` says which of a pack's features a rank's ``<IMG_CONTEXT>`` tokens take.
+
+Tiles are split too, by a second rule, :func:`tile_share`: the micro-batch's tiles (all rows, in row
+order) are cut into ``cp`` contiguous shares of ``ceil(T / cp)`` (the last ones shorter, possibly
+empty), and each rank decodes and encodes only its own share. A tile's features are needed by the
+ranks holding its ``<IMG_CONTEXT>`` tokens; :func:`image_exchange` turns the two rules into the
+per-pair counts of one all-to-all (:mod:`v2pe_megatron.model.vision_cp`). Both are pure functions of
+the whole pack's tokens, which every CP rank has, so every rank computes the same plan without
+communicating.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+
+import dataclasses
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -21,7 +32,8 @@ from torch import Tensor
 
 from v2pe_megatron.parallel.layout import check_multiple, seq_multiple
 
-__all__ = ["zigzag_index_map", "split_for_cp", "cp_local_seq_lens", "image_feature_index"]
+__all__ = ["zigzag_index_map", "zigzag_owner", "split_for_cp", "cp_local_seq_lens", "image_feature_index",
+           "tile_share", "ImageExchange", "image_exchange"]
 
 
 def _check_lengths(seq_lens_padded: Sequence[int], cp_size: int) -> np.ndarray:
@@ -91,3 +103,88 @@ def image_feature_index(tokens: Tensor, index_maps: list[np.ndarray | Tensor], i
         m = torch.as_tensor(m, dtype=torch.long)
         picked.append(ordinal[row, m][ctx[row, m]])
     return torch.cat(picked) if picked else torch.zeros(0, dtype=torch.long)
+
+
+def zigzag_owner(seq_lens_padded: Sequence[int], cp_size: int) -> np.ndarray:
+    """int64 [sum(lens)]: the CP rank that holds each token of the pack (the inverse of
+    :func:`zigzag_index_map` over all ranks, built from it so the split stays one rule)."""
+    lens = _check_lengths(seq_lens_padded, cp_size)
+    owner = np.zeros(int(lens.sum()), dtype=np.int64)
+    for r in range(1, cp_size):
+        owner[zigzag_index_map(lens, cp_size, r)] = r
+    return owner
+
+
+def tile_share(num_tiles: int, cp_size: int, cp_rank: int) -> tuple[int, int]:
+    """[start, stop) of the micro-batch's tiles CP rank ``cp_rank`` decodes and encodes: contiguous
+    shares of ``ceil(num_tiles / cp_size)``; the last shares are shorter or empty."""
+    if cp_size < 1 or not 0 <= cp_rank < cp_size:
+        raise ValueError(f"cp_rank {cp_rank} not in [0, cp_size={cp_size})")
+    if num_tiles < 0:
+        raise ValueError(f"num_tiles must be >= 0, got {num_tiles}")
+    per = -(-num_tiles // cp_size)
+    start = min(cp_rank * per, num_tiles)
+    return start, min(start + per, num_tiles)
+
+
+@dataclass(frozen=True)
+class ImageExchange:
+    """One CP rank's part of the image-feature all-to-all.
+
+    Feature rows are the flattened [tiles * tokens_per_tile, h] features of the rank's tile share.
+    ``send_rows`` (long) lists the local rows to send, grouped by destination rank (``send_counts``
+    per rank, this rank included); the rows received (``recv_counts`` per source rank), concatenated
+    in rank order, are exactly this rank's ``<IMG_CONTEXT>`` tokens' features in local row-major order
+    (the order ``InternVLModel.merge`` scatters them in).
+    """
+
+    tile_range: tuple[int, int]   # this rank's tiles of the micro-batch (see tile_share)
+    tokens_per_tile: int
+    send_rows: Tensor
+    send_counts: tuple[int, ...]
+    recv_counts: tuple[int, ...]
+
+    @property
+    def num_recv(self) -> int:
+        return sum(self.recv_counts)
+
+    def to(self, device) -> "ImageExchange":
+        return dataclasses.replace(self, send_rows=self.send_rows.to(device))
+
+
+def image_exchange(tokens: Tensor, seq_lens_padded: Sequence[int], img_context_id: int, num_tiles: int,
+                   cp_size: int, cp_rank: int) -> ImageExchange:
+    """The all-to-all plan of CP rank ``cp_rank`` for a micro-batch of ``num_tiles`` tiles.
+
+    ``tokens`` is the whole micro-batch ([B, S], rows in order), ``seq_lens_padded`` the sub-sample
+    lengths of all rows concatenated (the flattened pack: the zigzag split of each sub-sample does not
+    depend on which row it sits in). Feature row g (the g-th ``<IMG_CONTEXT>`` token in row-major
+    order) comes from tile ``g // tokens_per_tile``, encoded by the rank whose :func:`tile_share`
+    holds that tile, and goes to the rank :func:`zigzag_owner` gives its token.
+    """
+    flat = tokens.reshape(-1)
+    ctx = np.flatnonzero((flat == img_context_id).cpu().numpy())
+    n_ctx = ctx.size
+    if num_tiles == 0 or n_ctx == 0:
+        if n_ctx or num_tiles:
+            raise ValueError(f"{n_ctx} <IMG_CONTEXT> tokens (id {img_context_id}) but {num_tiles} tiles")
+    elif n_ctx % num_tiles:
+        raise ValueError(f"{n_ctx} <IMG_CONTEXT> tokens (id {img_context_id}) do not split evenly over "
+                         f"{num_tiles} tiles: the tokens and tiles of the micro-batch disagree")
+    per_tile = n_ctx // num_tiles if num_tiles else 0
+    owner = zigzag_owner(seq_lens_padded, cp_size)
+    if owner.size != flat.numel():
+        raise ValueError(f"seq_lens cover {owner.size} tokens, the micro-batch holds {flat.numel()}")
+    dest = owner[ctx]                                          # [n_ctx]: who needs feature row g
+    per = -(-num_tiles // cp_size) if num_tiles else 1
+    src = (np.arange(n_ctx) // max(per_tile, 1)) // per        # [n_ctx]: who encodes it (tile_share)
+    start, stop = tile_share(num_tiles, cp_size, cp_rank)
+    mine = np.flatnonzero(src == cp_rank)                      # ascending g
+    # Stable sort by destination keeps each destination's rows ascending, i.e. in its local order.
+    order = mine[np.argsort(dest[mine], kind="stable")]
+    send_counts = np.bincount(dest[mine], minlength=cp_size)
+    recv_counts = np.bincount(src[dest == cp_rank], minlength=cp_size)
+    return ImageExchange(tile_range=(start, stop), tokens_per_tile=per_tile,
+                         send_rows=torch.from_numpy(order - start * per_tile),
+                         send_counts=tuple(int(c) for c in send_counts),
+                         recv_counts=tuple(int(c) for c in recv_counts))

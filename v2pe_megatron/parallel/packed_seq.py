@@ -37,7 +37,7 @@ import torch
 from megatron.core.packed_seq_params import PackedSeqParams
 
 from v2pe_megatron.parallel.batch import MicroBatch
-from v2pe_megatron.parallel.cp_split import image_feature_index, split_for_cp, zigzag_index_map
+from v2pe_megatron.parallel.cp_split import image_exchange, split_for_cp, zigzag_index_map
 from v2pe_megatron.parallel.layout import check_multiple, seq_multiple
 
 __all__ = ["packed_seq_params", "split_batch_for_cp", "QKV_FORMATS"]
@@ -109,10 +109,11 @@ def split_batch_for_cp(batch: MicroBatch, *, cp_size: int, cp_rank: int, qkv_for
 
     Every per-token tensor is sliced with the one zigzag index map of its row (in ``thd`` the rows
     are flattened into one pack first, and the positions stay whole, see the module docstring).
-    Tiles and per-image metadata pass through unchanged: every CP rank gets all of the pack's tiles
-    and encodes its share (:mod:`v2pe_megatron.model.vision_cp`). With ``img_context_id`` (and
-    cp > 1), ``image_feature_index`` says which of the pack's image features this rank's
-    ``<IMG_CONTEXT>`` tokens take. ``device``: where ``cu_seqlens`` live (TE reads them on the GPU).
+    With ``img_context_id`` (and cp > 1) the tiles are split too: ``image_exchange`` holds the plan
+    (:func:`~v2pe_megatron.parallel.cp_split.image_exchange`) and ``pixel_values`` only this rank's
+    :func:`~v2pe_megatron.parallel.cp_split.tile_share`, cut here from a batch holding every tile,
+    or checked against the share a loader already decoded (``batch.tile_range``). Per-image metadata
+    passes through whole. ``device``: where ``cu_seqlens`` live (TE reads them on the GPU).
     ``seq_lens_unpadded`` (per row) marks each sub-sample's padding, which attention then masks.
     """
     if qkv_format not in QKV_FORMATS:
@@ -131,17 +132,40 @@ def split_batch_for_cp(batch: MicroBatch, *, cp_size: int, cp_rank: int, qkv_for
             raise ValueError(f"batch.{k} has shape {tuple(t.shape)}, expected [{B}, {S}, ...]")
     psp = packed_seq_params(rows, seq_lens_unpadded=unpadded, qkv_format=qkv_format, cp_size=cp_size,
                             device=tokens.device if device is None else device)
-    want_index = img_context_id is not None and cp_size > 1
     if qkv_format == "thd":
         index = torch.from_numpy(zigzag_index_map([n for r in rows for n in r], cp_size, cp_rank))
         sliced = {k: getattr(batch, k).reshape(1, B * S) for k in fields}
         sliced = {k: (t if k == "position_ids" else split_for_cp(t, index, 1)) for k, t in sliced.items()}
-        feat = image_feature_index(tokens, [index], img_context_id) if want_index else None
     elif cp_size == 1:  # nothing to split: no index maps on this per-micro-batch path
-        sliced, feat = {k: getattr(batch, k) for k in fields}, None
+        sliced = {k: getattr(batch, k) for k in fields}
     else:
         maps = [torch.from_numpy(zigzag_index_map(r, cp_size, cp_rank)) for r in rows]
         sliced = {k: torch.stack([split_for_cp(getattr(batch, k)[i], m, 0) for i, m in enumerate(maps)])
                   for k in fields}
-        feat = image_feature_index(tokens, maps, img_context_id) if want_index else None
-    return batch.replace(**sliced, packed_seq_params=psp, image_feature_index=feat)
+    if img_context_id is not None and cp_size > 1:
+        sliced.update(_image_share(batch, rows, cp_size, cp_rank, img_context_id))
+    return batch.replace(**sliced, packed_seq_params=psp)
+
+
+def _image_share(batch: MicroBatch, rows: list[list[int]], cp_size: int, cp_rank: int,
+                 img_context_id: int) -> dict[str, Any]:
+    """``pixel_values`` cut to this rank's tile share, ``tile_range`` and the ``image_exchange`` plan."""
+    pv = batch.pixel_values
+    if batch.num_tiles is not None:
+        total = int(batch.num_tiles.sum())
+    elif batch.tile_range is None:
+        total = 0 if pv is None else int(pv.shape[0])
+    else:
+        raise ValueError("a micro-batch holding a tile share (tile_range) must carry num_tiles")
+    plan = image_exchange(batch.tokens, [n for r in rows for n in r], img_context_id, total, cp_size, cp_rank)
+    start, stop = plan.tile_range
+    held = 0 if pv is None else int(pv.shape[0])
+    if batch.tile_range is None:
+        if held != total:
+            raise ValueError(f"the micro-batch holds {held} tiles, its num_tiles add up to {total}")
+        pv = pv[start:stop] if pv is not None else None
+    elif tuple(batch.tile_range) != (start, stop) or held != stop - start:
+        raise ValueError(f"CP rank {cp_rank} of {cp_size} was given tiles {tuple(batch.tile_range)} ({held} held) "
+                         f"but its share is [{start}, {stop}): build the loader with this rank's cp_rank/cp_size "
+                         f"(data.loader.build_train_loader)")
+    return {"pixel_values": pv, "tile_range": (start, stop), "image_exchange": plan}

@@ -39,7 +39,7 @@ def vlm_forward_step(data_iterator: Iterator[MicroBatch], model):
     p = next(model.parameters())
     b = prepare_batch(batch, inner.layout, p.device, p.dtype, inner.img_context_token_id)
     out = model(b.tokens, b.position_ids, b.pixel_values, labels=b.labels, packed_seq_params=b.packed_seq_params,
-                image_feature_index=b.image_feature_index)
+                image_exchange=b.image_exchange)
     # Batches weighted by training.loss.step_batches (train.loss_reduction=square) carry their weights.
     if b.loss_weight is not None:
         return out, weighted_loss_func(b.loss_mask, b.loss_weight)
