@@ -10,6 +10,15 @@ num_microbatches) is the same micro-batches at any DP size, and decoding, the ex
 split dp ways. A sample whose pixels fail to decode (its header was fine) is dropped from its pack,
 which keeps the other ranks' plans valid; the pack is then shorter, at every DP size alike.
 
+Under context parallelism (``cp_size`` > 1) the CP ranks of one replica build the same micro-batches
+(same tokens, same plan), but each decodes and holds only its share of the micro-batch's tiles,
+:func:`v2pe_megatron.parallel.cp_split.tile_share` (the rule the model's feature exchange follows):
+images without a tile in the share are not decoded, and of an image across a share boundary only
+the share's tiles are kept (copied out of the tiler's output, which is freed). The batch says which
+tiles it holds (``MicroBatch.tile_range``). A CP rank cannot drop a sample alone (the others would
+not know), so there a decode failure keeps the sample with blank tiles for that image, with a
+warning, instead of skipping it.
+
 Skips are counted by the rank that owns the micro-batch being filled when they happen, so the sum
 over DP ranks (what the training log reports) counts each skip once.
 
@@ -96,9 +105,13 @@ class TrainLoader:
     flushing the last partial pack and micro-batch (inspection, evaluation)."""
 
     def __init__(self, index: MixedIndex, tokenizer: Tokenizer, settings: LoaderSettings, policy: "DeltaPolicy",
-                 *, dp_rank: int = 0, dp_size: int = 1, max_epochs: int | None = None, prefetch: int = 2) -> None:
+                 *, dp_rank: int = 0, dp_size: int = 1, max_epochs: int | None = None, prefetch: int = 2,
+                 cp_rank: int = 0, cp_size: int = 1) -> None:
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank {dp_rank} not in [0, {dp_size})")
+        if not 0 <= cp_rank < cp_size:
+            raise ValueError(f"cp_rank {cp_rank} not in [0, {cp_size})")
+        self.cp_rank, self.cp_size = cp_rank, cp_size
         if len(index) < dp_size:
             raise NoUsableSamplesError(f"the data has {len(index)} sample(s), fewer than the {dp_size} "
                                        f"data-parallel ranks")
@@ -326,9 +339,15 @@ class TrainLoader:
             yield hand_out()
 
     def _materialize(self, packs: list[list[_Prechecked]], skips: SkipCounter, stats: dict[str, int]) -> Any:
-        """Decode one micro-batch's planned packs (one tiling call) and collate them."""
+        """Decode one micro-batch's planned packs (one tiling call) and collate them; under CP only
+        this rank's tile share is decoded."""
         samples = [p for pack in packs for p in pack]
-        prepared = self._prepare(samples)
+        share = None
+        if self.cp_size > 1:
+            from v2pe_megatron.parallel.cp_split import tile_share
+
+            share = tile_share(sum(p.tiles for p in samples), self.cp_size, self.cp_rank)
+        prepared = self._prepare(samples, share)
         built, k = [], 0
         for pack in packs:
             keep = []
@@ -341,13 +360,14 @@ class TrainLoader:
                 keep.append(res)
                 stats["samples"] += 1
                 stats["tokens"] += res.length
-                stats["tiles"] += res.tiles
+                stats["tiles"] += int(res.num_tiles.sum())  # the pack's tiles, whatever share is held
             built.append(build_pack(keep, self.cfg.data.seq_length, pad_id=self.tok.pad_id,
                                     pad_multiple=self.cfg.pad_multiple,
                                     image_shape=(3, self.cfg.image_size, self.cfg.image_size)))
         stats["packs"] += len(built)
         stats["micro_batches"] += 1
-        return collate(built)
+        batch = collate(built)
+        return batch if share is None else batch.replace(tile_range=share)
 
     def _all_bad_message(self, skips: SkipCounter) -> str:
         reasons = ", ".join(f"{k}={v}" for k, v in skips.nonzero().items()) or "none"
@@ -407,23 +427,50 @@ class TrainLoader:
         return _Prechecked(gid, tokens, target, encoded[:n_img], [im.name for im in raw.images[:n_img]],
                            grids[:n_img], tiles[:n_img])
 
-    def _prepare(self, pre: list[_Prechecked]) -> list[PreparedSample | SampleError]:
+    def _prepare(self, pre: list[_Prechecked], share: tuple[int, int] | None = None
+                 ) -> list[PreparedSample | SampleError]:
+        """Decoded samples; with ``share`` (a CP rank's [start, stop) of the micro-batch's tiles) only
+        the tiles inside it are decoded and kept, and a decode failure blanks instead of skipping."""
         from v2pe_megatron.v2pe import compute_position_ids
 
+        # (lo, hi): the tiles of each image (in micro-batch order) this rank keeps.
+        keep, off = [], 0
+        for p in pre:
+            for t in p.tile_counts:
+                keep.append((0, t) if share is None else (max(share[0] - off, 0), max(min(share[1] - off, t), 0)))
+                off += t
         flat_enc = [b for p in pre for b in p.encoded]
         flat_grid = [g for p in pre for g in p.grids]
-        decoded = iter(self.tiler(flat_enc, flat_grid) if flat_enc else [])
+        todo = [i for i, (lo, hi) in enumerate(keep) if hi > lo]
+        tiled = self.tiler([flat_enc[i] for i in todo], [flat_grid[i] for i in todo]) if todo else []
+        decoded = dict(zip(todo, tiled))
         s = self.cfg.image_size
         out: list[PreparedSample | SampleError] = []
+        k = 0
         for p in pre:
-            arrs = [next(decoded) for _ in p.encoded]
+            ids = range(k, k + len(p.encoded))
+            k += len(p.encoded)
+            arrs = [decoded.get(i) for i in ids]
             bad = next(((n, a) for n, a in zip(p.names, arrs) if isinstance(a, ImageDecodeError)), None)
-            if bad is not None:
+            if bad is not None and share is None:
                 err = SampleError("corrupt_image", f"{bad[0]}: {bad[1]}")
                 err.where = self._where(p.gid)
                 out.append(err)
                 continue
-            n = len(arrs)
+            pieces = []
+            for i, n, a in zip(ids, p.names, arrs):
+                lo, hi = keep[i]
+                if hi <= lo:
+                    continue
+                if isinstance(a, ImageDecodeError):
+                    log.warning("image %s of %s failed to decode (%s): kept as blank tiles, since a context-"
+                                "parallel rank cannot drop a sample the other ranks hold", n, self._where(p.gid), a)
+                    a = np.zeros((hi - lo, 3, s, s), np.float32)
+                    lo, hi = 0, hi - lo
+                # Part of an image: copy the share's tiles so the rest of the tiler's output is freed.
+                pieces.append(a if (lo, hi) == (0, a.shape[0]) else a[lo:hi].copy())
+            arrs = pieces
+            n = len(p.encoded)
             deltas = np.asarray(self.policy.deltas(n, p.gid), dtype=np.float64)
             pos = compute_position_ids(p.tokens, img_start_id=self.tok.img_start_id, img_end_id=self.tok.img_end_id,
                                        img_context_id=self.tok.img_context_id, delta=deltas if n else 1.0)
@@ -478,13 +525,13 @@ def settings_from_recipe(recipe: "Recipe", *, pad_multiple: int | None = None) -
 
 def build_train_loader(recipe: "Recipe", *, dp_rank: int, dp_size: int, tokenizer: Tokenizer | None = None,
                        max_epochs: int | None = None, prefetch: int = 2,
-                       pad_multiple: int | None = None) -> TrainLoader:
+                       pad_multiple: int | None = None, cp_rank: int = 0, cp_size: int = 1) -> TrainLoader:
     """This rank's micro-batch iterator for ``recipe`` (synthetic in-memory data when
-    ``data.meta_path`` is empty)."""
+    ``data.meta_path`` is empty); with ``cp_size`` > 1, holding only CP rank ``cp_rank``'s tiles."""
     from v2pe_megatron.v2pe import make_delta_policy
 
     tok = tokenizer or build_tokenizer(recipe.data.tokenizer_path)
     check_tokenizer(recipe, tok)
     return TrainLoader(build_index(recipe), tok, settings_from_recipe(recipe, pad_multiple=pad_multiple),
                        make_delta_policy(recipe.v2pe), dp_rank=dp_rank, dp_size=dp_size, max_epochs=max_epochs,
-                       prefetch=prefetch)
+                       prefetch=prefetch, cp_rank=cp_rank, cp_size=cp_size)

@@ -118,7 +118,9 @@ def train(recipe: Recipe) -> RunSummary:
                                     use_distributed_optimizer=layout.distributed_optimizer)
         scheduler = _scheduler(recipe, optimizer)
         dp_rank, dp = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
-        loader = build_train_loader(recipe, dp_rank=dp_rank, dp_size=dp, pad_multiple=layout.seq_multiple)
+        # Under CP each rank decodes only its share of every micro-batch's tiles.
+        loader = build_train_loader(recipe, dp_rank=dp_rank, dp_size=dp, pad_multiple=layout.seq_multiple,
+                                    cp_rank=ps.get_context_parallel_rank(), cp_size=layout.cp)
         d = recipe.data
         num_micro = d.global_batch_size // (d.micro_batch_size * dp)
 
