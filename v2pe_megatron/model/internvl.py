@@ -52,7 +52,7 @@ class InternVLModel(MegatronModule):
         language_model = build_language_model(model_cfg.language, layout, dtype=model_cfg.dtype,
                                               recompute=recompute, pre_process=pre_process,
                                               post_process=post_process, core_attention=core_attention,
-                                              vp_stage=vp_stage)
+                                              vp_stage=vp_stage, loss_chunk_tokens=model_cfg.loss_chunk_tokens)
         super().__init__(config=language_model.config)
         self.language_model = language_model
         self.model_type = ModelType.encoder_or_decoder

@@ -20,6 +20,7 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_config import TransformerConfig
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from v2pe_megatron.config import LanguageConfig
 from v2pe_megatron.model.specs import block_spec, layer_spec
@@ -82,8 +83,12 @@ class LanguageModel(LanguageModule):
 
     def __init__(self, config: TransformerConfig, layer_spec, *, vocab_size: int,
                  max_sequence_length: int, rotary_base: float, pre_process: bool = True,
-                 post_process: bool = True, tie_word_embeddings: bool = False, vp_stage: Optional[int] = None):
+                 post_process: bool = True, tie_word_embeddings: bool = False, vp_stage: Optional[int] = None,
+                 loss_chunk_tokens: int = 0):
+        if loss_chunk_tokens < 0:
+            raise ValueError(f"loss_chunk_tokens must be >= 0 (0: one piece), got {loss_chunk_tokens}")
         super().__init__(config=config)
+        self.loss_chunk_tokens = loss_chunk_tokens
         from v2pe_megatron.v2pe import V2PERotaryEmbedding
 
         self.model_type = ModelType.encoder_or_decoder
@@ -140,19 +145,51 @@ class LanguageModel(LanguageModule):
         if not self.post_process:
             return hidden
         weight = self.embedding.word_embeddings.weight if self.share_embeddings_and_output_weights else None
+        if labels is not None and self.loss_chunk_tokens:
+            return self.chunked_loss(hidden, labels, weight)
         logits, _ = self.output_layer(hidden, weight=weight)
         if labels is None:
             return logits.transpose(0, 1).contiguous()
         return self.compute_language_model_loss(labels, logits)
 
+    def _chunk_loss(self, hidden: Tensor, labels: Tensor, weight: Optional[Tensor]) -> Tensor:
+        logits, _ = self.output_layer(hidden, weight=weight)
+        return self.compute_language_model_loss(labels, logits)
+
+    def chunked_loss(self, hidden: Tensor, labels: Tensor, weight: Optional[Tensor] = None) -> Tensor:
+        """Per-token loss [b, s] computed ``loss_chunk_tokens`` logits rows at a time.
+
+        Each chunk runs megatron's output layer and vocab-parallel cross entropy under activation
+        checkpointing: its [chunk, b, vocab/tp] logits (and the softmax the cross entropy keeps) are
+        dropped after the forward and recomputed, one chunk at a time, in the backward, so no
+        [s, b, vocab/tp] tensor exists in either pass. Under sequence parallelism the output layer
+        all-gathers the hidden states of its input over TP: each rank feeds the same slice of its own
+        shard, the logits rows are the slice of every shard in rank order, and the labels and the
+        loss are picked and placed to match.
+        """
+        s_local = hidden.shape[0]
+        tp = self.config.tensor_model_parallel_size if self.config.sequence_parallel else 1
+        step = max(1, -(-self.loss_chunk_tokens // tp))
+        if step >= s_local:
+            return self._chunk_loss(hidden, labels, weight)
+        losses = []
+        for a in range(0, s_local, step):
+            e = min(a + step, s_local)
+            lab = torch.cat([labels[:, j * s_local + a:j * s_local + e] for j in range(tp)], dim=1)
+            losses.append(checkpoint(self._chunk_loss, hidden[a:e], lab, weight, use_reentrant=False))
+        # losses[k] holds, per TP shard j, the positions j*s_local + [a_k, e_k): back to sequence order.
+        return torch.cat([c for j in range(tp) for c in (l.chunk(tp, dim=1)[j] for l in losses)], dim=1)
+
 
 def build_language_model(lm: LanguageConfig, layout: Layout, *, dtype: str = "fp32", recompute: str = "none",
                          pre_process: bool = True, post_process: bool = True,
-                         core_attention: type | None = None, vp_stage: Optional[int] = None) -> LanguageModel:
+                         core_attention: type | None = None, vp_stage: Optional[int] = None,
+                         loss_chunk_tokens: int = 0) -> LanguageModel:
     """The LLM for one pipeline stage (megatron's parallel state must be initialized).
 
     ``core_attention`` replaces the local spec's attention class (a stand-in with Transformer
     Engine's contract in tests); the layout's ``spec`` picks TE or local modules otherwise.
+    ``loss_chunk_tokens``: see :meth:`LanguageModel.chunked_loss` (0: the loss in one piece).
     """
     cfg = language_transformer_config(lm, layout, dtype=dtype, recompute=recompute)
     spec = "local" if core_attention is not None else layout.spec
@@ -160,4 +197,5 @@ def build_language_model(lm: LanguageConfig, layout: Layout, *, dtype: str = "fp
     return LanguageModel(cfg, layers, vocab_size=padded_vocab_size(lm.vocab_size, layout.tp),
                          max_sequence_length=lm.max_position_embeddings, rotary_base=lm.rotary_base,
                          pre_process=pre_process, post_process=post_process,
-                         tie_word_embeddings=lm.tie_word_embeddings, vp_stage=vp_stage)
+                         tie_word_embeddings=lm.tie_word_embeddings, vp_stage=vp_stage,
+                         loss_chunk_tokens=loss_chunk_tokens)
