@@ -499,6 +499,8 @@ def _value_problems(recipe: Recipe) -> list[str]:
         ("checkpoint.keep_last", c.keep_last, c.keep_last >= 0, "must be >= 0 (0 keeps every checkpoint)"),
         ("checkpoint.save_interval", c.save_interval, c.save_interval >= 0, "must be >= 0 (0 = save only at the end)"),
         ("data.global_batch_size", d.global_batch_size, d.global_batch_size >= 1, "must be >= 1"),
+        ("model.loss_chunk_tokens", recipe.model.loss_chunk_tokens, recipe.model.loss_chunk_tokens >= 0,
+         "must be >= 0 (0 = the loss in one piece; e.g. 8192 at long context)"),
         ("data.max_tiles_per_pack", d.max_tiles_per_pack, d.max_tiles_per_pack >= 1, "must be >= 1"),
         ("data.num_workers", d.num_workers, d.num_workers >= 1, "must be >= 1"),
         ("data.max_image_pixels", d.max_image_pixels, d.max_image_pixels >= 0, "must be >= 0 (0 = no limit)"),
