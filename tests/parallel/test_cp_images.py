@@ -2,8 +2,9 @@
 many short sub-samples with many images. Each CP rank holds (and its vision tower encodes) only its
 tile share; the loss and every gradient equal CP=1's and the all-gather reference path's.
 
-The pack is built the way the loader builds it (``data.packing``); the CP ranks never hold another
-rank's pixels: tile i's pixels are a pure function of i, so each rank makes only its share (what the
+The pack is built the way the loader builds it (``data.packing``, ``testing.tiny.image_pack``); the
+CP ranks never hold another rank's pixels: tile i's pixels are a pure function of i, so each rank
+makes only its share (what the
 loader's CP path yields, ``tests/data/test_loader_cp.py``). The gradients are taken without DDP: each
 rank's backward of its tokens' share of the mean loss, summed over the CP group (what megatron's DDP
 does over the data-and-context-parallel group).
@@ -17,7 +18,7 @@ import torch
 
 from v2pe_megatron.parallel.cp_split import tile_share
 from v2pe_megatron.testing.distributed import run_distributed
-from v2pe_megatron.testing.tiny import IMG_CTX, IMG_END, IMG_START
+from v2pe_megatron.testing.tiny import IMG_CTX, image_pack, tile_pixels
 
 SEQ = 65536
 CP = 4
@@ -26,39 +27,12 @@ OVERRIDES = ["model.preset=tiny", f"data.seq_length={SEQ}", f"model.vision.image
              "model.vision.num_layers=1", "model.language.num_layers=2", f"model.language.max_position_embeddings={SEQ}"]
 
 
-def make_pack(seed: int = 11):
-    """One collated 64K pack (no pixels): sub-samples of ~100-400 tokens, most with 1-3 images of 1-6 tiles."""
-    from v2pe_megatron.data.packing import PreparedSample, build_pack, collate
-    from v2pe_megatron.v2pe import compute_position_ids
-
-    rng = np.random.default_rng(seed)
-    samples, used, sid = [], 0, 0
-    while True:
-        toks: list[int] = list(rng.integers(10, 500, int(rng.integers(60, 300))))
-        tiles = [int(t) for t in rng.integers(1, 7, int(rng.integers(0, 4)))]
-        deltas = [float(rng.choice([1.0, 0.5, 1 / 16, 1 / 256])) for _ in tiles]
-        # Insert from the last place backwards so earlier places stay in the text, outside any image.
-        for at, t in zip(sorted(rng.choice(np.arange(1, len(toks)), len(tiles), replace=False))[::-1], tiles[::-1]):
-            toks[at:at] = [IMG_START] + [IMG_CTX] * t + [IMG_END]
-        toks_a = np.asarray(toks, dtype=np.int64)
-        lp = -(-toks_a.size // (2 * CP)) * (2 * CP)
-        if used + lp > SEQ - 2 * CP:
-            break
-        pos = compute_position_ids(toks_a, img_start_id=IMG_START, img_end_id=IMG_END, img_context_id=IMG_CTX,
-                                   delta=deltas if deltas else 1.0)
-        samples.append(PreparedSample(sid, toks_a, rng.random(toks_a.size) > 0.3, pos,
-                                      np.zeros((0, 3, SIDE, SIDE), np.float32), np.asarray(tiles, np.int32),
-                                      np.asarray(deltas)))
-        sid, used = sid + 1, used + lp
-    return collate([build_pack(samples, SEQ, pad_id=0, pad_multiple=2 * CP, image_shape=(3, SIDE, SIDE))])
+def make_pack():
+    return image_pack(SEQ, pad_multiple=2 * CP, side=SIDE, tokens_per_tile=1)
 
 
 def tiles(start: int, stop: int) -> torch.Tensor:
-    """The pixels of tiles [start, stop): tile i is a function of i alone."""
-    out = torch.empty((stop - start, 3, SIDE, SIDE))
-    for i in range(start, stop):
-        out[i - start] = torch.randn((3, SIDE, SIDE), generator=torch.Generator().manual_seed(1000 + i))
-    return out
+    return tile_pixels(start, stop, SIDE)
 
 
 def _run(cp: int, weights, path: str) -> dict:

@@ -112,3 +112,40 @@ def synthetic_packs(num: int, *, rows: int, seq_length: int, pad_multiple: int, 
                                     image_shape=(3, 56, 56)))
         batches.append(collate(packs))
     return batches
+
+
+def image_pack(seq_length: int, *, pad_multiple: int, side: int, tokens_per_tile: int, seed: int = 11):
+    """One collated [1, seq_length] pack of many short sub-samples (~60-300 text tokens, most with 1-3
+    images of 1-6 tiles), built by ``data.packing``, without pixels (``pixel_values`` empty): the
+    pixels of tile i are :func:`tile_pixels`, a function of i alone, so a context-parallel rank can
+    make only its own share."""
+    from v2pe_megatron.data.packing import PreparedSample, build_pack, collate
+    from v2pe_megatron.v2pe import compute_position_ids
+
+    rng = np.random.default_rng(seed)
+    samples, used, sid = [], 0, 0
+    while True:
+        toks: list[int] = list(rng.integers(10, 500, int(rng.integers(60, 300))))
+        tiles = [int(t) for t in rng.integers(1, 7, int(rng.integers(0, 4)))]
+        deltas = [float(rng.choice([1.0, 0.5, 1 / 16, 1 / 256])) for _ in tiles]
+        # Insert from the last place backwards so earlier places stay in the text, outside any image.
+        for at, t in zip(sorted(rng.choice(np.arange(1, len(toks)), len(tiles), replace=False))[::-1], tiles[::-1]):
+            toks[at:at] = [IMG_START] + [IMG_CTX] * (t * tokens_per_tile) + [IMG_END]
+        ids = np.asarray(toks, dtype=np.int64)
+        lp = -(-ids.size // pad_multiple) * pad_multiple
+        if used + lp > seq_length - pad_multiple:
+            break
+        pos = compute_position_ids(ids, img_start_id=IMG_START, img_end_id=IMG_END, img_context_id=IMG_CTX,
+                                   delta=deltas if deltas else 1.0)
+        samples.append(PreparedSample(sid, ids, rng.random(ids.size) > 0.3, pos, np.zeros((0, 3, side, side), np.float32),
+                                      np.asarray(tiles, np.int32), np.asarray(deltas)))
+        sid, used = sid + 1, used + lp
+    return collate([build_pack(samples, seq_length, pad_id=0, pad_multiple=pad_multiple, image_shape=(3, side, side))])
+
+
+def tile_pixels(start: int, stop: int, side: int) -> torch.Tensor:
+    """float32 [stop - start, 3, side, side]: the pixels of tiles [start, stop) of an :func:`image_pack`."""
+    out = torch.empty((stop - start, 3, side, side))
+    for i in range(start, stop):
+        out[i - start] = torch.randn((3, side, side), generator=torch.Generator().manual_seed(1000 + i))
+    return out
