@@ -21,9 +21,8 @@ communicating.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -176,8 +175,9 @@ def image_exchange(tokens: Tensor, seq_lens_padded: Sequence[int], img_context_i
     if owner.size != flat.numel():
         raise ValueError(f"seq_lens cover {owner.size} tokens, the micro-batch holds {flat.numel()}")
     dest = owner[ctx]                                          # [n_ctx]: who needs feature row g
-    per = -(-num_tiles // cp_size) if num_tiles else 1
-    src = (np.arange(n_ctx) // max(per_tile, 1)) // per        # [n_ctx]: who encodes it (tile_share)
+    stops = np.asarray([tile_share(num_tiles, cp_size, r)[1] for r in range(cp_size)])
+    # [n_ctx]: who encodes row g: the first rank whose share ends after its tile.
+    src = np.searchsorted(stops, np.arange(n_ctx) // max(per_tile, 1), side="right")
     start, stop = tile_share(num_tiles, cp_size, cp_rank)
     mine = np.flatnonzero(src == cp_rank)                      # ascending g
     # Stable sort by destination keeps each destination's rows ascending, i.e. in its local order.

@@ -1,7 +1,7 @@
 """The forward step the pipeline schedules call: one packed micro-batch -> (output, loss function).
 
 Per micro-batch: this CP rank's share of the pack (one zigzag index map for tokens, labels, loss
-mask and V2PE positions), megatron's ``PackedSeqParams`` in the format the model's attention takes
+mask and V2PE positions; its tile share and the image-feature exchange plan), megatron's ``PackedSeqParams`` in the format the model's attention takes
 (the layout's ``qkv_format``), and the masked per-token loss in megatron's 3-tuple form.
 """
 
@@ -22,7 +22,8 @@ from v2pe_megatron.training.loss import weighted_loss_func
 
 def prepare_batch(batch: MicroBatch, layout: Layout, device: torch.device, dtype: torch.dtype,
                   img_context_id: Optional[int] = None) -> MicroBatch:
-    """This rank's share of ``batch`` on ``device``, tiles in the model's ``dtype``."""
+    """This rank's share of ``batch`` on ``device``, tiles in the model's ``dtype``. Under CP only the
+    rank's tile share is moved (the loader yields just that share when built with the CP rank)."""
     thd = layout.qkv_format == "thd"
     share = split_batch_for_cp(batch, cp_size=layout.cp,
                                cp_rank=ps.get_context_parallel_rank() if layout.cp > 1 else 0,
