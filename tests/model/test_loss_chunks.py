@@ -130,3 +130,13 @@ def test_negative_chunk_is_refused():
 
     with pytest.raises(ValueError, match="loss_chunk_tokens must be >= 0"):
         LanguageModel(None, None, vocab_size=8, max_sequence_length=8, rotary_base=1e4, loss_chunk_tokens=-1)
+
+
+def test_the_recipe_key_reaches_the_language_model():
+    from v2pe_megatron.model.internvl import build_model
+    from v2pe_megatron.runtime.distributed import model_parallel
+    from v2pe_megatron.testing.tiny import layout_of, tiny_recipe
+
+    recipe = tiny_recipe("model.loss_chunk_tokens=24", "model.language.num_layers=1")
+    with model_parallel():
+        assert build_model(recipe.model, layout_of(recipe)).language_model.loss_chunk_tokens == 24
