@@ -46,7 +46,7 @@ def _release_memory() -> None:
         pass
 
 
-def make_pack(length: int, max_sub: int, seed: int) -> dict:
+def make_pack(length: int, max_sub: int, seed: int):
     """One [1, length] pack of sub-samples in [max_sub/4, max_sub] tokens, padded to PAD, plus a tail."""
     rng = np.random.default_rng(seed)
     lens, used = [], 0
@@ -61,10 +61,12 @@ def make_pack(length: int, max_sub: int, seed: int) -> dict:
         lens.append(length - used)
     pos = np.concatenate([np.cumsum(np.where(rng.random(n) < 0.5, 0.25, 1.0)) - 0.25 for n in lens])
     tokens = torch.from_numpy(rng.integers(10, 500, (1, length + 1)))
-    return {"tokens": tokens[:, :-1], "labels": tokens[:, 1:],
-            "loss_mask": torch.from_numpy((rng.random((1, length)) > 0.3).astype(np.float32)),
-            "position_ids": torch.from_numpy(pos[None].astype(np.float64)),
-            "seq_lens": [torch.tensor(lens, dtype=torch.int32)]}
+    from v2pe_megatron.parallel.batch import MicroBatch
+
+    return MicroBatch(tokens=tokens[:, :-1], labels=tokens[:, 1:],
+                      loss_mask=torch.from_numpy((rng.random((1, length)) > 0.3).astype(np.float32)),
+                      position_ids=torch.from_numpy(pos[None].astype(np.float64)),
+                      seq_lens=[torch.tensor(lens, dtype=torch.int32)])
 
 
 def bench_rank(lengths: list[int], layers: int, max_sub: int) -> list[dict]:
@@ -76,6 +78,7 @@ def bench_rank(lengths: list[int], layers: int, max_sub: int) -> list[dict]:
     from v2pe_megatron.model.specs import block_spec, layer_spec
     from v2pe_megatron.parallel.packed_seq import split_batch_for_cp
     from v2pe_megatron.runtime.distributed import model_parallel
+    from v2pe_megatron.testing.tiny import layout_of
 
     torch.set_num_threads(1)
     try:  # large blocks via mmap: freed activations leave the resident set at once
@@ -88,18 +91,18 @@ def bench_rank(lengths: list[int], layers: int, max_sub: int) -> list[dict]:
     out = []
     with model_parallel(cp=cp, seed=1):
         lm = recipe.model.language
-        cfg = language_transformer_config(lm, recipe.parallel)
+        cfg = language_transformer_config(lm, layout_of(recipe))
         model = LanguageModel(cfg, block_spec("local", cfg, layer_spec("local", core_attention=RingCoreAttention)),
                               vocab_size=lm.vocab_size, max_sequence_length=lm.max_position_embeddings,
                               rotary_base=lm.rotary_base)
         rank = ps.get_context_parallel_rank()
 
-        def step(batch: dict) -> float:
+        def step(batch) -> float:
             local = split_batch_for_cp(batch, cp_size=cp, cp_rank=rank)
             t0 = time.perf_counter()
-            loss = model(local["tokens"], local["position_ids"], labels=local["labels"],
-                         packed_seq_params=local["packed_seq_params"])
-            (loss * local["loss_mask"]).sum().backward()
+            loss = model(local.tokens, local.position_ids, labels=local.labels,
+                         packed_seq_params=local.packed_seq_params)
+            (loss * local.loss_mask).sum().backward()
             return time.perf_counter() - t0
 
         step(make_pack(1024, max_sub, 0))  # warm-up: lazy allocations, gradient tensors
