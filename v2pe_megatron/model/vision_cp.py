@@ -24,6 +24,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from v2pe_megatron.parallel.cp_split import tile_share
+
 __all__ = ["gather_shares", "encode_images_cp", "exchange_rows", "encode_images_exchange", "cp_group_of"]
 
 
@@ -65,7 +67,7 @@ def encode_images_cp(encode: Callable[[Tensor], Tensor], pixel_values: Tensor, g
         return encode(pixel_values)
     rank = dist.get_rank(group)
     tiles = pixel_values.shape[0]
-    per = -(-tiles // size)  # tile_share's rule, padded to equal shares for the all-gather
+    per = tile_share(tiles, size, 0)[1]  # the largest share: the all-gather takes equal ones, so pad
     if per * size != tiles:
         blank = pixel_values.new_zeros((per * size - tiles, *pixel_values.shape[1:]))
         pixel_values = torch.cat([pixel_values, blank])
