@@ -161,8 +161,11 @@ def plot_heatmap(report: EvalReport, path: str | Path, title: str = "") -> Path:
             for j in range(data.shape[0]):
                 for i in range(data.shape[1]):
                     v = data[j, i]
+                    # White on the dark ends of the colour map, black on the light middle.
+                    rgb = cmap(im.norm(v))[:3] if not np.isnan(v) else (0.8, 0.8, 0.8)
+                    dark = 0.299 * rgb[0] + 0.587 * rgb[1] + 0.114 * rgb[2] < 0.45
                     ax.text(i, j, "-" if np.isnan(v) else f"{v:.2f}", ha="center", va="center", fontsize=9,
-                            color="black")
+                            color="white" if dark else "black")
             ax.set_xticks(range(nl), [length_label(n) for n in g.lengths], rotation=45 if nl > 6 else 0)
             ax.set_yticks(range(ndp), [f"{x:.0%}" for x in g.depths])
             ax.set_xlabel("context length (tokens)")

@@ -188,14 +188,18 @@ def score(p: Prepared, d: Delta, backend: Backend, tok, settings: EvalSettings, 
         rec["tf_acc"] = float(np.array_equal(arg.astype(np.int64), p.answer))
         rec["tf_logp"] = float(np.mean(logp))
     if "generate" in settings.modes:
-        stop = {tok.im_end_id, tok.eos_id}
+        # An image token ends the answer too: a generated one would have no pixels behind it.
+        stop = {tok.im_end_id, tok.eos_id, tok.img_start_id, tok.img_end_id, tok.img_context_id}
         # The reference continuation rides along as the label of the scored position (the model
         # ignores labels; the oracle backend answers with them).
         ref = list(p.answer) + [tok.im_end_id]
+        prompt_pos = pos[: p.prompt.size]
         out: list[int] = []
         for _ in range(settings.max_new_tokens):
             ids = np.concatenate([p.prompt, np.asarray(out, np.int64)])
-            batch = one_sample_batch(ids, np.zeros(ids.size, bool), _positions(ids, delta, tok), p, deltas,
+            # Generated tokens are text: +1 each after the prompt's last (integral) position.
+            gen_pos = prompt_pos[-1] + 1.0 + np.arange(len(out), dtype=np.float64)
+            batch = one_sample_batch(ids, np.zeros(ids.size, bool), np.concatenate([prompt_pos, gen_pos]), p, deltas,
                                      pad_id=tok.pad_id, pad_multiple=pad_multiple)
             batch.loss_mask[0, ids.size - 1] = 1.0
             batch.labels[0, ids.size - 1] = ref[len(out)] if len(out) < len(ref) else tok.im_end_id
