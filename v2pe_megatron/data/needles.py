@@ -106,13 +106,16 @@ def _task_from_name(path: Path) -> Optional[str]:
 
 
 def _guess_task(obj: dict[str, Any]) -> str:
+    """The last resort: option images / option texts / a list answer / a word. MM-NIAH's documents
+    all hold images, so counting-image and reasoning-text cannot be told from counting-text and
+    retrieval-text by the line alone: their files carry the task in the name."""
     meta = obj.get("meta") or {}
     if meta.get("choices_image_path"):
         return "reasoning-image"
     if meta.get("choices"):
         return "retrieval-image"
     if isinstance(obj.get("answer"), list):
-        return "counting-text" if not obj.get("images_list") else "counting-image"
+        return "counting-text"
     return "retrieval-text"
 
 
@@ -223,10 +226,11 @@ class _Writer:
         cum = np.concatenate([[0], np.cumsum([n for _, n, _ in parts])])
         total = int(cum[-1]) + fixed
         at = []
-        for depth, text, im in needles:
+        for order, (depth, text, im) in enumerate(needles):
             k = int(np.searchsorted(cum, depth * cum[-1], side="left"))
-            at.append((min(k, len(parts)), depth, text, im))
-        for k, _, text, im in sorted(at, key=lambda a: -a[0]):
+            at.append((min(k, len(parts)), order, text, im))
+        # At equal offsets the later needle goes in first, so the needles keep their order.
+        for k, _, text, im in sorted(at, key=lambda a: (-a[0], -a[1])):
             items = [(IMAGE, self.image_tokens, im)] if im else []
             items += [(text, self.count(" " + text), None)] if text else []
             parts[k:k] = items
@@ -338,8 +342,8 @@ def synth_needles(lengths: Sequence[int], depths: Sequence[float], *, tasks: Seq
 
 
 def write_needles(out_dir: str | Path, samples: Sequence[NeedleSample], images: dict[str, bytes]) -> Path:
-    """``out_dir/needles.jsonl`` (MM-NIAH lines) and ``out_dir/images/``; returns the jsonl path (read
-    it back with ``read_mmniah(path, out_dir / 'images')``)."""
+    """``out_dir/needles.jsonl`` (MM-NIAH lines, image paths relative to it) and ``out_dir/images/``;
+    returns the jsonl path (``read_mmniah(path)`` reads it back)."""
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     for name, data in images.items():
@@ -347,5 +351,9 @@ def write_needles(out_dir: str | Path, samples: Sequence[NeedleSample], images: 
     path = out / "needles.jsonl"
     with open(path, "w", encoding="utf-8") as f:
         for s in samples:
-            f.write(json.dumps(to_record(s)) + "\n")
+            rec = to_record(s)
+            rec["images_list"] = [f"images/{n}" for n in s.images]
+            if s.choice_images:
+                rec["meta"]["choices_image_path"] = [f"images/{n}" for n in s.choice_images]
+            f.write(json.dumps(rec) + "\n")
     return path

@@ -130,6 +130,18 @@ def format_table(report: EvalReport) -> str:
 
 
 def plot_heatmap(report: EvalReport, path: str | Path, title: str = "") -> Path:
+    """:func:`heatmap_figure` saved as a PNG."""
+    import matplotlib.pyplot as plt
+
+    fig = heatmap_figure(report, title)
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+    return p
+
+
+def heatmap_figure(report: EvalReport, title: str = ""):
     """One row per metric (generation, teacher-forced accuracy), one panel per delta; x = context
     length, y = needle depth, every cell annotated, one colour bar per row."""
     import matplotlib
@@ -175,8 +187,4 @@ def plot_heatmap(report: EvalReport, path: str | Path, title: str = "") -> Path:
         fig.colorbar(im, ax=list(axes[r]), shrink=0.9, label=name)
     if title:
         fig.suptitle(title)
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    return p
+    return fig
