@@ -95,8 +95,19 @@ def main(argv: list[str] | None = None) -> int:
 
             cmd = ["-m", "v2pe_megatron.cli.eval", *(argv if argv is not None else sys.argv[1:])]
             print(f"v2pe-eval: starting {nproc} ranks", flush=True)
-            return run_local(cmd, nproc)
-    return _run(args, recipe)
+            return _done(run_local(cmd, nproc), argv)
+    return _done(_run(args, recipe), argv)
+
+
+def _done(code: int, argv: list[str] | None) -> int:
+    """A process of its own exits now: the interpreter's teardown of torch, megatron and MLflow state
+    takes seconds per rank and has nothing left to do (as v2pe-train)."""
+    if argv is None:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def _run(args: argparse.Namespace, recipe) -> int:

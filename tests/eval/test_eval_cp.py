@@ -1,0 +1,55 @@
+"""v2pe-eval under context parallelism gives the CP=1 scores, from a checkpoint (slow: gloo ranks)."""
+
+from __future__ import annotations
+
+import pytest
+
+from v2pe_megatron.testing.distributed import run_distributed
+
+SETTINGS = dict(deltas=[1.0, 1 / 16, "auto"], lengths=[96, 160], depths=[0.0, 1.0], trained_positions=150,
+                max_new_tokens=3)
+
+
+def _recipe(cp: int):
+    from v2pe_megatron.testing.tiny import tiny_recipe
+
+    return tiny_recipe("model.spec=local", f"parallel.cp={cp}", "tracking.backend=none", "data.global_batch_size=1")
+
+
+def _evaluate(cp: int, ckpt: str, out: str, save: bool):
+    from v2pe_megatron.eval.runner import EvalSettings, Source, evaluate
+
+    recipe = _recipe(cp)
+    if save:  # weights unlike the recipe's own random init, so the run must read them to match
+        from v2pe_megatron.model.internvl import build_model
+        from v2pe_megatron.runtime.distributed import model_parallel
+        from v2pe_megatron.testing.tiny import layout_of
+        from v2pe_megatron.training.checkpointing import save_model_weights
+
+        with model_parallel(seed=99):
+            save_model_weights(ckpt, build_model(recipe.model, layout_of(recipe)))
+    settings = EvalSettings(**SETTINGS, out_dir=None)
+    source = Source(tasks=("retrieval-text", "counting-image"))
+    with_ckpt = evaluate(recipe, settings, source, ckpt=ckpt).records
+    fresh = evaluate(recipe, settings, source).records if save else None
+    return with_ckpt, fresh
+
+
+@pytest.mark.slow
+def test_cp2_scores_equal_cp1(tmp_path):
+    ckpt = str(tmp_path / "weights")
+    (one, fresh), = run_distributed(_evaluate, 1, 1, ckpt, str(tmp_path), True)
+    two = run_distributed(_evaluate, 2, 2, ckpt, str(tmp_path), False)
+    assert two[0][0] == two[1][0]  # every rank returns the gathered records
+    two = two[0][0]
+    assert len(one) == len(two) == 2 * 2 * 2 * 3  # tasks x lengths x depths x deltas
+    for a, b in zip(one, two):
+        assert (a["id"], a["delta"], a["delta_value"], a["tokens"], a["last_position"]) == \
+            (b["id"], b["delta"], b["delta_value"], b["tokens"], b["last_position"])
+        assert (a["response"], a["generate"], a["tf_acc"]) == (b["response"], b["generate"], b["tf_acc"])
+        assert a["tf_logp"] == pytest.approx(b["tf_logp"], abs=1e-5)
+    # the checkpoint was read: its log-probs are not those of the recipe's own random weights
+    assert max(abs(a["tf_logp"] - f["tf_logp"]) for a, f in zip(one, fresh)) > 1e-3
+    # the deltas make a difference to the positions the model sees
+    by = {(r["id"], r["delta"]): r for r in one}
+    assert all(by[(i, "1/16")]["last_position"] < by[(i, "1")]["last_position"] for i, _ in by)
