@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from v2pe_megatron.data.needles import NeedleSample, answer_text, prompt_of
-from v2pe_megatron.eval.report import EvalReport, build_grids, delta_label, format_table, plot_heatmap
+from v2pe_megatron.eval.report import EvalReport, build_grids, delta_label, plot_heatmap
 from v2pe_megatron.eval.scoring import score_response
 from v2pe_megatron.parallel.batch import MicroBatch
 
