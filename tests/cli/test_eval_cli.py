@@ -26,6 +26,15 @@ def test_parse_delta_and_usage_errors(capsys):
     assert eval_main([str(ROOT / "recipes/tiny_cpu.yaml"), "parallel.nope=1"]) == 2
 
 
+def test_choose_delta_prints_the_rule_per_length(capsys):
+    assert eval_main([str(ROOT / "recipes/tiny_cpu.yaml"), "--choose-delta", "--lengths", "64", "512",
+                      "--trained-positions", "400", "--tasks", "retrieval-text"]) == 0
+    out = capsys.readouterr().out
+    assert "whose positions stay below the trained range 400" in out
+    rows = [line.split() for line in out.splitlines() if line.strip().split(" ")[0] in ("64", "512")]
+    assert [r[0] for r in rows] == ["64", "512"] and rows[0][2] == "1"  # a short context keeps delta 1
+
+
 def test_synth_needles_cli(tmp_path, capsys):
     assert data_main(["synth", str(tmp_path), "--needles", "--lengths", "100", "--depths", "0", "1",
                       "--tasks", "retrieval-text", "reasoning-image", "--image-tokens", "4"]) == 0

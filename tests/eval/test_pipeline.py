@@ -111,3 +111,22 @@ def test_model_backend_matches_full_logits(prepared):
     np.testing.assert_allclose(logp, ref[rows, torch.from_numpy(p.answer)].numpy(), rtol=0, atol=1e-5)
     np.testing.assert_array_equal(arg, ref[rows].argmax(-1).numpy())
     assert (logp < 0).all()
+
+
+def test_delta_plan_agrees_with_auto_records(prepared):
+    """--choose-delta (no model, image headers only) picks per length the smallest delta that the
+    evaluation's per-sample rule picked."""
+    from v2pe_megatron.eval.runner import Source, plan_deltas
+    from v2pe_megatron.testing.tiny import tiny_recipe
+
+    tok, prep = prepared
+    s = EvalSettings(deltas=["auto"], modes=("teacher-forced",), lengths=LENGTHS, depths=DEPTHS,
+                     trained_positions=150)
+    recs = run_eval(prep, s, OracleBackend(), tok)
+    plans = plan_deltas(tiny_recipe("model.spec=local"), s, Source(tasks=TASKS, seed=0))
+    assert [p.length for p in plans] == LENGTHS and [p.samples for p in plans] == [len(TASKS) * 2] * 2
+    for p in plans:
+        mine = [r for r in recs if r["length"] == p.length]
+        assert p.delta == min(r["delta_value"] for r in mine)
+        assert p.fits == (p.last_position < 150)
+        assert p.last_position >= max(r["last_position"] for r in mine if r["delta_value"] == p.delta)

@@ -65,6 +65,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tiles-per-image", type=int, default=1)
     p.add_argument("--out", default=None, help="folder for heatmap.png and results.json (default: runs/<recipe>/eval)")
     p.add_argument("--nproc", type=int, default=None, help="ranks to start here (default: tp x cp)")
+    p.add_argument("--choose-delta", action="store_true",
+                   help="print the delta the rule picks per context length for these samples and exit (no model)")
     return p
 
 
@@ -87,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     except RecipeError as e:
         print(f"v2pe-eval: {e}", file=sys.stderr)
         return exit_codes.USAGE
+    if args.choose_delta:
+        return _done(_choose_delta(args, recipe), argv)
     if not _under_launcher():
         par = recipe.parallel
         nproc = args.nproc or par.tp * par.cp * par.pp
@@ -110,24 +114,52 @@ def _done(code: int, argv: list[str] | None) -> int:
     return code
 
 
-def _run(args: argparse.Namespace, recipe) -> int:
-    from v2pe_megatron.config import RecipeError
-    from v2pe_megatron.eval.report import delta_label, format_table
-    from v2pe_megatron.eval.runner import EvalSettings, Source, evaluate
+def _settings_and_source(args: argparse.Namespace, recipe):
+    from v2pe_megatron.eval.runner import EvalSettings, Source
     from v2pe_megatron.training.tracking import default_run_dir
 
     modes = ("generate", "teacher-forced") if args.mode == "both" else (args.mode,)
+    settings = EvalSettings(
+        deltas=list(args.delta), modes=modes, lengths=args.lengths, depths=args.depths,
+        trained_positions=args.trained_positions or recipe.data.seq_length,
+        delta_set=tuple(recipe.v2pe.delta_set), max_new_tokens=args.max_new_tokens,
+        max_tiles_per_image=args.max_tiles_per_image,
+        out_dir=Path(args.out) if args.out else default_run_dir(recipe) / "eval",
+        title=f"{recipe.name}: {Path(args.ckpt).name if args.ckpt else 'random weights'}")
+    source = Source(data=args.data, image_root=args.image_root, task=args.task, tasks=args.tasks,
+                    samples_per_cell=args.samples_per_cell, seed=args.seed,
+                    image_fraction=args.image_fraction, limit=args.limit)
+    return settings, source
+
+
+def _choose_delta(args: argparse.Namespace, recipe) -> int:
+    from v2pe_megatron.config import RecipeError
+    from v2pe_megatron.eval.report import delta_label, length_label
+    from v2pe_megatron.eval.runner import plan_deltas
+
     try:
-        settings = EvalSettings(
-            deltas=list(args.delta), modes=modes, lengths=args.lengths, depths=args.depths,
-            trained_positions=args.trained_positions or recipe.data.seq_length,
-            delta_set=tuple(recipe.v2pe.delta_set), max_new_tokens=args.max_new_tokens,
-            max_tiles_per_image=args.max_tiles_per_image,
-            out_dir=Path(args.out) if args.out else default_run_dir(recipe) / "eval",
-            title=f"{recipe.name}: {Path(args.ckpt).name if args.ckpt else 'random weights'}")
-        source = Source(data=args.data, image_root=args.image_root, task=args.task, tasks=args.tasks,
-                        samples_per_cell=args.samples_per_cell, seed=args.seed,
-                        image_fraction=args.image_fraction, limit=args.limit)
+        settings, source = _settings_and_source(args, recipe)
+        plans = plan_deltas(recipe, settings, source)
+    except (RecipeError, ValueError, FileNotFoundError) as e:
+        print(f"v2pe-eval: {e}", file=sys.stderr)
+        return exit_codes.USAGE
+    print(f"delta rule: the largest of v2pe.delta_set={[delta_label(d) for d in sorted(settings.delta_set, reverse=True)]} "
+          f"whose positions stay below the trained range {settings.trained_positions}")
+    print(f"{'length':>8} {'samples':>8} {'delta':>7} {'last position':>14}  fits")
+    for p in plans:
+        print(f"{length_label(p.length):>8} {p.samples:>8} {delta_label(p.delta):>7} {p.last_position:>14.0f}  "
+              f"{'yes' if p.fits else 'no'}")
+    return exit_codes.SUCCESS
+
+
+def _run(args: argparse.Namespace, recipe) -> int:
+    from v2pe_megatron.config import RecipeError
+    from v2pe_megatron.eval.report import delta_label, format_table
+    from v2pe_megatron.eval.runner import evaluate
+
+    try:
+        settings, source = _settings_and_source(args, recipe)
+        modes = settings.modes
         report = evaluate(recipe, settings, source, ckpt=args.ckpt)
     except (RecipeError, ValueError, FileNotFoundError, NotADirectoryError) as e:
         print(f"v2pe-eval: {e}", file=sys.stderr)
@@ -141,13 +173,11 @@ def _run(args: argparse.Namespace, recipe) -> int:
         print(format_table(report))
         auto = [r for r in report.records if r["delta"] == "auto"]
         for length in sorted({r["length"] for r in auto}):
-            rs = [r for r in auto if r["length"] == length]
-            d = min(r["delta_value"] for r in rs)  # the one delta that serves every sample of this length
-            fits = all(r["fits"] for r in rs if r["delta_value"] == d)
+            chosen = sorted({r["delta_value"] for r in auto if r["length"] == length}, reverse=True)
+            # the smallest per-sample choice is the one delta that serves every sample of this length
             print(f"delta rule (trained positions {settings.trained_positions}): {length}-token contexts -> "
-                  f"delta {delta_label(d)}, last position up to {max(r['last_position'] for r in rs):.0f}"
-                  f"{'' if fits else ' (does not fit even at the smallest delta of v2pe.delta_set)'}; "
-                  f"export with v2pe-convert export-hf --v2pe-delta {delta_label(d)}")
+                  f"{', '.join(delta_label(d) for d in chosen)}; one delta for all of them: "
+                  f"v2pe-convert export-hf --v2pe-delta {delta_label(chosen[-1])}")
         over = sum(1 for r in report.records if not r["fits"])
         if over:
             print(f"v2pe-eval: {over} record(s) reach positions beyond the trained range ({settings.trained_positions})")

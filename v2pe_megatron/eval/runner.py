@@ -389,6 +389,60 @@ def load_samples(src: Source, settings: EvalSettings, tok, num_image_token: int
     return samples, list(lengths), list(depths)
 
 
+@dataclass
+class DeltaPlan:
+    """The rule's delta for the samples of one length bin: the smallest of their per-sample choices,
+    the one value that serves them all (``v2pe-convert export-hf --v2pe-delta``)."""
+
+    length: int
+    delta: float
+    last_position: float      # the largest last position at that delta
+    fits: bool                # every sample stays inside the trained range at that delta
+    samples: int
+
+
+def plan_deltas(recipe, settings: EvalSettings, source: Source) -> list[DeltaPlan]:
+    """``--delta auto`` without a model: tokens and tiles are counted (image headers only, nothing is
+    decoded) and :func:`v2pe_megatron.v2pe.choose_inference_delta` applied per sample."""
+    from v2pe_megatron.data.chat import tokenize_sample
+    from v2pe_megatron.data.loader import check_tokenizer
+    from v2pe_megatron.data.tiling import choose_grid, image_size_of, tiles_for
+    from v2pe_megatron.data.tokenizer import build_tokenizer
+    from v2pe_megatron.v2pe import choose_inference_delta, last_position
+
+    tok = build_tokenizer(recipe.data.tokenizer_path)
+    check_tokenizer(recipe, tok)
+    m, d = recipe.model, recipe.data
+    samples, lengths, _ = load_samples(source, settings, tok, m.num_image_token)
+    by: dict[int, list[tuple[float, int, list[int]]]] = {}
+    for s in samples:
+        text, names = prompt_of(s)
+        tiles = [tiles_for(choose_grid(*image_size_of(s.load_image(n)), min_num=1,  # type: ignore[misc]
+                                       max_num=settings.max_tiles_per_image, image_size=m.vision.image_size),
+                           d.use_thumbnail) for n in names]
+        tk = tokenize_sample(tok, conversations=[{"from": "human", "value": text},
+                                                 {"from": "gpt", "value": answer_text(s)}],
+                             tiles_per_image=tiles, num_image_token=m.num_image_token, template=d.template,
+                             system_prompt=d.system_prompt)
+        visual = [t * m.num_image_token for t in tiles]
+        nonvisual = int(np.count_nonzero(tk.ids != tok.img_context_id))
+        if s.target_length is not None and int(s.target_length) in lengths:
+            length = int(s.target_length)
+        else:
+            fit = [n for n in sorted(lengths) if tk.ids.size <= n]
+            if not fit:
+                continue
+            length = fit[0]
+        c = choose_inference_delta(nonvisual, visual, settings.trained_positions, settings.delta_set)
+        by.setdefault(length, []).append((c.delta, nonvisual, visual))
+    plans = []
+    for length, items in sorted(by.items()):
+        delta = min(x[0] for x in items)
+        lasts = [last_position(nv, vis, delta) for _, nv, vis in items]
+        plans.append(DeltaPlan(length, delta, max(lasts), max(lasts) < settings.trained_positions, len(items)))
+    return plans
+
+
 def evaluate(recipe, settings: EvalSettings, source: Source, *, ckpt: Optional[str] = None) -> EvalReport:
     """Run on the current ranks (started by ``v2pe-eval``, torchrun or srun): TP x CP ranks per model
     replica, data parallel over samples. Every rank returns the report; rank 0 writes the files,
