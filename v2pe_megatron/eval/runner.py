@@ -262,14 +262,24 @@ class ModelBackend:
         p = next(m.parameters())
         cp = self.layout.cp
         b = prepare_batch(batch, self.layout, p.device, p.dtype, m.img_context_token_id)
-        logits = m(b.tokens, b.position_ids, b.pixel_values, packed_seq_params=b.packed_seq_params,
-                   image_feature_index=b.image_feature_index)                        # [1, s_local, V/tp]
         wanted = np.flatnonzero(batch.loss_mask[0].numpy() > 0)                     # global, in order
-        local = torch.nonzero(b.loss_mask[0] > 0).flatten()
+        local = torch.nonzero(b.loss_mask[0] > 0).flatten().to(p.device)
         rank = ps.get_context_parallel_rank() if cp > 1 else 0
         index = zigzag_index_map([int(x) for x in batch.seq_lens[0].tolist()], cp, rank)
+        # Only the scored rows go through the output layer: [s_local, V/tp] logits of a 1M-token
+        # context would be gigabytes per rank. Under sequence parallelism the output layer gathers the
+        # sequence itself, so the rows are picked from its output instead.
+        pick = not m.config.sequence_parallel
+        hook = (m.language_model.output_layer.register_forward_pre_hook(
+            lambda _mod, args: (args[0].index_select(0, local), *args[1:])) if pick else None)
+        try:
+            logits = m(b.tokens, b.position_ids, b.pixel_values, packed_seq_params=b.packed_seq_params,
+                       image_feature_index=b.image_feature_index)                    # [1, rows, V/tp]
+        finally:
+            if hook is not None:
+                hook.remove()
         slots = torch.as_tensor(np.searchsorted(wanted, index[local.cpu().numpy()]), device=logits.device)
-        sel = logits[0, local.to(logits.device)]
+        sel = logits[0] if pick else logits[0, local.to(logits.device)]
         if ps.get_tensor_model_parallel_world_size() > 1:
             sel = tensor_parallel.gather_from_tensor_model_parallel_region(sel)
         lsm = torch.log_softmax(sel[:, : m.vocab_size].float(), dim=-1)
