@@ -111,6 +111,8 @@ def prepare_sample(s: NeedleSample, tok, tiler, *, image_size: int, num_image_to
                          system_prompt=system_prompt)
     tgt = np.flatnonzero(tk.target)
     first, last = int(tgt[0]), int(tgt[-1])  # the last target closes the turn (<|im_end|> / </s>)
+    if last == first:
+        raise ValueError(f"sample {s.id}: empty answer {s.answer!r}: nothing to score")
     return Prepared(s, tk.ids[:first], tk.ids[first:last], pix.astype(np.float32, copy=False),
                     np.asarray(tiles, np.int32), [t * num_image_token for t in tiles])
 
