@@ -61,7 +61,9 @@ def test_eval_cli_end_to_end(tmp_path):
     for title in ("generation score, delta 1 ", "teacher-forced accuracy, delta 1/16 ",
                   "teacher-forced mean log-prob per answer token, delta auto "):
         assert title in out
-    assert "delta rule (trained positions 150): 96-token contexts -> delta" in out
+    rule = [line for line in out.splitlines() if line.startswith("delta rule (trained positions 150): ")]
+    assert [line.split(": ")[1].split("-token")[0] for line in rule] == ["96", "160"]
+    assert all("v2pe-convert export-hf --v2pe-delta " in line for line in rule)
     res = json.loads((tmp_path / "out" / "results.json").read_text())
     assert len(res["records"]) == 8 * 3 and res["lengths"] == [96, 160] and res["deltas"] == ["1", "1/16", "auto"]
     assert (tmp_path / "out" / "heatmap.png").stat().st_size > 10_000
