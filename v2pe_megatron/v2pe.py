@@ -28,6 +28,7 @@ from __future__ import annotations
 import abc
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
@@ -44,6 +45,9 @@ __all__ = [
     "RandomDeltaPolicy",
     "make_delta_policy",
     "V2PERotaryEmbedding",
+    "last_position",
+    "DeltaChoice",
+    "choose_inference_delta",
 ]
 
 DeltaSpec = Union[float, Sequence[float], Sequence[Sequence[float]], np.ndarray]
@@ -221,6 +225,54 @@ def compute_position_ids(input_ids: Any, *, img_start_id: int, img_end_id: int, 
         out += np.repeat(seg_a[s0:s1], lens)
     pos = pos.reshape(ids.shape)
     return pos if batched else pos[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Choosing the inference delta
+# ---------------------------------------------------------------------------------------------
+def last_position(num_nonvisual_tokens: int, image_tokens: Sequence[int], delta: float) -> float:
+    """The position of a sample's last token under :func:`compute_position_ids` with one ``delta``
+    for every image, from counts alone: ``num_nonvisual_tokens`` counts every token that is not
+    ``<IMG_CONTEXT>`` (text, ``<img>``, ``</img>``), ``image_tokens`` the ``<IMG_CONTEXT>`` tokens of
+    each image. Each image adds ``ceil(delta * n)`` positions (the rule in the module docstring)."""
+    if num_nonvisual_tokens < 1:
+        raise ValueError(f"num_nonvisual_tokens must be >= 1 (the sample's last token), got {num_nonvisual_tokens}")
+    if not 0.0 < delta <= 1.0:
+        raise ValueError(f"delta must be in (0, 1], got {delta}")
+    n = np.asarray(list(image_tokens), dtype=np.int64)
+    if (n < 0).any():
+        raise ValueError(f"image token counts must be >= 0, got {n.tolist()}")
+    return float(num_nonvisual_tokens - 1 + int(_ceil_snapped(delta * n).sum()))
+
+
+@dataclass(frozen=True)
+class DeltaChoice:
+    delta: float            # the chosen inference delta
+    last_position: float    # the sample's last position at that delta
+    trained_positions: int  # the position range the model was trained on
+    fits: bool              # last_position < trained_positions (False: even the smallest delta overflows)
+
+
+def choose_inference_delta(num_nonvisual_tokens: int, image_tokens: Sequence[int], trained_positions: int,
+                           delta_set: Sequence[float]) -> DeltaChoice:
+    """The largest delta of ``delta_set`` whose positions for this context stay inside the trained
+    range (last position < ``trained_positions``): visual tokens are compressed only as much as the
+    context needs, so short contexts keep delta = 1 (the fine-tuned model's native resolution) and
+    long ones drop to 1/16, 1/64, ... When no delta fits (the text alone overflows the range), the
+    smallest delta, with ``fits=False``: positions beyond the trained range are then unavoidable.
+    ``v2pe-eval --delta auto`` applies it per sample; ``v2pe-convert export-hf --v2pe-delta`` takes
+    its result. docs/eval.md explains the choice."""
+    if trained_positions < 1:
+        raise ValueError(f"trained_positions must be >= 1, got {trained_positions}")
+    values = sorted({float(d) for d in delta_set}, reverse=True)
+    if not values or any(not 0.0 < d <= 1.0 for d in values):
+        raise ValueError(f"delta_set must be a non-empty list of values in (0, 1], got {list(delta_set)}")
+    for d in values:
+        last = last_position(num_nonvisual_tokens, image_tokens, d)
+        if last < trained_positions:
+            return DeltaChoice(d, last, int(trained_positions), True)
+    return DeltaChoice(values[-1], last_position(num_nonvisual_tokens, image_tokens, values[-1]),
+                       int(trained_positions), False)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
     v2pe-data inspect [RECIPE.yaml] [--meta META.json] [--show K] [--max-samples N] [key=value ...]
     v2pe-data synth OUT_DIR [--num-samples N] [--format jsonl|webdataset] [--seed S] ...
+    v2pe-data synth OUT_DIR --needles [--lengths N ...] [--depths D ...] [--tasks T ...]
 
 ``inspect`` runs one epoch of the training loader (one data-parallel rank; ``--dp-rank/--dp-size``)
 and prints samples, tokens, tiles, packs and one ``skipped <reason>: <count>`` line per reason.
@@ -102,7 +103,29 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _synth_needles(args: argparse.Namespace) -> int:
+    from v2pe_megatron.data.needles import synth_needles, write_needles
+    from v2pe_megatron.data.tokenizer import TokenizerError, build_tokenizer
+
+    try:
+        tok = build_tokenizer(args.tokenizer or "")
+        samples, images = synth_needles(args.lengths, args.depths, tasks=args.tasks,
+                                        samples_per_cell=args.samples_per_cell, seed=args.seed,
+                                        count_tokens=lambda t: len(tok.encode(t)), image_tokens=args.image_tokens,
+                                        image_fraction=args.image_fraction)
+    except (TokenizerError, ValueError) as e:
+        print(f"v2pe-data synth: {e}", file=sys.stderr)
+        return 2
+    path = write_needles(args.out_dir, samples, images)
+    print(f"wrote {len(samples)} needle samples ({len(args.tasks)} task(s) x {len(args.lengths)} length(s) x "
+          f"{len(args.depths)} depth(s) x {args.samples_per_cell}) to {path} (MM-NIAH format; "
+          f"v2pe-eval RECIPE --data {path})")
+    return 0
+
+
 def _synth(args: argparse.Namespace) -> int:
+    if args.needles:
+        return _synth_needles(args)
     from v2pe_megatron.data.synthetic import write_synthetic
 
     meta = write_synthetic(args.out_dir, args.num_samples, args.seed, fmt=args.format, shard_size=args.shard_size,
@@ -138,6 +161,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     s.add_argument("--max-side", type=int, default=640)
     s.add_argument("--haystack-words", type=int, default=400, help="haystack length of the needle samples")
     s.add_argument("--max-images", type=int, default=4)
+    from v2pe_megatron.data.needles import TASKS
+
+    n = s.add_argument_group("needle mode (--needles): MM-NIAH-format evaluation data for v2pe-eval")
+    n.add_argument("--needles", action="store_true", help="write needle-in-a-haystack samples on a length x depth grid")
+    n.add_argument("--lengths", nargs="+", type=int, default=[1024, 4096], help="context lengths in tokens")
+    n.add_argument("--depths", nargs="+", type=float, default=[0.0, 0.25, 0.5, 0.75, 1.0], help="needle depths")
+    n.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
+    n.add_argument("--samples-per-cell", type=int, default=1)
+    n.add_argument("--image-tokens", type=int, default=256, help="tokens per image (InternVL2: 256 per 448 px tile)")
+    n.add_argument("--image-fraction", type=float, default=0.5, help="share of each context that is images")
+    n.add_argument("--tokenizer", help="tokenizer.model that counts the text (default: the tiny built-in one)")
     s.set_defaults(fn=_synth)
 
     args = p.parse_args(argv)

@@ -1,0 +1,82 @@
+"""``v2pe-data synth --needles`` then ``v2pe-eval`` end to end on the tiny model: the console table,
+heat map, results.json and the MLflow run (metrics + artifacts)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from v2pe_megatron.cli.data import main as data_main
+from v2pe_megatron.cli.eval import main as eval_main
+from v2pe_megatron.cli.eval import parse_delta
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_parse_delta_and_usage_errors(capsys):
+    assert parse_delta("1/16") == 0.0625 and parse_delta("0.5") == 0.5 and parse_delta("auto") == "auto"
+    with pytest.raises(SystemExit):
+        eval_main([str(ROOT / "recipes/tiny_cpu.yaml"), "--delta", "2"])
+    assert "must be in (0, 1]" in capsys.readouterr().err
+    assert eval_main([str(ROOT / "recipes/tiny_cpu.yaml"), "parallel.nope=1"]) == 2
+
+
+def test_choose_delta_prints_the_rule_per_length(capsys):
+    assert eval_main([str(ROOT / "recipes/tiny_cpu.yaml"), "--choose-delta", "--lengths", "64", "512",
+                      "--trained-positions", "400", "--tasks", "retrieval-text"]) == 0
+    out = capsys.readouterr().out
+    assert "whose positions stay below the trained range 400" in out
+    rows = [line.split() for line in out.splitlines() if line.strip().split(" ")[0] in ("64", "512")]
+    assert [r[0] for r in rows] == ["64", "512"] and rows[0][2] == "1"  # a short context keeps delta 1
+
+
+def test_synth_needles_cli(tmp_path, capsys):
+    assert data_main(["synth", str(tmp_path), "--needles", "--lengths", "100", "--depths", "0", "1",
+                      "--tasks", "retrieval-text", "reasoning-image", "--image-tokens", "4"]) == 0
+    assert "wrote 4 needle samples" in capsys.readouterr().out
+    lines = [json.loads(x) for x in (tmp_path / "needles.jsonl").read_text().splitlines()]
+    assert {tuple(sorted(x)) for x in lines} == {("answer", "context", "id", "images_list", "meta", "question")}
+    assert all((tmp_path / p).is_file() for x in lines for p in x["images_list"])
+
+
+@pytest.mark.slow
+def test_eval_cli_end_to_end(tmp_path):
+    assert data_main(["synth", str(tmp_path / "d"), "--needles", "--lengths", "96", "160", "--depths", "0", "1",
+                      "--tasks", "retrieval-text", "retrieval-image", "--image-tokens", "4"]) == 0
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env.pop("RANK", None)
+    cmd = [sys.executable, "-m", "v2pe_megatron.cli.eval", str(ROOT / "recipes/tiny_cpu.yaml"),
+           "--data", str(tmp_path / "d" / "needles.jsonl"), "--lengths", "96", "160", "--depths", "0", "1",
+           "--delta", "1", "1/16", "auto", "--trained-positions", "150", "--max-new-tokens", "3",
+           "--out", str(tmp_path / "out"), "model.spec=local"]
+    r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = r.stdout
+    assert "v2pe-eval: tiny_cpu: 8 samples x 3 delta(s), modes generate, teacher-forced" in out
+    for title in ("generation score, delta 1 ", "teacher-forced accuracy, delta 1/16 ",
+                  "teacher-forced mean log-prob per answer token, delta auto "):
+        assert title in out
+    rule = [line for line in out.splitlines() if line.startswith("delta rule (trained positions 150): ")]
+    assert [line.split(": ")[1].split("-token")[0] for line in rule] == ["96", "160"]
+    assert all("v2pe-convert export-hf --v2pe-delta " in line for line in rule)
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert len(res["records"]) == 8 * 3 and res["lengths"] == [96, 160] and res["deltas"] == ["1", "1/16", "auto"]
+    assert (tmp_path / "out" / "heatmap.png").stat().st_size > 10_000
+
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/runs/tiny_cpu/mlflow.db"
+    client = MlflowClient(tracking_uri=uri)
+    run_id = out.split("MLflow run ")[1].split()[0]
+    run = client.get_run(run_id)
+    assert run.info.run_name == "eval-tiny_cpu" and run.data.tags["kind"] == "eval"
+    m = run.data.metrics
+    assert m["eval/tf_logp/delta_1_16/mean"] == pytest.approx(
+        next(g["mean"] for g in res["grids"] if g["metric"] == "tf_logp" and g["delta"] == "1/16"))
+    assert "eval/generate/delta_auto/len_160/depth_1" in m
+    assert {a.path for a in client.list_artifacts(run_id)} >= {"heatmap.png", "results.json"}

@@ -1,0 +1,117 @@
+"""Needle samples: the generated grid, needle placement, the MM-NIAH reader and prompt."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from v2pe_megatron.data.needles import (CHOICE_INSTRUCTION, TASKS, WORD_INSTRUCTION, answer_text, prompt_of,
+                                        read_mmniah, synth_needles, write_needles)
+from v2pe_megatron.data.synthetic import draw_image, encode_image
+from v2pe_megatron.data.tokenizer import tiny_tokenizer
+
+FIXTURE = Path(__file__).parent / "fixtures" / "mmniah_sample.jsonl"
+
+
+def _count(tok):
+    return lambda t: len(tok.encode(t))
+
+
+def test_grid_is_complete_and_deterministic():
+    tok = tiny_tokenizer()
+    a, ima = synth_needles([200, 600], [0.0, 0.5, 1.0], count_tokens=_count(tok), image_tokens=4, seed=3)
+    b, imb = synth_needles([200, 600], [0.0, 0.5, 1.0], count_tokens=_count(tok), image_tokens=4, seed=3)
+    assert len(a) == len(TASKS) * 2 * 3
+    assert {(s.task, s.target_length, s.target_depth) for s in a} == \
+        {(t, n, d) for t in TASKS for n in (200, 600) for d in (0.0, 0.5, 1.0)}
+    assert [(s.context, s.answer, s.images) for s in a] == [(s.context, s.answer, s.images) for s in b]
+    assert ima == imb
+    for s in a:
+        text, names = prompt_of(s)  # placeholders and images agree
+        assert text.count("<image>") == len(names)
+        assert all(s.load_image(n) for n in names)
+
+
+@pytest.mark.parametrize("depth", [0.0, 0.5, 1.0])
+def test_text_needle_sits_at_its_depth_and_length_is_near_target(depth):
+    tok = tiny_tokenizer()
+    (s,), _ = synth_needles([2000], [depth], tasks=["retrieval-text"], count_tokens=_count(tok), image_tokens=16)
+    needle = "The hidden object in this document is a"
+    assert s.context.count(needle) == 1
+    before = s.context[: s.context.index(needle)]
+    n_img = before.count("<image>")
+    at = len(tok.encode(before.replace("<image>", ""))) + 16 * n_img
+    total = len(tok.encode(s.context.replace("<image>", ""))) + 16 * s.context.count("<image>")
+    assert abs(at / total - depth) < 0.05, (at, total)
+    assert abs(total - 2000) < 0.08 * 2000, total  # sentence granularity and tokenizer merges
+    assert s.answer in s.context[s.context.index(needle):].split(".")[0]
+
+
+def test_answers_match_the_needles():
+    tok = tiny_tokenizer()
+    samples, images = synth_needles([300], [0.3], count_tokens=_count(tok), image_tokens=4, seed=1)
+    by = {s.task: s for s in samples}
+    ct = by["counting-text"]
+    found = [int(w) for w in ct.context.split() if w.isdigit()]
+    assert found == ct.answer
+    rt = by["reasoning-text"]
+    assert f"{rt.answer} is taller than" in rt.context
+    ri = by["retrieval-image"]
+    assert ri.choices[ri.answer].endswith("circle") and answer_text(ri) == "ABCD"[ri.answer]
+    rs = by["reasoning-image"]
+    assert len(rs.choice_images) == 4 and isinstance(rs.answer, int)
+    assert answer_text(by["counting-image"]) == json.dumps(by["counting-image"].answer)
+
+
+def test_write_then_read_round_trip(tmp_path):
+    tok = tiny_tokenizer()
+    samples, images = synth_needles([150], [0.0, 1.0], count_tokens=_count(tok), image_tokens=4, seed=2)
+    path = write_needles(tmp_path, samples, images)
+    back = read_mmniah(path)
+    assert [(s.id, s.task, s.context, s.question, s.answer, s.choices, s.target_length, s.target_depth)
+            for s in back] == \
+        [(s.id, s.task, s.context, s.question, s.answer, s.choices, s.target_length, s.target_depth)
+         for s in samples]
+    for s, r in zip(samples, back):
+        assert [r.load_image(n) for n in prompt_of(r)[1]] == [s.load_image(n) for n in prompt_of(s)[1]]
+
+
+def test_reads_mmniah_format(tmp_path):
+    shutil.copy(FIXTURE, tmp_path / "retrieval-text_val.jsonl")
+    for name, color in (("a.png", "red"), ("b.png", "blue")):
+        (tmp_path / name).write_bytes(encode_image(draw_image(np.random.default_rng(0), 32, 32, color, "square"), "png"))
+    samples = read_mmniah(tmp_path / "retrieval-text_val.jsonl")
+    assert [s.task for s in samples] == ["retrieval-text"] * 4  # the file name names the task
+    guessed = read_mmniah(FIXTURE, tmp_path)
+    assert [s.task for s in guessed] == ["retrieval-text", "counting-text", "retrieval-image", "reasoning-image"]
+    s0, s1, s2, s3 = guessed
+    assert s0.context_length == 1023 and s0.depth == pytest.approx(0.45) and s1.depth == pytest.approx(0.5)
+    text, names = prompt_of(s0)
+    assert text.endswith("What is the hidden object?\n" + WORD_INSTRUCTION) and names == ["a.png", "b.png"]
+    text, _ = prompt_of(s2)
+    assert "\nA. a cat\nB. a dog\nC. a vase\nD. a lamp\n" + CHOICE_INSTRUCTION in text
+    assert answer_text(s2) == "C" and answer_text(s1) == "[3, 5]"
+    text, names = prompt_of(s3)  # option images come after the context's
+    assert names == ["b.png", "a.png", "b.png"] and "\nA. <image>\nB. <image>\n" in text
+    assert s3.load_image("a.png") == (tmp_path / "a.png").read_bytes()
+
+
+def test_reader_errors_name_the_line(tmp_path):
+    p = tmp_path / "x.jsonl"
+    p.write_text('{"context": "c", "question": "q", "answer": "a"}\n{"context": "c"}\n')
+    with pytest.raises(ValueError, match=r"x.jsonl:2: missing \['question', 'answer'\]"):
+        read_mmniah(p)
+    p.write_text('{"context": "c <image>", "question": "q", "answer": "a", "images_list": []}\n')
+    with pytest.raises(ValueError, match="1 <image> placeholder"):
+        prompt_of(read_mmniah(p)[0])
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="unknown task"):
+        synth_needles([100], [0.5], tasks=["retrieval-audio"])
+    with pytest.raises(ValueError, match="depths"):
+        synth_needles([100], [1.5])

@@ -1,0 +1,81 @@
+"""Length x depth grids, the console table and the heat map from planted records."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from v2pe_megatron.eval.report import delta_label, format_table, length_label, plot_heatmap
+from v2pe_megatron.eval.runner import EvalSettings, mlflow_metrics, summarize
+
+
+def _records():
+    recs = []
+    for delta in ("1", "1/16"):
+        for length in (1024, 4096):
+            for depth in (0.0, 0.5, 1.0):
+                for task, hit in (("retrieval-text", 1.0), ("counting-image", 0.5)):
+                    if length == 4096 and depth == 1.0:
+                        continue  # an empty cell
+                    # delta 1 fails on long contexts, delta 1/16 does not
+                    ok = hit if (delta == "1/16" or length == 1024) else 0.0
+                    recs.append({"id": f"{task}-{length}-{depth}", "task": task, "length": length, "depth": depth,
+                                 "delta": delta, "generate": ok, "tf_acc": ok, "tf_logp": -1.0 + ok,
+                                 "fits": True})
+    return recs
+
+
+def test_grids_and_table(tmp_path):
+    s = EvalSettings(deltas=[1.0, 1 / 16], out_dir=tmp_path, title="planted")
+    rep = summarize(_records(), s, [4096, 1024], [0.0, 0.5, 1.0])
+    assert rep.lengths == [1024, 4096] and rep.deltas == ["1", "1/16"]
+    assert rep.metrics() == ["generate", "tf_acc", "tf_logp"]
+    g1 = rep.grid("tf_acc", "1")
+    np.testing.assert_allclose(g1.values, [[0.75, 0.75, 0.75], [0.0, 0.0, np.nan]])
+    assert g1.counts.tolist() == [[2, 2, 2], [2, 2, 0]]
+    assert g1.mean == pytest.approx(0.75 * 6 / 10)
+    g16 = rep.grid("generate", "1/16")
+    np.testing.assert_allclose(g16.values, [[0.75, 0.75, 0.75], [0.75, 0.75, np.nan]])
+    table = format_table(rep)
+    assert "teacher-forced accuracy, delta 1 (mean 0.450):" in table
+    assert "              4K    0.000   0.000       -   0.000" in table
+    assert "by task: counting-image 0.300, retrieval-text 0.600" in table
+    m = mlflow_metrics(rep)
+    assert m["eval/tf_acc/delta_1_16/mean"] == pytest.approx(0.75)
+    assert m["eval/generate/delta_1/len_4096/depth_0.5"] == 0.0
+    assert "eval/generate/delta_1/len_4096/depth_1" not in m  # empty cells are not metrics
+    assert rep.results_json.is_file() and rep.heatmap.is_file()
+
+
+def test_heatmap_panels_annotations_and_colour_bars(tmp_path):
+    from PIL import Image
+
+    from v2pe_megatron.eval.report import heatmap_figure
+
+    rep = summarize(_records(), EvalSettings(deltas=[1.0, 1 / 16]), [1024, 4096], [0.0, 0.5, 1.0])
+    fig = heatmap_figure(rep, title="planted")
+    panels = [ax for ax in fig.axes if ax.get_title()]
+    bars = [ax for ax in fig.axes if not ax.get_title()]
+    # rows: generation, teacher-forced accuracy (log-probs are in the table, not the map); one column per delta
+    assert [ax.get_title() for ax in panels] == ["delta 1   mean 0.45", "delta 1/16   mean 0.75"] * 2
+    assert len(bars) == 2 and bars[0].get_ylabel() == "generation score"
+    first = panels[0]
+    # cells: depth down, length across; every cell carries its value, the empty one a dash
+    texts = {(round(t.get_position()[0]), round(t.get_position()[1])): t.get_text() for t in first.texts}
+    assert texts == {(0, 0): "0.75", (0, 1): "0.75", (0, 2): "0.75", (1, 0): "0.00", (1, 1): "0.00", (1, 2): "-"}
+    assert [t.get_text() for t in first.get_xticklabels()] == ["1K", "4K"]
+    assert [t.get_text() for t in first.get_yticklabels()] == ["0%", "50%", "100%"]
+    assert fig._suptitle.get_text() == "planted"
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    from v2pe_megatron.eval.report import plot_heatmap
+
+    with Image.open(plot_heatmap(rep, tmp_path / "h.png")) as im:
+        assert im.size[0] > 600 and im.size[1] > 300
+
+
+def test_labels():
+    assert delta_label(1.0) == "1" and delta_label(1 / 16) == "1/16" and delta_label(0.0625) == "1/16"
+    assert delta_label("auto") == "auto"
+    assert length_label(1 << 20) == "1M" and length_label(32768) == "32K" and length_label(1000) == "1000"

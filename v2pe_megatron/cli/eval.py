@@ -1,0 +1,192 @@
+"""``v2pe-eval RECIPE [--ckpt DIR] [--data FILE.jsonl | --synth] --delta 1 1/16 auto [key=value ...]``:
+needle-in-a-haystack evaluation in the MM-NIAH style (docs/eval.md).
+
+The model comes from the recipe's ``model`` section, its weights from a torch_dist checkpoint
+(``--ckpt``: an ``iter_*`` folder, a training checkpoint folder or a weights folder; random weights
+without it, for tests). Long contexts are spread over the recipe's ``parallel.tp`` x ``parallel.cp``
+ranks; more ranks split the samples. Started by hand it starts ``--nproc`` ranks itself (default
+tp x cp); under torchrun or srun (``python -m v2pe_megatron.cli.eval``) it runs as the rank it was
+given. Prints the length x depth tables, writes ``OUT/heatmap.png`` and ``OUT/results.json`` and
+logs both to MLflow. Exit codes: 0 done, 1 error, 2 bad recipe or command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from fractions import Fraction
+from pathlib import Path
+
+from v2pe_megatron.runtime import exit_codes
+
+
+def parse_delta(text: str):
+    """``1``, ``0.0625``, ``1/16`` -> float in (0, 1]; ``auto`` stays."""
+    if text == "auto":
+        return "auto"
+    try:
+        v = float(Fraction(text))
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"delta {text!r} is not a number, a fraction like 1/16, or auto")
+    if not 0.0 < v <= 1.0:
+        raise argparse.ArgumentTypeError(f"delta {text} must be in (0, 1]")
+    return v
+
+
+def _parser() -> argparse.ArgumentParser:
+    from v2pe_megatron.data.needles import TASKS
+
+    p = argparse.ArgumentParser(prog="v2pe-eval", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("recipe", help="YAML recipe (its model, parallel, data.tokenizer_path and tracking sections)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. parallel.cp=2")
+    p.add_argument("--ckpt", help="torch_dist checkpoint to evaluate (default: random weights)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--data", help="MM-NIAH jsonl (images_list, context, question, answer, meta)")
+    src.add_argument("--synth", action="store_true", help="generate the samples (default when no --data)")
+    p.add_argument("--image-root", help="folder the jsonl's image paths are relative to (default: its folder)")
+    p.add_argument("--task", choices=TASKS, help="task of every line of --data (default: meta.task or file name)")
+    p.add_argument("--tasks", nargs="+", choices=TASKS, default=["retrieval-text", "retrieval-image"],
+                   help="generated tasks")
+    p.add_argument("--samples-per-cell", type=int, default=1, help="generated samples per task, length and depth")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--image-fraction", type=float, default=0.5, help="share of a generated context that is images")
+    p.add_argument("--limit", type=int, default=0, help="evaluate at most this many samples")
+    p.add_argument("--delta", nargs="+", type=parse_delta, default=["auto"],
+                   help="inference deltas: 1 1/16 1/64 ... or auto (the rule of docs/eval.md)")
+    p.add_argument("--trained-positions", type=int, default=None,
+                   help="position range the model was trained on, for --delta auto (default: data.seq_length)")
+    p.add_argument("--lengths", nargs="+", type=int, help="context lengths in tokens (generated; bins for --data)")
+    p.add_argument("--depths", nargs="+", type=float, help="needle depths in [0, 1]")
+    p.add_argument("--mode", choices=("generate", "teacher-forced", "both"), default="both")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-tiles-per-image", type=int, default=1)
+    p.add_argument("--out", default=None, help="folder for heatmap.png and results.json (default: runs/<recipe>/eval)")
+    p.add_argument("--nproc", type=int, default=None, help="ranks to start here (default: tp x cp)")
+    p.add_argument("--choose-delta", action="store_true",
+                   help="print the delta the rule picks per context length for these samples and exit (no model)")
+    return p
+
+
+def _under_launcher() -> bool:
+    return "RANK" in os.environ or "SLURM_PROCID" in os.environ
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_intermixed_args(argv)
+    from v2pe_megatron.config import RecipeError, load_recipe
+    from v2pe_megatron.runtime.quiet import quiet_library_warnings
+
+    quiet_library_warnings()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    for noisy in ("megatron", "mlflow", "alembic", "urllib3", "torch"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        recipe = load_recipe(args.recipe, list(args.overrides))
+    except RecipeError as e:
+        print(f"v2pe-eval: {e}", file=sys.stderr)
+        return exit_codes.USAGE
+    if args.choose_delta:
+        return _done(_choose_delta(args, recipe), argv)
+    if not _under_launcher():
+        par = recipe.parallel
+        nproc = args.nproc or par.tp * par.cp * par.pp
+        if nproc > 1:
+            from v2pe_megatron.runtime.launch import run_local
+
+            cmd = ["-m", "v2pe_megatron.cli.eval", *(argv if argv is not None else sys.argv[1:])]
+            print(f"v2pe-eval: starting {nproc} ranks", flush=True)
+            return _done(run_local(cmd, nproc), argv)
+    return _done(_run(args, recipe), argv)
+
+
+def _done(code: int, argv: list[str] | None) -> int:
+    """A process of its own exits now: the interpreter's teardown of torch, megatron and MLflow state
+    takes seconds per rank and has nothing left to do (as v2pe-train)."""
+    if argv is None:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _settings_and_source(args: argparse.Namespace, recipe):
+    from v2pe_megatron.eval.runner import EvalSettings, Source
+    from v2pe_megatron.training.tracking import default_run_dir
+
+    modes = ("generate", "teacher-forced") if args.mode == "both" else (args.mode,)
+    settings = EvalSettings(
+        deltas=list(args.delta), modes=modes, lengths=args.lengths, depths=args.depths,
+        trained_positions=args.trained_positions or recipe.data.seq_length,
+        delta_set=tuple(recipe.v2pe.delta_set), max_new_tokens=args.max_new_tokens,
+        max_tiles_per_image=args.max_tiles_per_image,
+        out_dir=Path(args.out) if args.out else default_run_dir(recipe) / "eval",
+        title=f"{recipe.name}: {Path(args.ckpt).name if args.ckpt else 'random weights'}")
+    source = Source(data=args.data, image_root=args.image_root, task=args.task, tasks=args.tasks,
+                    samples_per_cell=args.samples_per_cell, seed=args.seed,
+                    image_fraction=args.image_fraction, limit=args.limit)
+    return settings, source
+
+
+def _choose_delta(args: argparse.Namespace, recipe) -> int:
+    from v2pe_megatron.config import RecipeError
+    from v2pe_megatron.eval.report import delta_label, length_label
+    from v2pe_megatron.eval.runner import plan_deltas
+
+    try:
+        settings, source = _settings_and_source(args, recipe)
+        plans = plan_deltas(recipe, settings, source)
+    except (RecipeError, ValueError, FileNotFoundError) as e:
+        print(f"v2pe-eval: {e}", file=sys.stderr)
+        return exit_codes.USAGE
+    print(f"delta rule: the largest of v2pe.delta_set={[delta_label(d) for d in sorted(settings.delta_set, reverse=True)]} "
+          f"whose positions stay below the trained range {settings.trained_positions}")
+    print(f"{'length':>8} {'samples':>8} {'delta':>7} {'last position':>14}  fits")
+    for p in plans:
+        print(f"{length_label(p.length):>8} {p.samples:>8} {delta_label(p.delta):>7} {p.last_position:>14.0f}  "
+              f"{'yes' if p.fits else 'no'}")
+    return exit_codes.SUCCESS
+
+
+def _run(args: argparse.Namespace, recipe) -> int:
+    from v2pe_megatron.config import RecipeError
+    from v2pe_megatron.eval.report import delta_label, format_table
+    from v2pe_megatron.eval.runner import evaluate
+
+    try:
+        settings, source = _settings_and_source(args, recipe)
+        modes = settings.modes
+        report = evaluate(recipe, settings, source, ckpt=args.ckpt)
+    except (RecipeError, ValueError, FileNotFoundError, NotADirectoryError) as e:
+        print(f"v2pe-eval: {e}", file=sys.stderr)
+        return exit_codes.USAGE
+    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+    if rank == 0:
+        n = len({r["id"] for r in report.records})
+        print(f"\nv2pe-eval: {recipe.name}: {n} samples x {len(report.deltas)} delta(s), modes {', '.join(modes)}")
+        if report.dropped:
+            print(f"v2pe-eval: {report.dropped} sample(s) longer than the largest --lengths bin were left out")
+        print(format_table(report))
+        auto = [r for r in report.records if r["delta"] == "auto"]
+        for length in sorted({r["length"] for r in auto}):
+            chosen = sorted({r["delta_value"] for r in auto if r["length"] == length}, reverse=True)
+            # the smallest per-sample choice is the one delta that serves every sample of this length
+            print(f"delta rule (trained positions {settings.trained_positions}): {length}-token contexts -> "
+                  f"{', '.join(delta_label(d) for d in chosen)}; one delta for all of them: "
+                  f"v2pe-convert export-hf --v2pe-delta {delta_label(chosen[-1])}")
+        over = sum(1 for r in report.records if not r["fits"])
+        if over:
+            print(f"v2pe-eval: {over} record(s) reach positions beyond the trained range ({settings.trained_positions})")
+        if report.heatmap:
+            print(f"v2pe-eval: heat map {report.heatmap}, results {report.results_json}")
+        if report.run_id:
+            print(f"v2pe-eval: MLflow run {report.run_id} in {report.tracking_uri}")
+    return exit_codes.SUCCESS
+
+
+if __name__ == "__main__":
+    sys.exit(main())

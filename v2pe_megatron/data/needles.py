@@ -1,0 +1,359 @@
+"""Needles in long multimodal haystacks, in MM-NIAH's format (docs/eval.md).
+
+A sample is a long interleaved document (``context``: text with ``<image>`` placeholders, the images
+in ``images_list``), a ``question`` and an ``answer``; ``meta`` holds ``context_length``,
+``placed_depth`` (the needles' depths, fractions of the context), ``choices`` (text options) or
+``choices_image_path`` (image options). The six task kinds are MM-NIAH's:
+
+| task | needle | answer |
+|---|---|---|
+| retrieval-text | a sentence naming a hidden object | the object (a word) |
+| counting-text | 2-4 sentences "The little penguin counted N needles." | the list of N, in order |
+| reasoning-text | two comparisons (A taller than B, B taller than C) | the tallest name |
+| retrieval-image | one image of a coloured circle among noisy squares | the option letter of its description |
+| counting-image | 2-3 images with N red dots each | the list of N, in order |
+| reasoning-image | one image of a coloured circle | the option image of the same colour |
+
+The same reader serves MM-NIAH's own jsonl files (:func:`read_mmniah`) and the files
+:func:`write_needles` generates (``v2pe-data synth OUT --needles``); :func:`prompt_of` builds the
+question the way MM-NIAH's InternVL evaluation does (context, question, options, instruction) and
+:func:`answer_text` the text a model should answer.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import numpy as np
+
+from v2pe_megatron.data.synthetic import COLORS, _haystack, draw_image, encode_image
+
+TASKS = ("retrieval-text", "counting-text", "reasoning-text", "retrieval-image", "counting-image",
+         "reasoning-image")
+IMAGE = "<image>"
+CHOICE_INSTRUCTION = "Answer with the option's letter from the given choices directly."
+WORD_INSTRUCTION = "Answer the question using a single word or phrase."
+
+Answer = Union[str, int, list]
+
+_OBJECTS = ("oak", "book", "vase", "lamp", "kettle", "violin", "anchor", "candle", "mirror", "compass")
+_NAMES = ("Alice", "Bruno", "Clara", "Dmitri", "Elena", "Farid", "Greta", "Hugo")
+_CIRCLE_COLORS = ("red", "green", "blue", "yellow")
+
+
+@dataclass
+class NeedleSample:
+    id: str
+    task: str
+    context: str                      # with one ``<image>`` per entry of ``images``
+    question: str
+    answer: Answer                    # str (word), int (option index) or list (counting)
+    images: list[str] = field(default_factory=list)
+    choices: Optional[list[str]] = None
+    choice_images: Optional[list[str]] = None
+    context_length: int = 0           # tokens, as the writer counted them (MM-NIAH: its own tokenizer)
+    depths: list[float] = field(default_factory=list)   # the needles' depths in [0, 1]
+    target_length: Optional[int] = None  # the grid cell's length (generated data)
+    target_depth: Optional[float] = None  # the grid cell's depth (generated data)
+    load_image: Optional[Callable[[str], bytes]] = field(default=None, repr=False)
+
+    @property
+    def depth(self) -> float:
+        """The depth the sample is binned by: the cell's, else the needles' mean (MM-NIAH's rule)."""
+        if self.target_depth is not None:
+            return float(self.target_depth)
+        return float(np.mean(self.depths)) if self.depths else 0.0
+
+
+def prompt_of(s: NeedleSample) -> tuple[str, list[str]]:
+    """(user turn with ``<image>`` placeholders, the images in placeholder order), as MM-NIAH asks."""
+    question, images = s.question, list(s.images)
+    if s.choices:
+        question += "".join(f"\n{chr(ord('A') + k)}. {c}" for k, c in enumerate(s.choices))
+        question += "\n" + CHOICE_INSTRUCTION
+    elif s.choice_images:
+        question += "".join(f"\n{chr(ord('A') + k)}. {IMAGE}" for k in range(len(s.choice_images)))
+        images += list(s.choice_images)
+        question += "\n" + CHOICE_INSTRUCTION
+    else:
+        question += "\n" + WORD_INSTRUCTION
+    text = f"{s.context}\n{question}"
+    if text.count(IMAGE) != len(images):
+        raise ValueError(f"sample {s.id}: {text.count(IMAGE)} <image> placeholder(s) for {len(images)} image(s)")
+    return text, images
+
+
+def answer_text(s: NeedleSample) -> str:
+    """What a perfect model answers: the option letter, the JSON list, or the word."""
+    if isinstance(s.answer, bool):
+        raise ValueError(f"sample {s.id}: a boolean answer is not an MM-NIAH answer")
+    if isinstance(s.answer, int):
+        return chr(ord("A") + s.answer)
+    if isinstance(s.answer, list):
+        return json.dumps(s.answer)
+    return str(s.answer)
+
+
+# ---------------------------------------------------------------------------------------------
+# MM-NIAH's jsonl
+# ---------------------------------------------------------------------------------------------
+def _task_from_name(path: Path) -> Optional[str]:
+    return next((t for t in TASKS if t in path.name), None)
+
+
+def _guess_task(obj: dict[str, Any]) -> str:
+    """The last resort: option images / option texts / a list answer / a word. MM-NIAH's documents
+    all hold images, so counting-image and reasoning-text cannot be told from counting-text and
+    retrieval-text by the line alone: their files carry the task in the name."""
+    meta = obj.get("meta") or {}
+    if meta.get("choices_image_path"):
+        return "reasoning-image"
+    if meta.get("choices"):
+        return "retrieval-image"
+    if isinstance(obj.get("answer"), list):
+        return "counting-text"
+    return "retrieval-text"
+
+
+def read_mmniah(path: str | Path, image_root: str | Path | None = None, task: Optional[str] = None
+                ) -> list[NeedleSample]:
+    """Samples of an MM-NIAH jsonl file. The task comes from ``task``, else ``meta.task``, else the
+    file name (MM-NIAH names its files ``<task>_<split>.jsonl``), else the answer's form. Image
+    paths resolve against ``image_root`` (default: the file's folder). Bad lines raise with the
+    line number and the field at fault."""
+    p = Path(path)
+    root = Path(image_root) if image_root is not None else p.parent
+    from_name = _task_from_name(p)
+    out = []
+    with open(p, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{p}:{lineno}: not JSON ({e})") from e
+            missing = [k for k in ("context", "question", "answer") if k not in obj]
+            if missing:
+                raise ValueError(f"{p}:{lineno}: missing {missing} (MM-NIAH lines have images_list, context, "
+                                 f"question, answer, meta)")
+            meta = obj.get("meta") or {}
+            t = task or meta.get("task") or from_name or _guess_task(obj)
+            if t not in TASKS:
+                raise ValueError(f"{p}:{lineno}: task {t!r} is not one of {TASKS}")
+            answer = obj["answer"]
+            if t.startswith("counting") and isinstance(answer, str):
+                answer = json.loads(answer)  # some MM-NIAH counting files store the list as a string
+            depth = meta.get("placed_depth", [])
+            depths = [float(x) for x in (depth if isinstance(depth, list) else [depth])]
+
+            def load(name: str, _root=root) -> bytes:
+                return (_root / name).read_bytes()
+
+            out.append(NeedleSample(
+                id=str(obj.get("id", f"{p.stem}-{lineno}")), task=t, context=obj["context"],
+                question=obj["question"], answer=answer, images=list(obj.get("images_list") or []),
+                choices=meta.get("choices"), choice_images=meta.get("choices_image_path"),
+                context_length=int(meta.get("context_length", 0)), depths=depths,
+                target_length=meta.get("target_length"), target_depth=meta.get("target_depth"), load_image=load))
+    if not out:
+        raise ValueError(f"{p}: no samples")
+    return out
+
+
+def to_record(s: NeedleSample) -> dict[str, Any]:
+    """The MM-NIAH jsonl line of a sample (``meta.task``, ``target_length`` and ``target_depth`` added)."""
+    return {"id": s.id, "images_list": s.images, "context": s.context, "question": s.question, "answer": s.answer,
+            "meta": {"context_length": s.context_length, "placed_depth": s.depths, "choices": s.choices,
+                     "choices_image_path": s.choice_images, "task": s.task, "target_length": s.target_length,
+                     "target_depth": s.target_depth}}
+
+
+# ---------------------------------------------------------------------------------------------
+# Generation
+# ---------------------------------------------------------------------------------------------
+def draw_dots(rng: np.random.Generator, side: int, n: int) -> np.ndarray:
+    """A white square image with ``n`` red dots on a grid (counting-image needles)."""
+    img = np.full((side, side, 3), 245, np.float32)
+    k = int(np.ceil(np.sqrt(max(n, 1))))
+    cell = side / k
+    yy, xx = np.mgrid[0:side, 0:side]
+    for j in rng.permutation(k * k)[:n]:
+        cy, cx = (j // k + 0.5) * cell, (j % k + 0.5) * cell
+        img[(yy - cy) ** 2 + (xx - cx) ** 2 <= (cell * 0.3) ** 2] = COLORS["red"]
+    return img.astype(np.uint8)
+
+
+class _Writer:
+    """Builds one document of about ``target`` tokens: haystack sentences, distractor images and
+    needles (text or image) at given depths."""
+
+    def __init__(self, rng: np.random.Generator, count_tokens: Callable[[str], int], image_tokens: int,
+                 image_fraction: float, images: dict[str, bytes], distractors: list[str], side: int) -> None:
+        self.rng, self.count, self.image_tokens = rng, count_tokens, image_tokens
+        self.image_fraction, self.images, self.distractors, self.side = image_fraction, images, distractors, side
+        pool = _haystack(rng, 800)
+        self.pool = [(s, count_tokens(" " + s)) for s in pool]
+
+    def new_image(self, arr: np.ndarray) -> str:
+        name = f"needle_{len(self.images):06d}.png"
+        self.images[name] = encode_image(arr, "png")
+        return name
+
+    def document(self, target: int, needles: Sequence[tuple[float, str, Optional[str]]]
+                 ) -> tuple[str, list[str], int, list[float]]:
+        """(context, images, tokens, needle depths). ``needles``: (depth, text, image name or None)."""
+        rng = self.rng
+        fixed = sum(self.count(" " + t) if t else 0 for _, t, _ in needles)
+        fixed += sum(self.image_tokens for _, _, im in needles if im)
+        n_img = int(round(target * self.image_fraction / max(self.image_tokens, 1)))
+        text_budget = max(0, target - fixed - n_img * self.image_tokens)
+        parts: list[tuple[str, int, Optional[str]]] = []   # (text, tokens, image)
+        used = 0
+        while used < text_budget:
+            s, n = self.pool[int(rng.integers(len(self.pool)))]
+            parts.append((s, n, None))
+            used += n
+        for _ in range(n_img):
+            parts.insert(int(rng.integers(0, len(parts) + 1)), (IMAGE, self.image_tokens,
+                                                                 self.distractors[int(rng.integers(len(self.distractors)))]))
+        # Needles go where their depth falls in the running token count, deepest first so that the
+        # earlier insertions do not shift the later ones' offsets.
+        cum = np.concatenate([[0], np.cumsum([n for _, n, _ in parts])])
+        total = int(cum[-1]) + fixed
+        at = []
+        for order, (depth, text, im) in enumerate(needles):
+            k = int(np.searchsorted(cum, depth * cum[-1], side="left"))
+            at.append((min(k, len(parts)), order, text, im))
+        # At equal offsets the later needle goes in first, so the needles keep their order.
+        for k, _, text, im in sorted(at, key=lambda a: (-a[0], -a[1])):
+            items = [(IMAGE, self.image_tokens, im)] if im else []
+            items += [(text, self.count(" " + text), None)] if text else []
+            parts[k:k] = items
+        context = " ".join(t for t, _, _ in parts)
+        imgs = [im for t, _, im in parts if im is not None]
+        cum = np.cumsum([0] + [n for _, n, _ in parts])
+        depths = []
+        for k, (t, _, im) in enumerate(parts):
+            if (im is not None and im not in self.distractors) or any(t == text for _, text, _ in needles if text):
+                depths.append(round(float(cum[k] / max(total, 1)), 4))
+        return context, imgs, total, depths
+
+
+def _task_sample(w: _Writer, task: str, target: int, depth: float, sid: str) -> NeedleSample:
+    rng = w.rng
+    # Multi-needle tasks: the first needle sits at the cell's depth, the others after it.
+    def spread(m: int) -> list[float]:
+        rest = sorted(float(x) for x in rng.uniform(depth, 1.0, size=m - 1))
+        return [depth] + rest
+
+    choices = choice_images = None
+    if task == "retrieval-text":
+        obj = str(rng.choice(_OBJECTS))
+        needles = [(depth, f"The hidden object in this document is a {obj}.", None)]
+        question, answer = "What is the hidden object in this document?", obj
+    elif task == "counting-text":
+        counts = [int(x) for x in rng.integers(1, 10, size=int(rng.integers(2, 5)))]
+        needles = [(d, f"The little penguin counted {n} needles.", None) for d, n in zip(spread(len(counts)), counts)]
+        question = ("How many needles did the little penguin count in each statement, in order? "
+                    "Answer with a list of numbers.")
+        answer = counts
+    elif task == "reasoning-text":
+        a, b, c = (str(x) for x in rng.choice(_NAMES, size=3, replace=False))
+        d0, d1 = spread(2)
+        needles = [(d0, f"{a} is taller than {b}.", None), (d1, f"{b} is taller than {c}.", None)]
+        names = sorted([a, b, c])
+        question, answer = f"Who is the tallest of {names[0]}, {names[1]} and {names[2]}?", a
+    elif task == "retrieval-image":
+        color = str(rng.choice(_CIRCLE_COLORS))
+        im = w.new_image(draw_image(rng, w.side, w.side, color, "circle"))
+        needles = [(depth, "", im)]
+        choices = [f"a {c} circle" for c in _CIRCLE_COLORS]
+        question = "One of the images shows a circle. Which of the following is it?"
+        answer = _CIRCLE_COLORS.index(color)
+    elif task == "counting-image":
+        counts = [int(x) for x in rng.integers(1, 6, size=int(rng.integers(2, 4)))]
+        needles = [(d, "", w.new_image(draw_dots(rng, w.side, n))) for d, n in zip(spread(len(counts)), counts)]
+        question = ("Some images show red dots. How many red dots does each of them show, in order? "
+                    "Answer with a list of numbers.")
+        answer = counts
+    elif task == "reasoning-image":
+        color = str(rng.choice(_CIRCLE_COLORS))
+        im = w.new_image(draw_image(rng, w.side, w.side, color, "circle"))
+        needles = [(depth, "", im)]
+        order = [str(c) for c in rng.permutation(_CIRCLE_COLORS)]
+        choice_images = [w.new_image(draw_image(rng, w.side, w.side, c, "square")) for c in order]
+        question = "One of the images shows a circle. Which option shows a square of the same colour?"
+        answer = order.index(color)
+    else:
+        raise ValueError(f"task {task!r} is not one of {TASKS}")
+    context, imgs, total, depths = w.document(target, needles)
+    # The options' own tokens count too: the prompt's length is what a model has to read.
+    total += len(choice_images or []) * w.image_tokens
+    return NeedleSample(sid, task, context, question, answer, imgs, choices, choice_images, total, depths,
+                        target_length=int(target), target_depth=float(depth))
+
+
+def synth_needles(lengths: Sequence[int], depths: Sequence[float], *, tasks: Sequence[str] = TASKS,
+                  samples_per_cell: int = 1, seed: int = 0, count_tokens: Optional[Callable[[str], int]] = None,
+                  image_tokens: int = 256, image_fraction: float = 0.5, image_side: int = 64
+                  ) -> tuple[list[NeedleSample], dict[str, bytes]]:
+    """One sample per (task, length, depth, repeat), deterministic in ``seed``; returns the samples
+    (their ``load_image`` reads the returned bytes) and the images by name.
+
+    ``lengths``: context lengths in tokens as ``count_tokens`` (default: ~1.3 tokens per word)
+    counts text and ``image_tokens`` counts each image; ``image_fraction`` of each context is
+    distractor images (noisy squares, shared by all samples); ``depths`` in [0, 1]."""
+    if count_tokens is None:
+        def count_tokens(text: str) -> int:
+            return max(1, int(round(1.3 * len(text.split()))))
+    bad = [t for t in tasks if t not in TASKS]
+    if bad:
+        raise ValueError(f"unknown task(s) {bad}; choose from {TASKS}")
+    if any(not 0.0 <= d <= 1.0 for d in depths):
+        raise ValueError(f"depths must lie in [0, 1], got {list(depths)}")
+    if any(int(n) < 1 for n in lengths):
+        raise ValueError(f"lengths must be >= 1 token, got {list(lengths)}")
+    if not 0.0 <= image_fraction < 1.0:
+        raise ValueError(f"image_fraction must be in [0, 1), got {image_fraction}")
+    rng = np.random.default_rng(seed)
+    images: dict[str, bytes] = {}
+    distractors = []
+    for k in range(16):
+        name = f"haystack_{k:02d}.png"
+        images[name] = encode_image(draw_image(rng, image_side, image_side, str(rng.choice(["green", "blue", "yellow"])),
+                                               "square", noisy=True), "png")
+        distractors.append(name)
+    w = _Writer(rng, count_tokens, image_tokens, image_fraction, images, distractors, image_side)
+    samples = []
+    for task in tasks:
+        for length in lengths:
+            for depth in depths:
+                for r in range(samples_per_cell):
+                    sid = f"{task}-{int(length)}-{float(depth):g}-{r}"
+                    samples.append(_task_sample(w, task, int(length), float(depth), sid))
+    for s in samples:
+        s.load_image = images.__getitem__
+    return samples, images
+
+
+def write_needles(out_dir: str | Path, samples: Sequence[NeedleSample], images: dict[str, bytes]) -> Path:
+    """``out_dir/needles.jsonl`` (MM-NIAH lines, image paths relative to it) and ``out_dir/images/``;
+    returns the jsonl path (``read_mmniah(path)`` reads it back)."""
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    for name, data in images.items():
+        (out / "images" / name).write_bytes(data)
+    path = out / "needles.jsonl"
+    with open(path, "w", encoding="utf-8") as f:
+        for s in samples:
+            rec = to_record(s)
+            rec["images_list"] = [f"images/{n}" for n in s.images]
+            if s.choice_images:
+                rec["meta"]["choices_image_path"] = [f"images/{n}" for n in s.choice_images]
+            f.write(json.dumps(rec) + "\n")
+    return path

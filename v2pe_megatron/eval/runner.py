@@ -1,0 +1,513 @@
+"""``v2pe-eval``'s library: needle samples -> tokens, tiles and V2PE positions at each inference delta
+-> teacher-forced and/or greedy-generation scores -> length x depth tables, heat map, MLflow.
+
+The model is reached through a *backend*: one call, :meth:`ModelBackend.answer_stats`, returns the
+log-probability of the label and the argmax at every loss-mask position of a packed one-sample
+micro-batch, in sequence order. Teacher-forced scoring is one such call over prompt + answer (V2PE's
+1M-token protocol: one forward, every answer token must be the argmax); greedy generation calls it
+once per new token with the mask on the last position (a full forward each time, no KV cache, so it
+is for contexts of moderate length; teacher-forced scales to what a forward fits). Under context
+parallelism each rank scores the positions of its zigzag share and one all-reduce over the CP group
+puts them back in order, so every CP size gives the same numbers. The oracle backend returns the
+labels themselves: the pipeline and the scoring, tested without a model that knows anything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Protocol, Sequence, Union
+
+import numpy as np
+import torch
+
+from v2pe_megatron.data.needles import NeedleSample, answer_text, prompt_of
+from v2pe_megatron.eval.report import EvalReport, build_grids, delta_label, plot_heatmap
+from v2pe_megatron.eval.scoring import score_response
+from v2pe_megatron.parallel.batch import MicroBatch
+
+log = logging.getLogger("v2pe_megatron.eval")
+
+MODES = ("generate", "teacher-forced")
+# MM-NIAH's own length bins (tokens), extended to V2PE's 1M: the default for data read from jsonl.
+MMNIAH_LENGTHS = (1000, 2000, 4000, 8000, 12000, 16000, 24000, 32000, 40000, 48000, 64000,
+                  131072, 262144, 524288, 1048576)
+DEFAULT_DEPTHS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+
+Delta = Union[float, str]  # a value in (0, 1] or "auto"
+
+
+@dataclass
+class EvalSettings:
+    deltas: list[Delta]
+    modes: tuple[str, ...] = MODES
+    lengths: Optional[list[int]] = None       # length bins (upper edges); None: the samples' own / MM-NIAH's
+    depths: Optional[list[float]] = None      # depth bins (nearest); None: the samples' own / MM-NIAH's
+    trained_positions: int = 32768            # position range the model was trained on (--delta auto)
+    delta_set: tuple[float, ...] = tuple(1.0 / 2**k for k in range(9))  # what auto chooses from
+    max_new_tokens: int = 32
+    max_tiles_per_image: int = 1              # MM-NIAH evaluates one 448 px tile per image
+    out_dir: Optional[Path] = None            # heat map and results.json (rank 0)
+    title: str = ""
+
+    def __post_init__(self) -> None:
+        bad = [m for m in self.modes if m not in MODES]
+        if bad or not self.modes:
+            raise ValueError(f"mode(s) {bad or self.modes} not in {MODES}")
+        if not self.deltas:
+            raise ValueError("give at least one delta (e.g. --delta 1 1/16 auto)")
+        for d in self.deltas:
+            if d != "auto" and not (isinstance(d, float) and 0.0 < d <= 1.0):
+                raise ValueError(f"delta {d!r} must be in (0, 1] or 'auto'")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+
+
+@dataclass
+class Prepared:
+    """One sample, tokenized and tiled once for every delta."""
+
+    sample: NeedleSample
+    prompt: np.ndarray          # int64: everything up to the answer (the assistant header included)
+    answer: np.ndarray          # int64: the answer's tokens (without the closing <|im_end|>)
+    pixel_values: np.ndarray    # float32 [T, 3, S, S]
+    num_tiles: np.ndarray       # int32 per image
+    image_tokens: list[int]     # <IMG_CONTEXT> tokens per image
+    length: int = 0             # the grid cell
+    depth: float = 0.0
+
+
+class Backend(Protocol):
+    def answer_stats(self, batch: MicroBatch) -> tuple[np.ndarray, np.ndarray]:
+        """(log-prob of the label, argmax id) at each loss-mask position of the whole batch, in order."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Preparing samples
+# ---------------------------------------------------------------------------------------------
+def prepare_sample(s: NeedleSample, tok, tiler, *, image_size: int, num_image_token: int, max_tiles: int,
+                   use_thumbnail: bool, template: str = "internlm2-chat", system_prompt: str = "") -> Prepared:
+    from v2pe_megatron.data.chat import tokenize_sample
+    from v2pe_megatron.data.tiling import choose_grid, image_size_of, tiles_for
+
+    text, names = prompt_of(s)
+    if names and s.load_image is None:
+        raise ValueError(f"sample {s.id} has images but no way to load them")
+    encoded = [s.load_image(n) for n in names]  # type: ignore[misc]
+    grids = [choose_grid(*image_size_of(b), min_num=1, max_num=max_tiles, image_size=image_size) for b in encoded]
+    tiles = [tiles_for(g, use_thumbnail) for g in grids]
+    arrs = tiler(encoded, grids) if encoded else []
+    for n, a in zip(names, arrs):
+        if isinstance(a, Exception):
+            raise ValueError(f"sample {s.id}: image {n}: {a}")
+    pix = np.concatenate(arrs) if arrs else np.zeros((0, 3, image_size, image_size), np.float32)
+    tk = tokenize_sample(tok, conversations=[{"from": "human", "value": text},
+                                             {"from": "gpt", "value": answer_text(s)}],
+                         tiles_per_image=tiles, num_image_token=num_image_token, template=template,
+                         system_prompt=system_prompt)
+    tgt = np.flatnonzero(tk.target)
+    first, last = int(tgt[0]), int(tgt[-1])  # the last target closes the turn (<|im_end|> / </s>)
+    if last == first:
+        raise ValueError(f"sample {s.id}: empty answer {s.answer!r}: nothing to score")
+    return Prepared(s, tk.ids[:first], tk.ids[first:last], pix.astype(np.float32, copy=False),
+                    np.asarray(tiles, np.int32), [t * num_image_token for t in tiles])
+
+
+def assign_cells(prepared: Sequence[Prepared], lengths: Sequence[int], depths: Sequence[float]
+                 ) -> tuple[list[Prepared], int]:
+    """Each sample's (length, depth) cell: its generated cell when it has one on the grid, else the
+    smallest length bin that holds its prompt and the nearest depth. Returns (kept, dropped)."""
+    lengths, depths = sorted(int(x) for x in lengths), [float(x) for x in depths]
+    kept, dropped = [], 0
+    for p in prepared:
+        s = p.sample
+        if s.target_length is not None and int(s.target_length) in lengths:
+            length = int(s.target_length)
+        else:
+            fit = [n for n in lengths if p.prompt.size <= n]
+            if not fit:
+                dropped += 1
+                continue
+            length = fit[0]
+        depth = depths[int(np.argmin([abs(d - s.depth) for d in depths]))]
+        kept.append(dataclasses.replace(p, length=length, depth=depth))
+    return kept, dropped
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring
+# ---------------------------------------------------------------------------------------------
+def one_sample_batch(tokens: np.ndarray, target: np.ndarray, positions: np.ndarray, p: Prepared, deltas: np.ndarray,
+                     *, pad_id: int, pad_multiple: int) -> MicroBatch:
+    """The packed micro-batch of one sequence (padded to the CP split's multiple), as training packs it."""
+    from v2pe_megatron.data.packing import PreparedSample, build_pack, collate, padded_length
+
+    ps = PreparedSample(0, tokens, target, positions, p.pixel_values, p.num_tiles, deltas)
+    pack = build_pack([ps], padded_length(tokens.size, pad_multiple), pad_id=pad_id, pad_multiple=pad_multiple,
+                      image_shape=tuple(p.pixel_values.shape[1:]) if p.pixel_values.size else (3, 1, 1))
+    return collate([pack])
+
+
+def _positions(tokens: np.ndarray, delta: float, tok) -> np.ndarray:
+    from v2pe_megatron.v2pe import compute_position_ids
+
+    return compute_position_ids(tokens, img_start_id=tok.img_start_id, img_end_id=tok.img_end_id,
+                                img_context_id=tok.img_context_id, delta=delta)
+
+
+def resolve_delta(d: Delta, p: Prepared, tok, settings: EvalSettings) -> tuple[float, bool]:
+    """(the delta to use, whether the sample's positions stay inside the trained range)."""
+    from v2pe_megatron.v2pe import choose_inference_delta, last_position
+
+    ids = np.concatenate([p.prompt, p.answer])
+    nonvisual = int(np.count_nonzero(ids != tok.img_context_id))
+    if d == "auto":
+        c = choose_inference_delta(nonvisual, p.image_tokens, settings.trained_positions, settings.delta_set)
+        return c.delta, c.fits
+    return float(d), last_position(nonvisual, p.image_tokens, float(d)) < settings.trained_positions
+
+
+def score(p: Prepared, d: Delta, backend: Backend, tok, settings: EvalSettings, *, pad_multiple: int
+          ) -> dict[str, Any]:
+    """One record: the sample at one delta, in every mode of ``settings``."""
+    delta, fits = resolve_delta(d, p, tok, settings)
+    deltas = np.full(p.num_tiles.size, delta)
+    full = np.concatenate([p.prompt, p.answer])
+    pos = _positions(full, delta, tok)
+    rec: dict[str, Any] = {"id": p.sample.id, "task": p.sample.task, "length": p.length, "depth": p.depth,
+                           "delta": delta_label(d), "delta_value": delta, "tokens": int(full.size),
+                           "images": int(p.num_tiles.size), "last_position": float(pos[-1]), "fits": bool(fits),
+                           "generate": None, "response": None, "tf_acc": None, "tf_logp": None}
+    if "teacher-forced" in settings.modes:
+        target = np.zeros(full.size, bool)
+        target[p.prompt.size:] = True
+        batch = one_sample_batch(full, target, pos, p, deltas, pad_id=tok.pad_id, pad_multiple=pad_multiple)
+        logp, arg = backend.answer_stats(batch)
+        rec["tf_acc"] = float(np.array_equal(arg.astype(np.int64), p.answer))
+        rec["tf_logp"] = float(np.mean(logp))
+    if "generate" in settings.modes:
+        # An image token ends the answer too: a generated one would have no pixels behind it.
+        stop = {tok.im_end_id, tok.eos_id, tok.img_start_id, tok.img_end_id, tok.img_context_id}
+        # The reference continuation rides along as the label of the scored position (the model
+        # ignores labels; the oracle backend answers with them).
+        ref = list(p.answer) + [tok.im_end_id]
+        prompt_pos = pos[: p.prompt.size]
+        out: list[int] = []
+        for _ in range(settings.max_new_tokens):
+            ids = np.concatenate([p.prompt, np.asarray(out, np.int64)])
+            # Generated tokens are text: +1 each after the prompt's last (integral) position.
+            gen_pos = prompt_pos[-1] + 1.0 + np.arange(len(out), dtype=np.float64)
+            batch = one_sample_batch(ids, np.zeros(ids.size, bool), np.concatenate([prompt_pos, gen_pos]), p, deltas,
+                                     pad_id=tok.pad_id, pad_multiple=pad_multiple)
+            batch.loss_mask[0, ids.size - 1] = 1.0
+            batch.labels[0, ids.size - 1] = ref[len(out)] if len(out) < len(ref) else tok.im_end_id
+            nxt = int(backend.answer_stats(batch)[1][0])
+            if nxt in stop:
+                break
+            out.append(nxt)
+        rec["response"] = tok.decode(out)
+        rec["generate"] = score_response(p.sample.answer, rec["response"])
+    return rec
+
+
+def run_eval(prepared: Sequence[Prepared], settings: EvalSettings, backend: Backend, tok, *, pad_multiple: int = 1,
+             shard: tuple[int, int] = (0, 1), progress: bool = False) -> list[dict[str, Any]]:
+    """Records of this data-parallel shard's samples (every ``shard[1]``-th from ``shard[0]``)."""
+    mine = list(prepared)[shard[0]::shard[1]]
+    out, t0 = [], time.time()
+    for k, p in enumerate(mine):
+        for d in settings.deltas:
+            out.append(score(p, d, backend, tok, settings, pad_multiple=pad_multiple))
+        if progress:
+            log.info("sample %d/%d (%s, %d tokens) done, %.1fs", k + 1, len(mine), p.sample.id,
+                     p.prompt.size + p.answer.size, time.time() - t0)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Backends
+# ---------------------------------------------------------------------------------------------
+class OracleBackend:
+    """Answers with the labels (a perfect model; ``wrong=True``: always one id off, a useless one)."""
+
+    def __init__(self, wrong: bool = False) -> None:
+        self.wrong = wrong
+
+    def answer_stats(self, batch: MicroBatch) -> tuple[np.ndarray, np.ndarray]:
+        m = batch.loss_mask[0].numpy() > 0
+        labels = batch.labels[0].numpy()[m]
+        return np.full(labels.size, -5.0 if self.wrong else 0.0), labels + (1 if self.wrong else 0)
+
+
+class ModelBackend:
+    """A megatron InternVL model on this rank's layout (TP x CP, no pipeline)."""
+
+    def __init__(self, model: torch.nn.Module, layout) -> None:
+        self.model = model
+        self.layout = layout
+
+    @torch.no_grad()
+    def answer_stats(self, batch: MicroBatch) -> tuple[np.ndarray, np.ndarray]:
+        from megatron.core import parallel_state as ps
+        from megatron.core import tensor_parallel
+
+        from v2pe_megatron.parallel.cp_split import zigzag_index_map
+        from v2pe_megatron.training.forward import prepare_batch
+
+        if batch.tokens.shape[0] != 1:
+            raise ValueError("answer_stats scores one sequence per micro-batch")
+        m = self.model
+        p = next(m.parameters())
+        cp = self.layout.cp
+        b = prepare_batch(batch, self.layout, p.device, p.dtype, m.img_context_token_id)
+        wanted = np.flatnonzero(batch.loss_mask[0].numpy() > 0)                     # global, in order
+        local = torch.nonzero(b.loss_mask[0] > 0).flatten().to(p.device)
+        rank = ps.get_context_parallel_rank() if cp > 1 else 0
+        index = zigzag_index_map([int(x) for x in batch.seq_lens[0].tolist()], cp, rank)
+        # Only the scored rows go through the output layer: [s_local, V/tp] logits of a 1M-token
+        # context would be gigabytes per rank. Under sequence parallelism the output layer gathers the
+        # sequence itself, so the rows are picked from its output instead.
+        pick = not m.config.sequence_parallel
+        hook = (m.language_model.output_layer.register_forward_pre_hook(
+            lambda _mod, args: (args[0].index_select(0, local), *args[1:])) if pick else None)
+        try:
+            logits = m(b.tokens, b.position_ids, b.pixel_values, packed_seq_params=b.packed_seq_params,
+                       image_feature_index=b.image_feature_index)                    # [1, rows, V/tp]
+        finally:
+            if hook is not None:
+                hook.remove()
+        slots = torch.as_tensor(np.searchsorted(wanted, index[local.cpu().numpy()]), device=logits.device)
+        sel = logits[0] if pick else logits[0, local.to(logits.device)]
+        if ps.get_tensor_model_parallel_world_size() > 1:
+            sel = tensor_parallel.gather_from_tensor_model_parallel_region(sel)
+        lsm = torch.log_softmax(sel[:, : m.vocab_size].float(), dim=-1)
+        labels = b.labels[0, local].to(lsm.device)
+        out = torch.zeros(2, wanted.size, dtype=torch.float64, device=logits.device)
+        out[0, slots] = lsm.gather(1, labels[:, None]).squeeze(1).double()
+        out[1, slots] = lsm.argmax(-1).double()  # ids < 2^53: exact in float64
+        if cp > 1:  # each position lives on exactly one CP rank: the sum puts them together
+            torch.distributed.all_reduce(out, group=ps.get_context_parallel_group())
+        out = out.cpu().numpy()
+        return out[0], out[1].astype(np.int64)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reporting
+# ---------------------------------------------------------------------------------------------
+def _metric_key(metric: str, delta: str, length: Optional[int] = None, depth: Optional[float] = None) -> str:
+    d = delta.replace("/", "_")
+    if length is None:
+        return f"eval/{metric}/delta_{d}/mean"
+    return f"eval/{metric}/delta_{d}/len_{length}/depth_{depth:g}"
+
+
+def mlflow_metrics(report: EvalReport) -> dict[str, float]:
+    out = {}
+    for g in report.grids:
+        out[_metric_key(g.metric, g.delta)] = g.mean
+        for i, n in enumerate(g.lengths):
+            for j, x in enumerate(g.depths):
+                if g.counts[i, j]:
+                    out[_metric_key(g.metric, g.delta, n, x)] = float(g.values[i, j])
+    return out
+
+
+def summarize(records: list[dict[str, Any]], settings: EvalSettings, lengths: Sequence[int],
+              depths: Sequence[float], *, dropped: int = 0, write: bool = True) -> EvalReport:
+    """Grids from the records; with ``write`` and ``settings.out_dir``: results.json and heatmap.png."""
+    deltas = [delta_label(d) for d in settings.deltas]
+    rep = EvalReport(records, sorted(int(x) for x in lengths), [float(x) for x in depths], deltas,
+                     list(settings.modes), dropped=dropped)
+    rep.grids = build_grids(records, rep.lengths, rep.depths, deltas)
+    if write and settings.out_dir is not None:
+        out = Path(settings.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        rep.results_json = out / "results.json"
+        rep.results_json.write_text(json.dumps({
+            "lengths": rep.lengths, "depths": rep.depths, "deltas": deltas, "modes": rep.modes,
+            "trained_positions": settings.trained_positions,
+            "grids": [{"metric": g.metric, "delta": g.delta, "values": np.where(np.isnan(g.values), None, g.values).tolist(),
+                       "counts": g.counts.tolist(), "mean": g.mean} for g in rep.grids],
+            "records": records}, indent=1))
+        rep.heatmap = plot_heatmap(rep, out / "heatmap.png", title=settings.title)
+    return rep
+
+
+def track(report: EvalReport, recipe) -> None:
+    """The grids as MLflow metrics and the heat map + results.json as artifacts (through the training
+    tracker: same store, same local metrics.jsonl fallback)."""
+    from v2pe_megatron.training.tracking import Tracker
+
+    if recipe.tracking.backend != "mlflow":
+        return
+    if not recipe.tracking.run_name:
+        recipe = dataclasses.replace(recipe, tracking=dataclasses.replace(recipe.tracking,
+                                                                          run_name=f"eval-{recipe.name}"))
+    tracker = Tracker(recipe, active=True, tags={"kind": "eval", "deltas": " ".join(report.deltas),
+                                                 "modes": " ".join(report.modes)})
+    tracker.log_metrics(mlflow_metrics(report), step=0)
+    tracker.close()
+    report.run_id, report.tracking_uri = tracker.run_id, tracker.uri
+    if tracker.run_id and tracker.online:
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=tracker.uri)
+        for f in (report.heatmap, report.results_json):
+            if f is not None:
+                try:
+                    client.log_artifact(tracker.run_id, str(f))
+                except Exception as e:  # noqa: BLE001 - the files are on disk either way
+                    log.warning("MLflow artifact %s not uploaded: %s", f, e)
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole run
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Source:
+    """Where the samples come from: an MM-NIAH jsonl file, or generated on the fly."""
+
+    data: Optional[str] = None            # jsonl (MM-NIAH format); None: generate
+    image_root: Optional[str] = None
+    task: Optional[str] = None            # force the task of every line of ``data``
+    tasks: Sequence[str] = field(default_factory=lambda: ("retrieval-text", "retrieval-image"))
+    samples_per_cell: int = 1
+    seed: int = 0
+    image_fraction: float = 0.5
+    limit: int = 0                        # at most this many samples (0: all)
+
+
+def load_samples(src: Source, settings: EvalSettings, tok, num_image_token: int
+                 ) -> tuple[list[NeedleSample], list[int], list[float]]:
+    """(samples, length bins, depth bins)."""
+    from v2pe_megatron.data.needles import read_mmniah, synth_needles
+
+    if src.data:
+        samples = read_mmniah(src.data, src.image_root, src.task)
+        lengths = settings.lengths or list(MMNIAH_LENGTHS)
+        depths = settings.depths or list(DEFAULT_DEPTHS)
+    else:
+        lengths = settings.lengths or [256, 512]
+        depths = settings.depths or [0.0, 0.5, 1.0]
+        samples, _ = synth_needles(lengths, depths, tasks=src.tasks, samples_per_cell=src.samples_per_cell,
+                                   seed=src.seed, count_tokens=lambda t: len(tok.encode(t)),
+                                   image_tokens=num_image_token, image_fraction=src.image_fraction)
+    if src.limit:
+        samples = samples[: src.limit]
+    return samples, list(lengths), list(depths)
+
+
+@dataclass
+class DeltaPlan:
+    """The rule's delta for the samples of one length bin: the smallest of their per-sample choices,
+    the one value that serves them all (``v2pe-convert export-hf --v2pe-delta``)."""
+
+    length: int
+    delta: float
+    last_position: float      # the largest last position at that delta
+    fits: bool                # every sample stays inside the trained range at that delta
+    samples: int
+
+
+def plan_deltas(recipe, settings: EvalSettings, source: Source) -> list[DeltaPlan]:
+    """``--delta auto`` without a model: tokens and tiles are counted (image headers only, nothing is
+    decoded) and :func:`v2pe_megatron.v2pe.choose_inference_delta` applied per sample."""
+    from v2pe_megatron.data.chat import tokenize_sample
+    from v2pe_megatron.data.loader import check_tokenizer
+    from v2pe_megatron.data.tiling import choose_grid, image_size_of, tiles_for
+    from v2pe_megatron.data.tokenizer import build_tokenizer
+    from v2pe_megatron.v2pe import choose_inference_delta, last_position
+
+    tok = build_tokenizer(recipe.data.tokenizer_path)
+    check_tokenizer(recipe, tok)
+    m, d = recipe.model, recipe.data
+    samples, lengths, _ = load_samples(source, settings, tok, m.num_image_token)
+    by: dict[int, list[tuple[float, int, list[int]]]] = {}
+    for s in samples:
+        text, names = prompt_of(s)
+        tiles = [tiles_for(choose_grid(*image_size_of(s.load_image(n)), min_num=1,  # type: ignore[misc]
+                                       max_num=settings.max_tiles_per_image, image_size=m.vision.image_size),
+                           d.use_thumbnail) for n in names]
+        tk = tokenize_sample(tok, conversations=[{"from": "human", "value": text},
+                                                 {"from": "gpt", "value": answer_text(s)}],
+                             tiles_per_image=tiles, num_image_token=m.num_image_token, template=d.template,
+                             system_prompt=d.system_prompt)
+        visual = [t * m.num_image_token for t in tiles]
+        nonvisual = int(np.count_nonzero(tk.ids != tok.img_context_id))
+        if s.target_length is not None and int(s.target_length) in lengths:
+            length = int(s.target_length)
+        else:
+            fit = [n for n in sorted(lengths) if tk.ids.size <= n]
+            if not fit:
+                continue
+            length = fit[0]
+        c = choose_inference_delta(nonvisual, visual, settings.trained_positions, settings.delta_set)
+        by.setdefault(length, []).append((c.delta, nonvisual, visual))
+    plans = []
+    for length, items in sorted(by.items()):
+        delta = min(x[0] for x in items)
+        lasts = [last_position(nv, vis, delta) for _, nv, vis in items]
+        plans.append(DeltaPlan(length, delta, max(lasts), max(lasts) < settings.trained_positions, len(items)))
+    return plans
+
+
+def evaluate(recipe, settings: EvalSettings, source: Source, *, ckpt: Optional[str] = None) -> EvalReport:
+    """Run on the current ranks (started by ``v2pe-eval``, torchrun or srun): TP x CP ranks per model
+    replica, data parallel over samples. Every rank returns the report; rank 0 writes the files,
+    prints nothing (the CLI does) and logs to MLflow."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from v2pe_megatron.config import RecipeError, validate
+    from v2pe_megatron.data.loader import check_tokenizer
+    from v2pe_megatron.data.tiling import make_tiler
+    from v2pe_megatron.data.tokenizer import build_tokenizer
+    from v2pe_megatron.model.internvl import build_model
+    from v2pe_megatron.parallel.layout import resolve_spec
+    from v2pe_megatron.runtime import distributed as rt
+    from v2pe_megatron.training import checkpointing, init_weights
+
+    with rt.process_group(recipe.launcher.backend, recipe.launcher.timeout_minutes):
+        world = dist.get_world_size()
+        layout = validate(recipe, world_size=world, spec=resolve_spec(recipe.model.spec))
+        if layout.pp > 1:
+            raise RecipeError(f"v2pe-eval needs the whole model on each rank: set parallel.pp=1 (got {layout.pp}); "
+                              f"use parallel.tp and parallel.cp to spread a long context")
+        rt.initialize_model_parallel(layout.tp, 1, layout.cp, seed=recipe.train.seed,
+                                     hierarchical_cp_sizes=list(layout.hierarchical_cp_sizes) or None,
+                                     timeout_minutes=recipe.launcher.timeout_minutes)
+        model = build_model(recipe.model, layout)
+        if ckpt:
+            checkpointing.load_model_weights(ckpt, [model])
+        elif init_weights.layout_dependent(layout):  # random weights equal to one rank's (tests)
+            init_weights.load_reference_init(recipe, [model])
+        model.eval()
+        tok = build_tokenizer(recipe.data.tokenizer_path)
+        check_tokenizer(recipe, tok)
+        m = recipe.model
+        samples, lengths, depths = load_samples(source, settings, tok, m.num_image_token)
+        tiler = make_tiler(m.vision.image_size, use_thumbnail=recipe.data.use_thumbnail, device="cpu")
+        rank0 = dist.get_rank() == 0
+        dp_rank, dp = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+        # Only this replica's samples are tokenized and tiled.
+        mine = samples[dp_rank::dp]
+        prepared = [prepare_sample(s, tok, tiler, image_size=m.vision.image_size, num_image_token=m.num_image_token,
+                                   max_tiles=settings.max_tiles_per_image, use_thumbnail=recipe.data.use_thumbnail,
+                                   template=recipe.data.template, system_prompt=recipe.data.system_prompt)
+                    for s in mine]
+        prepared, dropped = assign_cells(prepared, lengths, depths)
+        records = run_eval(prepared, settings, ModelBackend(model, layout), tok, pad_multiple=layout.seq_multiple,
+                           progress=rank0)
+        keep = ps.get_tensor_model_parallel_rank() == 0 and (layout.cp == 1 or ps.get_context_parallel_rank() == 0)
+        gathered: list[Any] = [None] * world
+        dist.all_gather_object(gathered, (records if keep else [], dropped if keep else 0))
+        records = sorted((r for rs, _ in gathered for r in rs), key=lambda r: (r["id"], r["delta"]))
+        dropped = sum(n for _, n in gathered)
+        report = summarize(records, settings, lengths, depths, dropped=dropped, write=rank0)
+        if rank0:
+            track(report, recipe)
+        return report
