@@ -71,6 +71,20 @@ def test_sqlite_run_has_params_tags_artifact_metrics_and_finishes(in_tmp):
     assert [x["step"] for x in lines] == [1, 2, 3] and {x["run_id"] for x in lines} == {t.run_id}
 
 
+def test_log_artifact_uploads_on_the_worker_before_the_run_ends(in_tmp):
+    f = in_tmp / "heatmap.txt"
+    f.write_text("length x depth")
+    t = Tracker(_recipe(), active=True)
+    t.log_metrics({"loss": 1.0}, 1)
+    t.log_artifact(f)
+    t.close("FINISHED")
+    c = _client(in_tmp)
+    assert c.get_run(t.run_id).info.status == "FINISHED"
+    got = c.download_artifacts(t.run_id, "heatmap.txt", str(in_tmp / "dl"))
+    assert open(got).read() == "length x depth"
+    Tracker(_recipe("tracking.backend=none"), active=True).log_artifact(f)  # inactive: nothing, no error
+
+
 def test_resumed_tracker_continues_the_same_run(in_tmp):
     first = Tracker(_recipe(), active=True)
     first.log_metrics({"loss": 3.0}, 1)

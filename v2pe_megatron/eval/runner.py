@@ -350,18 +350,11 @@ def track(report: EvalReport, recipe) -> None:
     tracker = Tracker(recipe, active=True, tags={"kind": "eval", "deltas": " ".join(report.deltas),
                                                  "modes": " ".join(report.modes)})
     tracker.log_metrics(mlflow_metrics(report), step=0)
+    for f in (report.heatmap, report.results_json):
+        if f is not None:
+            tracker.log_artifact(f)
     tracker.close()
     report.run_id, report.tracking_uri = tracker.run_id, tracker.uri
-    if tracker.run_id and tracker.online:
-        from mlflow.tracking import MlflowClient
-
-        client = MlflowClient(tracking_uri=tracker.uri)
-        for f in (report.heatmap, report.results_json):
-            if f is not None:
-                try:
-                    client.log_artifact(tracker.run_id, str(f))
-                except Exception as e:  # noqa: BLE001 - the files are on disk either way
-                    log.warning("MLflow artifact %s not uploaded: %s", f, e)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -413,6 +413,17 @@ class Tracker:
                 except queue.Empty:
                     pass
 
+    def log_artifact(self, path: str | os.PathLike) -> None:
+        """Upload a file to the run, on the worker like every other MLflow call (bounded, never
+        raising); the file stays where it is whatever the server does."""
+        if not self.active or not self.run_id or self._client is None:
+            return
+        client, run, f = self._client, self.run_id, str(path)
+        try:
+            self._queue.put(("call", lambda: client.log_artifact(run, f)), timeout=CLOSE_TIMEOUT_S)
+        except queue.Full:
+            log.warning("MLflow is too slow to take %s; it stays on disk", f)
+
     def close(self, status: str = "FINISHED") -> None:
         """End the run. Called from a ``finally`` while an exception propagates, the status becomes
         KILLED (KeyboardInterrupt) or FAILED (anything else) whatever ``status`` says, so a run
