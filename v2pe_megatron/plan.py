@@ -154,10 +154,16 @@ def _vit_layer_elems(vit: Any, *, tp: int, recompute: str) -> tuple[float, float
 
 def activation_bytes(model_cfg: Any, *, tokens: int, tiles: int, dtype: str = "bf16", tp: int = 1, cp: int = 1,
                      sp: bool = False, recompute: str = "none", path: str = "gpu", layers: Optional[int] = None,
-                     first_stage: bool = True, last_stage: bool = True, loss_chunk_tokens: int = 0) -> Activations:
+                     first_stage: bool = True, last_stage: bool = True, loss_chunk_tokens: int = 0,
+                     pixel_tiles: Optional[int] = None) -> Activations:
     """What one micro-batch of ``tokens`` LLM tokens (all rows) and ``tiles`` image tiles leaves
     saved for backward on one rank of a ``tp`` x ``cp`` layout holding ``layers`` LLM layers (all by
-    default), the vision tower and embedding when ``first_stage``, the logits when ``last_stage``."""
+    default), the vision tower and embedding when ``first_stage``, the logits when ``last_stage``.
+
+    ``pixel_tiles``: the tiles whose pixels the rank holds (the patch embedding keeps its input, a view
+    of them); default its share, ``ceil(tiles / cp)``, as with CP-sharded images. A rank that
+    receives the whole pack's pixels holds ``tiles``.
+    """
     if recompute not in RECOMPUTE:
         raise ValueError(f"recompute={recompute!r} is not one of {', '.join(RECOMPUTE)}")
     if path not in ("gpu", "cpu"):
@@ -184,8 +190,9 @@ def activation_bytes(model_cfg: Any, *, tokens: int, tiles: int, dtype: str = "b
             a.llm_other += 8 * tiles * model_cfg.num_image_token / cp
         n = side * side + 1                     # patches + CLS
         ve, ve32 = _vit_layer_elems(vit, tp=tp, recompute=recompute)
-        a.vision = local_tiles * (vit.num_channels * vit.image_size ** 2 * b
-                                  + vit.num_layers * n * (ve * b + ve32 * 4))
+        held = local_tiles if pixel_tiles is None else pixel_tiles
+        a.vision = (held * vit.num_channels * vit.image_size ** 2 * b
+                    + local_tiles * vit.num_layers * n * (ve * b + ve32 * 4))
         if recompute == "full" and local_tiles:
             ne, ne32 = _vit_layer_elems(vit, tp=tp, recompute="none")
             a.transient = max(a.transient, local_tiles * n * (ne * b + ne32 * 4))

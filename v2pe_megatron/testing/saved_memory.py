@@ -65,9 +65,11 @@ def image_pack(model_cfg: Any, *, tokens: int, tiles: int, sub_samples: int = 2,
                       num_tiles=torch.tensor([tiles], dtype=torch.int32) if tiles else None)
 
 
-def measure_internvl(model_cfg: Any, *, tokens: int, tiles: int, recompute: str = "none", seed: int = 0) -> int:
-    """Bytes this rank's InternVL model (local spec, fp32, built for the current megatron parallel
-    state) keeps for backward over one forward of an :func:`image_pack` and its masked loss sum."""
+def measure_internvl(model_cfg: Any, *, tokens: int, tiles: int, recompute: str = "none",
+                     seed: int = 0) -> tuple[int, int]:
+    """(bytes this rank's InternVL model (local spec, fp32, built for the current megatron parallel
+    state) keeps for backward over one forward of an :func:`image_pack` and its masked loss sum,
+    tiles whose pixels the rank holds: the storage behind its ``pixel_values``, which may be a view)."""
     from megatron.core import parallel_state as ps
 
     from v2pe_megatron.model.internvl import build_model
@@ -88,4 +90,36 @@ def measure_internvl(model_cfg: Any, *, tokens: int, tiles: int, recompute: str 
         return (out * b.loss_mask).sum()
 
     nbytes, _ = saved_bytes(step, exclude=list(model.parameters()))
-    return nbytes
+    held = 0
+    if b.pixel_values is not None:
+        held = b.pixel_values.untyped_storage().nbytes() // (b.pixel_values[0].numel() * b.pixel_values.element_size())
+    return nbytes, held
+
+
+# A mid-size InternVL (between the tiny preset and InternVL2-2B): 112 px tiles of 14 px patches
+# (64 patches + CLS, 16 LLM tokens per tile), ViT 3 x 256 wide, LLM 3 x 256 wide with 8 heads over 2 KV groups.
+MID_OVERRIDES = ["model.preset=tiny", "model.vision.num_layers=3", "model.vision.hidden_size=256",
+                 "model.vision.num_attention_heads=4", "model.vision.ffn_hidden_size=1024",
+                 "model.vision.image_size=112", "model.vision.patch_size=14", "model.language.num_layers=3",
+                 "model.language.hidden_size=256", "model.language.num_attention_heads=8",
+                 "model.language.num_query_groups=2", "model.language.ffn_hidden_size=704",
+                 "model.language.vocab_size=4096"]
+MODELS = {"tiny": ["model.preset=tiny"], "mid": MID_OVERRIDES}
+
+
+def measured_vs_planned(model: str, *, tokens: int, tiles: int, recompute: str) -> dict[str, Any]:
+    """One measured point on this rank (current megatron parallel state) next to the planner's
+    estimate for the same rank (``plan.activation_bytes``, path ``cpu``: activations + logits)."""
+    from megatron.core import parallel_state as ps
+
+    from v2pe_megatron.config import load_recipe
+    from v2pe_megatron.plan import activation_bytes
+
+    cfg = load_recipe(None, MODELS[model]).model
+    cp = ps.get_context_parallel_world_size()
+    measured, held = measure_internvl(cfg, tokens=tokens, tiles=tiles, recompute=recompute)
+    planned = activation_bytes(cfg, tokens=tokens, tiles=tiles, dtype="fp32", cp=cp, recompute=recompute,
+                               path="cpu", pixel_tiles=held).saved
+    return {"model": model, "tokens": tokens, "tiles": tiles, "cp": cp, "rank": ps.get_context_parallel_rank(),
+            "recompute": recompute, "measured": measured, "planned": planned, "pixel_tiles": held,
+            "ratio": planned / measured}
