@@ -72,10 +72,10 @@ def test_llm_layer_cpu_path_by_hand():
     # local spec, fp32: 2 x (norm input, normalised, linear input) = 6h, rotary 4d, SDPA with grouped K/V
     # repeated (q, k, v, out, linear_proj's input = 5h) + lse, SwiGLU 5f, 2 rstd.
     per_token = (6 * H + 4 * D + 5 * H + 5 * F) * 4 + (2 + 16) * 4
-    assert _one_layer(dtype="fp32", path="cpu") == 1000 * per_token
+    assert _one_layer(dtype="fp32", path="local") == 1000 * per_token
     # ring attention (CP > 1): fp32 q, stacked k/v, out, lse; linear_proj's input in the dtype
     ring = (6 * H + 4 * D + H + 5 * F) * 2 + (2 + 2 * H + 2 * KV + 16) * 4
-    assert _one_layer(path="cpu", cp=2) == pytest.approx(1000 / 2 * ring)
+    assert _one_layer(path="local", cp=2) == pytest.approx(1000 / 2 * ring)
 
 
 def test_vision_tower_by_hand():

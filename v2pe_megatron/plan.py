@@ -9,12 +9,13 @@ really saves for backward (``tests/test_plan_measured.py``, ``benchmarks/plan_me
 Activations are counted per token of the rank's local sequence (``tokens / cp``) and per layer, in
 elements of the compute dtype unless stated as fp32, for two attention implementations:
 
-- ``gpu``: Transformer Engine layers (``model.spec=te``): fused layernorm-linear (saves the norm's
+- ``te``: Transformer Engine layers (``model.spec=te``, what production GPUs run): fused layernorm-linear (saves the norm's
   input and output), flash attention (q, k, the fused qkv buffer that v is a view of, out, and the
   fp32 log-sum-exp; no [s, s] term), megatron's SwiGLU MLP.
-- ``cpu``: the local spec as CI runs it (``model.spec=local``): torch norms (input, fp32 rstd and
+- ``local``: the local spec (``model.spec=local``: CI on the CPU, and GPUs without Transformer Engine): torch norms (input, fp32 rstd and
   normalised output saved), SDPA per packed sub-sample at CP=1 (torch's CPU flash kernel, no [s, s]
-  term; grouped K/V repeated to all heads first), our fp32 ring attention at CP>1.
+  term, and on CUDA the flash kernel; grouped K/V repeated to all heads first), our fp32 ring
+  attention at CP>1.
 """
 
 from __future__ import annotations
@@ -124,7 +125,7 @@ def _llm_layer_elems(lm: Any, *, tp: int, sp: bool, cp: int, recompute: str, pat
         return h / rep, 0.0
     rotary = 4 * d                              # cos and sin for q and for k, replicated over tp
     mlp = 5 * f                                 # fc1 out (2f), silu out, the linear half (+offset), fc2 input
-    if path == "gpu":
+    if path == "te":
         # TE layernorm-linear: norm input + norm output, twice; fp32 rsigma twice.
         repl, repl32 = 4 * h, 2.0
         attn = h + kv + (h + 2 * kv) + h        # q (rotary), k (rotary), qkv buffer (v is a view), out
@@ -153,7 +154,7 @@ def _vit_layer_elems(vit: Any, *, tp: int, recompute: str) -> tuple[float, float
 
 
 def activation_bytes(model_cfg: Any, *, tokens: int, tiles: int, dtype: str = "bf16", tp: int = 1, cp: int = 1,
-                     sp: bool = False, recompute: str = "none", path: str = "gpu", layers: Optional[int] = None,
+                     sp: bool = False, recompute: str = "none", path: str = "te", layers: Optional[int] = None,
                      first_stage: bool = True, last_stage: bool = True, loss_chunk_tokens: int = 0,
                      pixel_tiles: Optional[int] = None) -> Activations:
     """What one micro-batch of ``tokens`` LLM tokens (all rows) and ``tiles`` image tiles leaves
@@ -166,8 +167,8 @@ def activation_bytes(model_cfg: Any, *, tokens: int, tiles: int, dtype: str = "b
     """
     if recompute not in RECOMPUTE:
         raise ValueError(f"recompute={recompute!r} is not one of {', '.join(RECOMPUTE)}")
-    if path not in ("gpu", "cpu"):
-        raise ValueError(f"path={path!r} is not gpu or cpu")
+    if path not in ("te", "local"):
+        raise ValueError(f"path={path!r} is not te or local")
     b = DTYPE_BYTES[dtype]
     lm, vit, r = model_cfg.language, model_cfg.vision, model_cfg.projector.downsample_ratio
     h, d, v = lm.hidden_size, lm.hidden_size // lm.num_attention_heads, lm.vocab_size
@@ -258,7 +259,7 @@ def in_flight_microbatches(pp: int, vpp: int, microbatches: int) -> float:
 
 
 def memory_breakdown(model_cfg: Any, layout: Layout, *, seq_length: int, micro_batch_size: int, tiles: int,
-                     microbatches: int, recompute: str, dtype: str = "bf16", path: str = "gpu",
+                     microbatches: int, recompute: str, dtype: str = "bf16", path: str = "te",
                      loss_chunk_tokens: int = 0, runtime_reserved_gib: float = 0.0) -> MemoryBreakdown:
     """Per-GPU memory of the busiest pipeline stage (first or last)."""
     tp, pp, cp, vpp = layout.tp, layout.pp, layout.cp, layout.virtual_pp
@@ -432,7 +433,7 @@ def _pow2_upto(n: int) -> list[int]:
 
 
 def _search(model_cfg: Any, seq_length: int, cluster: Cluster, *, global_batch_size: int, image_share: float,
-            sub_sample: int, dtype: str, loss_chunk_tokens: int) -> tuple[list[Candidate], int]:
+            sub_sample: int, dtype: str, loss_chunk_tokens: int, path: str = "te") -> tuple[list[Candidate], int]:
     lm = model_cfg.language
     tiles = int(seq_length * image_share // model_cfg.num_image_token)
     out: list[Candidate] = []
@@ -446,7 +447,7 @@ def _search(model_cfg: Any, seq_length: int, cluster: Cluster, *, global_batch_s
                     dp = cluster.gpus // (tp * pp * cp)
                     for mbs in (1, 2):
                         for comm in ("p2p", "a2a") if cp > 1 else ("p2p",):
-                            layout = Layout(tp=tp, pp=pp, cp=cp, dp=dp, sp=tp > 1, spec="te", cp_comm_type=comm,
+                            layout = Layout(tp=tp, pp=pp, cp=cp, dp=dp, sp=tp > 1, spec=path, cp_comm_type=comm,
                                             distributed_optimizer=dp * cp > 1, virtual_pp=vpp)
                             if layout.problems(model=model_cfg, seq_length=seq_length, micro_batch_size=mbs,
                                                global_batch_size=global_batch_size):
@@ -458,7 +459,7 @@ def _search(model_cfg: Any, seq_length: int, cluster: Cluster, *, global_batch_s
                                 considered += 1
                                 mem = memory_breakdown(model_cfg, layout, seq_length=seq_length, micro_batch_size=mbs,
                                                        tiles=tiles * mbs, microbatches=microbatches, recompute=rec,
-                                                       dtype=dtype, loss_chunk_tokens=loss_chunk_tokens,
+                                                       dtype=dtype, loss_chunk_tokens=loss_chunk_tokens, path=path,
                                                        runtime_reserved_gib=cluster.runtime_reserved_gib)
                                 sec, mfu, parts = step_time(model_cfg, layout, cluster, seq_length=seq_length,
                                                             micro_batch_size=mbs, global_batch_size=global_batch_size,
@@ -471,13 +472,14 @@ def _search(model_cfg: Any, seq_length: int, cluster: Cluster, *, global_batch_s
 
 def plan(preset: str, seq_length: int, gpus: int, gpu_mem_gib: float, *, global_batch_size: int = 32,
          image_share: float = 0.5, sub_sample: Optional[int] = None, dtype: str = "bf16", loss_chunk_tokens: int = 0,
-         cluster: Optional[Cluster] = None) -> Plan:
+         cluster: Optional[Cluster] = None, path: str = "te") -> Plan:
     """The layouts of ``preset`` at ``seq_length`` tokens per pack that fit ``gpus`` GPUs of
     ``gpu_mem_gib`` GiB, fastest first, the fastest marked recommended; with advice when none fits.
 
     ``image_share``: the fraction of a pack's tokens that are image tokens (tiles = seq x share /
     tokens per tile); ``sub_sample``: the longest attention span (default: the whole pack is one
-    sample, the worst case for attention); ``global_batch_size``: packs per step (V2PE: 32).
+    sample, the worst case for attention); ``global_batch_size``: packs per step (V2PE: 32); ``path``:
+    the layers' implementation, ``te`` (production GPUs) or ``local`` (see the module docstring).
     """
     from v2pe_megatron.config import RecipeError
 
@@ -492,6 +494,8 @@ def plan(preset: str, seq_length: int, gpus: int, gpu_mem_gib: float, *, global_
         problems.append(f"--image-share {image_share} must be in [0, 1]")
     if global_batch_size < 1:
         problems.append(f"--global-batch {global_batch_size} must be >= 1")
+    if path not in ("te", "local"):
+        problems.append(f"--spec {path!r} is not te or local")
     if dtype not in DTYPE_BYTES:
         problems.append(f"dtype {dtype!r} is not one of {', '.join(DTYPE_BYTES)}")
     if problems:
@@ -501,7 +505,7 @@ def plan(preset: str, seq_length: int, gpus: int, gpu_mem_gib: float, *, global_
     cluster = dataclasses.replace(cluster, gpus=gpus, gpu_mem_gib=gpu_mem_gib)
     sub = min(sub_sample or seq_length, seq_length)
     kwargs = dict(global_batch_size=global_batch_size, image_share=image_share, sub_sample=sub, dtype=dtype,
-                  loss_chunk_tokens=loss_chunk_tokens)
+                  loss_chunk_tokens=loss_chunk_tokens, path=path)
     every, considered = _search(model_cfg, seq_length, cluster, **kwargs)
     fits = sorted((c for c in every if c.fits), key=lambda c: (round(c.step_seconds, 6), c.memory.total))
     if fits:

@@ -32,6 +32,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--loss-chunk-tokens", type=int, default=0,
                     help="model.loss_chunk_tokens of the run (0: logits of the whole local sequence at once)")
     ap.add_argument("--gpus-per-node", type=int, default=8)
+    ap.add_argument("--spec", choices=("te", "local"), default="te",
+                    help="layer implementation the run uses: te (Transformer Engine, default) or local")
     ap.add_argument("--top", type=int, default=10, help="layouts to list (0: all that fit)")
     ap.add_argument("--json", action="store_true", help="print the layouts as a JSON list")
     ap.add_argument("--write-recipe", metavar="FILE", help="write a recipe YAML for the recommended layout")
@@ -46,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         cluster = Cluster(gpus=args.gpus, gpu_mem_gib=args.gpu_mem, gpus_per_node=max(args.gpus_per_node, 1))
         p = plan(args.model, args.seq, args.gpus, args.gpu_mem, global_batch_size=args.global_batch,
                  image_share=args.image_share, sub_sample=args.sub_sample or None,
-                 loss_chunk_tokens=args.loss_chunk_tokens, cluster=cluster)
+                 loss_chunk_tokens=args.loss_chunk_tokens, cluster=cluster, path=args.spec)
     except RecipeError as e:
         print(f"v2pe-plan: {e}", file=sys.stderr)
         return 2

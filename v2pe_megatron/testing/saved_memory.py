@@ -4,7 +4,7 @@
 A saved tensor is counted by its storage, once however many views of it are saved, and only if it
 is still held when the forward ends (an intermediate graph that was dropped frees its tensors);
 parameters are not activations and are left out. This is what the planner's activation model
-(``v2pe_megatron.plan.activation_bytes``, path ``cpu``) is checked against.
+(``v2pe_megatron.plan.activation_bytes``, path ``local``) is checked against.
 """
 
 from __future__ import annotations
@@ -44,12 +44,13 @@ def saved_bytes(fn: Callable[[], Any], exclude: Any = ()) -> tuple[int, Any]:
 def image_pack(model_cfg: Any, *, tokens: int, tiles: int, sub_samples: int = 2, pad_multiple: int = 1,
                seed: int = 0):
     """One [1, tokens] packed ``MicroBatch`` of ``sub_samples`` equal sub-samples (lengths padded to
-    ``pad_multiple``) whose first one holds ``tiles`` image tiles right after its first token."""
+    ``pad_multiple``) with ``tiles`` image tiles' tokens from position 1 on (they may run past the first
+    sub-sample: what the forward keeps does not depend on where the image tokens are)."""
     from v2pe_megatron.parallel.batch import MicroBatch
 
     n_img = model_cfg.num_image_token
-    if tiles * n_img + 2 > tokens // sub_samples:
-        raise ValueError(f"{tiles} tiles x {n_img} tokens do not fit a {tokens // sub_samples}-token sub-sample")
+    if tiles * n_img + 1 > tokens:
+        raise ValueError(f"{tiles} tiles x {n_img} tokens do not fit a {tokens}-token pack")
     g = torch.Generator().manual_seed(seed)
     vocab = model_cfg.language.vocab_size
     ids = torch.randint(10, min(vocab, 500), (1, tokens), generator=g)
@@ -109,7 +110,7 @@ MODELS = {"tiny": ["model.preset=tiny"], "mid": MID_OVERRIDES}
 
 def measured_vs_planned(model: str, *, tokens: int, tiles: int, recompute: str) -> dict[str, Any]:
     """One measured point on this rank (current megatron parallel state) next to the planner's
-    estimate for the same rank (``plan.activation_bytes``, path ``cpu``: activations + logits)."""
+    estimate for the same rank (``plan.activation_bytes``, path ``local``: activations + logits)."""
     from megatron.core import parallel_state as ps
 
     from v2pe_megatron.config import load_recipe
@@ -119,7 +120,7 @@ def measured_vs_planned(model: str, *, tokens: int, tiles: int, recompute: str) 
     cp = ps.get_context_parallel_world_size()
     measured, held = measure_internvl(cfg, tokens=tokens, tiles=tiles, recompute=recompute)
     planned = activation_bytes(cfg, tokens=tokens, tiles=tiles, dtype="fp32", cp=cp, recompute=recompute,
-                               path="cpu", pixel_tiles=held).saved
+                               path="local", pixel_tiles=held).saved
     return {"model": model, "tokens": tokens, "tiles": tiles, "cp": cp, "rank": ps.get_context_parallel_rank(),
             "recompute": recompute, "measured": measured, "planned": planned, "pixel_tiles": held,
             "ratio": planned / measured}
