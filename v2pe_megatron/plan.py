@@ -9,13 +9,13 @@ really saves for backward (``tests/test_plan_measured.py``, ``benchmarks/plan_me
 Activations are counted per token of the rank's local sequence (``tokens / cp``) and per layer, in
 elements of the compute dtype unless stated as fp32, for two attention implementations:
 
-- ``te``: Transformer Engine layers (``model.spec=te``, what production GPUs run): fused layernorm-linear (saves the norm's
-  input and output), flash attention (q, k, the fused qkv buffer that v is a view of, out, and the
-  fp32 log-sum-exp; no [s, s] term), megatron's SwiGLU MLP.
-- ``local``: the local spec (``model.spec=local``: CI on the CPU, and GPUs without Transformer Engine): torch norms (input, fp32 rstd and
-  normalised output saved), SDPA per packed sub-sample at CP=1 (torch's CPU flash kernel, no [s, s]
-  term, and on CUDA the flash kernel; grouped K/V repeated to all heads first), our fp32 ring
-  attention at CP>1.
+- ``te``: Transformer Engine layers (``model.spec=te``, what production GPUs run): fused
+  layernorm-linear (saves the norm's input and output), flash attention (q, k, the fused qkv buffer
+  that v is a view of, out, and the fp32 log-sum-exp; no [s, s] term), megatron's SwiGLU MLP.
+- ``local``: the local spec (``model.spec=local``: CI on the CPU, and GPUs without Transformer
+  Engine): torch norms (input, fp32 rstd and normalised output saved), SDPA per packed sub-sample at
+  CP=1 (torch's flash kernels on CPU and CUDA: no [s, s] term; grouped K/V repeated to all heads
+  first), our fp32 ring attention at CP>1.
 """
 
 from __future__ import annotations
@@ -532,6 +532,9 @@ def _advice(preset: str, model_cfg: Any, seq_length: int, cluster: Cluster, over
                      f"logits {m.logits / GIB:.1f}, parameters+gradients+optimizer "
                      f"{(m.parameters + m.gradients + m.optimizer) / GIB:.1f}) but {cluster.usable_gib:.1f} of "
                      f"{cluster.gpu_mem_gib:g} GiB are usable")
+        if not kwargs.get("loss_chunk_tokens") and m.logits > 0.25 * m.total:
+            lines.append(f"the logits alone take {m.logits / GIB:.1f} GiB: computing the loss in chunks "
+                         f"(model.loss_chunk_tokens, --loss-chunk-tokens 2048) keeps one chunk's at a time")
     g = cluster.gpus
     while g < 4096:
         g *= 2
@@ -602,7 +605,8 @@ def format_plan(p: Plan, *, top: int = 10) -> str:
     lines.append(head)
     for c in shown:
         m = c.memory.gib()
-        lines.append(f"{'*' if c.recommended else ' '} {c.tp:3d} {c.pp:2d} {c.vpp:3d} {c.cp:3d} {c.dp:3d} {c.micro_batch_size:3d} "
+        lines.append(f"{'*' if c.recommended else ' '} {c.tp:3d} {c.pp:2d} {c.vpp:3d} {c.cp:3d} {c.dp:3d} "
+                     f"{c.micro_batch_size:3d} "
                      f"{c.recompute:9s} {c.cp_comm_type if c.cp > 1 else '-':7s} | {m['parameters']:6.1f} "
                      f"{m['gradients']:5.1f} {m['optimizer']:5.1f} {m['activations']:5.1f} {m['logits']:6.1f} "
                      f"{m['buffers']:7.1f} | {m['total']:5.1f} | {c.step_seconds:6.2f} {c.mfu:5.1%}")
