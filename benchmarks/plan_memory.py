@@ -65,7 +65,8 @@ def measure() -> None:
 def tables() -> None:
     from v2pe_megatron.plan import format_plan, plan
 
-    for seq, gpus, chunk in ((32768, 32, 0), (262144, 64, 2048), (1 << 20, 64, 2048), (1 << 20, 1, 2048)):
+    for seq, gpus, chunk in ((32768, 32, 0), (262144, 64, 2048), (1 << 20, 64, 0), (1 << 20, 64, 2048),
+                             (1 << 20, 1, 0)):
         print(f"\n$ v2pe-plan --model internvl2-2b --seq {seq} --gpus {gpus} --gpu-mem 80"
               + (f" --loss-chunk-tokens {chunk}" if chunk else "") + " --top 5")
         print(format_plan(plan("internvl2-2b", seq, gpus, 80, loss_chunk_tokens=chunk), top=5))
