@@ -396,7 +396,7 @@ class Candidate:
                 "cp_comm_type": self.cp_comm_type, "sequence_parallel": self.sequence_parallel,
                 "distributed_optimizer": self.distributed_optimizer, "memory_gib": self.memory.gib(),
                 "step_seconds": round(self.step_seconds, 3), "mfu": round(self.mfu, 4),
-                "recommended": self.recommended}
+                "recommended": self.recommended, "step_parts": {k: round(v, 4) for k, v in self.parts.items()}}
 
     def parallel_overrides(self) -> dict[str, Any]:
         """The recipe keys this layout sets."""
@@ -418,6 +418,7 @@ class Plan:
     considered: int                       # layouts checked (valid for the model and the cluster)
     smallest_over: Optional[Candidate]    # the lightest layout that does not fit (why nothing fits)
     advice: list[str]                     # what would fit, when nothing does
+    path: str = "te"                      # the layer implementation the activations are counted for
 
     @property
     def recommended(self) -> Optional[Candidate]:
@@ -515,7 +516,7 @@ def plan(preset: str, seq_length: int, gpus: int, gpu_mem_gib: float, *, global_
     advice: list[str] = []
     if not fits:
         advice = _advice(preset, model_cfg, seq_length, cluster, over, considered, **kwargs)
-    return Plan(preset, seq_length, cluster, global_batch_size, tiles, fits, considered, over, advice)
+    return Plan(preset, seq_length, cluster, global_batch_size, tiles, fits, considered, over, advice, path)
 
 
 def _advice(preset: str, model_cfg: Any, seq_length: int, cluster: Cluster, over: Optional[Candidate],
@@ -599,7 +600,9 @@ def format_plan(p: Plan, *, top: int = 10) -> str:
         lines += [f"  - {a}" for a in p.advice]
         return "\n".join(lines)
     shown = p.candidates if top <= 0 else p.candidates[:top]
-    lines.append(f"{len(p.candidates)} of {p.considered} layouts fit; the fastest {len(shown)} (GiB per GPU):")
+    spec = "Transformer Engine" if p.path == "te" else "local-spec"
+    lines.append(f"{len(p.candidates)} of {p.considered} layouts fit; the fastest {len(shown)} (GiB per GPU, "
+                 f"{spec} layers, busiest pipeline stage):")
     head = ("   tp pp vpp  cp  dp mbs recompute cp_comm | params grads optim activ logits buffers | total"
             " | step s   MFU")
     lines.append(head)

@@ -37,6 +37,7 @@ def test_json_has_the_fields(capsys):
         assert set(r["memory_gib"]) == {"parameters", "gradients", "optimizer", "activations", "logits", "buffers",
                                         "total"}
         assert r["memory_gib"]["total"] <= 72.0 and r["tp"] * r["pp"] * r["cp"] * r["dp"] == 64
+        assert r["step_seconds"] == pytest.approx(sum(r["step_parts"].values()), abs=1e-2)
     assert [r["step_seconds"] for r in rows] == sorted(r["step_seconds"] for r in rows)
 
 
