@@ -1,8 +1,9 @@
 """The planner against measurement, and its tables for InternVL2-2B at 32K, 256K and 1M.
 
 1. Activations + logits: bytes the model really saves for backward (autograd saved-tensor hooks,
-   one forward + masked loss, local spec on CPU, fp32, per CP rank) next to ``plan.activation_bytes``
-   on its ``local`` path, for the tiny and a mid-size InternVL at several lengths, CP sizes (gloo
+   one forward + masked loss, local spec on CPU, fp32, per rank) next to ``plan.activation_bytes``
+   on its ``local`` path, for the tiny and a mid-size InternVL at several lengths, CP sizes, TP 2 with
+   and without sequence parallelism (gloo
    ranks) and recompute settings. The same points are asserted within 10% by
    ``tests/test_plan_measured.py``.
 2. ``v2pe-plan`` for InternVL2-2B: 32K on 32 x 80 GiB, 256K and 1M on 64 x 80 GiB, 1M on one GPU.
@@ -29,8 +30,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 CP1 = [(m, t, n, r) for m, t, n in (("tiny", 512, 4), ("tiny", 2048, 16), ("mid", 512, 4), ("mid", 2048, 16),
                                     ("mid", 8192, 64))
        for r in ("none", "selective", "full")]
+# (model, tokens, tiles, recompute, sequence parallel) on tp=2 ranks
+TP2 = [(m, 1024, 8, r, sp) for m in ("tiny", "mid") for sp in (False, True) for r in ("none", "selective", "full")]
 CPN = {2: [(m, 2048, 16, r) for m in ("tiny", "mid") for r in ("none", "selective", "full")],
        4: [("tiny", 4096, 32, r) for r in ("none", "full")] + [("mid", 4096, 32, r) for r in ("none", "full")]}
+
+
+def _tp_points(cases):
+    import torch
+
+    from v2pe_megatron.runtime.distributed import model_parallel
+    from v2pe_megatron.testing.saved_memory import measured_vs_planned
+
+    torch.set_num_threads(1)
+    with model_parallel(tp=torch.distributed.get_world_size(), seed=1):
+        return [measured_vs_planned(m, tokens=t, tiles=n, recompute=r, sp=sp) for m, t, n, r, sp in cases]
 
 
 def _points(cases):
@@ -51,14 +65,17 @@ def measure() -> None:
     rows = _points(CP1)
     for cp, cases in CPN.items():
         rows += [p for rank in run_distributed(_points, cp, cases, timeout=1800) for p in rank]
+    rows += [p for rank in run_distributed(_tp_points, 2, TP2, timeout=1800) for p in rank]
     print("saved for backward (MiB, per rank) vs planned (plan.activation_bytes, path local): local spec, fp32, CPU")
-    print("| model | tokens | tiles | cp | rank | recompute | measured MiB | planned MiB | planned/measured |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| model | tokens | tiles | tp | sp | cp | rank | recompute | measured MiB | planned MiB | planned/measured |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for p in rows:
-        print(f"| {p['model']} | {p['tokens']} | {p['tiles']} | {p['cp']} | {p['rank']} | {p['recompute']} | "
+        print(f"| {p['model']} | {p['tokens']} | {p['tiles']} | {p['tp']} | {'yes' if p['sp'] else 'no'} | "
+              f"{p['cp']} | {p['rank']} | {p['recompute']} | "
               f"{p['measured'] / 2**20:.3f} | {p['planned'] / 2**20:.3f} | {p['ratio']:.4f} |")
     worst = max(rows, key=lambda p: abs(p["ratio"] - 1))
-    print(f"worst point: {worst['model']} {worst['tokens']} tokens cp={worst['cp']} {worst['recompute']}: "
+    print(f"worst point: {worst['model']} {worst['tokens']} tokens tp={worst['tp']} cp={worst['cp']} "
+          f"{worst['recompute']}: "
           f"{worst['ratio'] - 1:+.2%} (pixels held: {worst['pixel_tiles']} of {worst['tiles']} tiles)")
 
 

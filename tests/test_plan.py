@@ -90,6 +90,15 @@ def test_vision_tower_by_hand():
     assert a.projector == 3 * 256 * ((2 * 4096 + 2 * H) * 2 + 8)
 
 
+def test_embedding_side_under_tp_and_sp():
+    # int64 ids; tp > 1: the vocab-parallel embedding's bool mask; SP: the first layer's view keeps the whole
+    # merged [s, h] embeddings alive (the scatter slices without a copy), 1 - 1/tp of them beyond the shard
+    kw = dict(tokens=1000, tiles=0, layers=0, last_stage=False)
+    assert activation_bytes(M, **kw).llm_other == 1000 * 8
+    assert activation_bytes(M, tp=2, **kw).llm_other == 1000 * (8 + 1)
+    assert activation_bytes(M, tp=2, sp=True, **kw).llm_other == 1000 * (8 + 1 + H / 2 * 2)
+
+
 def test_logits_and_chunked_loss():
     a = activation_bytes(M, tokens=8192, tiles=0, tp=2, layers=0, first_stage=False)
     assert a.logits == 8192 * (V / 2 * 4 + 1 + 8)           # fp32 softmax, bool mask, int64 target

@@ -1,6 +1,7 @@
 """The planner's activation + logits estimate against what the model really saves for backward
 (autograd saved-tensor hooks, one forward + masked loss, local spec on CPU, fp32): within 10% at every
-measured point, for the tiny and a mid-size InternVL, several lengths, CP 1/2/4, each recompute setting."""
+measured point, for the tiny and a mid-size InternVL, several lengths, CP 1/2/4, TP 2 with and without
+sequence parallelism, each recompute setting."""
 
 from __future__ import annotations
 
@@ -62,4 +63,17 @@ def _rank_points(cases):
 ])
 def test_context_parallel_rank_share(cp, cases):
     per_rank = run_distributed(_rank_points, cp, cases, timeout=600)
+    _check([p for rank in per_rank for p in rank])
+
+
+def _tp_points(cases):
+    with model_parallel(tp=__import__("torch").distributed.get_world_size(), seed=1):
+        return [measured_vs_planned(m, tokens=t, tiles=n, recompute=r, sp=sp) for m, t, n, r, sp in cases]
+
+
+@pytest.mark.slow
+def test_tensor_parallel_rank_share():
+    cases = [("tiny", 1024, 8, "none", False), ("mid", 1024, 8, "selective", False), ("tiny", 1024, 8, "full", True),
+             ("mid", 1024, 8, "none", True)]
+    per_rank = run_distributed(_tp_points, 2, cases, timeout=600)
     _check([p for rank in per_rank for p in rank])

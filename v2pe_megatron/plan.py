@@ -185,6 +185,10 @@ def activation_bytes(model_cfg: Any, *, tokens: int, tiles: int, dtype: str = "b
         a.transient += s * (ne * b + ne32 * 4)  # one layer re-run in backward
     if first_stage:
         a.llm_other += s * 8 + (s * 1 if tiles else 0)   # int64 ids (embedding), bool image mask (merge)
+        if tp > 1:                              # the vocab-parallel embedding's bool out-of-shard mask
+            a.llm_other += s * 1
+        if sp:                                  # the SP scatter slices the merged embeddings without a copy:
+            a.llm_other += s * h * (1 - 1 / tp) * b     # the first layer's view keeps all of them alive
         local_tiles = math.ceil(tiles / cp)     # CP: each rank encodes an equal share (vision_cp)
         side = vit.image_size // vit.patch_size
         if cp > 1 and tiles:                    # int64 index of the features this rank's tokens take

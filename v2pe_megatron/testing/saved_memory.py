@@ -66,7 +66,7 @@ def image_pack(model_cfg: Any, *, tokens: int, tiles: int, sub_samples: int = 2,
                       num_tiles=torch.tensor([tiles], dtype=torch.int32) if tiles else None)
 
 
-def measure_internvl(model_cfg: Any, *, tokens: int, tiles: int, recompute: str = "none",
+def measure_internvl(model_cfg: Any, *, tokens: int, tiles: int, recompute: str = "none", sp: bool = False,
                      seed: int = 0) -> tuple[int, int]:
     """(bytes this rank's InternVL model (local spec, fp32, built for the current megatron parallel
     state) keeps for backward over one forward of an :func:`image_pack` and its masked loss sum,
@@ -79,7 +79,7 @@ def measure_internvl(model_cfg: Any, *, tokens: int, tiles: int, recompute: str 
 
     cp = ps.get_context_parallel_world_size()
     tp = ps.get_tensor_model_parallel_world_size()
-    layout = Layout(tp=tp, cp=cp, dp=1, sp=False, spec="local")
+    layout = Layout(tp=tp, cp=cp, dp=1, sp=sp, spec="local")
     torch.manual_seed(seed)
     model = build_model(model_cfg, layout, recompute=recompute)
     batch = image_pack(model_cfg, tokens=tokens, tiles=tiles, pad_multiple=layout.seq_multiple, seed=seed)
@@ -108,7 +108,7 @@ MID_OVERRIDES = ["model.preset=tiny", "model.vision.num_layers=3", "model.vision
 MODELS = {"tiny": ["model.preset=tiny"], "mid": MID_OVERRIDES}
 
 
-def measured_vs_planned(model: str, *, tokens: int, tiles: int, recompute: str) -> dict[str, Any]:
+def measured_vs_planned(model: str, *, tokens: int, tiles: int, recompute: str, sp: bool = False) -> dict[str, Any]:
     """One measured point on this rank (current megatron parallel state) next to the planner's
     estimate for the same rank (``plan.activation_bytes``, path ``local``: activations + logits)."""
     from megatron.core import parallel_state as ps
@@ -117,10 +117,11 @@ def measured_vs_planned(model: str, *, tokens: int, tiles: int, recompute: str) 
     from v2pe_megatron.plan import activation_bytes
 
     cfg = load_recipe(None, MODELS[model]).model
-    cp = ps.get_context_parallel_world_size()
-    measured, held = measure_internvl(cfg, tokens=tokens, tiles=tiles, recompute=recompute)
-    planned = activation_bytes(cfg, tokens=tokens, tiles=tiles, dtype="fp32", cp=cp, recompute=recompute,
-                               path="local", pixel_tiles=held).saved
-    return {"model": model, "tokens": tokens, "tiles": tiles, "cp": cp, "rank": ps.get_context_parallel_rank(),
+    cp, tp = ps.get_context_parallel_world_size(), ps.get_tensor_model_parallel_world_size()
+    measured, held = measure_internvl(cfg, tokens=tokens, tiles=tiles, recompute=recompute, sp=sp)
+    planned = activation_bytes(cfg, tokens=tokens, tiles=tiles, dtype="fp32", tp=tp, cp=cp, sp=sp,
+                               recompute=recompute, path="local", pixel_tiles=held).saved
+    return {"model": model, "tokens": tokens, "tiles": tiles, "tp": tp, "sp": sp, "cp": cp,
+            "rank": ps.get_context_parallel_rank() if cp > 1 else ps.get_tensor_model_parallel_rank(),
             "recompute": recompute, "measured": measured, "planned": planned, "pixel_tiles": held,
             "ratio": planned / measured}
