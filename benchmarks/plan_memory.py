@@ -3,8 +3,7 @@
 1. Activations + logits: bytes the model really saves for backward (autograd saved-tensor hooks,
    one forward + masked loss, local spec on CPU, fp32, per rank) next to ``plan.activation_bytes``
    on its ``local`` path, for the tiny and a mid-size InternVL at several lengths, CP sizes, TP 2 with
-   and without sequence parallelism (gloo
-   ranks) and recompute settings. The same points are asserted within 10% by
+   and without sequence parallelism (gloo ranks) and recompute settings. The same points are asserted within 10% by
    ``tests/test_plan_measured.py``.
 2. ``v2pe-plan`` for InternVL2-2B: 32K on 32 x 80 GiB, 256K and 1M on 64 x 80 GiB, 1M on one GPU.
 3. ``--gpu`` (instead of 1 and 2; ``tools/device_check.sh --memory`` runs it): InternVL2-2B shapes in
