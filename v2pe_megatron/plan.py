@@ -243,14 +243,15 @@ class MemoryBreakdown:
 
 
 def _stage_params(model_cfg: Any, *, tp: int, pp: int) -> tuple[float, float]:
-    """(first stage, last stage) parameters per GPU."""
+    """(first stage, last stage) parameters per GPU: the vision tower, projector and embedding live on
+    the first stage, the output layer and final norm (replicated over tp) on the last."""
     pc = param_counts(model_cfg)
-    per_stage_layers = model_cfg.language.num_layers / pp
-    first = (pc["vision"] + pc["projector"] + pc["embedding"] + per_stage_layers * pc["layer"]) / tp
-    last = (per_stage_layers * pc["layer"] + pc["output"]) / tp + pc["final_norm"]
+    layers = model_cfg.language.num_layers / pp * pc["layer"]
+    head = pc["vision"] + pc["projector"] + pc["embedding"]
     if pp == 1:
-        return first + last - per_stage_layers * pc["layer"] / tp, first + last - per_stage_layers * pc["layer"] / tp
-    return first, last
+        whole = (head + layers + pc["output"]) / tp + pc["final_norm"]
+        return whole, whole
+    return (head + layers) / tp, (layers + pc["output"]) / tp + pc["final_norm"]
 
 
 def in_flight_microbatches(pp: int, vpp: int, microbatches: int) -> float:
