@@ -28,8 +28,9 @@ from typing import Any, Optional
 from v2pe_megatron.flops import PEAK_BF16_FLOPS, step_flops
 from v2pe_megatron.parallel.layout import Layout
 
-__all__ = ["DTYPE_BYTES", "Cluster", "Activations", "MemoryBreakdown", "Candidate", "Plan", "param_counts",
-           "activation_bytes", "memory_breakdown", "step_time", "plan", "model_config", "GIB"]
+__all__ = ["DTYPE_BYTES", "GIB", "Cluster", "Activations", "MemoryBreakdown", "Candidate", "Plan", "param_counts",
+           "activation_bytes", "in_flight_microbatches", "memory_breakdown", "step_time", "plan", "model_config",
+           "recipe_dict", "format_plan"]
 
 GIB = 1024 ** 3
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
