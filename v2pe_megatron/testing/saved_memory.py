@@ -120,7 +120,8 @@ def measured_vs_planned(model: str, *, tokens: int, tiles: int, recompute: str, 
     cp, tp = ps.get_context_parallel_world_size(), ps.get_tensor_model_parallel_world_size()
     measured, held = measure_internvl(cfg, tokens=tokens, tiles=tiles, recompute=recompute, sp=sp)
     planned = activation_bytes(cfg, tokens=tokens, tiles=tiles, dtype="fp32", tp=tp, cp=cp, sp=sp,
-                               recompute=recompute, path="local", pixel_tiles=held).saved
+                               recompute=recompute, path="local", pixel_tiles=held,
+                               loss_chunk_tokens=cfg.loss_chunk_tokens).saved
     return {"model": model, "tokens": tokens, "tiles": tiles, "tp": tp, "sp": sp, "cp": cp,
             "rank": ps.get_context_parallel_rank() if cp > 1 else ps.get_tensor_model_parallel_rank(),
             "recompute": recompute, "measured": measured, "planned": planned, "pixel_tiles": held,
