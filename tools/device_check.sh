@@ -14,6 +14,12 @@
 # local spec, bf16, 8K and 32K tokens, tokens/s, TFLOP/s and MFU), instead of b)-d); one command of
 # at most 8 minutes too. With --dry-run it prints that command and checks the script imports.
 #
+# --memory: a) then f) the memory check (benchmarks/plan_memory.py --gpu: InternVL2-2B shapes, bf16,
+# 8K and 32K tokens, each recompute setting the plan says fits: saved-tensor bytes, memory allocated
+# after the forward and torch.cuda.max_memory_allocated over forward + backward, against v2pe-plan's
+# model), instead of b)-d). With --dry-run it prints that command and runs the same code on the CPU
+# with the tiny preset and the GPU image's packages only (--device-memory-cpu).
+#
 # --dry-run: checks the wheels are there and under the limit, installs them into a temporary
 # --target and imports megatron.core and omegaconf from it with the repo, prints every command the
 # real run executes, then runs the CPU equivalents with every package the GPU image lacks hidden
@@ -25,13 +31,16 @@ REPO=$PWD
 
 DRY=0
 BENCH=0
+MEMORY=0
 for arg in "$@"; do
   case "$arg" in
     --dry-run) DRY=1 ;;
     --bench) BENCH=1 ;;
-    *) echo "usage: $0 [--dry-run] [--bench]" >&2; exit 2 ;;
+    --memory) MEMORY=1 ;;
+    *) echo "usage: $0 [--dry-run] [--bench | --memory]" >&2; exit 2 ;;
   esac
 done
+if ((BENCH && MEMORY)); then echo "$0: --bench and --memory are separate runs (8 minutes each)" >&2; exit 2; fi
 
 DEADLINE=470          # seconds; the brief is 8 minutes for the whole command
 LOG=$(mktemp /tmp/device_check.XXXXXX.log)
@@ -51,6 +60,22 @@ define_cmds() {
   TRAIN=("$py" -m v2pe_megatron.cli.train recipes/tiny_cpu.yaml launcher.nproc_per_node=1
          launcher.backend=nccl tracking.backend=none train.steps=5 train.log_interval=1 model.dtype=bf16)
   BENCH_CMD=("$py" benchmarks/step.py --gpu --steps 3)
+  MEMORY_CMD=("$py" benchmarks/plan_memory.py --gpu --seq 8192 32768)
+  MEMORY_DRY_CMD=("$py" benchmarks/plan_memory.py --device-memory-cpu --seq 256 512)
+}
+
+memory_numbers() {  # "tokens/recompute: saved x, peak y" (planned/measured) per measured row of the table
+  grep -E '^\| [0-9]+ \|' "$PARTLOG" | awk -F'|' '{gsub(/ /, ""); printf "%s/%s saved %s peak %s; ", $2, $4, $8, $12}'
+}
+
+memory_part() {  # f) the memory check; planned/measured ratios go to the summary
+  header "f) memory: InternVL2-2B shapes, bf16, 8K and 32K tokens, max_memory_allocated vs v2pe-plan"
+  local t0=$SECONDS
+  if run 420 "${MEMORY_CMD[@]}"; then
+    add f "memory" PASS "planned/measured: $(memory_numbers)[$((SECONDS - t0))s]"
+  else
+    add f "memory" FAIL "$(grep -E 'Error|error' "$PARTLOG" | tail -1) $(memory_numbers)"
+  fi
 }
 
 bench_part() {  # e) the step benchmark; its result lines go to the summary
@@ -106,6 +131,7 @@ real_run() {
     add d "v2pe-train" SKIP "setup failed"; return
   fi
   if ((BENCH)); then bench_part; return; fi
+  if ((MEMORY)); then memory_part; return; fi
 
   header "b) gpu-marked tests (without Transformer Engine and DALI)"
   local t0=$SECONDS
@@ -148,6 +174,7 @@ dry_run() {
   echo "export PYTHONPATH=\$PWD:/tmp/v2pe_device_site V2PE_EXPECT_SITE=/tmp/v2pe_device_site V2PE_REQUIRE_CUDA=1"
   show "${INSTALL[@]}"; show "${INFO[@]}"
   if ((BENCH)); then show "${BENCH_CMD[@]}"
+  elif ((MEMORY)); then show "${MEMORY_CMD[@]}"
   else show "${GPU_TESTS[@]}"; show "${BF16_TEST[@]}"; show "${TRAIN[@]}"; echo "(d again with model.dtype=fp32 if bf16 fails)"
   fi
 
@@ -172,6 +199,12 @@ dry_run() {
     header "e) dry: the benchmark script imports with the GPU machine's packages only"
     if run 60 "${sim[@]}" "$py" benchmarks/step.py --help >/dev/null; then add e "benchmark" PASS "dry: imports; --gpu needs CUDA"
     else add e "benchmark" FAIL "dry: $(tail -1 "$PARTLOG")"; fi
+    return
+  fi
+  if ((MEMORY)); then
+    header "f) dry: the memory check's code on the CPU (tiny preset) with the GPU machine's packages only"
+    if run 120 "${sim[@]}" "${MEMORY_DRY_CMD[@]}"; then add f "memory" PASS "dry: planned/measured $(memory_numbers)"
+    else add f "memory" FAIL "dry: $(tail -1 "$PARTLOG")"; fi
     return
   fi
 
@@ -200,7 +233,7 @@ dry_run() {
 }
 
 main() {
-  echo "device_check $( ((DRY)) && echo '--dry-run ')$( ((BENCH)) && echo '--bench ')on $(hostname) at $(date -u +%FT%TZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+  echo "device_check $( ((DRY)) && echo '--dry-run ')$( ((BENCH)) && echo '--bench ')$( ((MEMORY)) && echo '--memory ')on $(hostname) at $(date -u +%FT%TZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
   if ((DRY)); then dry_run; else real_run; fi
   header "SUMMARY$( ((DRY)) && echo ' (dry run: CPU equivalents)')"
   printf '%s\n' "${SUMMARY[@]}"

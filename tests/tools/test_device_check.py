@@ -5,6 +5,7 @@ and the check's CPU equivalents pass with every package the GPU image lacks hidd
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -40,3 +41,26 @@ def test_device_check_dry_run(tmp_path):
     assert "benchmarks/step.py --gpu --steps 3" in out
     summary = out[out.rindex("===== SUMMARY"):]
     assert "e   benchmark    PASS" in summary and "b   gpu tests" not in summary, summary
+
+
+@pytest.mark.slow
+def test_device_check_memory_dry_run(tmp_path):
+    """--memory: setup, then the memory check; on the CPU its code runs with the tiny preset and the GPU
+    image's packages only, and the saved-tensor bytes match the plan."""
+    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path)}
+    fetch = subprocess.run(["bash", "tools/fetch_device_wheels.sh"], cwd=REPO, env=env, capture_output=True,
+                           text=True, timeout=300)
+    assert fetch.returncode == 0, fetch.stdout + fetch.stderr
+    mem = subprocess.run(["bash", "tools/device_check.sh", "--dry-run", "--memory"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=300)
+    out = mem.stdout + mem.stderr
+    assert mem.returncode == 0, out[-6000:]
+    assert "benchmarks/plan_memory.py --gpu --seq 8192 32768" in out   # what the real run executes
+    summary = out[out.rindex("===== SUMMARY"):]
+    line = next(x for x in summary.splitlines() if x.startswith("f   memory"))
+    assert "PASS" in line and "b   gpu tests" not in summary, summary
+    ratios = [float(x) for x in re.findall(r"saved ([0-9.]+)", line)]
+    assert len(ratios) == 6 and all(abs(r - 1) < 0.10 for r in ratios), line
+    both = subprocess.run(["bash", "tools/device_check.sh", "--bench", "--memory"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert both.returncode == 2 and "separate runs" in both.stderr
