@@ -136,7 +136,7 @@ def device_memory(preset: str, seqs: list[int], dtype: str, *, image_share: floa
 
                 def step():
                     out = model(b.tokens, b.position_ids, b.pixel_values, labels=b.labels,
-                                packed_seq_params=b.packed_seq_params, image_feature_index=b.image_feature_index)
+                                packed_seq_params=b.packed_seq_params, image_exchange=b.image_exchange)
                     return (out * b.loss_mask).sum()
 
                 saved, loss = saved_bytes(step, exclude=list(model.parameters()))

@@ -1,6 +1,6 @@
 """The planner's activation + logits estimate against what the model really saves for backward
 (autograd saved-tensor hooks, one forward + masked loss, local spec on CPU, fp32): within 10% at every
-measured point, for the tiny and a mid-size InternVL, several lengths, CP 1/2/4, TP 2 with and without
+measured point, for the tiny and a mid-size InternVL (also with the chunked loss), several lengths, CP 1/2/4, TP 2 with and without
 sequence parallelism, each recompute setting."""
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def test_tiny_cp1(recompute):
 def test_tiny_and_mid_cp1_lengths():
     points = []
     with model_parallel(seed=1):
-        for model, tokens, tiles in (("tiny", 2048, 16), ("mid", 512, 4), ("mid", 2048, 16)):
+        for model, tokens, tiles in (("tiny", 2048, 16), ("mid", 512, 4), ("mid", 2048, 16), ("mid-chunked", 2048, 16)):
             for rec in ("none", "selective", "full"):
                 points.append(measured_vs_planned(model, tokens=tokens, tiles=tiles, recompute=rec))
     _check(points)
@@ -58,7 +58,7 @@ def _rank_points(cases):
 @pytest.mark.slow
 @pytest.mark.parametrize("cp,cases", [
     (2, [("tiny", 2048, 16, "none"), ("tiny", 2048, 16, "full"), ("mid", 2048, 16, "none"),
-         ("mid", 2048, 16, "selective")]),
+         ("mid", 2048, 16, "selective"), ("mid-chunked", 2048, 16, "none")]),
     (4, [("tiny", 4096, 32, "none"), ("mid", 2048, 16, "full")]),
 ])
 def test_context_parallel_rank_share(cp, cases):

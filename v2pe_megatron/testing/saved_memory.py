@@ -87,7 +87,7 @@ def measure_internvl(model_cfg: Any, *, tokens: int, tiles: int, recompute: str 
 
     def step():
         out = model(b.tokens, b.position_ids, b.pixel_values, labels=b.labels, packed_seq_params=b.packed_seq_params,
-                    image_feature_index=b.image_feature_index)
+                    image_exchange=b.image_exchange)
         return (out * b.loss_mask).sum()
 
     nbytes, _ = saved_bytes(step, exclude=list(model.parameters()))
@@ -105,7 +105,9 @@ MID_OVERRIDES = ["model.preset=tiny", "model.vision.num_layers=3", "model.vision
                  "model.language.hidden_size=256", "model.language.num_attention_heads=8",
                  "model.language.num_query_groups=2", "model.language.ffn_hidden_size=704",
                  "model.language.vocab_size=4096"]
-MODELS = {"tiny": ["model.preset=tiny"], "mid": MID_OVERRIDES}
+MODELS = {"tiny": ["model.preset=tiny"], "mid": MID_OVERRIDES,
+          # the chunked vocab-parallel loss: one chunk's logits at a time, recomputed in backward
+          "mid-chunked": [*MID_OVERRIDES, "model.loss_chunk_tokens=256"]}
 
 
 def measured_vs_planned(model: str, *, tokens: int, tiles: int, recompute: str, sp: bool = False) -> dict[str, Any]:
