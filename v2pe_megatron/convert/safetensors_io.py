@@ -77,7 +77,7 @@ class SafetensorsReader:
             if name in self._where:
                 raise HFCheckpointError(f"HF tensor {name} appears under both key layouts")
             self._where[name] = (f, k)
-        self._open: dict[str, object] = {}
+        self._open: dict[str, dict] = {}
 
     def keys(self) -> list[str]:
         return list(self._where)
@@ -85,24 +85,30 @@ class SafetensorsReader:
     def __contains__(self, name: str) -> bool:
         return name in self._where
 
-    def _handle(self, f: str):
-        from safetensors import safe_open
-
+    def _header(self, f: str) -> dict:
+        """A shard's header (names, dtypes, shapes), read once without mapping the data."""
         if f not in self._open:
-            self._open[f] = safe_open(str(self.dir / f), framework="pt")
+            with open(self.dir / f, "rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                self._open[f] = json.loads(fh.read(n))
         return self._open[f]
 
     def shape(self, name: str) -> tuple[int, ...]:
         f, k = self._where[name]
-        return tuple(self._handle(f).get_slice(k).get_shape())
+        return tuple(self._header(f)[k]["shape"])
 
     def dtype(self, name: str) -> str:
         f, k = self._where[name]
-        return self._handle(f).get_slice(k).get_dtype()
+        return self._header(f)[k]["dtype"]
 
     def get(self, name: str) -> Tensor:
+        """A copy of one tensor. The shard is mapped only for this read: a mapping held open keeps
+        every page read so far in this process's resident set, up to the whole checkpoint."""
+        from safetensors import safe_open
+
         f, k = self._where[name]
-        return self._handle(f).get_tensor(k)
+        with safe_open(str(self.dir / f), framework="pt") as h:
+            return h.get_tensor(k)
 
     def close(self) -> None:
         self._open.clear()
