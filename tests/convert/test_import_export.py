@@ -80,3 +80,21 @@ def test_coverage_names_a_missing_an_extra_and_a_misshaped_tensor(remote):
     with pytest.raises(HFCheckpointError, match=rf"{wrong} has shape \(192, 63\).*\(192, 64\)"):
         import_hf(d / "shape", d / "ck_shape", progress=False)
     assert not any((d / f"ck_{c}").exists() for c in ("missing", "extra", "shape"))
+
+
+def test_internvl2_1b_style_remote_qwen2_with_tied_embeddings_round_trips(tmp_path):
+    """Remote-code layout with a Qwen2 LLM (qkv bias, GQA) and tied embeddings, as InternVL2-1B."""
+    import dataclasses
+
+    mc = tiny_model_config()
+    mc.language = dataclasses.replace(mc.language, arch="qwen2", qkv_bias=True, tie_word_embeddings=True,
+                                      num_layers=2)
+    tensors = remote_checkpoint(str(tmp_path / "hf"), mc, seed=1)
+    assert "language_model.model.layers.1.self_attn.k_proj.bias" in tensors
+    assert not any(k.startswith("language_model.lm_head") for k in tensors)
+    import_hf(tmp_path / "hf", tmp_path / "ck", progress=False)
+    export_hf(tmp_path / "ck", tmp_path / "out", layout="remote-code", progress=False)
+    back = read_safetensors(tmp_path / "out")
+    assert set(back) == set(tensors) and all(torch.equal(back[k], tensors[k]) for k in tensors)
+    assert json.loads((tmp_path / "out" / "config.json").read_text()) == \
+        json.loads((tmp_path / "hf" / "config.json").read_text())
