@@ -126,8 +126,6 @@ def _run(phase: str, a: Path, b: Path, shard_bytes: int) -> dict:
 
 
 def _same(a: Path, b: Path) -> bool:
-    from safetensors import safe_open
-
     from v2pe_megatron.convert.safetensors_io import SafetensorsReader
 
     ra, rb = SafetensorsReader(a), SafetensorsReader(b)

@@ -1,4 +1,4 @@
-"""``v2pe-convert`` end to end (subprocesses and gloo ranks; ~1.5 min on 2 cores).
+"""``v2pe-convert`` end to end (subprocesses and gloo ranks; 2-3 min on 2 busy cores).
 
 - transformers-native layout (Qwen2, odd vocabulary so TP pads it): imported at TP=2 x PP=2 on 4
   ranks with ``--verify`` (transformers' own forward against the checkpoint loaded at TP=1), exported
@@ -52,7 +52,7 @@ def _same(a: dict, b: dict) -> list[str]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_native_tp2_pp2_import_matches_transformers_and_exports_bit_exactly(tmp_path):
+def test_native_tp2_pp2_import_matches_transformers_and_exports_bit_exactly(tmp_path, capsys):
     pytest.importorskip("transformers")
     hf = tmp_path / "hf"
     native_checkpoint(str(hf))
@@ -78,16 +78,18 @@ def test_native_tp2_pp2_import_matches_transformers_and_exports_bit_exactly(tmp_
     for f in ("config.json", "tokenizer_config.json"):
         (runtime / f).write_text((hf / f).read_text())
     save_file(canonical_native_names(original), str(runtime / "model.safetensors"))
-    convert("import-hf", "--hf", str(runtime), "--out", str(tmp_path / "ck2"))
-    convert("export-hf", "--ckpt", str(tmp_path / "ck2"), "--out", str(tmp_path / "out2"), "--layout", "transformers")
+    # in this process from here on: the CLI's library calls and its argument errors
+    from v2pe_megatron.cli.convert import main
+    from v2pe_megatron.convert.megatron import export_hf, import_hf
+
+    import_hf(runtime, tmp_path / "ck2", progress=False)
+    export_hf(tmp_path / "ck2", tmp_path / "out2", layout="transformers", progress=False)
     assert not _same(read_safetensors(tmp_path / "out2"), original)
 
-    r = convert("export-hf", "--ckpt", str(tmp_path / "ck"), "--out", str(tmp_path / "out"), "--layout",
-                "transformers", check=False)
-    assert r.returncode == 1 and "--force" in r.stderr
-    r = convert("export-hf", "--ckpt", str(tmp_path / "ck"), "--out", str(tmp_path / "o3"), "--layout",
-                "transformers", "--v2pe-delta", "0.3", check=False)
-    assert r.returncode == 1 and "not an integer stride" in r.stderr and not (tmp_path / "o3").exists()
+    out = ["export-hf", "--ckpt", str(tmp_path / "ck"), "--layout", "transformers", "--no-progress", "--out"]
+    assert main(out + [str(tmp_path / "out")]) == 1 and "--force" in capsys.readouterr().err
+    assert main(out + [str(tmp_path / "o3"), "--v2pe-delta", "0.3"]) == 1
+    assert "not an integer stride" in capsys.readouterr().err and not (tmp_path / "o3").exists()
 
 
 def hf_loss(hf_dir: str, recipe_path: str, world: int) -> float:
