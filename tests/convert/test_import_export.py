@@ -51,6 +51,10 @@ def test_round_trip_is_bit_exact_and_model_yaml_is_the_recipe_section(remote):
         export_hf(d / "ck", d / "out", layout="remote-code", progress=False)
     with pytest.raises(FileExistsError, match="--force"):
         import_hf(d / "hf", d / "ck", progress=False)
+    (d / "empty").mkdir()
+    with pytest.raises(HFCheckpointError, match="holds no tokenizer files"):  # fails after the weights
+        export_hf(d / "ck", d / "out2", layout="remote-code", tokenizer=d / "empty", progress=False)
+    assert not (d / "out2").exists() and not (d / "out2.tmp").exists()
 
 
 def _planted(src, dst, change):

@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     from v2pe_megatron.convert.errors import HFCheckpointError
     from v2pe_megatron.convert import megatron as conv
     from v2pe_megatron.convert.verify import verify_pair
+    from v2pe_megatron.parallel.layout import LayoutError
 
     try:
         if args.cmd == "import-hf":
@@ -98,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     except (HFCheckpointError, FileExistsError, FileNotFoundError, NotADirectoryError) as e:
         print(f"v2pe-convert: {e}", file=sys.stderr)
         return exit_codes.ERROR
+    except LayoutError as e:  # e.g. --spec te without Transformer Engine
+        print(f"v2pe-convert: {e}", file=sys.stderr)
+        return exit_codes.USAGE
     return 0
 
 

@@ -316,12 +316,8 @@ def export_hf(ckpt_path: str | os.PathLike, out: str | os.PathLike, *, layout: s
               v2pe_delta: Optional[float] = None, force: bool = False, max_shard_bytes: int = 2 << 30,
               progress: bool = True) -> ConvertResult:
     """torch_dist checkpoint (weights folder, ``iter_*`` or a training ``checkpoint.dir``) -> HF folder."""
-    from tqdm import tqdm
-
     from v2pe_megatron.convert.hf_config import v2pe_stride
-    from v2pe_megatron.convert.load import _ensure_single_rank
-    from v2pe_megatron.model.internvl import build_model
-    from v2pe_megatron.parallel.layout import Layout, resolve_spec
+    from v2pe_megatron.parallel.layout import resolve_spec
     from v2pe_megatron.training import checkpointing as ckpt
 
     t0 = time.time()
@@ -330,6 +326,8 @@ def export_hf(ckpt_path: str | os.PathLike, out: str | os.PathLike, *, layout: s
     lay = LAYOUTS[layout]
     if v2pe_delta is not None:
         v2pe_stride(v2pe_delta)  # a bad delta fails before anything is read
+    if tokenizer is not None and not Path(tokenizer).is_dir():
+        raise FileNotFoundError(f"--tokenizer {tokenizer} is not a folder")
     out = Path(out)
     check_out(out, force)
     src = ckpt.weights_dir(ckpt_path)
@@ -353,6 +351,24 @@ def export_hf(ckpt_path: str | os.PathLike, out: str | os.PathLike, *, layout: s
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
+    try:
+        notes = _export_into(tmp, src, mc, table, lay, source_cfg, v2pe_delta, tokenizer, max_shard_bytes, progress)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written stays behind
+        raise
+    _publish(tmp, out)
+    return ConvertResult(str(out), time.time() - t0, sum(len(mp.hf) for mp in table), lay, notes=notes)
+
+
+def _export_into(tmp: Path, src: Path, mc: ModelConfig, table: list[Mapping], lay: str, source_cfg: Optional[dict],
+                 v2pe_delta: Optional[float], tokenizer, max_shard_bytes: int, progress: bool) -> list[str]:
+    from tqdm import tqdm
+
+    from v2pe_megatron.convert.load import _ensure_single_rank
+    from v2pe_megatron.model.internvl import build_model
+    from v2pe_megatron.parallel.layout import Layout
+    from v2pe_megatron.training import checkpointing as ckpt
+
     with contextlib.ExitStack() as st:
         _ensure_single_rank(st)
         model = build_model(mc, Layout(spec=mc.spec), pre_process=True, post_process=True)
@@ -379,8 +395,7 @@ def export_hf(ckpt_path: str | os.PathLike, out: str | os.PathLike, *, layout: s
     notes = []
     if tokenizer is not None:
         notes.append(f"tokenizer files: {', '.join(copy_tokenizer(tokenizer, tmp))}")
-    _publish(tmp, out)
-    return ConvertResult(str(out), time.time() - t0, sum(len(mp.hf) for mp in table), lay, notes=notes)
+    return notes
 
 
 def _recipe_v2pe(path: Path) -> Optional[float]:
