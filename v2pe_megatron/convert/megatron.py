@@ -22,6 +22,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -360,36 +361,66 @@ def export_hf(ckpt_path: str | os.PathLike, out: str | os.PathLike, *, layout: s
     return ConvertResult(str(out), time.time() - t0, sum(len(mp.hf) for mp in table), lay, notes=notes)
 
 
+_LAYER = re.compile(r"^(.*\.decoder\.layers)\.(\d+)\.(.*)$")
+_MODEL_PREFIXES = ("vision_model.", "projector.", "language_model.")
+
+
+def _checkpoint_key(mcore: str) -> tuple[str, Optional[int]]:
+    """A parameter's key in a torch_dist checkpoint, and its layer: megatron stores each kind of layer
+    tensor once, stacked over the layers (``decoder.layers.mlp.linear_fc1.weight`` [layers, ...])."""
+    m = _LAYER.match(mcore)
+    return (f"{m.group(1)}.{m.group(3)}", int(m.group(2))) if m else (mcore, None)
+
+
+def _load_key(src: Path, key: str, meta: dict) -> torch.Tensor:
+    """One checkpoint tensor, whole (for layer tensors: all layers, stacked). torch's distributed
+    checkpoint reads a slice only as one of a complete set of shards, so a layer cannot be read alone."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    sh = meta[key]
+    request = {key: ShardedTensor.from_rank_offsets(key, torch.empty(tuple(sh.global_shape), dtype=sh.dtype),
+                                                    replica_id=0)}
+    return dist_checkpointing.load(request, str(src))[key]
+
+
 def _export_into(tmp: Path, src: Path, mc: ModelConfig, table: list[Mapping], lay: str, source_cfg: Optional[dict],
                  v2pe_delta: Optional[float], tokenizer, max_shard_bytes: int, progress: bool) -> list[str]:
+    """Streams: one checkpoint tensor at a time (a layer tensor holds every layer), never the model."""
+    from megatron.core import dist_checkpointing
     from tqdm import tqdm
 
     from v2pe_megatron.convert.load import _ensure_single_rank
-    from v2pe_megatron.model.internvl import build_model
-    from v2pe_megatron.parallel.layout import Layout
-    from v2pe_megatron.training import checkpointing as ckpt
 
+    meta = dist_checkpointing.load_tensors_metadata(str(src))
+    wanted = {_checkpoint_key(mp.mcore)[0] for mp in table}
+    absent = sorted(wanted - set(meta))
+    if absent:
+        other = "te" if mc.spec == "local" else "local"
+        hint = (f" (the checkpoint uses the {other} spec's names: set model.spec: {other} in the model yaml)"
+                if all(_checkpoint_key(mp.mcore)[0] in meta for mp in weight_map(mc, lay, other)) else "")
+        raise HFCheckpointError(f"megatron tensor {absent[0]} is not in {src}{hint}")
+    unused = sorted(k for k in meta if k.startswith(_MODEL_PREFIXES) and k not in wanted)
+    if unused:
+        raise HFCheckpointError(f"checkpoint tensor {unused[0]} has no HF tensor in the table (is the model yaml "
+                                f"the one this checkpoint was trained with?)")
+    groups: dict[str, list[Mapping]] = {}
+    for mp in table:  # one group per checkpoint tensor, in order of first use
+        groups.setdefault(_checkpoint_key(mp.mcore)[0], []).append(mp)
+    writer = ShardWriter(tmp, max_shard_bytes)
     with contextlib.ExitStack() as st:
         _ensure_single_rank(st)
-        model = build_model(mc, Layout(spec=mc.spec), pre_process=True, post_process=True)
-        ckpt.load_model_weights(src, model)
-        params = dict(model.named_parameters())
-        own = set(params)
-        unmapped = sorted(own - {mp.mcore for mp in table})
-        if unmapped:
-            raise HFCheckpointError(f"megatron parameter {unmapped[0]} has no HF tensor in the table")
-        writer = ShardWriter(tmp, max_shard_bytes)
-        with torch.no_grad():
-            for mp in tqdm(table, desc="export", unit="tensor", disable=not progress):
-                if mp.mcore not in params:
-                    raise HFCheckpointError(f"megatron tensor {mp.mcore} is missing from the model")
-                t = params[mp.mcore].detach()
+        for key, group in tqdm(list(groups.items()), desc="export", unit="tensor", disable=not progress):
+            whole = _load_key(src, key, meta)
+            for mp in group:
+                layer = _checkpoint_key(mp.mcore)[1]
+                t = whole if layer is None else whole[layer]
                 if mp.mcore in _VOCAB_PARAMS:
                     t = t[: mc.language.vocab_size]  # padding rows are not part of the HF model
                 for name, x in zip(mp.hf, mp.to_hf(t)):
-                    writer.add(_saved_name(name, lay), x.cpu().clone())
-        writer.close()
-        del model, params
+                    writer.add(_saved_name(name, lay), x.clone())
+            del whole
+    writer.close()
     cfg = hf_config_from_model(mc, lay, source=source_cfg, v2pe_delta=v2pe_delta)
     (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
     notes = []
