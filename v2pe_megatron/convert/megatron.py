@@ -8,8 +8,9 @@ megatron saves global tensors with their offsets, the checkpoint loads at any TP
 embedding and output layer are saved with their padded rows flagged as such
 (``allow_shape_mismatch``), so a vocabulary padded for TP=2 loads at TP=1 or 4 too.
 
-Export (one process): builds the whole model, loads the checkpoint (any layout it was saved at) and
-writes sharded safetensors layer by layer in file order.
+Export (one process, no model): checks the checkpoint's tensor list against the table, then loads
+one checkpoint tensor at a time (megatron stacks each kind of layer tensor over the layers) and
+writes its HF tensors into sharded safetensors; any layout the checkpoint was saved at.
 
 Beside the weights: ``model.yaml`` (the recipe's ``model:`` section, plus ``v2pe:`` for a V2PE source)
 and ``hf_config.json`` (the source's ``config.json``, for keys we do not model). Output folders are
