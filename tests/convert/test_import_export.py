@@ -55,6 +55,11 @@ def test_round_trip_is_bit_exact_and_model_yaml_is_the_recipe_section(remote):
     with pytest.raises(HFCheckpointError, match="holds no tokenizer files"):  # fails after the weights
         export_hf(d / "ck", d / "out2", layout="remote-code", tokenizer=d / "empty", progress=False)
     assert not (d / "out2").exists() and not (d / "out2.tmp").exists()
+    # a model section that does not describe the checkpoint is named before anything is read
+    wrong = (d / "ck" / "model.yaml").read_text().replace("num_layers: 4", "num_layers: 3")
+    (d / "wrong.yaml").write_text(wrong)
+    with pytest.raises(HFCheckpointError, match="holds 4 layers, the model yaml has 3"):
+        export_hf(d / "ck", d / "out3", layout="remote-code", model_yaml=d / "wrong.yaml", progress=False)
 
 
 def _planted(src, dst, change):
