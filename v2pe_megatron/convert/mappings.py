@@ -9,8 +9,6 @@ transforms only reorder or concatenate rows, so HF -> megatron -> HF is bit-iden
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import ClassVar
-
 import torch
 from torch import Tensor
 
@@ -43,7 +41,6 @@ class Mapping:
 
     mcore: str
     hf: tuple[str, ...]
-    kind: ClassVar[str] = "copy"
 
     def at(self, layer: int) -> "Mapping":
         return replace(self, mcore=self.mcore.format(layer=layer), hf=tuple(h.format(layer=layer) for h in self.hf))
@@ -53,10 +50,6 @@ class Mapping:
 
     def to_hf(self, t: Tensor) -> list[Tensor]:
         raise NotImplementedError
-
-    @property
-    def transform(self) -> str:  # the name the table printed before the classes existed
-        return self.kind
 
 
 @dataclass(frozen=True)
@@ -76,7 +69,6 @@ class GroupedQKV(Mapping):
 
     heads: int = 0
     groups: int = 0
-    kind: ClassVar[str] = "qkv"
 
     def to_megatron(self, ts: list[Tensor]) -> Tensor:
         return qkv_to_megatron(*ts, self.heads, self.groups)
@@ -90,7 +82,6 @@ class FusedQKV(Mapping):
     """InternViT's one ``attn.qkv`` [all q; all k; all v] -> megatron's per-head [q_h; k_h; v_h] rows."""
 
     heads: int = 0
-    kind: ClassVar[str] = "qkv_fused"
 
     def to_megatron(self, ts: list[Tensor]) -> Tensor:
         q, k, v = torch.chunk(ts[0], 3, dim=0)
@@ -104,7 +95,6 @@ class FusedQKV(Mapping):
 class GatedMLP(Mapping):
     """HF gate and up projections -> megatron's ``linear_fc1`` = [gate; up] (split per TP rank by the caller)."""
 
-    kind: ClassVar[str] = "cat"
 
     def to_megatron(self, ts: list[Tensor]) -> Tensor:
         return torch.cat(ts, dim=0)

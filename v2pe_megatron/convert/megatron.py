@@ -58,7 +58,6 @@ class ConvertResult:
     layout: str
     tp: int = 1
     pp: int = 1
-    verify: Optional[dict[str, float]] = None
     notes: list[str] = field(default_factory=list)
 
 
