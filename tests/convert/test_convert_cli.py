@@ -68,6 +68,14 @@ def test_native_tp2_pp2_import_matches_transformers_and_exports_bit_exactly(tmp_
     assert not _same(read_safetensors(tmp_path / "out"), original)
     assert (tmp_path / "out" / "tokenizer_config.json").read_text() == (hf / "tokenizer_config.json").read_text()
 
+    def flat(d, p=""):
+        return {k2: v2 for k, v in d.items() for k2, v2 in (flat(v, f"{p}{k}.").items() if isinstance(v, dict)
+                                                             else [(p + k, v)])}
+
+    src_cfg, out_cfg = (flat(json.loads((f / "config.json").read_text())) for f in (hf, tmp_path / "out"))
+    changed = {k: (v, out_cfg.get(k)) for k, v in src_cfg.items() if out_cfg.get(k) != v}
+    assert not changed, changed  # every key of transformers' config.json survives, shapes included
+
     # transformers' runtime key spelling (model.vision_tower.*, lm_head) imports to the same checkpoint
     from safetensors.torch import save_file
 
