@@ -1,0 +1,460 @@
+"""HF checkpoint <-> megatron torch_dist checkpoint, one tensor at a time.
+
+Import (collective over ``tp x pp`` ranks): every rank builds its own stage of the model, fills its
+parameters with NaN, then streams the HF tensors it needs (each read, transformed, sliced to the
+rank's tensor-parallel shard and copied in, one at a time), checks that every parameter was set and
+every HF tensor used (all ranks together), and saves with megatron's ``dist_checkpointing``. Because
+megatron saves global tensors with their offsets, the checkpoint loads at any TP/PP/DP; the
+embedding and output layer are saved with their padded rows flagged as such
+(``allow_shape_mismatch``), so a vocabulary padded for TP=2 loads at TP=1 or 4 too.
+
+Export (one process, no model): checks the checkpoint's tensor list against the table, then loads
+one checkpoint tensor at a time (megatron stacks each kind of layer tensor over the layers) and
+writes its HF tensors into sharded safetensors; any layout the checkpoint was saved at.
+
+Beside the weights: ``model.yaml`` (the recipe's ``model:`` section, plus ``v2pe:`` for a V2PE source)
+and ``hf_config.json`` (the source's ``config.json``, for keys we do not model). Output folders are
+written as ``<out>.tmp`` and renamed when complete; an existing ``<out>`` needs ``force``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+import yaml
+
+from v2pe_megatron.config import ModelConfig
+from v2pe_megatron.convert.errors import HFCheckpointError
+from v2pe_megatron.convert.hf_config import hf_config_from_model, v2pe_recipe_section
+from v2pe_megatron.convert.load import hf_model_config
+from v2pe_megatron.convert.mappings import GatedMLP, Mapping, check_hf_shapes, weight_map
+from v2pe_megatron.convert.safetensors_io import SafetensorsReader, ShardWriter, uniform_dtype
+
+MODEL_YAML = "model.yaml"
+SOURCE_CONFIG = "hf_config.json"
+LAYOUTS = {"remote-code": "remote", "transformers": "native", "remote": "remote", "native": "native"}
+# transformers' save_pretrained spelling of the native layout (hf.load accepts both)
+_NATIVE_SAVE = (("model.vision_tower.", "vision_tower."), ("model.multi_modal_projector.", "multi_modal_projector."),
+                ("model.language_model.", "language_model.model."), ("lm_head.", "language_model.lm_head."))
+_VOCAB_PARAMS = ("language_model.embedding.word_embeddings.weight", "language_model.output_layer.weight")
+
+
+@dataclass
+class ConvertResult:
+    out: str
+    seconds: float
+    tensors: int
+    layout: str
+    tp: int = 1
+    pp: int = 1
+    notes: list[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------
+# output folders
+# ---------------------------------------------------------------------------------------------
+def _tmp_of(out: Path) -> Path:
+    return out.with_name(out.name + ".tmp")
+
+
+def check_out(out: str | os.PathLike, force: bool) -> None:
+    p = Path(out)
+    if p.exists() and not force:
+        raise FileExistsError(f"{p} exists; pass --force to replace it (it is replaced only when the new one is complete)")
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Rename the finished ``tmp`` to ``out``; an old ``out`` (``force``) goes aside first, deleted last."""
+    old = out.with_name(out.name + ".replaced.tmp")
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def model_section(mc: ModelConfig) -> dict[str, Any]:
+    d = dataclasses.asdict(mc)
+    d.pop("preset", None)
+    return d
+
+
+def write_model_yaml(folder: Path, mc: ModelConfig, source_cfg: Optional[dict]) -> None:
+    doc: dict[str, Any] = {"model": model_section(mc)}
+    v2pe = v2pe_recipe_section(source_cfg or {})
+    if v2pe:
+        doc["v2pe"] = v2pe
+    header = ("# The recipe sections that match this checkpoint (written by v2pe-convert): copy them into a\n"
+              "# recipe and train with checkpoint.pretrained=<this folder>.\n")
+    (folder / MODEL_YAML).write_text(header + yaml.safe_dump(doc, sort_keys=False))
+
+
+def read_model_yaml(path: str | os.PathLike) -> ModelConfig:
+    """The ``model`` section of a model.yaml or any recipe, as the recipe loader reads it."""
+    from v2pe_megatron.config import RecipeError, load_recipe
+
+    try:
+        return load_recipe(path).model
+    except RecipeError as e:
+        raise HFCheckpointError(f"{path}: {e}") from e
+
+
+def find_model_yaml(ckpt: str | os.PathLike) -> Optional[Path]:
+    """model.yaml in the checkpoint folder, its torch_dist folder or the folder above (training runs)."""
+    from v2pe_megatron.training.checkpointing import weights_dir
+
+    p = Path(ckpt)
+    for c in (p, weights_dir(p), p.parent):
+        if (c / MODEL_YAML).is_file():
+            return c / MODEL_YAML
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# import
+# ---------------------------------------------------------------------------------------------
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _agree(problem: Optional[str]) -> None:
+    """Collective: raise on every rank the first problem any rank found (no rank left in a collective)."""
+    problems = [problem]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        problems = [None] * dist.get_world_size()
+        dist.all_gather_object(problems, problem)
+    found = [p for p in problems if p]
+    if found:
+        raise HFCheckpointError(found[0])
+
+
+def _global_names(model) -> dict[str, str]:
+    """This stage's parameter names -> the whole model's (pipeline stages number their layers from 0)."""
+    prefix = "language_model.decoder.layers."
+    offsets = {str(i): str(layer.layer_number - 1) for i, layer in enumerate(model.language_model.decoder.layers)}
+    out = {}
+    for name, _ in model.named_parameters():
+        if name.startswith(prefix):
+            i, rest = name[len(prefix):].split(".", 1)
+            out[name] = f"{prefix}{offsets[i]}.{rest}"
+        else:
+            out[name] = name
+    return out
+
+
+def _global_shape(name: str, p: torch.Tensor, tp: int, vocab: int) -> tuple[int, ...]:
+    shape = list(p.shape)
+    if tp > 1 and getattr(p, "tensor_model_parallel", False):
+        shape[p.partition_dim] *= tp
+    if name in _VOCAB_PARAMS:
+        shape[0] = vocab  # the HF side has no padding rows
+    return tuple(shape)
+
+
+def _local_shard(mp: Mapping, name: str, full: torch.Tensor, p: torch.Tensor, tp: int, tp_rank: int) -> torch.Tensor:
+    """This TP rank's part of the whole megatron tensor ``full``, as megatron lays it out."""
+    if name in _VOCAB_PARAMS and full.shape[0] < p.shape[0] * tp:  # padded vocabulary: zero rows
+        full = torch.cat([full, full.new_zeros(p.shape[0] * tp - full.shape[0], *full.shape[1:])])
+    if tp == 1 or not getattr(p, "tensor_model_parallel", False):
+        return full
+    if isinstance(mp, GatedMLP):  # each rank holds [gate_i; up_i]
+        gate, up = torch.chunk(full, 2, dim=0)
+        return torch.cat([gate.chunk(tp, dim=0)[tp_rank], up.chunk(tp, dim=0)[tp_rank]])
+    return full.chunk(tp, dim=p.partition_dim)[tp_rank]
+
+
+def _fill(model, mc: ModelConfig, table: list[Mapping], reader: SafetensorsReader, tp: int,
+          progress: bool) -> set[str]:
+    """Stream this rank's parameters in; returns the HF tensors used. Raises naming the tensor."""
+    from megatron.core import parallel_state as ps
+    from tqdm import tqdm
+
+    by_mcore = {mp.mcore: mp for mp in table}
+    names = _global_names(model)
+    params = dict(model.named_parameters())
+    extra_state = [k for k in model.state_dict() if k not in params and not k.endswith("_extra_state")]
+    if extra_state:
+        raise HFCheckpointError(f"megatron state {extra_state[0]} is not a parameter; the converter does not know it")
+    tp_rank = ps.get_tensor_model_parallel_rank()
+    used: set[str] = set()
+    with torch.no_grad():
+        for p in params.values():
+            p.fill_(float("nan"))  # a parameter nothing writes survives as NaN (checked below)
+        bar = tqdm(params.items(), desc="import", unit="tensor", disable=not progress or _rank() != 0)
+        for local, p in bar:
+            g = names[local]
+            mp = by_mcore.get(g)
+            if mp is None:
+                raise HFCheckpointError(f"megatron parameter {g} has no HF tensor in the table (model.spec="
+                                        f"{mc.spec}? the table knows local and te names)")
+            missing = [n for n in mp.hf if n not in reader]
+            if missing:
+                raise HFCheckpointError(f"HF tensor {missing[0]} (for {g}) is missing from the checkpoint")
+            check_hf_shapes(mp, [reader.shape(n) for n in mp.hf], _global_shape(g, p, tp, mc.language.vocab_size))
+            full = mp.to_megatron([reader.get(n) for n in mp.hf])
+            shard = _local_shard(mp, g, full, p, tp, tp_rank)
+            if tuple(shard.shape) != tuple(p.shape):
+                raise HFCheckpointError(f"{g}: this rank's shard is {tuple(shard.shape)}, the model has "
+                                        f"{tuple(p.shape)} (tp={tp})")
+            p.copy_(shard)
+            used.update(mp.hf)
+            del full, shard
+        survivors = [names[k] for k, p in params.items() if p.is_floating_point() and torch.isnan(p).any()]
+    if survivors:
+        raise HFCheckpointError(f"megatron parameter {survivors[0]} was never set (NaN survives; or the HF "
+                                f"tensor itself holds NaN)")
+    return used
+
+
+@contextlib.contextmanager
+def _parallel(tp: int, pp: int):
+    """megatron state for ``tp x pp`` on the job's ranks (torchrun / srun), or a 1-rank group."""
+    from v2pe_megatron.runtime.distributed import model_parallel, process_group
+
+    with contextlib.ExitStack() as st:
+        if not dist.is_initialized() and ("RANK" in os.environ or "SLURM_PROCID" in os.environ):
+            st.enter_context(process_group())
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        if world != tp * pp:
+            raise HFCheckpointError(f"import at tp={tp} pp={pp} needs {tp * pp} ranks, this job has {world}; "
+                                    f"start it with {tp * pp} tasks (or let v2pe-convert start them)")
+        st.enter_context(model_parallel(tp, pp))
+        yield
+
+
+def import_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, *, tp: int = 1, pp: int = 1, spec: str = "local",
+              force: bool = False, progress: bool = True, img_context_token_id: Optional[int] = None) -> ConvertResult:
+    """HF folder -> torch_dist weights folder ``out`` (collective over ``tp x pp`` ranks, or one process)."""
+    from v2pe_megatron.model.internvl import build_model
+    from v2pe_megatron.parallel.layout import Layout, resolve_spec
+    from v2pe_megatron.runtime import megatron_writer
+    from v2pe_megatron.training import checkpointing as ckpt
+
+    t0 = time.time()
+    out = Path(out)
+    check_out(out, force)
+    mc, layout, cfg = hf_model_config(hf_dir, img_context_token_id)
+    reader = SafetensorsReader(hf_dir, native=layout == "native")
+    mc.dtype = uniform_dtype(reader.dtype(k) for k in reader.keys()) or "fp32"
+    mc.spec = resolve_spec(spec)
+    table = weight_map(mc, layout, mc.spec)
+    tmp = _tmp_of(out)
+    with _parallel(tp, pp):
+        if _rank() == 0 and tmp.exists():
+            shutil.rmtree(tmp)
+        model = build_model(mc, Layout(tp=tp, pp=pp, spec=mc.spec))
+        used, problem = set(), None
+        try:
+            used = _fill(model, mc, table, reader, tp, progress)
+        except HFCheckpointError as e:
+            problem = str(e)
+        _agree(problem)
+        every = [used]
+        if dist.get_world_size() > 1:
+            every = [None] * dist.get_world_size()
+            dist.all_gather_object(every, used)
+        unused = sorted(set(reader.keys()) - set().union(*every))
+        if unused:
+            raise HFCheckpointError(f"unexpected HF tensor {unused[0]} ({len(unused)} unused in all); the config "
+                                    f"does not describe this checkpoint")
+        megatron_writer.activate()  # the writer in this process: no helper process (as training saves)
+        ckpt.save_model_weights(tmp, model)
+        if _rank() == 0:
+            mc_out = dataclasses.replace(mc, spec="auto")  # the weights load into either spec
+            write_model_yaml(tmp, mc_out, cfg)
+            (tmp / SOURCE_CONFIG).write_text(json.dumps(cfg, indent=2))
+        dist.barrier()
+        ckpt.write_manifest(tmp)
+        dist.barrier()
+        if _rank() == 0:
+            _publish(tmp, out)
+        dist.barrier()
+    reader.close()
+    return ConvertResult(str(out), time.time() - t0, len(reader.keys()), layout, tp, pp)
+
+
+# ---------------------------------------------------------------------------------------------
+# export
+# ---------------------------------------------------------------------------------------------
+def _saved_name(name: str, layout: str) -> str:
+    if layout == "native":
+        for new, old in _NATIVE_SAVE:
+            if name.startswith(new):
+                return old + name[len(new):]
+    return name
+
+
+_NOT_TOKENIZER = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
+
+
+def copy_tokenizer(src: str | os.PathLike, dst: Path) -> list[str]:
+    """The tokenizer (and processor) files of ``src``: everything but weights and config.json."""
+    s = Path(src)
+    if not s.is_dir():
+        raise FileNotFoundError(f"--tokenizer {s} is not a folder")
+    copied = []
+    for f in sorted(s.iterdir()):
+        if f.is_file() and not f.name.endswith(_NOT_TOKENIZER) and f.name not in ("config.json", "model.safetensors.index.json"):
+            shutil.copy2(f, dst / f.name)
+            copied.append(f.name)
+    if not copied:
+        raise HFCheckpointError(f"--tokenizer {s} holds no tokenizer files")
+    return copied
+
+
+def export_hf(ckpt_path: str | os.PathLike, out: str | os.PathLike, *, layout: str = "remote-code",
+              model_yaml: Optional[str | os.PathLike] = None, tokenizer: Optional[str | os.PathLike] = None,
+              v2pe_delta: Optional[float] = None, force: bool = False, max_shard_bytes: int = 2 << 30,
+              progress: bool = True) -> ConvertResult:
+    """torch_dist checkpoint (weights folder, ``iter_*`` or a training ``checkpoint.dir``) -> HF folder."""
+    from v2pe_megatron.convert.hf_config import v2pe_stride
+    from v2pe_megatron.parallel.layout import resolve_spec
+    from v2pe_megatron.training import checkpointing as ckpt
+
+    t0 = time.time()
+    if layout not in LAYOUTS:
+        raise HFCheckpointError(f"--layout {layout!r}: choose remote-code or transformers")
+    lay = LAYOUTS[layout]
+    if v2pe_delta is not None:
+        v2pe_stride(v2pe_delta)  # a bad delta fails before anything is read
+    if tokenizer is not None and not Path(tokenizer).is_dir():
+        raise FileNotFoundError(f"--tokenizer {tokenizer} is not a folder")
+    out = Path(out)
+    check_out(out, force)
+    src = ckpt.weights_dir(ckpt_path)
+    my = Path(model_yaml) if model_yaml else find_model_yaml(ckpt_path)
+    if my is None:
+        raise HFCheckpointError(f"no {MODEL_YAML} in or above {ckpt_path}: pass --model-yaml with the recipe "
+                                f"(or its model section) the checkpoint was trained with")
+    mc = read_model_yaml(my)
+    mc.spec = resolve_spec(mc.spec)
+    source_cfg = None
+    for c in (src, Path(ckpt_path), my.parent):
+        if (c / SOURCE_CONFIG).is_file():
+            source_cfg = json.loads((c / SOURCE_CONFIG).read_text())
+            break
+    if source_cfg is None and v2pe_delta is None:
+        v2pe = _recipe_v2pe(my)
+        if v2pe is not None:
+            v2pe_delta = v2pe
+    table = weight_map(mc, lay, mc.spec)
+    tmp = _tmp_of(out)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        notes = _export_into(tmp, src, mc, table, lay, source_cfg, v2pe_delta, tokenizer, max_shard_bytes, progress)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written stays behind
+        raise
+    _publish(tmp, out)
+    return ConvertResult(str(out), time.time() - t0, sum(len(mp.hf) for mp in table), lay, notes=notes)
+
+
+_LAYER = re.compile(r"^(.*\.decoder\.layers)\.(\d+)\.(.*)$")
+_MODEL_PREFIXES = ("vision_model.", "projector.", "language_model.")
+
+
+def _checkpoint_key(mcore: str) -> tuple[str, Optional[int]]:
+    """A parameter's key in a torch_dist checkpoint, and its layer: megatron stores each kind of layer
+    tensor once, stacked over the layers (``decoder.layers.mlp.linear_fc1.weight`` [layers, ...])."""
+    m = _LAYER.match(mcore)
+    return (f"{m.group(1)}.{m.group(3)}", int(m.group(2))) if m else (mcore, None)
+
+
+def _load_key(src: Path, key: str, meta: dict) -> torch.Tensor:
+    """One checkpoint tensor, whole (for layer tensors: all layers, stacked). torch's distributed
+    checkpoint reads a slice only as one of a complete set of shards, so a layer cannot be read alone."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    sh = meta[key]
+    request = {key: ShardedTensor.from_rank_offsets(key, torch.empty(tuple(sh.global_shape), dtype=sh.dtype),
+                                                    replica_id=0)}
+    return dist_checkpointing.load(request, str(src))[key]
+
+
+def _check_model_matches(mc: ModelConfig, meta: dict, groups: dict[str, list[Mapping]], my_name: str) -> None:
+    """The model section must describe the checkpoint: layer counts and widths, before anything is read."""
+    lm, v = mc.language, mc.vision
+    checks = [("language_model.embedding.word_embeddings.weight", 1, lm.hidden_size, "language.hidden_size"),
+              ("vision_model.embeddings.class_embedding", 2, v.hidden_size, "vision.hidden_size")]
+    for key, axis, want, what in checks:
+        got = tuple(meta[key].global_shape)[axis]
+        if got != want:
+            raise HFCheckpointError(f"checkpoint tensor {key} has {got} on axis {axis}, {my_name} says "
+                                    f"{what}={want}: give the model section the checkpoint was trained with")
+    rows = tuple(meta["language_model.embedding.word_embeddings.weight"].global_shape)[0]
+    if rows < lm.vocab_size:
+        raise HFCheckpointError(f"the checkpoint's vocabulary has {rows} rows, {my_name} says "
+                                f"language.vocab_size={lm.vocab_size}")
+    for key, group in groups.items():
+        layers = [_checkpoint_key(mp.mcore)[1] for mp in group]
+        if layers[0] is not None and len(layers) != tuple(meta[key].global_shape)[0]:
+            raise HFCheckpointError(f"checkpoint tensor {key} holds {tuple(meta[key].global_shape)[0]} layers, "
+                                    f"{my_name} has {len(layers)}: give the model section the checkpoint was "
+                                    f"trained with")
+
+
+def _export_into(tmp: Path, src: Path, mc: ModelConfig, table: list[Mapping], lay: str, source_cfg: Optional[dict],
+                 v2pe_delta: Optional[float], tokenizer, max_shard_bytes: int, progress: bool) -> list[str]:
+    """Streams: one checkpoint tensor at a time (a layer tensor holds every layer), never the model."""
+    from megatron.core import dist_checkpointing
+    from tqdm import tqdm
+
+    from v2pe_megatron.convert.load import _ensure_single_rank
+
+    meta = dist_checkpointing.load_tensors_metadata(str(src))
+    wanted = {_checkpoint_key(mp.mcore)[0] for mp in table}
+    absent = sorted(wanted - set(meta))
+    if absent:
+        other = "te" if mc.spec == "local" else "local"
+        hint = (f" (the checkpoint uses the {other} spec's names: set model.spec: {other} in the model yaml)"
+                if all(_checkpoint_key(mp.mcore)[0] in meta for mp in weight_map(mc, lay, other)) else "")
+        raise HFCheckpointError(f"megatron tensor {absent[0]} is not in {src}{hint}")
+    unused = sorted(k for k in meta if k.startswith(_MODEL_PREFIXES) and k not in wanted)
+    if unused:
+        raise HFCheckpointError(f"checkpoint tensor {unused[0]} has no HF tensor in the table (is the model yaml "
+                                f"the one this checkpoint was trained with?)")
+    groups: dict[str, list[Mapping]] = {}
+    for mp in table:  # one group per checkpoint tensor, in order of first use
+        groups.setdefault(_checkpoint_key(mp.mcore)[0], []).append(mp)
+    _check_model_matches(mc, meta, groups, my_name="the model yaml")
+    writer = ShardWriter(tmp, max_shard_bytes)
+    with contextlib.ExitStack() as st:
+        _ensure_single_rank(st)
+        for key, group in tqdm(list(groups.items()), desc="export", unit="tensor", disable=not progress):
+            whole = _load_key(src, key, meta)
+            for mp in group:
+                layer = _checkpoint_key(mp.mcore)[1]
+                t = whole if layer is None else whole[layer]
+                if mp.mcore in _VOCAB_PARAMS:
+                    t = t[: mc.language.vocab_size]  # padding rows are not part of the HF model
+                for name, x in zip(mp.hf, mp.to_hf(t)):
+                    writer.add(_saved_name(name, lay), x.clone())
+            del whole
+    writer.close()
+    cfg = hf_config_from_model(mc, lay, source=source_cfg, v2pe_delta=v2pe_delta)
+    (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+    notes = []
+    if tokenizer is not None:
+        notes.append(f"tokenizer files: {', '.join(copy_tokenizer(tokenizer, tmp))}")
+    return notes
+
+
+def _recipe_v2pe(path: Path) -> Optional[float]:
+    """A fixed-delta recipe's delta (a training run's recipe says how its model reads positions)."""
+    from v2pe_megatron.config import load_recipe
+
+    v = load_recipe(path).v2pe
+    return v.delta if v.policy == "fixed" else None

@@ -1,0 +1,175 @@
+"""Sharded safetensors, one tensor at a time in both directions.
+
+:class:`SafetensorsReader` opens the shards of a checkpoint (``model.safetensors`` or the ones its
+``model.safetensors.index.json`` lists) and reads a tensor only when asked; :class:`ShardWriter`
+collects tensors up to a shard size, writes each full shard and finally the index. safetensors holds
+no code, so nothing foreign is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Iterable, Optional
+
+import torch
+from torch import Tensor
+
+from v2pe_megatron.convert.errors import HFCheckpointError
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+
+# transformers writes InternVLForConditionalGeneration with the pre-v5 key layout (``vision_tower.*``,
+# ``language_model.model.*``, ``language_model.lm_head``); its runtime names (and our table) are
+# ``model.vision_tower.*``, ``model.language_model.*``, ``lm_head``.
+_NATIVE_SAVED_PREFIXES = (("vision_tower.", "model.vision_tower."),
+                          ("multi_modal_projector.", "model.multi_modal_projector."),
+                          ("language_model.model.", "model.language_model."),
+                          ("language_model.lm_head.", "lm_head."))
+
+
+def canonical_native_name(k: str) -> str:
+    for old, new in _NATIVE_SAVED_PREFIXES:
+        if k.startswith(old):
+            return new + k[len(old):]
+    return k
+
+
+def canonical_native_names(hf: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Native-layout tensors under the runtime names, whichever of the two key layouts was saved."""
+    out = {}
+    for k, t in hf.items():
+        k = canonical_native_name(k)
+        if k in out:
+            raise HFCheckpointError(f"HF tensor {k} appears under both key layouts")
+        out[k] = t
+    return out
+
+
+def shard_files(hf_dir: str | os.PathLike) -> dict[str, str]:
+    """tensor name -> shard file, from the index (or the one ``model.safetensors``)."""
+    from safetensors import safe_open
+
+    d = Path(hf_dir)
+    if (d / INDEX).is_file():
+        where = dict(json.loads((d / INDEX).read_text())["weight_map"])
+        for f in sorted(set(where.values())):
+            if not (d / f).is_file():
+                raise HFCheckpointError(f"{d}: shard {f} named in {INDEX} is missing")
+        return where
+    if (d / SINGLE).is_file():
+        with safe_open(str(d / SINGLE), framework="pt") as f:
+            return {k: SINGLE for k in f.keys()}
+    raise HFCheckpointError(f"{d}: no {SINGLE} or {INDEX}; only safetensors checkpoints are read "
+                            f"(convert .bin files with transformers' save_pretrained(safe_serialization=True))")
+
+
+class SafetensorsReader:
+    """Lazy access to a checkpoint's tensors. ``native=True`` exposes the runtime (``model.*``) names."""
+
+    def __init__(self, hf_dir: str | os.PathLike, *, native: bool = False):
+        self.dir = Path(hf_dir)
+        self._where: dict[str, tuple[str, str]] = {}
+        for k, f in shard_files(hf_dir).items():
+            name = canonical_native_name(k) if native else k
+            if name in self._where:
+                raise HFCheckpointError(f"HF tensor {name} appears under both key layouts")
+            self._where[name] = (f, k)
+        self._open: dict[str, dict] = {}
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def _header(self, f: str) -> dict:
+        """A shard's header (names, dtypes, shapes), read once without mapping the data."""
+        if f not in self._open:
+            with open(self.dir / f, "rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                self._open[f] = json.loads(fh.read(n))
+        return self._open[f]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        f, k = self._where[name]
+        return tuple(self._header(f)[k]["shape"])
+
+    def dtype(self, name: str) -> str:
+        f, k = self._where[name]
+        return self._header(f)[k]["dtype"]
+
+    def get(self, name: str) -> Tensor:
+        """A copy of one tensor. The shard is mapped only for this read: a mapping held open keeps
+        every page read so far in this process's resident set, up to the whole checkpoint."""
+        from safetensors import safe_open
+
+        f, k = self._where[name]
+        with safe_open(str(self.dir / f), framework="pt") as h:
+            return h.get_tensor(k)
+
+    def close(self) -> None:
+        self._open.clear()
+
+
+def read_safetensors(hf_dir: str | os.PathLike) -> dict[str, Tensor]:
+    """All tensors at once (small checkpoints and tests; the converter streams with the reader)."""
+    r = SafetensorsReader(hf_dir)
+    return {k: r.get(k) for k in r.keys()}
+
+
+class ShardWriter:
+    """Writes tensors in the order given into ``model-0000i-of-0000N.safetensors`` shards of at most
+    ``max_shard_bytes`` (a bigger tensor gets a shard of its own) plus the index; holds one shard."""
+
+    def __init__(self, out_dir: str | os.PathLike, max_shard_bytes: int = 2 << 30):
+        self.dir = Path(out_dir)
+        self.max = int(max_shard_bytes)
+        self._buf: dict[str, Tensor] = {}
+        self._bytes = 0
+        self._parts: list[list[str]] = []
+        self.total_size = 0
+
+    def add(self, name: str, t: Tensor) -> None:
+        if name in self._buf or any(name in p for p in self._parts):
+            raise HFCheckpointError(f"HF tensor {name} written twice")
+        n = t.numel() * t.element_size()
+        if self._buf and self._bytes + n > self.max:
+            self._flush()
+        self._buf[name] = t.detach().contiguous()
+        self._bytes += n
+        self.total_size += n
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+
+        if not self._buf:
+            return
+        save_file(self._buf, str(self.dir / f"part-{len(self._parts):05d}.safetensors"), metadata={"format": "pt"})
+        self._parts.append(list(self._buf))
+        self._buf, self._bytes = {}, 0
+
+    def close(self) -> list[str]:
+        """Flush, name the shards ``-of-N`` and write the index; returns the shard file names."""
+        self._flush()
+        n = len(self._parts)
+        names = []
+        weight_map = {}
+        for i, keys in enumerate(self._parts):
+            name = SINGLE if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            (self.dir / f"part-{i:05d}.safetensors").rename(self.dir / name)
+            names.append(name)
+            weight_map.update({k: name for k in keys})
+        if n > 1:
+            (self.dir / INDEX).write_text(json.dumps({"metadata": {"total_size": self.total_size},
+                                                      "weight_map": weight_map}, indent=2))
+        return names
+
+
+def uniform_dtype(dtypes: Iterable[str]) -> Optional[str]:
+    """The recipe dtype of a checkpoint whose floating tensors all share one of fp32/bf16/fp16."""
+    names = {"F32": "fp32", "BF16": "bf16", "F16": "fp16"}
+    found = {names.get(d, d) for d in dtypes}
+    return found.pop() if len(found) == 1 and next(iter(found)) in names.values() else None
