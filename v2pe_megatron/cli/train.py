@@ -28,6 +28,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=10 parallel.tp=2")
     p.add_argument("--nproc", type=int, default=None, help="ranks to start here (default: launcher.nproc_per_node)")
     p.add_argument("--print-recipe", action="store_true", help="print the resolved recipe and exit")
+    p.add_argument("--run-name", default=None, metavar="NAME",
+                   help="name the run NAME: its MLflow store and metrics go to runs/NAME/ and, unless the recipe "
+                        "sets checkpoint.dir, its checkpoints to runs/NAME/checkpoints, so the same command "
+                        "resumes it (slurm/train.sbatch passes the job name)")
+    g = p.add_argument_group("Slurm", "--print-sbatch prints the sbatch command line that fits the recipe's layout")
+    g.add_argument("--print-sbatch", action="store_true", help="print the sbatch command for slurm/train.sbatch and exit")
+    g.add_argument("--nodes", type=int, default=None, help="nodes (default: launcher.nnodes)")
+    g.add_argument("--gpus-per-node", type=int, default=None,
+                   help="GPUs per node, one rank each (default: none, launcher.nproc_per_node CPU ranks per node)")
+    g.add_argument("--time", default=None, metavar="HH:MM:SS", help="the job's time limit (default 04:00:00)")
     return p
 
 
@@ -47,8 +57,23 @@ def main(argv: list[str] | None = None) -> int:
     overrides = list(args.overrides)
     if args.nproc is not None:
         overrides.append(f"launcher.nproc_per_node={args.nproc}")
+    if not args.print_sbatch and (args.nodes is not None or args.gpus_per_node is not None or args.time):
+        print("v2pe-train: --nodes, --gpus-per-node and --time go with --print-sbatch", file=sys.stderr)
+        return exit_codes.USAGE
     try:
         recipe = load_recipe(args.recipe, overrides)
+        if args.print_sbatch:
+            from v2pe_megatron.runtime.sbatch import DEFAULT_TIME, sbatch_command
+
+            cmd = sbatch_command(recipe, args.recipe, args.overrides, nodes=args.nodes,
+                                 gpus_per_node=args.gpus_per_node, time=args.time or DEFAULT_TIME)
+            print(f"# {cmd.describe()}\n{cmd.command_line()}")
+            return 0
+        if args.run_name is not None:
+            from v2pe_megatron.runtime.sbatch import run_folder_overrides
+
+            overrides += run_folder_overrides(recipe, args.run_name)
+            recipe = load_recipe(args.recipe, overrides)
         if not _under_launcher():  # the layout must fit the ranks we are about to start
             load_recipe(args.recipe, overrides, validate_for_world_size=expected_world_size(recipe))
     except RecipeError as e:
