@@ -45,7 +45,33 @@ def _under_launcher() -> bool:
     return "RANK" in os.environ or "SLURM_PROCID" in os.environ
 
 
+# A stop signal that arrives while a rank is still starting (importing torch and megatron takes
+# seconds; a requeued Slurm job can be preempted or hit its signal then) would kill it with the
+# default action, an exit code no job script reads as "resume me". Nothing has been trained since
+# the last checkpoint at that point, so the process leaves with RESUME at once. Armed only in a
+# process of its own (never in a caller's, e.g. a test's), and disarmed before training or the
+# launcher's forwarding start: from then on they handle stop signals themselves.
+_EARLY_STOP = {"armed": False}
+
+
+def _stop_before_start(signum, frame) -> None:
+    if _EARLY_STOP["armed"]:
+        os.write(2, f"v2pe-train: pid {os.getpid()} got {signal.Signals(signum).name} before training started: "
+                    f"nothing to save, exit code {exit_codes.RESUME} (run the same command to resume)\n".encode())
+        os._exit(exit_codes.RESUME)
+
+
+def _arm_early_stop(armed: bool) -> None:
+    from v2pe_megatron.runtime.signals import STOP_SIGNALS
+
+    _EARLY_STOP["armed"] = armed
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, _stop_before_start)
+
+
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        _arm_early_stop(True)
     args = _parser().parse_intermixed_args(argv)  # overrides may follow flags (--nproc 4 parallel.tp=2)
     from v2pe_megatron.runtime.quiet import quiet_library_warnings
 
@@ -91,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
 
         cmd = ["-m", "v2pe_megatron.cli.train", args.recipe, *overrides]
         print(f"v2pe-train: starting {nproc} ranks: {' '.join(cmd)}", flush=True)
+        _arm_early_stop(False)  # the launcher forwards stop signals to its ranks from here on
         code = run_local(cmd, nproc)
         if argv is None:
             _exit_now(code)
@@ -117,13 +144,11 @@ def _run(recipe) -> int:
     from v2pe_megatron.training.checkpointing import CheckpointError
     from v2pe_megatron.training.loop import train
 
-    from v2pe_megatron.runtime.signals import STOP_SIGNALS
-
-    # train() records stop signals while it runs; once it returns, the checkpoint is saved and a late
-    # signal (e.g. a second SIGTERM) must not turn the exit code into 128+N. A Python handler, not
-    # SIG_IGN: an ignored signal would stay ignored in any program a rank starts.
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, lambda *_: None)
+    # train() records stop signals while it runs (installing its handlers is its first act); once it
+    # returns, the checkpoint is saved and a late signal (e.g. a second SIGTERM) must not turn the
+    # exit code into 128+N. The disarmed handler ignores them: a Python handler, not SIG_IGN, since an
+    # ignored signal would stay ignored in any program a rank starts.
+    _arm_early_stop(False)
     try:
         s = train(recipe)
     except CheckpointError as e:  # names the folder and the fix: no stack trace
