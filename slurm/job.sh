@@ -50,6 +50,9 @@ export PYTHONUNBUFFERED=1  # the log shows each step as it happens
 # a requeue from here would fight it. The time-limit signal (USR1) goes to the ranks only.
 V2PE_GOT_TERM=""
 trap 'V2PE_GOT_TERM=1' TERM
+# USR1 is for the ranks; one that reaches the batch shell too (scancel --full, --signal=B:USR1) must
+# not kill it. A no-op trap, not `trap '' USR1`: an ignored signal would stay ignored in srun's ranks.
+trap ':' USR1
 
 # v2pe_srun MODULE ARGS...: one rank per Slurm task, then requeue on exit 75 (bounded), otherwise
 # exit with the ranks' code. bash runs the trap only once srun has returned: the ranks save first.

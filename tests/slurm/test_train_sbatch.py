@@ -7,6 +7,7 @@
    ``scancel`` then stops it without another requeue. Its per-step losses, in one MLflow run, are
    the uninterrupted run's.
 3. A broken recipe fails once (exit 2) and is not requeued.
+4. Restarts are bounded: with ``V2PE_MAX_RESTARTS=0`` a stop signal ends the job (exit 75, FAILED).
 
 Test 2 slows steps down (a ``sitecustomize`` on the ranks' PYTHONPATH sleeps in the forward step)
 so that the first slot runs a few dozen steps rather than hundreds; it prints the measured
@@ -20,6 +21,7 @@ import re
 import subprocess
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -106,7 +108,7 @@ def test_time_limit_signal_checkpoint_requeue_resume(slurm_cluster, tmp_path):
         out = slurm_cluster.output(job)
         for k, text in marks.items():
             if k not in seen and text in out:
-                seen[k] = time.monotonic()
+                seen[k] = time.time()
         m = re.search(r"resumed from \S+ at step (\d+)", out)
         if m:
             resumed_at = int(m.group(1))
@@ -121,8 +123,11 @@ def test_time_limit_signal_checkpoint_requeue_resume(slurm_cluster, tmp_path):
     time.sleep(3)  # a requeue after scancel would show as PENDING by now
     info = slurm_cluster.job(job)
     out = slurm_cluster.output(job)
+    restarted = datetime.strptime(re.search(r"start 2, (\S+?):", out).group(1), "%Y-%m-%dT%H:%M:%SZ")
+    restarted = restarted.replace(tzinfo=timezone.utc).timestamp()
     print(f"\nsignal -> ranks exited: {seen['exit'] - seen['signal']:.1f} s; requeue -> 'resumed from': "
-          f"{seen['resumed'] - seen['requeue']:.1f} s (cred_expire=10 s, scheduler every 5 s, then start-up)")
+          f"{seen['resumed'] - seen['requeue']:.0f} s (requeue -> job started again: {restarted - seen['requeue']:.0f} s "
+          f"with cred_expire=10 and the scheduler every 5 s; then start-up and loading the checkpoint)")
 
     first, second = out.split("start 2,", 1)
     # Slurm signalled each rank itself (not only the batch shell); both saved and exited 75.
@@ -172,3 +177,23 @@ def test_broken_recipe_fails_once_without_requeue(slurm_cluster, tmp_path):
     info = slurm_cluster.job(job)
     assert info["JobState"] == "FAILED" and info["Restarts"] == "0", info
     assert out.count("start 1,") == 1 and "start 2," not in slurm_cluster.output(job)
+
+
+def test_restart_limit_stops_requeueing(slurm_cluster, tmp_path):
+    # `scancel --signal=USR1` does what --signal=USR1@N does at the limit: USR1 to every rank.
+    env = dict(slurm_cluster.env, V2PE_MAX_RESTARTS="0")
+    job = slurm_cluster.sbatch("--ntasks=2", "--job-name=bounded", SCRIPT, TINY, "train.steps=100000",
+                               "tracking.system_metrics=false", cwd=tmp_path, env=env)
+    end = time.monotonic() + 300
+    while "step 2/100000 " not in slurm_cluster.output(job):
+        assert time.monotonic() < end and slurm_cluster.job(job)["JobState"] in {"PENDING", "RUNNING"}, \
+            slurm_cluster.output(job)[-3000:]
+        time.sleep(0.5)
+    slurm_cluster.run("scancel", "--signal=USR1", job)
+    info = slurm_cluster.wait(job, timeout=120)
+    out = slurm_cluster.output(job)
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == "75:0", (info, out[-3000:])
+    assert "already requeued 0 times (V2PE_MAX_RESTARTS=0): not requeueing" in out
+    assert len(set(re.findall(r"rank pid (\d+) got SIGUSR1", out))) == 2
+    time.sleep(3)
+    assert slurm_cluster.job(job)["Restarts"] == "0"
