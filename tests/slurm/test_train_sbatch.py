@@ -123,7 +123,7 @@ def test_time_limit_signal_checkpoint_requeue_resume(slurm_cluster, tmp_path):
     time.sleep(3)  # a requeue after scancel would show as PENDING by now
     info = slurm_cluster.job(job)
     out = slurm_cluster.output(job)
-    restarted = datetime.strptime(re.search(r"start 2, (\S+?):", out).group(1), "%Y-%m-%dT%H:%M:%SZ")
+    restarted = datetime.strptime(re.search(r"start 2, (\S+Z):", out).group(1), "%Y-%m-%dT%H:%M:%SZ")
     restarted = restarted.replace(tzinfo=timezone.utc).timestamp()
     print(f"\nsignal -> ranks exited: {seen['exit'] - seen['signal']:.1f} s; requeue -> 'resumed from': "
           f"{seen['resumed'] - seen['requeue']:.0f} s (requeue -> job started again: {restarted - seen['requeue']:.0f} s "

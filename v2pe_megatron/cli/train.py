@@ -4,6 +4,11 @@ Under torchrun or srun it runs as the rank it was given. Started by hand with
 ``launcher.nproc_per_node > 1`` it starts those ranks itself on this machine (see
 ``runtime.launch``), so ``v2pe-train recipes/tiny_cpu.yaml`` is a complete 2-rank run.
 
+``--print-sbatch [--nodes N --gpus-per-node G --time HH:MM:SS]`` prints the ``sbatch`` command line
+for ``slurm/train.sbatch`` that fits the recipe's layout (or says why none does); ``--run-name NAME``
+gives the run its folder ``runs/NAME/`` (``runtime.sbatch``), which is how a requeued Slurm job
+finds its own checkpoint and MLflow run.
+
 Exit codes (``runtime.exit_codes``): 0 done, 1 error, 2 bad recipe or command line, 75 stopped by
 SIGTERM/SIGUSR1/SIGINT after a complete checkpoint (run the same command to resume), 65 stopped after
 ``train.max_nonfinite_steps`` non-finite steps in a row.
