@@ -12,6 +12,7 @@
 set -uo pipefail  # not -e: the ranks' exit code decides what happens next
 
 v2pe_die() { echo "v2pe: $*" >&2; exit 2; }
+[ -n "${SLURM_JOB_ID:-}" ] || v2pe_die "this is a Slurm batch script: submit it with sbatch"
 
 # The scripts run from Slurm's spool folder, not from slurm/: nothing here may depend on their location.
 if [ -n "${V2PE_PYTHON:-}" ]; then
