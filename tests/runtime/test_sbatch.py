@@ -79,9 +79,12 @@ def test_signal_lead_covers_slurms_timer_and_leaves_the_job_time_to_train():
 
 
 def test_run_folder_keyed_by_the_job_name_unless_the_recipe_sets_checkpoint_dir():
-    assert sbatch.run_folder_overrides(_recipe(), "my job/1") == ["name=my_job_1",
+    assert sbatch.run_folder_overrides(_recipe(), "my job/1") == ['name="my_job_1"',
                                                                   "checkpoint.dir=runs/my_job_1/checkpoints"]
-    assert sbatch.run_folder_overrides(_recipe("checkpoint.dir=/ckpt/x"), "j") == ["name=j"]
+    assert sbatch.run_folder_overrides(_recipe("checkpoint.dir=/ckpt/x"), "j") == ['name="j"']
+    for name in ("007", "true", "1e3"):  # stay the job's name, not a number or a boolean
+        r = load_recipe(TINY, sbatch.run_folder_overrides(_recipe(), name))
+        assert r.name == name and r.checkpoint.dir == f"runs/{name}/checkpoints"
     with pytest.raises(RecipeError, match="--run-name"):
         sbatch.run_folder_overrides(_recipe(), "..")
 

@@ -69,7 +69,7 @@ def run_folder_overrides(recipe: Recipe, name: str) -> list[str]:
     from v2pe_megatron.training.tracking import default_run_dir
 
     name = run_name(name)
-    out = [f"name={name}"]
+    out = [f'name="{name}"']  # quoted: a job called 007 or true stays a string
     if not recipe.checkpoint.dir:
         named = dataclasses.replace(recipe, name=name)
         out.append(f"checkpoint.dir={default_run_dir(named) / 'checkpoints'}")
