@@ -81,6 +81,7 @@ def test_train_sbatch_completes_with_checkpoint_and_mlflow_run(slurm_cluster, tm
     run_dir = tmp_path / "runs" / "tiny_cpu"  # no --job-name: keyed by the recipe file's name
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "30"
     assert (run_dir / "checkpoints" / "iter_0000030" / "manifest.json").is_file()
+    assert (run_dir / f"train.sbatch-{job}.out").resolve() == Path(info["StdOut"])  # the log, linked
     client, runs = _runs(f"sqlite:///{run_dir / 'mlflow.db'}")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED", [(r.info.run_id, r.info.status) for r in runs]
     assert sorted(_losses(client, runs[0].info.run_id)) == list(range(1, 31))
