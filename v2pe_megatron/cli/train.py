@@ -4,6 +4,11 @@ Under torchrun or srun it runs as the rank it was given. Started by hand with
 ``launcher.nproc_per_node > 1`` it starts those ranks itself on this machine (see
 ``runtime.launch``), so ``v2pe-train recipes/tiny_cpu.yaml`` is a complete 2-rank run.
 
+``--print-sbatch [--nodes N --gpus-per-node G --time HH:MM:SS]`` prints the ``sbatch`` command line
+for ``slurm/train.sbatch`` that fits the recipe's layout (or says why none does); ``--run-name NAME``
+gives the run its folder ``runs/NAME/`` (``runtime.sbatch``), which is how a requeued Slurm job
+finds its own checkpoint and MLflow run.
+
 Exit codes (``runtime.exit_codes``): 0 done, 1 error, 2 bad recipe or command line, 75 stopped by
 SIGTERM/SIGUSR1/SIGINT after a complete checkpoint (run the same command to resume), 65 stopped after
 ``train.max_nonfinite_steps`` non-finite steps in a row.
@@ -28,6 +33,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=10 parallel.tp=2")
     p.add_argument("--nproc", type=int, default=None, help="ranks to start here (default: launcher.nproc_per_node)")
     p.add_argument("--print-recipe", action="store_true", help="print the resolved recipe and exit")
+    p.add_argument("--run-name", default=None, metavar="NAME",
+                   help="name the run NAME: its MLflow store and metrics go to runs/NAME/ and, unless the recipe "
+                        "sets checkpoint.dir, its checkpoints to runs/NAME/checkpoints, so the same command "
+                        "resumes it (slurm/train.sbatch passes the job name)")
+    g = p.add_argument_group("Slurm", "--print-sbatch prints the sbatch command line that fits the recipe's layout")
+    g.add_argument("--print-sbatch", action="store_true", help="print the sbatch command for slurm/train.sbatch and exit")
+    g.add_argument("--nodes", type=int, default=None, help="nodes (default: launcher.nnodes)")
+    g.add_argument("--gpus-per-node", type=int, default=None,
+                   help="GPUs per node, one rank each (default: none, launcher.nproc_per_node CPU ranks per node)")
+    g.add_argument("--time", default=None, metavar="HH:MM:SS", help="the job's time limit (default 04:00:00)")
     return p
 
 
@@ -35,7 +50,33 @@ def _under_launcher() -> bool:
     return "RANK" in os.environ or "SLURM_PROCID" in os.environ
 
 
+# A stop signal that arrives while a rank is still starting (importing torch and megatron takes
+# seconds; a requeued Slurm job can be preempted or hit its signal then) would kill it with the
+# default action, an exit code no job script reads as "resume me". Nothing has been trained since
+# the last checkpoint at that point, so the process leaves with RESUME at once. Armed only in a
+# process of its own (never in a caller's, e.g. a test's), and disarmed before training or the
+# launcher's forwarding start: from then on they handle stop signals themselves.
+_EARLY_STOP = {"armed": False}
+
+
+def _stop_before_start(signum, frame) -> None:
+    if _EARLY_STOP["armed"]:
+        os.write(2, f"v2pe-train: pid {os.getpid()} got {signal.Signals(signum).name} before training started: "
+                    f"nothing to save, exit code {exit_codes.RESUME} (run the same command to resume)\n".encode())
+        os._exit(exit_codes.RESUME)
+
+
+def _arm_early_stop(armed: bool) -> None:
+    from v2pe_megatron.runtime.signals import STOP_SIGNALS
+
+    _EARLY_STOP["armed"] = armed
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, _stop_before_start)
+
+
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        _arm_early_stop(True)
     args = _parser().parse_intermixed_args(argv)  # overrides may follow flags (--nproc 4 parallel.tp=2)
     from v2pe_megatron.runtime.quiet import quiet_library_warnings
 
@@ -47,8 +88,23 @@ def main(argv: list[str] | None = None) -> int:
     overrides = list(args.overrides)
     if args.nproc is not None:
         overrides.append(f"launcher.nproc_per_node={args.nproc}")
+    if not args.print_sbatch and (args.nodes is not None or args.gpus_per_node is not None or args.time):
+        print("v2pe-train: --nodes, --gpus-per-node and --time go with --print-sbatch", file=sys.stderr)
+        return exit_codes.USAGE
     try:
         recipe = load_recipe(args.recipe, overrides)
+        if args.print_sbatch:
+            from v2pe_megatron.runtime.sbatch import DEFAULT_TIME, sbatch_command
+
+            cmd = sbatch_command(recipe, args.recipe, args.overrides, nodes=args.nodes,
+                                 gpus_per_node=args.gpus_per_node, time=args.time or DEFAULT_TIME)
+            print(f"# {cmd.describe()}\n{cmd.command_line()}")
+            return 0
+        if args.run_name is not None:
+            from v2pe_megatron.runtime.sbatch import run_folder_overrides
+
+            overrides += run_folder_overrides(recipe, args.run_name)
+            recipe = load_recipe(args.recipe, overrides)
         if not _under_launcher():  # the layout must fit the ranks we are about to start
             load_recipe(args.recipe, overrides, validate_for_world_size=expected_world_size(recipe))
     except RecipeError as e:
@@ -66,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
 
         cmd = ["-m", "v2pe_megatron.cli.train", args.recipe, *overrides]
         print(f"v2pe-train: starting {nproc} ranks: {' '.join(cmd)}", flush=True)
+        _arm_early_stop(False)  # the launcher forwards stop signals to its ranks from here on
         code = run_local(cmd, nproc)
         if argv is None:
             _exit_now(code)
@@ -92,13 +149,11 @@ def _run(recipe) -> int:
     from v2pe_megatron.training.checkpointing import CheckpointError
     from v2pe_megatron.training.loop import train
 
-    from v2pe_megatron.runtime.signals import STOP_SIGNALS
-
-    # train() records stop signals while it runs; once it returns, the checkpoint is saved and a late
-    # signal (e.g. a second SIGTERM) must not turn the exit code into 128+N. A Python handler, not
-    # SIG_IGN: an ignored signal would stay ignored in any program a rank starts.
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, lambda *_: None)
+    # train() records stop signals while it runs (installing its handlers is its first act); once it
+    # returns, the checkpoint is saved and a late signal (e.g. a second SIGTERM) must not turn the
+    # exit code into 128+N. The disarmed handler ignores them: a Python handler, not SIG_IGN, since an
+    # ignored signal would stay ignored in any program a rank starts.
+    _arm_early_stop(False)
     try:
         s = train(recipe)
     except CheckpointError as e:  # names the folder and the fix: no stack trace
