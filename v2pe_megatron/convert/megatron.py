@@ -310,7 +310,8 @@ def _save_streaming(path: Path, model, producer: _Producer) -> None:
     try:
         dist_checkpointing.save(model.sharded_state_dict(), str(path), sharded_strategy=_streaming_strategy(producer))
     except CheckpointException as e:
-        ours = [f for f in e.failures.values() if isinstance(f, HFCheckpointError)]
+        # torch gathers each rank's failure as (exception, traceback) onto every rank
+        ours = [f[0] for f in e.failures.values() if isinstance(f, tuple) and isinstance(f[0], HFCheckpointError)]
         if ours:
             raise HFCheckpointError(str(ours[0])) from e
         raise
