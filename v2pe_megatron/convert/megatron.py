@@ -1,9 +1,10 @@
 """HF checkpoint <-> megatron torch_dist checkpoint, one tensor at a time.
 
-Import (collective over ``tp x pp`` ranks): every rank builds its own stage of the model, fills its
-parameters with NaN, then streams the HF tensors it needs (each read, transformed, sliced to the
-rank's tensor-parallel shard and copied in, one at a time), checks that every parameter was set and
-every HF tensor used (all ranks together), and saves with megatron's ``dist_checkpointing``. Because
+Import (collective over ``tp x pp`` ranks): every rank builds its own stage of the model on the
+``meta`` device (megatron's sharded state dict without memory), checks every parameter against the
+HF tensors (all ranks together: every HF tensor used), and saves with megatron's
+``dist_checkpointing`` while each tensor's data is made from HF only when the writer reaches it
+(read, transformed, sliced to the rank's tensor-parallel shard; one at a time). Because
 megatron saves global tensors with their offsets, the checkpoint loads at any TP/PP/DP; the
 embedding and output layer are saved with their padded rows flagged as such
 (``allow_shape_mismatch``), so a vocabulary padded for TP=2 loads at TP=1 or 4 too.
