@@ -278,7 +278,10 @@ def _streaming_strategy(producer: _Producer):
             sd, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict, self.keep_only_main_replica)
             planner = Planner(dedup_replicated_tensors=not self.keep_only_main_replica,
                               flatten_state_dict=False, flatten_sharded_tensors=False)
-            writer = FileSystemWriter(checkpoint_dir, single_file_per_rank=True, thread_count=1)
+            # no copy-ahead: on a machine with CUDA torch would otherwise pick its overlapping loader,
+            # which resolves items ahead of the write; the serial one holds one item, on any machine
+            writer = FileSystemWriter(checkpoint_dir, single_file_per_rank=True, thread_count=1,
+                                      per_thread_copy_ahead=0)
             dcp_save(mcore_to_pyt_state_dict(sd, False), storage_writer=writer, planner=planner)
 
     return Strategy()
