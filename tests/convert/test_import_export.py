@@ -88,7 +88,13 @@ def test_coverage_names_a_missing_an_extra_and_a_misshaped_tensor(remote):
     _planted(d / "hf", d / "shape", lambda sd: sd.__setitem__(wrong, torch.zeros(192, 63)))
     with pytest.raises(HFCheckpointError, match=rf"{wrong} has shape \(192, 63\).*\(192, 64\)"):
         import_hf(d / "shape", d / "ck_shape", progress=False)
-    assert not any((d / f"ck_{c}").exists() for c in ("missing", "extra", "shape"))
+    # the data is read while megatron's save writes it: a NaN is found there, and nothing is published
+    nan = "language_model.model.layers.1.feed_forward.w1.weight"
+    _planted(d / "hf", d / "nan", lambda sd: sd[nan].view(-1)[7:8].fill_(float("nan")))
+    with pytest.raises(HFCheckpointError, match=rf"language_model.decoder.layers.1.mlp.linear_fc1.weight holds "
+                                                rf"NaN: its HF tensor\(s\) {nan}"):
+        import_hf(d / "nan", d / "ck_nan", progress=False)
+    assert not any((d / f"ck_{c}").exists() for c in ("missing", "extra", "shape", "nan"))
 
 
 def test_internvl2_1b_style_remote_qwen2_with_tied_embeddings_round_trips(tmp_path):

@@ -41,3 +41,20 @@ def test_reader_names_native_runtime_keys_and_missing_shards(tmp_path):
         SafetensorsReader(tmp_path)
     with pytest.raises(HFCheckpointError, match="only safetensors"):
         SafetensorsReader(tmp_path / "nothing")
+
+
+def test_reader_reads_every_dtype_bit_exactly_into_memory_of_its_own(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    g = torch.Generator().manual_seed(0)
+    ts = {"bf16": torch.randn(3, 5, generator=g).bfloat16(), "f16": torch.randn(7, generator=g).half(),
+          "f32": torch.randn(2, 2, 2, generator=g), "f64": torch.randn(4, generator=g, dtype=torch.float64),
+          "i64": torch.arange(-3, 6), "u8": torch.arange(9, dtype=torch.uint8), "b": torch.tensor([True, False]),
+          "empty": torch.zeros(0, 4), "f8": torch.randn(6, generator=g).to(torch.float8_e4m3fn)}
+    save_file(ts, str(tmp_path / "model.safetensors"))
+    want, r = load_file(str(tmp_path / "model.safetensors")), SafetensorsReader(tmp_path)
+    for k in ts:
+        t = r.get(k)
+        assert t.dtype == want[k].dtype and t.shape == want[k].shape, k
+        assert torch.equal(t.view(torch.uint8), want[k].view(torch.uint8)), k  # bits, NaN-safe
+        assert t.untyped_storage().nbytes() == t.nbytes  # owns its bytes: no shard mapping kept alive

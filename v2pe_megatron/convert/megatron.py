@@ -1,9 +1,10 @@
 """HF checkpoint <-> megatron torch_dist checkpoint, one tensor at a time.
 
-Import (collective over ``tp x pp`` ranks): every rank builds its own stage of the model, fills its
-parameters with NaN, then streams the HF tensors it needs (each read, transformed, sliced to the
-rank's tensor-parallel shard and copied in, one at a time), checks that every parameter was set and
-every HF tensor used (all ranks together), and saves with megatron's ``dist_checkpointing``. Because
+Import (collective over ``tp x pp`` ranks): every rank builds its own stage of the model on the
+``meta`` device (megatron's sharded state dict without memory), checks every parameter against the
+HF tensors (all ranks together: every HF tensor used), and saves with megatron's
+``dist_checkpointing`` while each tensor's data is made from HF only when the writer reaches it
+(read, transformed, sliced to the rank's tensor-parallel shard; one at a time). Because
 megatron saves global tensors with their offsets, the checkpoint loads at any TP/PP/DP; the
 embedding and output layer are saved with their padded rows flagged as such
 (``allow_shape_mismatch``), so a vocabulary padded for TP=2 loads at TP=1 or 4 too.
@@ -173,47 +174,154 @@ def _local_shard(mp: Mapping, name: str, full: torch.Tensor, p: torch.Tensor, tp
     return full.chunk(tp, dim=p.partition_dim)[tp_rank]
 
 
-def _fill(model, mc: ModelConfig, table: list[Mapping], reader: SafetensorsReader, tp: int,
-          progress: bool) -> set[str]:
-    """Stream this rank's parameters in; returns the HF tensors used. Raises naming the tensor."""
-    from megatron.core import parallel_state as ps
-    from tqdm import tqdm
+def _storage_id(t: torch.Tensor) -> int:
+    """Which storage ``t`` views. megatron hands the writer detached views of the parameters (chunks,
+    axes prepended), new tensor objects with no ``_base``; a meta tensor's storage still is the
+    parameter's, and the parameters are alive for as long as the ids are used."""
+    return t.untyped_storage()._cdata
 
-    by_mcore = {mp.mcore: mp for mp in table}
-    names = _global_names(model)
-    params = dict(model.named_parameters())
-    extra_state = [k for k in model.state_dict() if k not in params and not k.endswith("_extra_state")]
-    if extra_state:
-        raise HFCheckpointError(f"megatron state {extra_state[0]} is not a parameter; the converter does not know it")
-    tp_rank = ps.get_tensor_model_parallel_rank()
-    used: set[str] = set()
-    with torch.no_grad():
-        for p in params.values():
-            p.fill_(float("nan"))  # a parameter nothing writes survives as NaN (checked below)
-        bar = tqdm(params.items(), desc="import", unit="tensor", disable=not progress or _rank() != 0)
-        for local, p in bar:
-            g = names[local]
-            mp = by_mcore.get(g)
+
+class _Producer:
+    """This rank's megatron parameters, made from the HF tensors one at a time when the writer asks.
+
+    The model lives on the ``meta`` device: its parameters give megatron's sharded state dict (keys,
+    global shapes, offsets, replicas, the gated-MLP split) and nothing else. :meth:`check` validates
+    every parameter against the table and the HF shapes before anything is written;
+    :meth:`tensor` turns one meta tensor the writer reaches (a parameter or a view of one) into its
+    data, built from HF like this: read, transform, slice to the rank's TP shard, then the view's
+    strides. The last parameter built is kept, so a parameter split into several checkpoint tensors
+    (the gated fc1's gate and up halves) is read once."""
+
+    def __init__(self, model, mc: ModelConfig, table: list[Mapping], reader: SafetensorsReader, tp: int,
+                 progress: bool = False):
+        from megatron.core import parallel_state as ps
+        from tqdm import tqdm
+
+        self.mc, self.reader, self.tp = mc, reader, tp
+        self.tp_rank = ps.get_tensor_model_parallel_rank()
+        self.by_mcore = {mp.mcore: mp for mp in table}
+        names = _global_names(model)
+        self.params = {names[k]: p for k, p in model.named_parameters()}
+        self.by_storage = {_storage_id(p): g for g, p in self.params.items()}
+        self.written: set[str] = set()
+        self._last: tuple[Optional[str], Optional[torch.Tensor]] = (None, None)
+        self.bar = tqdm(total=len(self.params), desc="import", unit="tensor", disable=not progress or _rank() != 0)
+        extra_state = [k for k in model.state_dict() if k not in names and not k.endswith("_extra_state")]
+        if extra_state:
+            raise HFCheckpointError(f"megatron state {extra_state[0]} is not a parameter; the converter does not know it")
+
+    def check(self) -> set[str]:
+        """Every parameter has its HF tensors, in the right shapes; returns the HF tensors used."""
+        used: set[str] = set()
+        for g, p in self.params.items():
+            mp = self.by_mcore.get(g)
             if mp is None:
                 raise HFCheckpointError(f"megatron parameter {g} has no HF tensor in the table (model.spec="
-                                        f"{mc.spec}? the table knows local and te names)")
-            missing = [n for n in mp.hf if n not in reader]
+                                        f"{self.mc.spec}? the table knows local and te names)")
+            missing = [n for n in mp.hf if n not in self.reader]
             if missing:
                 raise HFCheckpointError(f"HF tensor {missing[0]} (for {g}) is missing from the checkpoint")
-            check_hf_shapes(mp, [reader.shape(n) for n in mp.hf], _global_shape(g, p, tp, mc.language.vocab_size))
-            full = mp.to_megatron([reader.get(n) for n in mp.hf])
-            shard = _local_shard(mp, g, full, p, tp, tp_rank)
-            if tuple(shard.shape) != tuple(p.shape):
-                raise HFCheckpointError(f"{g}: this rank's shard is {tuple(shard.shape)}, the model has "
-                                        f"{tuple(p.shape)} (tp={tp})")
-            p.copy_(shard)
+            check_hf_shapes(mp, [self.reader.shape(n) for n in mp.hf],
+                            _global_shape(g, p, self.tp, self.mc.language.vocab_size))
             used.update(mp.hf)
-            del full, shard
-        survivors = [names[k] for k, p in params.items() if p.is_floating_point() and torch.isnan(p).any()]
-    if survivors:
-        raise HFCheckpointError(f"megatron parameter {survivors[0]} was never set (NaN survives; or the HF "
-                                f"tensor itself holds NaN)")
-    return used
+        return used
+
+    def _build(self, g: str) -> torch.Tensor:
+        mp, p = self.by_mcore[g], self.params[g]
+        full = mp.to_megatron([self.reader.get(n) for n in mp.hf])
+        shard = _local_shard(mp, g, full, p, self.tp, self.tp_rank)
+        if tuple(shard.shape) != tuple(p.shape):
+            raise HFCheckpointError(f"{g}: this rank's shard is {tuple(shard.shape)}, the model has "
+                                    f"{tuple(p.shape)} (tp={self.tp})")
+        shard = shard.to(p.dtype).contiguous()
+        if shard.is_floating_point() and torch.isnan(shard).any():
+            raise HFCheckpointError(f"megatron parameter {g} holds NaN: its HF tensor(s) {', '.join(mp.hf)} do")
+        self.written.add(g)
+        self.bar.update(1)
+        return shard
+
+    def tensor(self, t: torch.Tensor) -> torch.Tensor:
+        g = self.by_storage.get(_storage_id(t))
+        if g is None:  # a tensor of megatron's own, not a parameter: nothing would set it
+            raise HFCheckpointError(f"megatron's state dict holds a {tuple(t.shape)} tensor that is not a "
+                                    f"parameter; the converter does not know it")
+        if self._last[0] != g:
+            self._last = (None, None)  # the previous one goes before the next is read
+            self._last = (g, self._build(g))
+        data = self._last[1]  # contiguous like the parameter, but may itself be a slice (a TP shard)
+        return data.as_strided(t.size(), t.stride(), data.storage_offset() + t.storage_offset())
+
+
+def _streaming_strategy(producer: _Producer):
+    """megatron's torch_dist save strategy, with the tensor data made one write item at a time.
+
+    megatron's own writer (``FileSystemWriterAsync``) resolves every item before it writes the first,
+    which would hold the whole model; torch's ``FileSystemWriter`` with one thread resolves one item,
+    writes it, and drops it. Everything else is megatron's: the translation of its sharded state
+    dict into torch's (``mcore_to_pyt_state_dict``), its save planner, its metadata and common files
+    (``dist_checkpointing.save`` around this strategy), so the checkpoint is the one megatron writes."""
+    from megatron.core.dist_checkpointing.strategies.torch import (
+        MCoreSavePlanner, TorchDistSaveShardedStrategy, _replace_state_dict_keys_with_sharded_keys,
+        mcore_to_pyt_state_dict)
+    from torch.distributed.checkpoint import FileSystemWriter
+    from torch.distributed.checkpoint import save as dcp_save
+
+    class Planner(MCoreSavePlanner):
+        def lookup_object(self, index):
+            obj = super().lookup_object(index)
+            if isinstance(obj, torch.Tensor) and obj.is_meta:
+                return producer.tensor(obj)
+            return obj
+
+    class Strategy(TorchDistSaveShardedStrategy):
+        def save(self, sharded_state_dict, checkpoint_dir):
+            sd, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict, self.keep_only_main_replica)
+            planner = Planner(dedup_replicated_tensors=not self.keep_only_main_replica,
+                              flatten_state_dict=False, flatten_sharded_tensors=False)
+            # no copy-ahead: on a machine with CUDA torch would otherwise pick its overlapping loader,
+            # which resolves items ahead of the write; the serial one holds one item, on any machine
+            writer = FileSystemWriter(checkpoint_dir, single_file_per_rank=True, thread_count=1,
+                                      per_thread_copy_ahead=0)
+            dcp_save(mcore_to_pyt_state_dict(sd, False), storage_writer=writer, planner=planner)
+
+    return Strategy()
+
+
+def _check_all_written(producer: _Producer) -> None:
+    """Collective: every parameter of the model (all ranks) was written by some rank. Replicated
+    parameters are written by their main replica only; megatron's save checked that the written
+    shards tile every checkpoint tensor."""
+    mine, written = set(producer.params), producer.written
+    if dist.get_world_size() > 1:
+        both = [None] * dist.get_world_size()
+        dist.all_gather_object(both, (mine, written))
+        mine = set().union(*(m for m, _ in both))
+        written = set().union(*(w for _, w in both))
+    never = sorted(mine - written)
+    if never:
+        raise HFCheckpointError(f"megatron parameter {never[0]} was never written ({len(never)} in all)")
+
+
+def _save_streaming(path: Path, model, producer: _Producer) -> None:
+    """Collective: the weights folder, each tensor made from HF as it is written. A problem found
+    while writing (a NaN in an HF tensor) is raised on every rank, naming the tensor."""
+    from megatron.core import dist_checkpointing
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    if _rank() == 0:
+        path.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    try:
+        dist_checkpointing.save(model.sharded_state_dict(), str(path), sharded_strategy=_streaming_strategy(producer))
+    except CheckpointException as e:
+        # torch gathers each rank's failure as (exception, traceback) onto every rank
+        ours = [f[0] for f in e.failures.values() if isinstance(f, tuple) and isinstance(f[0], HFCheckpointError)]
+        if ours:
+            raise HFCheckpointError(str(ours[0])) from e
+        raise
+    producer._last = (None, None)
+    producer.bar.close()
+    dist.barrier()
 
 
 @contextlib.contextmanager
@@ -237,7 +345,6 @@ def import_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, *, tp: int = 1,
     """HF folder -> torch_dist weights folder ``out`` (collective over ``tp x pp`` ranks, or one process)."""
     from v2pe_megatron.model.internvl import build_model
     from v2pe_megatron.parallel.layout import Layout, resolve_spec
-    from v2pe_megatron.runtime import megatron_writer
     from v2pe_megatron.training import checkpointing as ckpt
 
     t0 = time.time()
@@ -252,10 +359,11 @@ def import_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, *, tp: int = 1,
     with _parallel(tp, pp):
         if _rank() == 0 and tmp.exists():
             shutil.rmtree(tmp)
-        model = build_model(mc, Layout(tp=tp, pp=pp, spec=mc.spec))
-        used, problem = set(), None
+        model = build_model(mc, Layout(tp=tp, pp=pp, spec=mc.spec), meta=True)  # no memory: shapes only
+        used, problem, producer = set(), None, None
         try:
-            used = _fill(model, mc, table, reader, tp, progress)
+            producer = _Producer(model, mc, table, reader, tp, progress)
+            used = producer.check()
         except HFCheckpointError as e:
             problem = str(e)
         _agree(problem)
@@ -267,8 +375,8 @@ def import_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, *, tp: int = 1,
         if unused:
             raise HFCheckpointError(f"unexpected HF tensor {unused[0]} ({len(unused)} unused in all); the config "
                                     f"does not describe this checkpoint")
-        megatron_writer.activate()  # the writer in this process: no helper process (as training saves)
-        ckpt.save_model_weights(tmp, model)
+        _save_streaming(tmp, model, producer)
+        _check_all_written(producer)
         if _rank() == 0:
             mc_out = dataclasses.replace(mc, spec="auto")  # the weights load into either spec
             write_model_yaml(tmp, mc_out, cfg)

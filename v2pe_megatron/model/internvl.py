@@ -21,9 +21,11 @@ counts must match exactly.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
+from torch.overrides import TorchFunctionMode
 from megatron.core import parallel_state as ps
 from megatron.core import tensor_parallel
 from megatron.core.enums import ModelType
@@ -175,15 +177,37 @@ class InternVLModel(MegatronModule):
         return out[..., : self.vocab_size].float()
 
 
+class _MetaDevice(TorchFunctionMode):
+    """megatron's parallel layers allocate their parameters with ``torch.empty(...,
+    device=torch.cuda.current_device())``, a device the ``meta`` default does not override; this mode
+    does, for ``empty`` only: other constructors that name a device make small tensors the
+    constructor reads back (drop-path rates, rotary frequencies)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if getattr(func, "__name__", None) == "empty" and kwargs.get("device") is not None:
+            kwargs["device"] = "meta"
+        return func(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def _on_meta():
+    with torch.device("meta"), _MetaDevice():
+        yield
+
+
 def build_model(model_cfg: ModelConfig, layout: Layout, *, recompute: str = "none",
                 pre_process: Optional[bool] = None, post_process: Optional[bool] = None,
-                core_attention: type | None = None, vp_stage: Optional[int] = None) -> InternVLModel:
+                core_attention: type | None = None, vp_stage: Optional[int] = None,
+                meta: bool = False) -> InternVLModel:
     """The InternVL model for this rank's pipeline stage, on this rank's device.
 
     ``layout``: a resolved layout (``spec`` te or local; see ``Layout.resolved``) matching megatron's
     initialized parallel state. ``pre_process``/``post_process`` default to the first/last pipeline
     stage (of virtual stage ``vp_stage``, interleaved pipelines: one call per model chunk).
     ``core_attention``: see :func:`v2pe_megatron.model.language.build_language_model`.
+    ``meta``: every tensor on the ``meta`` device (shapes, dtypes and sharding only, no memory): what
+    the converter needs for megatron's sharded state dict while it streams the data in itself.
     """
     if layout.spec not in ("te", "local"):
         raise ValueError(f"build_model needs a resolved layout (spec te or local), got spec={layout.spec!r}; "
@@ -195,8 +219,11 @@ def build_model(model_cfg: ModelConfig, layout: Layout, *, recompute: str = "non
         post_process = ps.is_pipeline_last_stage(ignore_virtual=not virtual, vp_stage=vp_stage)
     from v2pe_megatron.runtime.distributed import device
 
-    model = InternVLModel(model_cfg, layout, recompute=recompute, pre_process=pre_process,
-                          post_process=post_process, core_attention=core_attention, vp_stage=vp_stage)
+    with _on_meta() if meta else contextlib.nullcontext():
+        model = InternVLModel(model_cfg, layout, recompute=recompute, pre_process=pre_process,
+                              post_process=post_process, core_attention=core_attention, vp_stage=vp_stage)
+    if meta:
+        return model
     # megatron's parallel layers are created on the device already; the torch conv/norms are not.
     return model.to(device())
 

@@ -156,7 +156,7 @@ class InternViT(MegatronModule):
         self.decoder = TransformerBlock(
             config=config, spec=TransformerBlockSubmodules(layer_specs=[layer] * v.num_layers, layer_norm=None),
             pre_process=True, post_process=False)
-        rates = torch.linspace(0, v.drop_path_rate, v.num_layers).tolist() if v.num_layers > 1 else [0.0]
+        rates = torch.linspace(0, v.drop_path_rate, v.num_layers, device="cpu").tolist() if v.num_layers > 1 else [0.0]
         for layer_module, rate in zip(self.decoder.layers, rates):
             layer_module.self_attn_bda.drop_prob = rate
             layer_module.mlp_bda.drop_prob = rate
