@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import gc
 import sys
 import time
 from pathlib import Path
@@ -29,13 +28,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _memory import release_memory, reset_peak, status_kib  # noqa: E402
 
-
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def bench_rank(seq: int, side: int) -> dict:
@@ -69,11 +64,10 @@ def bench_rank(seq: int, side: int) -> dict:
         for path in ("allgather", "exchange", "allgather", "exchange"):  # the first pair warms up
             encoded.clear()
             model.zero_grad(set_to_none=True)
-            gc.collect()
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
+            release_memory()
             torch.distributed.barrier()
-            base = _status_kib("VmRSS")
-            Path("/proc/self/clear_refs").write_text("5")
+            base = status_kib("VmRSS")
+            reset_peak()
             t0 = time.perf_counter()
             if path == "exchange":
                 start, stop = tile_share(total, cp, rank)
@@ -91,7 +85,7 @@ def bench_rank(seq: int, side: int) -> dict:
                          image_exchange=b.image_exchange)
             (loss * b.loss_mask).sum().backward()
             seconds = time.perf_counter() - t0
-            peak = (_status_kib("VmHWM") - base) / 1024
+            peak = (status_kib("VmHWM") - base) / 1024
             received = int((b.tokens == IMG_CTX).sum())
             del batch, b, loss
             torch.distributed.barrier()

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import gc
 import sys
 import time
 from pathlib import Path
@@ -27,23 +26,12 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _memory import release_memory, reset_peak, status_kib  # noqa: E402
 
 PAD = 8  # every sub-sample splits into 2*cp chunks for cp up to 4
 
 
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _release_memory() -> None:
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
 
 
 def make_pack(length: int, max_sub: int, seed: int):
@@ -108,12 +96,12 @@ def bench_rank(lengths: list[int], layers: int, max_sub: int) -> list[dict]:
         step(make_pack(1024, max_sub, 0))  # warm-up: lazy allocations, gradient tensors
         for length in lengths:
             batch = make_pack(length, max_sub, length)
-            _release_memory()
+            release_memory()
             torch.distributed.barrier()
-            base = _status_kib("VmRSS")
-            Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+            base = status_kib("VmRSS")
+            reset_peak()  # reset VmHWM to the current RSS
             seconds = step(batch)
-            peak = _status_kib("VmHWM") - base
+            peak = status_kib("VmHWM") - base
             torch.distributed.barrier()
             out.append({"length": length, "cp": cp, "rank": rank, "peak_mib": peak / 1024, "seconds": seconds})
             del batch

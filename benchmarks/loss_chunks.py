@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import gc
 import sys
 import time
 from pathlib import Path
@@ -18,13 +17,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _memory import release_memory, reset_peak, status_kib  # noqa: E402
 
-
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -58,15 +53,14 @@ def main(argv: list[str] | None = None) -> None:
         for chunk in args.chunks:
             model.loss_chunk_tokens = chunk  # the same weights for every setting
             model.zero_grad(set_to_none=True)
-            gc.collect()
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-            base = _status_kib("VmRSS")
-            Path("/proc/self/clear_refs").write_text("5")
+            release_memory()
+            base = status_kib("VmRSS")
+            reset_peak()
             t0 = time.perf_counter()
             loss = model(tokens, pos, labels=labels).sum()
             loss.backward()
             seconds = time.perf_counter() - t0
-            peak = (_status_kib("VmHWM") - base) / 1024
+            peak = (status_kib("VmHWM") - base) / 1024
             print(f"| {chunk or 'whole'} | {peak:.0f} | {seconds:.2f} | {loss.item():.4f} |")
             del loss
 

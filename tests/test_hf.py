@@ -14,33 +14,14 @@ import pytest
 import torch
 
 from v2pe_megatron.testing.distributed import run_distributed
+from v2pe_megatron.testing.hf_fixtures import IMG_CTX, native_checkpoint
 
-IMG_CTX = 299
 IMAGE = 56      # 4x4 patches of 14 -> 4 LLM tokens per tile
 TILE_TOKENS = 4
 
 
 def _make_checkpoint(path: str) -> None:
-    from transformers import InternVLConfig, InternVLForConditionalGeneration
-
-    cfg = InternVLConfig(
-        vision_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                           image_size=IMAGE, patch_size=14, attention_bias=True, layer_norm_eps=1e-6),
-        text_config=dict(model_type="qwen2", hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, intermediate_size=64, vocab_size=300, tie_word_embeddings=False,
-                         max_position_embeddings=1024, rope_theta=10000.0, rms_norm_eps=1e-6),
-        image_token_id=IMG_CTX, downsample_ratio=0.5, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    model = InternVLForConditionalGeneration(cfg).eval()
-    with torch.no_grad():  # layer scale and norms away from their constant inits so the mapping shows
-        for name, p in model.named_parameters():
-            if "lambda" in name or "norm" in name or "cls_token" in name or "position_embeddings" in name:
-                p.add_(torch.randn_like(p) * 0.3)
-    model.save_pretrained(path)
-    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
-        json.dump({"added_tokens_decoder": {str(IMG_CTX): {"content": "<IMG_CONTEXT>", "special": True},
-                                            "297": {"content": "<img>", "special": True},
-                                            "298": {"content": "</img>", "special": True}}}, f)
+    native_checkpoint(path, vocab=300)  # <img> 297, </img> 298, <IMG_CONTEXT> 299 (IMG_CTX)
 
 
 def _inputs():

@@ -25,7 +25,7 @@ import yaml
 from v2pe_megatron.convert.safetensors_io import read_safetensors
 from v2pe_megatron.testing.distributed import run_distributed
 
-from hf_fixtures import native_checkpoint, remote_checkpoint, tiny_model_config
+from v2pe_megatron.testing.hf_fixtures import native_checkpoint, remote_checkpoint, tiny_model_config
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -42,7 +42,7 @@ def test_remote_config_round_trip_keeps_every_shape_key_and_the_unmodelled_ones(
 
 def test_native_config_round_trip_and_transformers_accepts_it():
     transformers = pytest.importorskip("transformers")
-    from hf_fixtures import tiny_model_config
+    from v2pe_megatron.testing.hf_fixtures import tiny_model_config
 
     mc = tiny_model_config()
     mc.language = dataclasses.replace(mc.language, arch="qwen2", qkv_bias=True)

@@ -14,7 +14,7 @@ from v2pe_megatron.convert.errors import HFCheckpointError
 from v2pe_megatron.convert.megatron import export_hf, import_hf, read_model_yaml
 from v2pe_megatron.convert.safetensors_io import read_safetensors
 
-from hf_fixtures import remote_checkpoint, tiny_model_config
+from v2pe_megatron.testing.hf_fixtures import remote_checkpoint, tiny_model_config
 
 
 @pytest.fixture(scope="module")

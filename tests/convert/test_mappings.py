@@ -38,7 +38,7 @@ def test_each_mapping_inverts_bit_exactly_and_orders_rows_like_megatron():
 
 
 def test_tables_have_one_entry_per_megatron_name_and_unique_hf_names():
-    from hf_fixtures import tiny_model_config
+    from v2pe_megatron.testing.hf_fixtures import tiny_model_config
 
     mc = tiny_model_config()
     for layout in ("remote",):
