@@ -80,3 +80,15 @@ def test_eval_cli_end_to_end(tmp_path):
         next(g["mean"] for g in res["grids"] if g["metric"] == "tf_logp" and g["delta"] == "1/16"))
     assert "eval/generate/delta_auto/len_160/depth_1" in m
     assert {a.path for a in client.list_artifacts(run_id)} >= {"heatmap.png", "results.json"}
+
+
+def test_the_delta_eval_prints_is_what_export_hf_takes():
+    # v2pe-eval prints "v2pe-convert export-hf --v2pe-delta 1/256": both tools read the same spellings.
+    from v2pe_megatron.cli.convert import _parser as convert_parser
+
+    args = convert_parser().parse_args(["export-hf", "--ckpt", "c", "--out", "o", "--layout", "transformers",
+                                        "--v2pe-delta", "1/256"])
+    assert args.v2pe_delta == parse_delta("1/256") == 1 / 256
+    with pytest.raises(SystemExit):
+        convert_parser().parse_args(["export-hf", "--ckpt", "c", "--out", "o", "--layout", "transformers",
+                                     "--v2pe-delta", "2"])

@@ -11,9 +11,9 @@ srun). Exit codes: 0 done, 1 a checkpoint problem (the message names the tensor)
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
+from v2pe_megatron.cli.common import delta, launch_rank, under_launcher
 from v2pe_megatron.runtime import exit_codes
 
 
@@ -35,21 +35,13 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True, help="HF folder to write")
     e.add_argument("--layout", required=True, choices=("remote-code", "transformers"))
     e.add_argument("--tokenizer", help="folder whose tokenizer files are copied")
-    e.add_argument("--v2pe-delta", type=float, help="V2PE inference delta (k/256) written to config.json")
+    e.add_argument("--v2pe-delta", type=delta, help="V2PE inference delta (k/256, e.g. 1/16 or 0.0625) written to config.json")
     e.add_argument("--model-yaml", help="recipe or model.yaml with the model section (default: beside the checkpoint)")
     e.add_argument("--max-shard-gb", type=float, default=2.0, help="safetensors shard size")
     e.add_argument("--verify", action="store_true", help="compare both sides' logits on random inputs")
     e.add_argument("--force", action="store_true", help="replace an existing --out")
     e.add_argument("--no-progress", action="store_true")
     return p
-
-
-def _under_launcher() -> bool:
-    return "RANK" in os.environ or "SLURM_PROCID" in os.environ
-
-
-def _is_rank0() -> bool:
-    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -69,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
                 return exit_codes.USAGE
             conv.check_out(args.out, args.force)
             n = args.tp * args.pp
-            if n > 1 and not _under_launcher():
+            if n > 1 and not under_launcher():
                 from v2pe_megatron.runtime.launch import run_local
 
                 rank_args = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--verify"]
@@ -81,12 +73,12 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 res = conv.import_hf(args.hf, args.out, tp=args.tp, pp=args.pp, spec=args.spec, force=args.force,
                                      progress=not args.no_progress)
-                if not _is_rank0():
+                if not launch_rank() == 0:
                     return 0
                 print(f"v2pe-convert: imported {res.tensors} HF tensors ({res.layout} layout) into {res.out} at "
                       f"tp={res.tp} pp={res.pp} in {res.seconds:.1f}s; it loads at any TP/PP "
                       f"(checkpoint.pretrained={res.out}; recipe sections in {res.out}/model.yaml)")
-            if args.verify and _is_rank0():
+            if args.verify and launch_rank() == 0:
                 _print_verify(verify_pair(args.hf, args.out, layout=_layout_of(args.hf)))
         else:
             res = conv.export_hf(args.ckpt, args.out, layout=args.layout, model_yaml=args.model_yaml,

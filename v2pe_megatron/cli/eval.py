@@ -16,23 +16,15 @@ import argparse
 import logging
 import os
 import sys
-from fractions import Fraction
 from pathlib import Path
 
+from v2pe_megatron.cli.common import delta, launch_rank, under_launcher
 from v2pe_megatron.runtime import exit_codes
 
 
 def parse_delta(text: str):
     """``1``, ``0.0625``, ``1/16`` -> float in (0, 1]; ``auto`` stays."""
-    if text == "auto":
-        return "auto"
-    try:
-        v = float(Fraction(text))
-    except (ValueError, ZeroDivisionError):
-        raise argparse.ArgumentTypeError(f"delta {text!r} is not a number, a fraction like 1/16, or auto")
-    if not 0.0 < v <= 1.0:
-        raise argparse.ArgumentTypeError(f"delta {text} must be in (0, 1]")
-    return v
+    return "auto" if text == "auto" else delta(text)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -70,10 +62,6 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _under_launcher() -> bool:
-    return "RANK" in os.environ or "SLURM_PROCID" in os.environ
-
-
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_intermixed_args(argv)
     from v2pe_megatron.config import RecipeError, load_recipe
@@ -91,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         return exit_codes.USAGE
     if args.choose_delta:
         return _done(_choose_delta(args, recipe), argv)
-    if not _under_launcher():
+    if not under_launcher():
         par = recipe.parallel
         nproc = args.nproc or par.tp * par.cp * par.pp
         if nproc > 1:
@@ -164,8 +152,7 @@ def _run(args: argparse.Namespace, recipe) -> int:
     except (RecipeError, ValueError, FileNotFoundError, NotADirectoryError) as e:
         print(f"v2pe-eval: {e}", file=sys.stderr)
         return exit_codes.USAGE
-    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
-    if rank == 0:
+    if launch_rank() == 0:
         n = len({r["id"] for r in report.records})
         print(f"\nv2pe-eval: {recipe.name}: {n} samples x {len(report.deltas)} delta(s), modes {', '.join(modes)}")
         if report.dropped:

@@ -23,6 +23,7 @@ import signal
 import sys
 
 from v2pe_megatron.config import RecipeError, expected_world_size, load_recipe, to_yaml
+from v2pe_megatron.cli.common import launch_rank, under_launcher
 from v2pe_megatron.runtime import exit_codes
 
 
@@ -44,10 +45,6 @@ def _parser() -> argparse.ArgumentParser:
                    help="GPUs per node, one rank each (default: none, launcher.nproc_per_node CPU ranks per node)")
     g.add_argument("--time", default=None, metavar="HH:MM:SS", help="the job's time limit (default 04:00:00)")
     return p
-
-
-def _under_launcher() -> bool:
-    return "RANK" in os.environ or "SLURM_PROCID" in os.environ
 
 
 # A stop signal that arrives while a rank is still starting (importing torch and megatron takes
@@ -105,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
 
             overrides += run_folder_overrides(recipe, args.run_name)
             recipe = load_recipe(args.recipe, overrides)
-        if not _under_launcher():  # the layout must fit the ranks we are about to start
+        if not under_launcher():  # the layout must fit the ranks we are about to start
             load_recipe(args.recipe, overrides, validate_for_world_size=expected_world_size(recipe))
     except RecipeError as e:
         print(f"v2pe-train: {e}", file=sys.stderr)
@@ -114,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         print(to_yaml(recipe))
         return 0
     nproc = recipe.launcher.nproc_per_node
-    if not _under_launcher() and nproc > 1:
+    if not under_launcher() and nproc > 1:
         if recipe.launcher.nnodes > 1:
             print("v2pe-train: multi-node runs start under srun or torchrun (see slurm/)", file=sys.stderr)
             return exit_codes.USAGE
@@ -159,8 +156,7 @@ def _run(recipe) -> int:
     except CheckpointError as e:  # names the folder and the fix: no stack trace
         print(f"v2pe-train: {e}", file=sys.stderr)
         return exit_codes.ERROR
-    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
-    if rank == 0:
+    if launch_rank() == 0:
         print(f"\nv2pe-train: {recipe.name}: ran steps {s.final_step - s.steps_run + 1}..{s.final_step} on "
               f"{s.world_size} rank(s) ({s.layout}), {s.parameters / 1e6:.2f}M parameters per rank, "
               f"{s.seconds:.0f}s")
