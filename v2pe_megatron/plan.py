@@ -77,8 +77,7 @@ def model_config(preset: str) -> Any:
 # ---------------------------------------------------------------------------------------------
 def param_counts(model_cfg: Any) -> dict[str, int]:
     """Parameters by part: ``vision`` (InternViT), ``projector``, ``embedding``, ``layer`` (one LLM
-    layer), ``final_norm``, ``output`` (0 when tied). Their total is
-    ``model.internvl.parameter_count`` (a test holds them equal)."""
+    layer), ``final_norm``, ``output`` (0 when tied); ``model.internvl.parameter_count`` sums them."""
     v, lm, r = model_cfg.vision, model_cfg.language, model_cfg.projector.downsample_ratio
     c, f = v.hidden_size, v.ffn_hidden_size
     side = v.image_size // v.patch_size

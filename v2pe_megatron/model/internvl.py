@@ -230,17 +230,8 @@ def build_model(model_cfg: ModelConfig, layout: Layout, *, recompute: str = "non
 
 def parameter_count(model_cfg: ModelConfig) -> int:
     """Analytic parameter count from the shapes (unpadded vocab), as the HF checkpoints count it."""
-    v, lm, r = model_cfg.vision, model_cfg.language, model_cfg.projector.downsample_ratio
-    c, f = v.hidden_size, v.ffn_hidden_size
-    side = v.image_size // v.patch_size
-    vit = (c * v.num_channels * v.patch_size**2 + c) + c + (side * side + 1) * c
-    per = 2 * c + (3 * c * c + (3 * c if v.qkv_bias else 0)) + (c * c + c) + 2 * c + (f * c + f) + (c * f + c) + 2 * c
-    vit += v.num_layers * per
-    inner = int(round(c / r**2))
-    h = lm.hidden_size
-    proj = 2 * inner + (inner * h + h) + (h * h + h)
-    d = lm.hidden_size // lm.num_attention_heads
-    qkv = (lm.num_attention_heads + 2 * lm.num_query_groups) * d
-    layer = 2 * h + h * qkv + (qkv if lm.qkv_bias else 0) + lm.num_attention_heads * d * h + 3 * h * lm.ffn_hidden_size
-    llm = lm.vocab_size * h + lm.num_layers * layer + h + (0 if lm.tie_word_embeddings else lm.vocab_size * h)
-    return int(vit + proj + llm)
+    from v2pe_megatron.plan import param_counts  # the per-part counts the planner also uses
+
+    parts = param_counts(model_cfg)
+    return int(parts["vision"] + parts["projector"] + parts["embedding"]
+               + model_cfg.language.num_layers * parts["layer"] + parts["final_norm"] + parts["output"])
