@@ -4,15 +4,14 @@ the HF tensors directly (InternViT fused [q; k; v] ``attn.qkv``, InternLM2 per-K
 
 from __future__ import annotations
 
-import json
 import math
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from v2pe_megatron.testing.distributed import run_distributed
+from v2pe_megatron.testing.hf_fixtures import write_shards
 
 V = dict(hidden=32, layers=2, heads=4, ffn=64, image=56, patch=14)
 L = dict(hidden=32, layers=2, heads=4, kv=2, ffn=64, vocab=300, theta=10000.0, eps=1e-5)
@@ -78,20 +77,8 @@ def _tensors() -> dict[str, torch.Tensor]:
     return t
 
 
-def _write(path: str, tensors: dict[str, torch.Tensor], sharded: bool = True) -> None:
-    from safetensors.torch import save_file
-
-    os.makedirs(path, exist_ok=True)
-    with open(os.path.join(path, "config.json"), "w") as fh:
-        json.dump(_config(), fh)
-    with open(os.path.join(path, "added_tokens.json"), "w") as fh:
-        json.dump({"<img>": 297, "</img>": 298, "<IMG_CONTEXT>": CTX}, fh)
-    names = sorted(tensors)
-    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
-    for fname, keys in shards.items():
-        save_file({k: tensors[k].contiguous() for k in keys}, os.path.join(path, fname))
-    with open(os.path.join(path, "model.safetensors.index.json"), "w") as fh:
-        json.dump({"metadata": {}, "weight_map": {k: f for f, ks in shards.items() for k in ks}}, fh)
+def _write(path: str, tensors: dict[str, torch.Tensor]) -> None:
+    write_shards(path, tensors, _config(), {"<img>": 297, "</img>": 298, "<IMG_CONTEXT>": CTX})
 
 
 # ---------------------------------------------------------------------------------------------
