@@ -45,36 +45,49 @@ def _one_layer(**kw):
 
 
 def test_llm_layer_gpu_path_by_hand():
-    # bf16: 2 norm inputs + 2 norm outputs (4h), rotary cos/sin for q and k (4d), q + k + the qkv buffer
-    # + out (3h + 3kv), SwiGLU (5f); fp32: 2 rsigma + the log-sum-exp per head.
-    per_token = (4 * H + 4 * D + 3 * H + 3 * KV + 5 * F) * 2 + (2 + 16) * 4
+    # bf16: 2 norm inputs + 2 norm outputs (4h), q + k + the qkv buffer + out (3h + 3kv), SwiGLU (5f);
+    # fp32: 2 rsigma + the log-sum-exp per head. The rotary cos/sin are not per layer (see below).
+    per_token = (4 * H + 3 * H + 3 * KV + 5 * F) * 2 + (2 + 16) * 4
     assert _one_layer() == 1000 * per_token
-    # tp=2 with SP: everything but the rotary tables is split
-    per_token = ((4 * H) / 2 + 4 * D + (3 * H + 3 * KV + 5 * F) / 2) * 2 + (2 / 2 + 16 / 2) * 4
+    # tp=2 with SP: everything is split
+    per_token = ((4 * H) / 2 + (3 * H + 3 * KV + 5 * F) / 2) * 2 + (2 / 2 + 16 / 2) * 4
     assert _one_layer(tp=2, sp=True) == pytest.approx(1000 * per_token)
     # tp=2 without SP: the norm parts stay whole
-    per_token = (4 * H + 4 * D + (3 * H + 3 * KV + 5 * F) / 2) * 2 + (2 + 8) * 4
+    per_token = (4 * H + (3 * H + 3 * KV + 5 * F) / 2) * 2 + (2 + 8) * 4
     assert _one_layer(tp=2) == pytest.approx(1000 * per_token)
     # selective: the attention is recomputed, its log-sum-exp is not kept (flash keeps no [s, s] anyway)
-    assert _one_layer(recompute="selective") == 1000 * ((4 * H + 4 * D + 3 * H + 3 * KV + 5 * F) * 2 + 2 * 4)
+    assert _one_layer(recompute="selective") == 1000 * ((4 * H + 3 * H + 3 * KV + 5 * F) * 2 + 2 * 4)
     # CP divides the tokens
     assert _one_layer(cp=4) == _one_layer() / 4
 
 
-def test_full_recompute_keeps_layer_inputs_and_one_rotary_table():
+def test_rotary_cos_sin_once_per_micro_batch():
+    """cos and sin ([s, d] each, the compute dtype) are made once per micro-batch and shared by every
+    layer: saved for backward without recompute, held outside autograd's saved tensors with it."""
+    def rotary(**kw):
+        a = activation_bytes(M, tokens=1000, tiles=0, first_stage=False, last_stage=False, **kw)
+        return a.llm_other, a.rotary_held
+    assert rotary(layers=1) == rotary(layers=L) == (1000 * 2 * D * 2, 0.0)
+    assert rotary(layers=L, tp=2, sp=True) == (1000 * 2 * D * 2, 0.0)   # replicated over tp
+    assert rotary(layers=L, recompute="full") == (0.0, 1000 * 2 * D * 2)
+    assert rotary(layers=L, recompute="selective") == (0.0, 1000 * 2 * D * 2)
+    assert rotary(layers=0) == (0.0, 0.0)                                 # a stage without LLM layers
+
+
+def test_full_recompute_keeps_layer_inputs():
     a = activation_bytes(M, tokens=4096, tiles=0, recompute="full", first_stage=False, last_stage=False)
-    assert a.llm_layers == 4096 * (L * H * 2 + D * 4)
+    assert a.llm_layers == 4096 * L * H * 2
     # one layer re-run in backward, as without recompute
     assert a.transient == _one_layer(tokens=4096)
 
 
 def test_llm_layer_cpu_path_by_hand():
-    # local spec, fp32: 2 x (norm input, normalised, linear input) = 6h, rotary 4d, SDPA with grouped K/V
+    # local spec, fp32: 2 x (norm input, normalised, linear input) = 6h, SDPA with grouped K/V
     # repeated (q, k, v, out, linear_proj's input = 5h) + lse, SwiGLU 5f, 2 rstd.
-    per_token = (6 * H + 4 * D + 5 * H + 5 * F) * 4 + (2 + 16) * 4
+    per_token = (6 * H + 5 * H + 5 * F) * 4 + (2 + 16) * 4
     assert _one_layer(dtype="fp32", path="local") == 1000 * per_token
     # ring attention (CP > 1): fp32 q, stacked k/v, out, lse; linear_proj's input in the dtype
-    ring = (6 * H + 4 * D + H + 5 * F) * 2 + (2 + 2 * H + 2 * KV + 16) * 4
+    ring = (6 * H + H + 5 * F) * 2 + (2 + 2 * H + 2 * KV + 16) * 4
     assert _one_layer(path="local", cp=2) == pytest.approx(1000 / 2 * ring)
 
 

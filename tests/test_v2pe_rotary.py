@@ -1,4 +1,6 @@
-"""V2PE rotary frequencies for megatron-core: layout, float64 accuracy, megatron's apply path."""
+"""V2PE rotary embedding: cos/sin from float64 positions, their accuracy, the rotation the model's
+core attention applies (``apply_rotary``) against a float64 reference and megatron's own path, and the
+float32 angles for megatron's path."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ import torch
 
 from v2pe_megatron.parallel.cp_split import split_for_cp, zigzag_index_map
 from v2pe_megatron.testing.fakes import FakeGroup
-from v2pe_megatron.v2pe import V2PERotaryEmbedding, compute_position_ids
+from v2pe_megatron.v2pe import V2PERotaryEmbedding, apply_rotary, compute_position_ids
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
@@ -118,6 +120,53 @@ def test_megatron_apply_rotary_matches_float64_rotate_half():
         t64 = t.double()
         ref = t64 * cos64[:, :, None] + rotate_half(t64) * sin64[:, :, None]
         assert (out.double() - ref).abs().max().item() < 1e-6
+
+
+def test_cos_sin_round_once_from_float64():
+    """cos/sin are evaluated in float64 and rounded once to the model dtype: at 2^20 + k/256 the
+    float32 pair is the float64 reference rounded (|error| <= 6e-8), the bf16 pair bit-equal to it."""
+    pos = far_positions()
+    cos64, sin64 = hf_cos_sin(pos)                                     # [S, D]
+    m = V2PERotaryEmbedding(D, BASE)
+    cos, sin = m.cos_sin(pos[None])                                    # float32 [S, 1, 1, D]
+    assert cos.shape == (pos.size, 1, 1, D) and cos.dtype == torch.float32
+    assert (cos[:, 0, 0].double() - cos64).abs().max().item() <= 6e-8
+    assert (sin[:, 0, 0].double() - sin64).abs().max().item() <= 6e-8
+    cb, sb = m.cos_sin(torch.from_numpy(pos)[None], dtype=torch.bfloat16)
+    assert torch.equal(cb[:, 0, 0], cos64.bfloat16()) and torch.equal(sb[:, 0, 0], sin64.bfloat16())
+    # The angles megatron's path takes cos/sin of agree with them.
+    freqs = m(pos[None])
+    assert (freqs.cos() - cos).abs().max().item() < 1e-6
+
+
+def test_apply_rotary_matches_float64_reference_and_megatron():
+    torch.manual_seed(0)
+    ids_pos = compute_position_ids(
+        np.array([[1] * 3 + [5] + [7] * 300 + [6] + [2] * 4, [5] + [7] * 300 + [6] + [2] * 7]),
+        img_start_id=5, img_end_id=6, img_context_id=7, delta=[[1 / 256], [1 / 4]])
+    m = V2PERotaryEmbedding(D, BASE)
+    for offset in (0.0, 2.0**20):
+        pos = ids_pos + offset
+        S, B, H = pos.shape[1], pos.shape[0], 3
+        t = torch.rand(S, B, H, D, dtype=torch.float32) * 2 - 1
+        cos, sin = m.cos_sin(pos)
+        out = apply_rotary(t, cos, sin)
+        cos64, sin64 = hf_cos_sin(pos.T)
+        t64 = t.double()
+        ref = t64 * cos64[:, :, None] + rotate_half(t64) * sin64[:, :, None]
+        assert (out.double() - ref).abs().max().item() < 1e-6
+        megatron = apply_rotary_pos_emb(t, m(pos), config=megatron_config(), cp_group=FakeGroup(1, 0))
+        assert (out - megatron).abs().max().item() < 1e-6
+        # Transformer Engine's packed layout: [t, heads, d] with [t, 1, d].
+        thd = apply_rotary(t[:, 0], cos[:, 0], sin[:, 0])
+        torch.testing.assert_close(thd, out[:, 0], rtol=0, atol=0)
+    # A rotary dim below the head dim rotates the first channels only.
+    half = V2PERotaryEmbedding(D, BASE, rotary_percent=0.5)
+    t = torch.rand(5, 1, 2, D)
+    c, s_ = half.cos_sin(np.arange(5.0)[None])
+    out = apply_rotary(t, c, s_)
+    torch.testing.assert_close(out[..., D // 2:], t[..., D // 2:], rtol=0, atol=0)
+    torch.testing.assert_close(out[..., :D // 2], apply_rotary(t[..., :D // 2], c, s_), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("cp", [2, 4])

@@ -107,6 +107,9 @@ class Activations:
     llm_layers: float = 0.0      # the rank's LLM layers
     llm_other: float = 0.0       # token ids, image merge, final norm, output-layer input, loss mask
     logits: float = 0.0          # the fp32 logits the vocab-parallel cross entropy saves
+    # the micro-batch's rotary cos/sin when autograd does not save them (recompute re-reads them): held
+    # until its backward all the same
+    rotary_held: float = 0.0
     transient: float = 0.0       # peak on top of the saved tensors: a layer re-run by recompute
     logits_transient: float = 0.0  # and the logits being computed (dtype copy, or one loss chunk)
 
@@ -123,14 +126,13 @@ def _llm_layer_elems(lm: Any, *, tp: int, sp: bool, cp: int, recompute: str, pat
     rep = tp if sp else 1                       # what sequence parallelism divides the unsharded parts by
     if recompute == "full":                    # only the layer's input stays (megatron checkpoint)
         return h / rep, 0.0
-    rotary = 4 * d                              # cos and sin for q and for k, replicated over tp
     mlp = 5 * f                                 # fc1 out (2f), silu out, the linear half (+offset), fc2 input
     if path == "te":
         # TE layernorm-linear: norm input + norm output, twice; fp32 rsigma twice.
         repl, repl32 = 4 * h, 2.0
         attn = h + kv + (h + 2 * kv) + h        # q (rotary), k (rotary), qkv buffer (v is a view), out
         attn32 = nh if recompute == "none" else 0.0   # flash log-sum-exp (not kept: attention recomputed)
-        return repl / rep + rotary + (attn + mlp) / tp, repl32 / rep + attn32 / tp
+        return repl / rep + (attn + mlp) / tp, repl32 / rep + attn32 / tp
     # local spec: torch norm (input, normalised) + the linear's input (norm output), twice; fp32 rstd twice.
     repl, repl32 = 6 * h, 2.0
     if recompute == "selective":                # checkpointed core attention: its inputs only
@@ -141,7 +143,7 @@ def _llm_layer_elems(lm: Any, *, tp: int, sp: bool, cp: int, recompute: str, pat
         attn, attn32 = 5 * h, nh                           # q, k, v (repeated), out, linear_proj's input
     else:
         attn, attn32 = h + h + 3 * h + 2 * h, nh          # q, k, qkv buffer (v), out, linear_proj's input
-    return repl / rep + rotary + (attn + mlp) / tp, repl32 / rep + attn32 / tp
+    return repl / rep + (attn + mlp) / tp, repl32 / rep + attn32 / tp
 
 
 def _vit_layer_elems(vit: Any, *, tp: int, recompute: str) -> tuple[float, float]:
@@ -179,8 +181,14 @@ def activation_bytes(model_cfg: Any, *, tokens: int, tiles: int, dtype: str = "b
 
     e, e32 = _llm_layer_elems(lm, tp=tp, sp=sp, cp=cp, recompute=recompute, path=path)
     a.llm_layers = layers * s * (e * b + e32 * 4)
+    if layers:
+        # Rotary cos and sin, computed once per micro-batch and shared by every layer (not per layer:
+        # model.attention.V2PERotary), replicated over tp; autograd saves them only without recompute.
+        if recompute == "none":
+            a.llm_other += 2 * s * d * b
+        else:
+            a.rotary_held = 2 * s * d * b
     if recompute == "full" and layers:
-        a.llm_layers += s * d * 4               # the fp32 rotary table, one checkpoint input shared by all layers
         ne, ne32 = _llm_layer_elems(lm, tp=tp, sp=sp, cp=cp, recompute="none", path=path)
         a.transient += s * (ne * b + ne32 * 4)  # one layer re-run in backward
     if first_stage:
@@ -287,7 +295,8 @@ def memory_breakdown(model_cfg: Any, layout: Layout, *, seq_length: int, micro_b
                                recompute=recompute, path=path, layers=lm.num_layers // pp, first_stage=first,
                                last_stage=last, loss_chunk_tokens=loss_chunk_tokens)
         held = in_flight_microbatches(pp, vpp, microbatches) if first else 1.0
-        activations = (act.vision + act.projector + act.llm_layers + act.llm_other) * held + act.transient
+        activations = (act.vision + act.projector + act.llm_layers + act.llm_other + act.rotary_held) * held \
+            + act.transient
         buffers = runtime_reserved_gib * GIB
         if layout.sp:                            # megatron's global buffer for the all-gathered layer input
             buffers += 2 * s * h * b

@@ -45,6 +45,7 @@ __all__ = [
     "RandomDeltaPolicy",
     "make_delta_policy",
     "V2PERotaryEmbedding",
+    "apply_rotary",
     "last_position",
     "DeltaChoice",
     "choose_inference_delta",
@@ -362,30 +363,33 @@ def make_delta_policy(cfg: "V2PEConfig") -> DeltaPolicy:
 # Rotary embedding
 # ---------------------------------------------------------------------------------------------
 class V2PERotaryEmbedding(torch.nn.Module):
-    """Per-token rotary frequencies for megatron-core attention, from float64 V2PE positions.
+    """Rotary embedding from float64 V2PE positions: the angles, and the cos/sin the model applies.
 
-    ``forward(position_ids)`` takes float64 positions [B, S] (torch or numpy; a 1-D [S] is taken as
-    B = 1) and returns float32 angles of shape [S, B, 1, D], D = rotary dim, laid out NeoX-style
-    (non-interleaved): ``cat(angles, angles)`` along D, the layout that megatron-core's unfused
-    ``apply_rotary_pos_emb(t, freqs, config)`` expects (it takes ``cos``/``sin`` of ``freqs``).
+    ``cos_sin(position_ids, dtype)`` takes float64 positions [B, S] (torch or numpy; a 1-D [S] is
+    taken as B = 1) and returns ``(cos, sin)``, each [S, B, 1, D] in ``dtype`` (D = rotary dim),
+    laid out NeoX-style (non-interleaved, ``cat(angles, angles)`` along D); :func:`apply_rotary`
+    rotates a query or key with them. The model computes them once per micro-batch and every layer
+    applies the same pair (``model.attention.V2PERotary``), instead of megatron's rotary path that
+    takes ``cos``/``sin`` of float32 angles again for q and for k in every layer and, for packed
+    ``thd`` batches, reads the sequence lengths back from the device per sub-sample.
 
-    Accuracy: the angles ``pos * inv_freq`` are formed in float64 and reduced modulo 2*pi into
-    [-pi, pi) in float64 before the float32 cast, so megatron's float32 ``cos``/``sin`` are accurate
-    to ~2e-7 at any position (at 2^20 an unreduced float32 angle is already off by ~0.03 rad).
-    Positions must therefore stay float64 up to this module (megatron's ``Float16Module`` only
-    casts float32 inputs, so float64 positions pass through it unchanged).
+    ``forward(position_ids)`` returns the float32 angles [S, B, 1, D] in the layout megatron-core's
+    unfused ``apply_rotary_pos_emb(t, freqs, config)`` expects (it takes ``cos``/``sin`` of
+    ``freqs``), for callers that use megatron's rotary path.
 
-    Constraints for the caller:
+    Accuracy: the angles ``pos * inv_freq`` are formed in float64. ``cos_sin`` evaluates cos and sin
+    in float64 and rounds once, to ``dtype`` (the last rounding is the model dtype's own: 4e-3 in
+    bf16, 6e-8 in fp32). ``forward`` reduces the angles modulo 2*pi into [-pi, pi) in float64
+    before the float32 cast, so megatron's float32 ``cos``/``sin`` of them are accurate to ~2e-7 at
+    any position (at 2^20 an unreduced float32 angle is already off by ~0.03 rad). Positions must
+    therefore stay float64 up to this module (megatron's ``Float16Module`` only casts float32
+    inputs, so float64 positions pass through it unchanged).
 
-    - fused RoPE must stay off (``apply_rope_fusion=False``, ``fused_single_qkv_rope=False``): the
-      frequencies differ per token and per batch row, the unfused path handles [S, B, 1, D].
-    - ``rotary_interleaved=False`` (InternLM2 / Qwen2 / Llama use rotate_half).
-    - With a bf16 model, megatron casts ``cos``/``sin`` to the query dtype (bf16) before the
-      product; that last rounding (~4e-3) is megatron's, the angle itself stays exact.
-    - Context parallelism, bshd format: slice the positions with the same index map as the tokens
-      (``v2pe_megatron.parallel.cp_split``) and pass this rank's freqs. THD format: megatron's unfused THD
-      path accepts freqs for the whole packed sequence (length ``cu_seqlens[-1]``) and picks this
-      rank's zigzag chunks per sub-sequence itself, the layout of ``cp_split.zigzag_index_map``.
+    Constraints for the caller: fused RoPE stays off (``apply_rope_fusion=False``,
+    ``fused_single_qkv_rope=False``: the angles differ per token and per batch row);
+    ``rotary_interleaved=False`` (InternLM2 / Qwen2 / Llama use rotate_half); under context
+    parallelism the positions are sliced with the same index map as the tokens
+    (``parallel.packed_seq.split_batch_for_cp``), so each rank computes its own tokens' cos/sin.
 
     ``inv_freq`` is a plain float64 attribute, not a buffer, so ``model.bfloat16()`` / ``.half()``
     cannot degrade it and checkpoints do not carry it (as in megatron's ``RotaryEmbedding``).
@@ -414,9 +418,7 @@ class V2PERotaryEmbedding(torch.nn.Module):
             self._inv_freq_on[device] = self.inv_freq.to(device)
         return self._inv_freq_on[device]
 
-    def forward(self, position_ids: Any, device: torch.device | str | None = None) -> torch.Tensor:
-        """float32 [S, B, 1, D] angles for float64 ``position_ids`` [B, S]; computed on
-        ``position_ids``' device (numpy: ``device``, default CPU)."""
+    def _positions(self, position_ids: Any, device: torch.device | str | None) -> torch.Tensor:
         if isinstance(position_ids, np.ndarray):
             position_ids = torch.from_numpy(np.ascontiguousarray(position_ids, dtype=np.float64))
         if not isinstance(position_ids, torch.Tensor):
@@ -427,21 +429,56 @@ class V2PERotaryEmbedding(torch.nn.Module):
             raise ValueError(f"position_ids must be [B, S], got shape {tuple(position_ids.shape)}")
         if device is not None:
             position_ids = position_ids.to(device)
-        pos = position_ids.to(torch.float64)
+        return position_ids.to(torch.float64)
+
+    def _angles(self, pos: torch.Tensor):
+        """(lo, hi, float64 angles [hi - lo, B, D/2]) over chunks of the sequence."""
         inv_freq = self._inv_freq(pos.device)
+        for lo in range(0, pos.shape[1], self._CHUNK_TOKENS):
+            hi = min(pos.shape[1], lo + self._CHUNK_TOKENS)
+            yield lo, hi, pos[:, lo:hi].transpose(0, 1)[..., None] * inv_freq
+
+    def forward(self, position_ids: Any, device: torch.device | str | None = None) -> torch.Tensor:
+        """float32 [S, B, 1, D] angles for float64 ``position_ids`` [B, S]; computed on
+        ``position_ids``' device (numpy: ``device``, default CPU)."""
+        pos = self._positions(position_ids, device)
         batch, seq = pos.shape
         half = self.dim // 2
         out = torch.empty(seq, batch, 1, self.dim, dtype=torch.float32, device=pos.device)
-        two_pi = 2.0 * math.pi
-        for lo in range(0, seq, self._CHUNK_TOKENS):
-            hi = min(seq, lo + self._CHUNK_TOKENS)
-            angles = pos[:, lo:hi].transpose(0, 1)[..., None] * inv_freq  # [s, B, D/2] float64
+        for lo, hi, angles in self._angles(pos):
             # Reduce into [-pi, pi) in float64: the float32 cast then loses < 2e-7 rad.
-            angles = torch.remainder(angles + math.pi, two_pi) - math.pi
-            reduced = angles.to(torch.float32)
+            reduced = (torch.remainder(angles + math.pi, 2.0 * math.pi) - math.pi).to(torch.float32)
             out[lo:hi, :, 0, :half] = reduced
             out[lo:hi, :, 0, half:] = reduced
         return out
 
+    def cos_sin(self, position_ids: Any, dtype: torch.dtype = torch.float32,
+                device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin), each [S, B, 1, D] in ``dtype``, evaluated in float64 from float64
+        ``position_ids`` [B, S], on their device (numpy: ``device``, default CPU)."""
+        pos = self._positions(position_ids, device)
+        batch, seq = pos.shape
+        half = self.dim // 2
+        cos = torch.empty(seq, batch, 1, self.dim, dtype=dtype, device=pos.device)
+        sin = torch.empty_like(cos)
+        for lo, hi, angles in self._angles(pos):
+            for out, values in ((cos, torch.cos(angles)), (sin, torch.sin(angles))):
+                values = values.to(dtype)
+                out[lo:hi, :, 0, :half] = values
+                out[lo:hi, :, 0, half:] = values
+        return cos, sin
+
     def extra_repr(self) -> str:
         return f"dim={self.dim}, rotary_base={self.rotary_base}"
+
+
+def apply_rotary(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``t * cos + rotate_half(t) * sin`` on the first ``cos.shape[-1]`` channels of ``t`` (the
+    rest pass unchanged): NeoX-style rotary, as HF's InternLM2/Qwen2/Llama and megatron's unfused
+    non-interleaved path compute it. ``cos``/``sin`` broadcast against ``t`` ([s, b, heads, d]
+    with [s, b, 1, d], or Transformer Engine's packed [t, heads, d] with [t, 1, d])."""
+    dim = cos.shape[-1]
+    rot, rest = (t, None) if t.shape[-1] == dim else (t[..., :dim], t[..., dim:])
+    x1, x2 = rot.chunk(2, dim=-1)
+    out = rot * cos + torch.cat((-x2, x1), dim=-1) * sin
+    return out if rest is None else torch.cat((out, rest), dim=-1)

@@ -70,8 +70,6 @@ def test_cp_share_of_a_1m_pack_is_the_float64_reference(fmt, cp):
         part = split_batch_for_cp(batch, cp_size=cp, cp_rank=rank, qkv_format=fmt)
         assert part.position_ids.dtype == torch.float64
         index = zigzag_index_map([LONG, TAIL], cp, rank)
-        if fmt == "thd":  # positions stay whole (megatron's THD rotary picks the rank's chunks itself)
-            np.testing.assert_array_equal(part.position_ids.numpy()[0], want)
-        else:
-            np.testing.assert_array_equal(part.position_ids.numpy()[0], want[index])
+        # Both formats: the rank's own tokens' positions (its rotary cos/sin are computed from them).
+        np.testing.assert_array_equal(part.position_ids.numpy()[0], want[index])
         np.testing.assert_array_equal(part.tokens.numpy()[0], ids[index])

@@ -1,23 +1,24 @@
 """Packed batch -> PackedSeqParams and the CP split, in both formats.
 
-The thd test pins the documented GPU (Transformer Engine) contract without a GPU: megatron's THD
-rotary (``_apply_rotary_pos_emb_thd``), given the V2PE frequencies of the *whole* pack, must rotate
-each CP rank's tokens exactly as the sbhd path does with positions split by our index map.
+The thd test pins the Transformer Engine layout without a GPU: each CP rank's share of the flattened
+pack carries its own tokens' V2PE positions, and rotating its [t, heads, d] queries with the cos/sin
+of those positions (what ``model.attention.V2PERotary`` does) equals the sbhd path on the same rank.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
-from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd, _apply_rotary_pos_emb_thd
+from megatron.core.packed_seq_params import PackedSeqParams
 
 from v2pe_megatron.parallel.batch import MicroBatch
 from v2pe_megatron.parallel.cp_split import image_feature_index, tile_share, zigzag_index_map
 from v2pe_megatron.parallel.layout import Layout, seq_multiple
-from v2pe_megatron.parallel.packed_seq import packed_seq_params, split_batch_for_cp
-from v2pe_megatron.testing.fakes import FakeGroup
-from v2pe_megatron.v2pe import V2PERotaryEmbedding
+from v2pe_megatron.parallel.packed_seq import PackParams, host_cu_seqlens, packed_seq_params, split_batch_for_cp
+from v2pe_megatron.v2pe import V2PERotaryEmbedding, apply_rotary
 
 ROWS = [[16, 8, 24, 16], [40, 8, 16, 0]]  # multiples of 8, each row 64 tokens
 S = 64
@@ -45,6 +46,13 @@ def test_seq_multiple_and_cu_seqlens():
     assert t.cu_seqlens_q_padded.tolist() == [0, 16, 24, 48, 64, 104, 112, 128, 128]
     assert t.cu_seqlens_q.tolist() == [0, 13, 21, 41, 57, 90, 98, 107, 107]
     assert t.cu_seqlens_q_padded.dtype == torch.int32
+    # The same lengths as Python ints, for attention to read without a device round trip.
+    assert isinstance(p, PackParams) and isinstance(t, PackParams)
+    assert host_cu_seqlens(p, 2) == ([[0, 16, 24, 48, 64], [0, 40, 48, 64, 64]], None)
+    assert host_cu_seqlens(t, 1) == ([t.cu_seqlens_q_padded.tolist()], [t.cu_seqlens_q.tolist()])
+    plain = dataclasses.replace(p)  # a copy is still a PackParams; a bare PackedSeqParams is read back
+    assert host_cu_seqlens(PackedSeqParams(**{f.name: getattr(plain, f.name) for f in dataclasses.fields(PackedSeqParams)}),
+                           2)[0] == host_cu_seqlens(p, 2)[0]
 
 
 @pytest.mark.parametrize("cp", [1, 2, 4])
@@ -59,25 +67,26 @@ def test_sbhd_split_partitions_every_row(cp):
     assert all(p.tokens.shape == (2, S // cp) for p in parts)
 
 
-@pytest.mark.parametrize("cp", [2, 4])
-def test_thd_rotary_on_whole_pack_freqs_matches_sbhd_split(cp):
+@pytest.mark.parametrize("cp", [1, 2, 4])
+def test_thd_share_rotates_like_the_sbhd_split(cp):
     b = _batch()
     rope = V2PERotaryEmbedding(16, 10000.0)
     heads = torch.randn(2 * S, 3, 16, generator=torch.Generator().manual_seed(1))  # the flattened pack [t, h, d]
     for rank in range(cp):
         thd = split_batch_for_cp(b, cp_size=cp, cp_rank=rank, qkv_format="thd")
         sbhd = split_batch_for_cp(b, cp_size=cp, cp_rank=rank)
-        assert thd.position_ids.shape == (1, 2 * S)  # stays whole: megatron picks the chunks
         index = torch.from_numpy(zigzag_index_map([n for r in ROWS for n in r], cp, rank))
+        assert thd.position_ids.shape == (1, 2 * S // cp)  # the rank's own tokens, like every field
+        torch.testing.assert_close(thd.position_ids[0], b.position_ids.reshape(-1)[index], rtol=0, atol=0)
         local = heads[index]                                               # this rank's tokens, thd order
         torch.testing.assert_close(thd.tokens[0], b.tokens.reshape(-1)[index], rtol=0, atol=0)
-        got = _apply_rotary_pos_emb_thd(local, thd.packed_seq_params.cu_seqlens_q_padded,
-                                        rope(thd.position_ids), cp_group=FakeGroup(cp, rank))
-        # sbhd: per-row split positions -> per-token freqs [s, b, 1, d], rows laid side by side
-        freqs = rope(sbhd.position_ids)                                 # [S/cp, 2, 1, 16]
+        cos, sin = rope.cos_sin(thd.position_ids)                          # [t, 1, 1, d]
+        got = apply_rotary(local, cos[:, 0], sin[:, 0])
+        # sbhd: per-row split positions -> per-token cos/sin [s, b, 1, d], rows laid side by side
+        cos, sin = rope.cos_sin(sbhd.position_ids)                         # [S/cp, 2, 1, 16]
         t = local.reshape(2, S // cp, 3, 16).transpose(0, 1)               # [S/cp, 2, h, d]
-        want = _apply_rotary_pos_emb_bshd(t, freqs).transpose(0, 1).reshape(-1, 3, 16)
-        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+        want = apply_rotary(t, cos, sin).transpose(0, 1).reshape(-1, 3, 16)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("fmt", ["sbhd", "thd"])
@@ -131,7 +140,7 @@ def test_training_feeds_te_models_thd():
     with model_parallel():
         b = prepare_batch(_batch(), Layout(spec="te"), torch.device("cpu"), torch.float32, 7)
         s = prepare_batch(_batch(), Layout(spec="local"), torch.device("cpu"), torch.float32, 7)
-    assert b.tokens.shape == (1, 2 * S) and b.position_ids.shape == (1, 2 * S)
+    assert b.tokens.shape == (1, 2 * S) and b.position_ids.shape == (1, 2 * S)  # cp=1: the whole pack
     assert b.packed_seq_params.qkv_format == "thd"
     assert b.packed_seq_params.cu_seqlens_q_padded.tolist() == [0, 16, 24, 48, 64, 104, 112, 128, 128]
     assert s.tokens.shape == (2, S) and s.packed_seq_params.qkv_format == "sbhd"

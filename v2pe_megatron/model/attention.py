@@ -8,6 +8,10 @@ into per-sub-sample attention, so attention never crosses a sub-sample boundary.
 
 Under context parallelism both classes call :func:`v2pe_megatron.model.ring_attention.ring_attention`;
 ``RingCoreAttention`` does so at CP=1 too.
+
+The language model's layers apply V2PE's rotary embedding here too, in the same slot:
+:func:`with_v2pe_rotary` makes any core attention (ours, Transformer Engine's) rotate query and key
+with the micro-batch's cos/sin before attending (see :class:`V2PERotary`).
 """
 
 from __future__ import annotations
@@ -26,32 +30,72 @@ from torch import Tensor
 
 from v2pe_megatron.model.ring_attention import ring_attention
 from v2pe_megatron.parallel.layout import LayoutError, cp_comm_type_problem
+from v2pe_megatron.parallel.packed_seq import PackParams, host_cu_seqlens
+from v2pe_megatron.v2pe import apply_rotary
 
 
-def row_boundaries(cu_seqlens: Tensor | list[Tensor], seq_len: int, batch: int) -> list[list[int]]:
-    """Per batch row, the sub-sample boundaries [0, ..., seq_len] (a tail past the last boundary is
-    one more segment)."""
-    rows = cu_seqlens if isinstance(cu_seqlens, (list, tuple)) else [cu_seqlens] * batch
-    if len(rows) != batch:
-        raise ValueError(f"got cu_seqlens for {len(rows)} rows but the batch has {batch}")
-    out = []
-    for r in rows:
-        b = [int(x) for x in r.tolist() if 0 <= int(x) <= seq_len]
-        if not b or b[0] != 0:
-            b.insert(0, 0)
-        if b[-1] != seq_len:
-            b.append(seq_len)
-        out.append(b)
+def row_boundaries(packed_seq_params: Optional[PackedSeqParams], seq_len: int, batch: int
+                   ) -> Optional[list[list[int]]]:
+    """Per batch row, the (padded) sub-sample boundaries [0, ..., seq_len] (a tail past the last
+    boundary is one more segment); None without packing. Computed once per micro-batch (memoized
+    on a :class:`PackParams`) from host copies of the lengths, never read back per layer."""
+    key = ("row_boundaries", seq_len, batch)
+    memo = packed_seq_params.memo if isinstance(packed_seq_params, PackParams) else {}
+    if key in memo:
+        return memo[key]
+    padded, _ = host_cu_seqlens(packed_seq_params, batch)
+    out = None
+    if padded is not None:
+        out = []
+        for r in padded:
+            b = [x for x in r if 0 <= x <= seq_len]
+            if not b or b[0] != 0:
+                b.insert(0, 0)
+            if b[-1] != seq_len:
+                b.append(seq_len)
+            out.append(b)
+    memo[key] = out
     return out
 
 
-def cu_seqlens_of(packed_seq_params: Optional[PackedSeqParams]):
-    """The (padded, if present) cumulative lengths of a pack, or None."""
-    if packed_seq_params is None:
-        return None
-    if packed_seq_params.cu_seqlens_q_padded is not None:
-        return packed_seq_params.cu_seqlens_q_padded
-    return packed_seq_params.cu_seqlens_q
+class V2PERotary:
+    """Mixin for a core-attention class: rotate query and key with the micro-batch's V2PE cos/sin
+    (``PackParams.rotary``, computed once per micro-batch by the language model) before attending.
+
+    Why here: megatron applies rotary between the qkv projection and the core attention, from
+    frequencies it turns into cos/sin again for q and for k in every layer, and for packed ``thd``
+    batches it reads the sub-sample lengths back from the device (``.tolist()``/``.item()`` per
+    sub-sample, per layer: thousands of host syncs per step at 32K tokens). The core-attention slot
+    sees the same q/k right after that point (megatron only squeezes thd's batch dim in between),
+    so filling it keeps megatron's attention module unforked. The language model passes
+    ``rotary_pos_emb=None`` to megatron's block, so nothing is rotated twice.
+    """
+
+    def forward(self, query, key, value, attention_mask, *args, packed_seq_params=None, **kwargs):
+        rotary = getattr(packed_seq_params, "rotary", None)
+        if rotary is not None:
+            cos, sin = rotary                    # [s, b, 1, d]
+            if query.dim() == 3:                 # thd: [t, heads, d], one flattened row
+                cos, sin = cos[:, 0], sin[:, 0]
+            query, key = apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)
+        return super().forward(query, key, value, attention_mask, *args, packed_seq_params=packed_seq_params,
+                               **kwargs)
+
+
+_ROTARY_CLASSES: dict[type, type] = {}
+
+
+def with_v2pe_rotary(core_attention: type) -> type:
+    """``core_attention`` with :class:`V2PERotary` in front (one class per input class). The name
+    and every class attribute stay the core attention's own (the layout checks read them)."""
+    if issubclass(core_attention, V2PERotary):
+        return core_attention
+    if core_attention not in _ROTARY_CLASSES:
+        _ROTARY_CLASSES[core_attention] = type(core_attention.__name__, (V2PERotary, core_attention),
+                                               {"__module__": core_attention.__module__,
+                                                "__qualname__": core_attention.__qualname__,
+                                                "__doc__": core_attention.__doc__})
+    return _ROTARY_CLASSES[core_attention]
 
 
 class SDPACoreAttention(MegatronModule):
@@ -98,14 +142,14 @@ class SDPACoreAttention(MegatronModule):
             rep = self.heads_per_partition // self.groups_per_partition
             k = k.repeat_interleave(rep, dim=1)
             v = v.repeat_interleave(rep, dim=1)
-        cu = cu_seqlens_of(packed_seq_params)
+        bounds_per_row = row_boundaries(packed_seq_params, s, b)
         dropout = self.dropout_p if self.training else 0.0
         sdpa = torch.nn.functional.scaled_dot_product_attention
-        if cu is not None:
+        if bounds_per_row is not None:
             # Packed rows: attend within each sub-sample separately. Same result as one block-diagonal
             # mask, but O(s) memory and the flash/efficient kernels (they take no explicit mask).
             rows = []
-            for r, bounds in enumerate(row_boundaries(cu, s, b)):
+            for r, bounds in enumerate(bounds_per_row):
                 parts = [sdpa(q[r:r + 1, :, a:e], k[r:r + 1, :, a:e], v[r:r + 1, :, a:e], dropout_p=dropout,
                               is_causal=causal, scale=self.softmax_scale)
                          for a, e in zip(bounds[:-1], bounds[1:]) if e > a]

@@ -2,13 +2,16 @@
 
 Why not ``GPTModel``: it is deprecated in 0.19 and, like ``LLaVAModel`` on top of it, derives rotary
 positions from the sequence index. V2PE needs per-token (fractional) positions, so this module takes
-``position_ids`` (float64 [b, s]) and feeds per-token rotary frequencies to the ``TransformerBlock``.
-Everything else is megatron's own: vocab-parallel embedding and output layer, the block with its
-pipeline-stage slicing and recompute, vocab-parallel cross entropy.
+``position_ids`` (float64 [b, s]), turns them into rotary cos/sin once per micro-batch and hands them
+to every layer's core attention with the packing metadata (``parallel.packed_seq.PackParams``;
+applied by ``model.attention.V2PERotary``). Everything else is megatron's own: vocab-parallel
+embedding and output layer, the block with its pipeline-stage slicing and recompute, vocab-parallel
+cross entropy.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import torch
@@ -26,6 +29,7 @@ from v2pe_megatron.config import LanguageConfig
 from v2pe_megatron.model.specs import block_spec, layer_spec
 from v2pe_megatron.model.transformer_config import shared_kwargs
 from v2pe_megatron.parallel.layout import Layout
+from v2pe_megatron.parallel.packed_seq import PackParams
 
 
 def padded_vocab_size(vocab_size: int, tp: int) -> int:
@@ -106,6 +110,13 @@ class LanguageModel(LanguageModule):
         # layer_spec: a layer ModuleSpec or TransformerBlockSubmodules (see specs.block_spec)
         self.decoder = TransformerBlock(config=config, spec=layer_spec, pre_process=pre_process,
                                         post_process=post_process, vp_stage=vp_stage)
+        from v2pe_megatron.model.attention import V2PERotary
+
+        plain = [type(layer.self_attention.core_attention).__name__ for layer in self.decoder.layers
+                 if not isinstance(layer.self_attention.core_attention, V2PERotary)]
+        if plain:  # positions would be ignored without a word
+            raise ValueError(f"the language model's layers must apply V2PE's rotary embedding in their core "
+                             f"attention (specs.layer_spec(..., rotary=True)); got {plain[0]}")
         if post_process:
             self.output_layer = tensor_parallel.ColumnParallelLinear(
                 config.hidden_size, vocab_size, config=config, init_method=config.init_method, bias=False,
@@ -137,11 +148,8 @@ class LanguageModel(LanguageModule):
                 attention_mask: Optional[Tensor] = None) -> Tensor:
         if decoder_input is None and self.pre_process:
             decoder_input = self.embed(input_ids)
-        # Rotary frequencies cover the full (CP-local) sequence: under SP the attention sees all of it.
-        rotary = self.rotary_pos_emb(position_ids).to(device=position_ids.device if torch.is_tensor(position_ids)
-                                                      else None)
-        hidden = self.decoder(hidden_states=decoder_input, attention_mask=attention_mask,
-                              rotary_pos_emb=rotary, packed_seq_params=packed_seq_params)
+        hidden = self.decoder(hidden_states=decoder_input, attention_mask=attention_mask, rotary_pos_emb=None,
+                              packed_seq_params=self.with_rotary(position_ids, packed_seq_params))
         if not self.post_process:
             return hidden
         weight = self.embedding.word_embeddings.weight if self.share_embeddings_and_output_weights else None
@@ -151,6 +159,17 @@ class LanguageModel(LanguageModule):
         if labels is None:
             return logits.transpose(0, 1).contiguous()
         return self.compute_language_model_loss(labels, logits)
+
+    def with_rotary(self, position_ids: Tensor, packed_seq_params: Optional[PackedSeqParams]) -> PackParams:
+        """``packed_seq_params`` (None: unpacked rows) carrying this micro-batch's rotary cos/sin in the
+        compute dtype, for every layer's core attention. They cover the rank's whole (CP-local)
+        sequence: under SP the attention still sees all of it."""
+        rotary = self.rotary_pos_emb.cos_sin(position_ids, dtype=self.config.params_dtype)
+        if isinstance(packed_seq_params, PackParams):
+            return dataclasses.replace(packed_seq_params, rotary=rotary, memo=packed_seq_params.memo)
+        base = {f.name: getattr(packed_seq_params, f.name) for f in dataclasses.fields(PackedSeqParams)} \
+            if packed_seq_params is not None else {"qkv_format": "sbhd"}
+        return PackParams(**base, rotary=rotary)
 
     def _chunk_loss(self, hidden: Tensor, labels: Tensor, weight: Optional[Tensor]) -> Tensor:
         logits, _ = self.output_layer(hidden, weight=weight)
@@ -193,7 +212,7 @@ def build_language_model(lm: LanguageConfig, layout: Layout, *, dtype: str = "fp
     """
     cfg = language_transformer_config(lm, layout, dtype=dtype, recompute=recompute)
     spec = "local" if core_attention is not None else layout.spec
-    layers = block_spec(spec, cfg, layer_spec(spec, core_attention=core_attention), vp_stage=vp_stage)
+    layers = block_spec(spec, cfg, layer_spec(spec, core_attention=core_attention, rotary=True), vp_stage=vp_stage)
     return LanguageModel(cfg, layers, vocab_size=padded_vocab_size(lm.vocab_size, layout.tp),
                          max_sequence_length=lm.max_position_embeddings, rotary_base=lm.rotary_base,
                          pre_process=pre_process, post_process=post_process,

@@ -25,6 +25,7 @@ a zero output.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -32,6 +33,8 @@ import torch
 import torch.distributed as dist
 from megatron.core.packed_seq_params import PackedSeqParams
 from torch import Tensor
+
+from v2pe_megatron.parallel.packed_seq import PackParams, host_cu_seqlens
 
 __all__ = ["ring_attention", "RowLayout", "Segment", "row_layouts"]
 
@@ -55,39 +58,35 @@ class RowLayout:
     local_len: int
 
 
-def _as_list(cu) -> list[int]:
-    if isinstance(cu, Tensor):
-        return [int(x) for x in cu.tolist()]
-    return [int(x) for x in cu]
-
-
 def row_layouts(packed_seq_params: Optional[PackedSeqParams], batch: int, local_len: int,
                 cp_size: int) -> list[RowLayout]:
-    """Per-row local layouts from the pack's global cu_seqlens (one tensor for all rows, or a list).
+    """Per-row local layouts from the pack's global cu_seqlens (one set for all rows, or one per row).
 
-    No ``packed_seq_params``: each row is one sequence of ``local_len * cp_size`` tokens.
+    Without packing (no ``packed_seq_params``, or one that carries no lengths): each row is one
+    sequence of ``local_len * cp_size`` tokens. Computed once per micro-batch: a
+    :class:`~v2pe_megatron.parallel.packed_seq.PackParams` carries the lengths as Python ints and
+    keeps the result for the other layers.
     """
-    total = local_len * cp_size
-    if packed_seq_params is None:
-        padded_rows: list[list[int]] = [[0, total]] * batch
-        real_rows: list[Optional[list[int]]] = [None] * batch
-    else:
-        p = packed_seq_params
-        padded = p.cu_seqlens_q_padded if p.cu_seqlens_q_padded is not None else p.cu_seqlens_q
-        real = p.cu_seqlens_q if p.cu_seqlens_q_padded is not None else None
-        if padded is None:
-            raise ValueError("packed_seq_params carries no cu_seqlens_q(_padded)")
-        def per_row(cu) -> list:
-            rows = list(cu) if isinstance(cu, (list, tuple)) else [cu] * batch
-            if len(rows) != batch:
-                raise ValueError(f"got cu_seqlens for {len(rows)} rows but the batch has {batch}")
-            return [_as_list(r) for r in rows]
+    p = packed_seq_params
+    memo = p.memo if isinstance(p, PackParams) else {}
+    key = ("row_layouts", batch, local_len, cp_size)
+    if key not in memo:
+        memo[key] = _row_layouts(p, batch, local_len, cp_size)
+    return memo[key]
 
-        padded_rows = per_row(padded)
+
+def _row_layouts(p: Optional[PackedSeqParams], batch: int, local_len: int, cp_size: int) -> list[RowLayout]:
+    total = local_len * cp_size
+    padded_rows, real_rows = host_cu_seqlens(p, batch)
+    if padded_rows is None:
+        padded_rows, real_rows = [[0, total]] * batch, None
+    elif not isinstance(p, PackParams):  # PackParams hold one set of lengths for q and kv by construction
         kv = p.cu_seqlens_kv_padded if p.cu_seqlens_q_padded is not None else p.cu_seqlens_kv
-        if kv is not None and per_row(kv) != padded_rows:
-            raise ValueError("ring attention is self-attention: the key cu_seqlens must equal the query ones")
-        real_rows = per_row(real) if real is not None else [None] * batch
+        if kv is not None:
+            kv_rows = host_cu_seqlens(dataclasses.replace(p, cu_seqlens_q=kv, cu_seqlens_q_padded=None), batch)[0]
+            if kv_rows != padded_rows:
+                raise ValueError("ring attention is self-attention: the key cu_seqlens must equal the query ones")
+    real_rows = real_rows if real_rows is not None else [None] * batch
     layouts = []
     for row, (pc, rc) in enumerate(zip(padded_rows, real_rows)):
         if pc[0] != 0:

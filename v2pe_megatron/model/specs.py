@@ -19,7 +19,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
-from v2pe_megatron.model.attention import SDPACoreAttention
+from v2pe_megatron.model.attention import SDPACoreAttention, with_v2pe_rotary
 from v2pe_megatron.parallel.layout import LayoutError, cp_comm_type_problem
 
 
@@ -103,11 +103,18 @@ def te_layer_spec(*, mask_type: AttnMaskType = AttnMaskType.causal, qk_norm: boo
 
 
 def layer_spec(spec: str, *, mask_type: AttnMaskType = AttnMaskType.causal, qk_norm: bool = False,
-               core_attention: type | None = None) -> ModuleSpec:
-    """The layer spec for ``spec`` (already resolved: te | local)."""
+               core_attention: type | None = None, rotary: bool = False) -> ModuleSpec:
+    """The layer spec for ``spec`` (already resolved: te | local). ``rotary``: the core attention
+    applies V2PE's rotary embedding first (``model.attention.V2PERotary``; the LLM's layers)."""
     if spec == "te":
-        return te_layer_spec(mask_type=mask_type, qk_norm=qk_norm)
-    return local_layer_spec(core_attention=core_attention or SDPACoreAttention, mask_type=mask_type, qk_norm=qk_norm)
+        out = te_layer_spec(mask_type=mask_type, qk_norm=qk_norm)
+    else:
+        out = local_layer_spec(core_attention=core_attention or SDPACoreAttention, mask_type=mask_type,
+                               qk_norm=qk_norm)
+    if rotary:
+        attn = out.submodules.self_attention.submodules
+        attn.core_attention = with_v2pe_rotary(attn.core_attention)
+    return out
 
 
 def check_context_parallel(spec: str, config: TransformerConfig, layer: ModuleSpec) -> None:

@@ -6,43 +6,95 @@ labels, loss mask, float64 V2PE positions and, per row, ``seq_lens``: the padded
 to S).
 
 Convention (megatron's and Transformer Engine's): ``cu_seqlens`` always describe the *whole* pack
-in global offsets, also on a CP rank that holds only its zigzag share of the tokens; attention and
-megatron's THD rotary derive the local layout from them.
+in global offsets, also on a CP rank that holds only its zigzag share of the tokens; attention
+derives the local layout from them.
 
-Two formats (:attr:`v2pe_megatron.parallel.layout.Layout.qkv_format`):
+Every per-token tensor (tokens, labels, loss mask, V2PE positions, per-token loss weights when the
+batch carries them) is sliced with one :func:`~v2pe_megatron.parallel.cp_split.zigzag_index_map`,
+so each rank's rotary angles are computed for exactly its tokens (the model turns the positions
+into cos/sin once per micro-batch, see :class:`PackParams`). Two formats
+(:attr:`v2pe_megatron.parallel.layout.Layout.qkv_format`):
 
 - ``sbhd`` (local spec, CPU or any GPU without TE): tensors stay [b, s_local]; ``cu_seqlens`` per
-  row (a list of int32 tensors, one tensor when all rows agree). Tokens, labels, loss mask *and*
-  V2PE positions (and per-token loss weights, when the batch carries them) are sliced with one
-  :func:`~v2pe_megatron.parallel.cp_split.zigzag_index_map`, so each rank's rotary frequencies are
-  computed for exactly its tokens.
+  row (a list of int32 tensors, one tensor when all rows agree), on the host.
 - ``thd`` (Transformer Engine spec): rows are flattened into one [1, B*S] pack (TE's packed
-  format has no batch dim). Tokens, labels and loss mask are sliced with the same map, but the
-  position ids stay whole: megatron applies rotary in THD through ``_apply_rotary_pos_emb_thd``,
-  which, given frequencies for the whole pack (length ``cu_seqlens_padded[-1]``), picks this rank's
-  two zigzag chunks per sub-sample itself (the same map). Feeding it the V2PE per-token frequencies
-  of the whole pack therefore gives the right angles; the cost is one [B*S, 1, 1, D] float32 tensor
-  per rank (0.5 GiB at 1M tokens, D=128), small next to the activations at that length. Fused RoPE
-  must stay off (it assumes arange positions). ``cu_seqlens`` are int32 on the compute device and
-  ``max_seqlen`` a Python int, as TE requires.
+  format has no batch dim), sliced with the map of the flattened pack. ``cu_seqlens`` are int32 on
+  the compute device and ``max_seqlen`` a Python int, as TE requires.
+
+Host syncs: the lengths are known on the host when the batch is made, so :class:`PackParams` also
+carries them as Python ints; attention reads those instead of reading device tensors back in every
+layer (megatron's own THD rotary path does, twice per sub-sample per layer, which is why the model
+applies V2PE's rotary itself).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import numpy as np
 import torch
 from megatron.core.packed_seq_params import PackedSeqParams
+from torch import Tensor
 
 from v2pe_megatron.parallel.batch import MicroBatch
 from v2pe_megatron.parallel.cp_split import image_exchange, split_for_cp, zigzag_index_map
 from v2pe_megatron.parallel.layout import check_multiple, seq_multiple
 
-__all__ = ["packed_seq_params", "split_batch_for_cp", "QKV_FORMATS"]
+__all__ = ["PackParams", "packed_seq_params", "host_cu_seqlens", "split_batch_for_cp", "QKV_FORMATS"]
 
 QKV_FORMATS = ("sbhd", "thd")
+
+
+@dataclass
+class PackParams(PackedSeqParams):
+    """megatron's ``PackedSeqParams`` plus what this project's attention reads without touching the
+    device: the cumulative lengths as Python ints, and the micro-batch's rotary cos/sin.
+
+    ``host_cu_seqlens`` / ``host_cu_seqlens_padded``: per row (sbhd) or for the one flattened pack
+    (thd), the same values as the ``cu_seqlens_q`` / ``cu_seqlens_q_padded`` tensors. ``rotary``:
+    (cos, sin), each [s_local, b, 1, rotary dim] in the compute dtype, filled in by the language
+    model once per micro-batch (``model.language``) and applied in every layer's core attention
+    (``model.attention.V2PERotary``). megatron passes this object through its layers (also into
+    activation recompute, by closure) and hands Transformer Engine only the base class's fields.
+    """
+
+    host_cu_seqlens: Optional[tuple[tuple[int, ...], ...]] = None
+    host_cu_seqlens_padded: Optional[tuple[tuple[int, ...], ...]] = None
+    rotary: Optional[tuple[Tensor, Tensor]] = None
+    # Derived per-layout facts attention computes once per micro-batch instead of once per layer.
+    memo: dict = field(default_factory=dict, compare=False, repr=False)
+
+
+def host_cu_seqlens(p: Optional[PackedSeqParams], batch: int) -> tuple[Optional[list], Optional[list]]:
+    """(padded, real) cumulative lengths per row as Python int lists, or (None, None) without
+    packing. ``real`` is None when the pack carries no separate unpadded lengths. Read from
+    :class:`PackParams`' host copies; a plain ``PackedSeqParams`` (tests, callers outside the
+    training path) is read back from its tensors."""
+    if p is None:
+        return None, None
+    if isinstance(p, PackParams) and p.host_cu_seqlens_padded is not None:
+        padded = [list(r) for r in p.host_cu_seqlens_padded]
+        real = [list(r) for r in p.host_cu_seqlens] if p.host_cu_seqlens is not None else None
+    else:
+        cu_p = p.cu_seqlens_q_padded if p.cu_seqlens_q_padded is not None else p.cu_seqlens_q
+        if cu_p is None:
+            return None, None
+        cu_r = p.cu_seqlens_q if p.cu_seqlens_q_padded is not None else None
+
+        def rows(cu):
+            return [[int(x) for x in (r.tolist() if torch.is_tensor(r) else r)]
+                    for r in (cu if isinstance(cu, (list, tuple)) else [cu])]
+
+        padded = rows(cu_p)
+        real = rows(cu_r) if cu_r is not None else None
+    if len(padded) == 1 and batch > 1:  # one set of lengths shared by every row
+        padded = padded * batch
+        real = real * batch if real is not None else None
+    if len(padded) != batch:
+        raise ValueError(f"got cu_seqlens for {len(padded)} rows but the batch has {batch}")
+    return padded, real
 
 
 def _rows(seq_lens: Any) -> list[list[int]]:
@@ -86,20 +138,27 @@ def packed_seq_params(seq_lens: Any, *, seq_lens_unpadded: Any = None, qkv_forma
         raise ValueError(f"rows of a micro-batch must have equal lengths, got {[sum(r) for r in rows]}")
     real = unpadded if unpadded is not None else rows
     max_len = max((n for r in rows for n in r), default=0)
+
+    def host(lens: list[int]) -> tuple[int, ...]:
+        return tuple(int(x) for x in np.concatenate([[0], np.cumsum(lens, dtype=np.int64)]))
+
     if qkv_format == "thd":
         flat, flat_real = [n for r in rows for n in r], [n for r in real for n in r]
         cu_p, cu_r = _cu(flat, device), _cu(flat_real, device)
         if unpadded is None:
             cu_r = cu_p
+        host_p, host_r = (host(flat),), (host(flat_real),)
     else:
         cu_p_rows = [_cu(r, device) for r in rows]
         cu_r_rows = [_cu(r, device) for r in real] if unpadded is not None else cu_p_rows
         same = all(r == rows[0] for r in rows) and (unpadded is None or all(u == real[0] for u in real))
         cu_p = cu_p_rows[0] if same else cu_p_rows
         cu_r = cu_r_rows[0] if same else cu_r_rows
-    return PackedSeqParams(qkv_format=qkv_format, cu_seqlens_q=cu_r, cu_seqlens_kv=cu_r,
-                           cu_seqlens_q_padded=cu_p, cu_seqlens_kv_padded=cu_p,
-                           max_seqlen_q=max_len, max_seqlen_kv=max_len)
+        host_p, host_r = tuple(host(r) for r in rows), tuple(host(r) for r in real)
+    return PackParams(qkv_format=qkv_format, cu_seqlens_q=cu_r, cu_seqlens_kv=cu_r,
+                      cu_seqlens_q_padded=cu_p, cu_seqlens_kv_padded=cu_p,
+                      max_seqlen_q=max_len, max_seqlen_kv=max_len,
+                      host_cu_seqlens=host_r if unpadded is not None else None, host_cu_seqlens_padded=host_p)
 
 
 def split_batch_for_cp(batch: MicroBatch, *, cp_size: int, cp_rank: int, qkv_format: str = "sbhd",
@@ -108,12 +167,13 @@ def split_batch_for_cp(batch: MicroBatch, *, cp_size: int, cp_rank: int, qkv_for
     """This CP rank's share of a packed micro-batch, with ``packed_seq_params`` filled in.
 
     Every per-token tensor is sliced with the one zigzag index map of its row (in ``thd`` the rows
-    are flattened into one pack first, and the positions stay whole, see the module docstring).
+    are flattened into one pack first).
     With ``img_context_id`` (and cp > 1) the tiles are split too: ``image_exchange`` holds the plan
     (:func:`~v2pe_megatron.parallel.cp_split.image_exchange`) and ``pixel_values`` only this rank's
     :func:`~v2pe_megatron.parallel.cp_split.tile_share`, cut here from a batch holding every tile,
     or checked against the share a loader already decoded (``batch.tile_range``). Per-image metadata
-    passes through whole. ``device``: where ``cu_seqlens`` live (TE reads them on the GPU).
+    passes through whole, and ``num_image_tokens`` counts the rank's ``<IMG_CONTEXT>`` tokens (on the
+    host, before anything moves). ``device``: where ``cu_seqlens`` live (TE reads them on the GPU).
     ``seq_lens_unpadded`` (per row) marks each sub-sample's padding, which attention then masks.
     """
     if qkv_format not in QKV_FORMATS:
@@ -133,9 +193,10 @@ def split_batch_for_cp(batch: MicroBatch, *, cp_size: int, cp_rank: int, qkv_for
     psp = packed_seq_params(rows, seq_lens_unpadded=unpadded, qkv_format=qkv_format, cp_size=cp_size,
                             device=tokens.device if device is None else device)
     if qkv_format == "thd":
-        index = torch.from_numpy(zigzag_index_map([n for r in rows for n in r], cp_size, cp_rank))
         sliced = {k: getattr(batch, k).reshape(1, B * S) for k in fields}
-        sliced = {k: (t if k == "position_ids" else split_for_cp(t, index, 1)) for k, t in sliced.items()}
+        if cp_size > 1:
+            index = torch.from_numpy(zigzag_index_map([n for r in rows for n in r], cp_size, cp_rank))
+            sliced = {k: split_for_cp(t, index, 1) for k, t in sliced.items()}
     elif cp_size == 1:  # nothing to split: no index maps on this per-micro-batch path
         sliced = {k: getattr(batch, k) for k in fields}
     else:
@@ -144,6 +205,8 @@ def split_batch_for_cp(batch: MicroBatch, *, cp_size: int, cp_rank: int, qkv_for
                   for k in fields}
     if img_context_id is not None and cp_size > 1:
         sliced.update(_image_share(batch, rows, cp_size, cp_rank, img_context_id))
+    if img_context_id is not None:
+        sliced["num_image_tokens"] = int((sliced["tokens"] == img_context_id).sum())
     return batch.replace(**sliced, packed_seq_params=psp)
 
 
