@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
 
 from v2pe_megatron.data.chat import tokenize_sample
 from v2pe_megatron.data.formats import MemoryDataset, MixedIndex, load_meta
@@ -367,7 +368,10 @@ class TrainLoader:
         stats["packs"] += len(built)
         stats["micro_batches"] += 1
         batch = collate(built)
-        return batch if share is None else batch.replace(tile_range=share)
+        if share is not None:
+            batch = batch.replace(tile_range=share)
+        # Page-locked here, in the loader's thread: the step's copies to the GPU are then asynchronous.
+        return batch.pin_memory() if torch.cuda.is_available() else batch
 
     def _all_bad_message(self, skips: SkipCounter) -> str:
         reasons = ", ".join(f"{k}={v}" for k, v in skips.nonzero().items()) or "none"

@@ -276,7 +276,7 @@ class ModelBackend:
             lambda _mod, args: (args[0].index_select(0, local), *args[1:])) if pick else None)
         try:
             logits = m(b.tokens, b.position_ids, b.pixel_values, packed_seq_params=b.packed_seq_params,
-                       image_exchange=b.image_exchange)                              # [1, rows, V/tp]
+                       image_exchange=b.image_exchange, image_token_count=b.num_image_tokens)  # [1, rows, V/tp]
         finally:
             if hook is not None:
                 hook.remove()

@@ -7,7 +7,8 @@ vision tower and projector live on the first pipeline stage only.
 Forward contract (the training loop and context parallelism rely on it)::
 
     forward(input_ids [b, s], position_ids float64 [b, s], pixel_values [T, 3, H, W] | None, *,
-            labels=None, packed_seq_params=None, image_feature_index=None, image_exchange=None)
+            labels=None, packed_seq_params=None, image_feature_index=None, image_exchange=None,
+            image_token_count=None)
       -> logits [b, s, V/tp] (no labels) | per-token loss [b, s] (labels) | hidden (non-last stage)
 
 ``image_feature_index`` (optional, long [n_ctx]) picks which rows of the flattened [T * n, H]
@@ -16,7 +17,9 @@ features go to this rank's ``<IMG_CONTEXT>`` tokens, for callers that hold only 
 ``parallel.cp_split.ImageExchange``, set by ``split_batch_for_cp``) is the context-parallel path:
 ``pixel_values`` holds only this rank's tile share (None when it is empty) and the features travel
 by all-to-all to the ranks whose tokens take them (``model/vision_cp.py``). Without either, the
-counts must match exactly.
+counts must match exactly. ``image_token_count`` (int, optional): the number of ``<IMG_CONTEXT>``
+tokens in ``input_ids``, counted on the host by the caller (``MicroBatch.num_image_tokens``), so the
+check needs no read-back from the device.
 """
 
 from __future__ import annotations
@@ -109,16 +112,22 @@ class InternVLModel(MegatronModule):
         return sum(p.sum() for p in params) * 0.0
 
     def merge(self, input_ids: Tensor, pixel_values: Optional[Tensor],
-              image_feature_index: Optional[Tensor] = None, image_exchange=None) -> Tensor:
-        """Full-sequence embeddings [s, b, h] with the image features in place of <IMG_CONTEXT>."""
+              image_feature_index: Optional[Tensor] = None, image_exchange=None,
+              image_token_count: Optional[int] = None) -> Tensor:
+        """Full-sequence embeddings [s, b, h] with the image features in place of <IMG_CONTEXT>.
+        ``image_token_count``: the <IMG_CONTEXT> tokens of ``input_ids`` when the caller counted them
+        on the host (the training batch does); else they are counted here, a read-back from the
+        device."""
         emb = self.language_model.embed(input_ids, scatter=False)         # [s, b, h]
         ctx = input_ids == self.img_context_token_id                      # [b, s]
-        n_ctx = int(ctx.sum())
+        n_ctx = int(ctx.sum()) if image_token_count is None else image_token_count
         if image_exchange is not None and image_exchange.tokens_per_tile:
             # Context parallelism: this rank holds its tile share only; the features come by all-to-all
             # (every CP rank of a micro-batch with images joins it, whatever its share).
             share = pixel_values if pixel_values is not None else emb.new_zeros((0,))
-            zero = self._vision_params_zero() if torch.is_grad_enabled() else None
+            start, stop = image_exchange.tile_range
+            # Only a rank with no tile to encode needs the vision parameters tied in by hand.
+            zero = self._vision_params_zero() if torch.is_grad_enabled() and stop == start else None
             feats = encode_images_exchange(self.image_features, share, image_exchange, cp_group_of(self.config),
                                            hidden_size=emb.shape[-1], zero=zero)
             if feats.shape[0] != n_ctx:
@@ -149,11 +158,12 @@ class InternVLModel(MegatronModule):
 
     def forward(self, input_ids: Optional[Tensor], position_ids: Tensor, pixel_values: Optional[Tensor] = None, *,
                 labels: Optional[Tensor] = None, packed_seq_params: Optional[PackedSeqParams] = None,
-                image_feature_index: Optional[Tensor] = None, image_exchange=None) -> Tensor:
+                image_feature_index: Optional[Tensor] = None, image_exchange=None,
+                image_token_count: Optional[int] = None) -> Tensor:
         decoder_input = None
         if self.pre_process:
             decoder_input = self.language_model.scatter_sp(self.merge(input_ids, pixel_values, image_feature_index,
-                                                                      image_exchange))
+                                                                      image_exchange, image_token_count))
         return self.language_model(None, position_ids, decoder_input=decoder_input, labels=labels,
                                    packed_seq_params=packed_seq_params)
 

@@ -50,6 +50,9 @@ class MicroBatch:
     # every tile (the all-gather reference path of model.vision_cp); the CP split sets image_exchange.
     image_feature_index: Optional[Tensor] = None
     image_exchange: Optional[ImageExchange] = None  # the CP rank's image-feature all-to-all plan
+    # <IMG_CONTEXT> tokens among this rank's tokens, counted on the host by the split (the model checks
+    # the image features against it without reading a count back from the device).
+    num_image_tokens: Optional[int] = None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -68,10 +71,31 @@ class MicroBatch:
 
     def to(self, device: torch.device | str, dtype: Optional[torch.dtype] = None) -> "MicroBatch":
         """Tensors the model reads moved to ``device``; ``pixel_values`` cast to the model's ``dtype``
-        (an empty set of tiles becomes None: a text-only batch, or a CP rank whose tile share is empty)."""
+        (an empty set of tiles becomes None: a text-only batch, or a CP rank whose tile share is empty).
+
+        To a GPU the copies are asynchronous, from page-locked memory (:meth:`pin_memory`; what the
+        loader already pinned is not copied again): the host goes on queueing the step's kernels
+        instead of waiting for each field's transfer."""
+        device = torch.device(device)
+
+        def move(t: Tensor, cast: Optional[torch.dtype] = None) -> Tensor:
+            if device.type == "cuda" and t.device.type == "cpu":
+                return _pinned(t).to(device=device, dtype=cast, non_blocking=True)
+            return t.to(device=device, dtype=cast)
+
         pv = self.pixel_values
-        pv = pv.to(device=device, dtype=dtype) if pv is not None and pv.numel() else None
+        pv = move(pv, dtype) if pv is not None and pv.numel() else None
         idx, plan = self.image_feature_index, self.image_exchange
-        return self.replace(**{k: getattr(self, k).to(device) for k in self.token_fields()}, pixel_values=pv,
-                            image_feature_index=idx.to(device) if idx is not None else None,
+        return self.replace(**{k: move(getattr(self, k)) for k in self.token_fields()}, pixel_values=pv,
+                            image_feature_index=move(idx) if idx is not None else None,
                             image_exchange=plan.to(device) if plan is not None else None)
+
+    def pin_memory(self) -> "MicroBatch":
+        """The host tensors in page-locked memory (needs CUDA), so that :meth:`to` copies them to the
+        GPU asynchronously; the data loader calls it in its own thread, off the training step."""
+        return self.replace(**{k: _pinned(getattr(self, k)) for k in self.token_fields()},
+                            pixel_values=_pinned(self.pixel_values) if self.pixel_values is not None else None)
+
+
+def _pinned(t: Tensor) -> Tensor:
+    return t if t.device.type != "cpu" or t.is_pinned() else t.pin_memory()

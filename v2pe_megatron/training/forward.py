@@ -34,13 +34,30 @@ def prepare_batch(batch: MicroBatch, layout: Layout, device: torch.device, dtype
     return share.to(device, dtype)
 
 
+def _prepared_once(batch: MicroBatch, inner, device: torch.device, dtype: torch.dtype) -> MicroBatch:
+    """``prepare_batch`` of ``batch``; with an interleaved pipeline every model chunk of this rank
+    reads the same micro-batch (``engine.train_step``), so the first prepares it (CP split, copies to
+    the device) and the last one to read it drops the prepared copy."""
+    chunks = inner.layout.virtual_pp
+    if chunks <= 1:
+        return prepare_batch(batch, inner.layout, device, dtype, inner.img_context_token_id)
+    cache = vars(batch).setdefault("_prepared_for_chunks", [None, 0])
+    if cache[0] is None:
+        cache[0] = prepare_batch(batch, inner.layout, device, dtype, inner.img_context_token_id)
+    cache[1] += 1
+    out = cache[0]
+    if cache[1] == chunks:
+        del vars(batch)["_prepared_for_chunks"]
+    return out
+
+
 def vlm_forward_step(data_iterator: Iterator[MicroBatch], model):
     batch = next(data_iterator)
     inner = unwrap(model)  # DDP / Float16Module wrappers
     p = next(model.parameters())
-    b = prepare_batch(batch, inner.layout, p.device, p.dtype, inner.img_context_token_id)
+    b = _prepared_once(batch, inner, p.device, p.dtype)
     out = model(b.tokens, b.position_ids, b.pixel_values, labels=b.labels, packed_seq_params=b.packed_seq_params,
-                image_exchange=b.image_exchange)
+                image_exchange=b.image_exchange, image_token_count=b.num_image_tokens)
     # Batches weighted by training.loss.step_batches (train.loss_reduction=square) carry their weights.
     if b.loss_weight is not None:
         return out, weighted_loss_func(b.loss_mask, b.loss_weight)
