@@ -105,7 +105,7 @@ def test_on_cuda_without_te_one_line_says_what_falls_back_and_what_to_install(ma
     err = capsys.readouterr().err
     assert not seen  # megatron's four lines are replaced by ours
     assert err.count("\n") == 1 and err.startswith("v2pe-megatron: Transformer Engine is not installed")
-    assert "torch's Adam" in err and "pip install -c constraints.txt -e '.[gpu]'" in err
+    assert "torch's Adam" in err and "pip install --no-build-isolation -c constraints.txt -e '.[gpu]'" in err
     monkeypatch.delenv("V2PE_KERNEL_NOTICE_SHOWN")
     monkeypatch.setenv("RANK", "3")
     quiet_library_warnings()

@@ -99,7 +99,8 @@ def kernel_notice() -> Optional[str]:
     adam = ("apex's fused Adam" if importlib.util.find_spec("apex") is not None else
             "torch's Adam (a slower optimizer step; runtime/torch_adam_checkpoint.py fixes its checkpoints)")
     return (f"{problem}: model.spec=auto runs megatron-core's local layers and the optimizer is {adam}. "
-            "Install the gpu extra: pip install -c constraints.txt -e '.[gpu]'")
+            "Install the gpu extra (built against this torch): pip install --no-build-isolation -c constraints.txt "
+            "-e '.[gpu]'")
 
 
 def quiet_library_warnings() -> None:
