@@ -68,6 +68,9 @@ def machine(monkeypatch):
     monkeypatch.delenv("SLURM_PROCID", raising=False)
 
     def make(cuda: bool, te: str = "absent", apex: bool = False):
+        from v2pe_megatron.runtime import quiet
+
+        monkeypatch.setattr(quiet, "_nvidia_driver", lambda: cuda)
         monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
         present = {"transformer_engine": te != "absent", "apex": apex}
 
@@ -123,3 +126,19 @@ def test_kernel_notice_names_the_cause(machine, te, apex, fragment):
     machine(cuda=True, te=te, apex=apex)
     notice = kernel_notice()
     assert (notice is None) if fragment is None else (fragment in notice), notice
+
+
+def test_no_torch_import_without_an_nvidia_driver():
+    """`v2pe-train --print-sbatch` on a login node: the notice's check does not import torch there."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if os.path.exists("/proc/driver/nvidia/version"):
+        pytest.skip("an NVIDIA driver is present: the check imports torch here, as it should")
+    code = ("import sys; from v2pe_megatron.runtime.quiet import quiet_library_warnings; "
+            "quiet_library_warnings(); assert 'torch' not in sys.modules, 'torch imported'")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr

@@ -79,9 +79,17 @@ _log_filters: dict[tuple[str, str], logging.Filter] = {}
 _NOTICE_SHOWN = "V2PE_KERNEL_NOTICE_SHOWN"  # set once said: the ranks a launcher starts inherit it
 
 
+def _nvidia_driver() -> bool:
+    # Torch-free first look: a machine without NVIDIA's kernel driver is not asked (and does not
+    # import torch here: `v2pe-train --print-sbatch` on a login node stays quick).
+    return os.path.exists("/proc/driver/nvidia/version")
+
+
 def kernel_notice() -> Optional[str]:
     """On a CUDA machine without a working Transformer Engine: one line saying what megatron-core
     falls back to and what to install (None on the CPU, or when TE loads)."""
+    if not _nvidia_driver():
+        return None
     try:
         import torch
     except ImportError:
