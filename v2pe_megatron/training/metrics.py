@@ -44,7 +44,8 @@ class StepMeter:
     ``batches(it, n)`` is the iterator to hand to ``train_step`` (it also applies the recipe's loss
     reduction over ``dp_group``, the data-parallel group without CP, which may draw the step's
     micro-batches ahead); ``end_step(step, seconds, tokens)`` is collective over all ranks (every rank
-    calls it with its own ``seconds``) and returns the same metrics on every rank.
+    calls it with its own ``seconds``) and returns the same metrics on every rank. ``dp_group`` None
+    in a process group of several ranks: they all hold the same packs (no data parallelism).
     """
 
     def __init__(self, recipe: Any, *, world_size: int, total_steps: int,
