@@ -83,8 +83,8 @@ def machine(monkeypatch):
         if te == "broken":  # the import fails, as a CUDA 12 TE next to a CUDA 13 torch does
             monkeypatch.setitem(sys.modules, "transformer_engine", None)
         elif te == "works":
-            monkeypatch.setitem(sys.modules, "transformer_engine", types.ModuleType("transformer_engine"))
-            monkeypatch.setitem(sys.modules, "transformer_engine.pytorch", types.ModuleType("transformer_engine.pytorch"))
+            for mod in ("transformer_engine", "transformer_engine.pytorch"):
+                monkeypatch.setitem(sys.modules, mod, types.ModuleType(mod))
 
     return make
 
