@@ -136,7 +136,7 @@ def measure_ours(overrides: list[str], steps: int, subsamples: int, tiles: int) 
             if step:  # the first step is the warm-up
                 times.append(dt)
                 step_flops.append(perf["step_flops"])
-                hw.append(perf["hw_tflops_per_device"] * 1e12 * dt * world)
+                hw.append(perf["hw_tflops_per_device"] * 1e12 * perf["step_time_s"] * world)
                 losses.append(res.loss)
         name = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
         return {"times": times, "flops": step_flops, "hw_flops": hw, "losses": losses, "world": world,

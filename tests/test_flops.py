@@ -81,19 +81,34 @@ def test_text_matches_megatron_rule_of_thumb():
     assert got.model == pytest.approx(rule, rel=1e-4)
 
 
+# Device names as torch.cuda.get_device_name() (and nvidia-smi) report them -> dense bf16 TFLOP/s.
+DEVICE_PEAKS = {
+    "NVIDIA H100 80GB HBM3": 989, "NVIDIA H100 PCIe": 756, "NVIDIA H100 NVL": 835,
+    "NVIDIA H200": 989, "NVIDIA H200 NVL": 835, "NVIDIA GH200 480GB": 989,
+    "NVIDIA H800": 989, "NVIDIA H800 PCIe": 756,
+    "NVIDIA B200": 2250, "NVIDIA GB200": 2500,
+    "NVIDIA A100-SXM4-80GB": 312, "NVIDIA A100-SXM4-40GB": 312, "NVIDIA A100 80GB PCIe": 312,
+    "NVIDIA A100-PCIE-40GB": 312, "NVIDIA A800-SXM4-80GB": 312, "NVIDIA A800 40GB Active": 312,
+    "NVIDIA L40S": 362, "NVIDIA L40": 181, "NVIDIA L4": 121,
+    # No vendor data sheet, no table entry (train.peak_tflops gives one); a MIG slice is part of a device.
+    "NVIDIA H20": None, "NVIDIA A10G": None, "NVIDIA A100-SXM4-40GB MIG 3g.20gb": None,
+}
+
+
+@pytest.mark.parametrize("name", sorted(DEVICE_PEAKS))
+def test_peak_table_by_device_name(name):
+    want = DEVICE_PEAKS[name]
+    assert flops.peak_flops_for(name, "bf16") == (want * 1e12 if want else None)
+    assert flops.peak_flops_for(name, "fp16") == flops.peak_flops_for(name, "bf16")
+
+
 def test_peak_table_and_overrides():
-    assert flops.peak_flops_for("NVIDIA H100 80GB HBM3", "bf16") == 989e12
-    assert flops.peak_flops_for("NVIDIA H100 PCIe", "bf16") == 756e12
-    assert flops.peak_flops_for("NVIDIA H200", "bf16") == 989e12
-    assert flops.peak_flops_for("NVIDIA GH200 480GB", "bf16") == 989e12
-    assert flops.peak_flops_for("NVIDIA A100-SXM4-80GB", "fp16") == 312e12
-    assert flops.peak_flops_for("NVIDIA L40S", "bf16") == 362e12
-    assert flops.peak_flops_for("NVIDIA B200", "bf16") == 2250e12
     # Never guessed: fp32, unknown devices and the CPU have no peak unless the recipe gives one.
     assert flops.peak_flops_for("NVIDIA H100 80GB HBM3", "fp32") is None
     assert flops.peak_flops_for("Some Accelerator 9000", "bf16") is None
     assert flops.peak_flops_for(None, "bf16") is None
     assert flops.peak_flops_for(None, "fp32", override_tflops=0.5) == 0.5e12
+    assert flops.peak_flops_for("NVIDIA H100 80GB HBM3", "bf16", override_tflops=700) == 700e12
 
 
 def test_module_imports_only_the_standard_library():

@@ -120,27 +120,61 @@ def step_flops(model_cfg: Any, seq_lens: Iterable[int], tiles: int = 0, *, recom
 
 
 # ---------------------------------------------------------------------------------------------
-# Peak dense FLOP/s per device (bf16 / fp16 tensor cores, no sparsity), from the vendors' data
-# sheets. Keys are substrings of torch.cuda.get_device_name(); the first match wins, so the more
-# specific names come first ("H100 PCIe" before "H100", "L40S" before "L4").
+# Peak dense FLOP/s per device (bf16 / fp16 tensor cores, no sparsity). NVIDIA's data sheets give the
+# tensor-core figures with 2:4 sparsity ("* With sparsity"); the dense figure is half of it. Keys
+# are matched against torch.cuda.get_device_name() word by word ("H20" is not "H200", "B200" not
+# "GB200"); the first match wins, so a variant comes before its family ("H100 PCIe" before "H100").
+# A device without a vendor data sheet (H20, A10G) is left out: its MFU needs train.peak_tflops.
 # ---------------------------------------------------------------------------------------------
 PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
+    # nvidia.com/en-us/data-center/grace-hopper-superchip: GH200, FP16/BF16 Tensor Core 1,979 TFLOPS*
     ("GH200", 989e12),
+    # nvidia.com/en-us/data-center/h100 (H100 data sheet): BFLOAT16 Tensor Core, with sparsity,
+    # H100 SXM 1,979, H100 NVL 1,671, H100 PCIe 1,513 TFLOPS
     ("H100 PCIe", 756e12),
     ("H100 NVL", 835e12),
-    ("H100", 989e12),        # SXM5 ("NVIDIA H100 80GB HBM3")
-    ("H200", 989e12),
+    ("H100", 989e12),        # SXM5: "NVIDIA H100 80GB HBM3"
+    # nvidia.com/en-us/data-center/h200 (H200 data sheet): BFLOAT16 Tensor Core, with sparsity,
+    # H200 SXM 1,979, H200 NVL 1,671 TFLOPS
+    ("H200 NVL", 835e12),
+    ("H200", 989e12),        # SXM: "NVIDIA H200"
+    # NVIDIA H800 data sheet (nvidia.cn/data-center/h800): BFLOAT16 Tensor Core, with sparsity,
+    # H800 SXM5 1,979, H800 PCIe 1,513 TFLOPS (H100 silicon, NVLink cut)
+    ("H800 PCIe", 756e12),
     ("H800", 989e12),
-    ("H20", 148e12),
+    # nvidia.com/en-us/data-center/gb200-nvl72: per Blackwell GPU, FP16/BF16 Tensor Core 5 PFLOPS*
     ("GB200", 2500e12),
+    # nvidia.com/en-us/data-center/hgx (HGX B200): per GPU, FP16/BF16 Tensor Core 4.5 PFLOPS*
     ("B200", 2250e12),
+    # nvidia.com/en-us/data-center/a100 (A100 data sheet): BFLOAT16 Tensor Core 312 | 624* TFLOPS
     ("A100", 312e12),
+    # NVIDIA A800 40GB Active data sheet (nvidia.com/en-us/design-visualization/a800): BFLOAT16
+    # Tensor Core 312 | 624* TFLOPS (A100 silicon, NVLink cut)
     ("A800", 312e12),
+    # nvidia.com/en-us/data-center/l40s (L40S data sheet): BFLOAT16 Tensor Core 362.05 | 733* TFLOPS
     ("L40S", 362e12),
+    # nvidia.com/en-us/data-center/l40 (L40 data sheet): BFLOAT16 Tensor Core 181.05 | 362.1* TFLOPS
     ("L40", 181e12),
+    # nvidia.com/en-us/data-center/l4 (L4 data sheet): BFLOAT16 Tensor Core 242* TFLOPS
     ("L4", 121e12),
-    ("A10G", 70e12),
 )
+
+
+def _words(text: str) -> list[str]:
+    return "".join(c if c.isalnum() else " " for c in text.lower()).split()
+
+
+def _table_peak(device_name: str) -> Optional[float]:
+    """The table's dense bf16 peak for a device as ``torch.cuda.get_device_name()`` names it, or None.
+    A MIG slice ("NVIDIA A100-SXM4-40GB MIG 3g.20gb") has only part of the device: None."""
+    name = _words(device_name)
+    if "mig" in name:
+        return None
+    for key, peak in PEAK_BF16_FLOPS:
+        k = _words(key)
+        if any(name[i:i + len(k)] == k for i in range(len(name) - len(k) + 1)):
+            return peak
+    return None
 
 
 def peak_flops_for(device_name: Optional[str], dtype: str, *, override_tflops: float = 0.0) -> Optional[float]:
@@ -156,7 +190,4 @@ def peak_flops_for(device_name: Optional[str], dtype: str, *, override_tflops: f
         return float(override_tflops) * 1e12
     if device_name is None or dtype not in ("bf16", "fp16"):
         return None
-    for key, peak in PEAK_BF16_FLOPS:
-        if key.lower() in device_name.lower():
-            return peak
-    return None
+    return _table_peak(device_name)

@@ -113,3 +113,27 @@ def test_internvl2_1b_style_remote_qwen2_with_tied_embeddings_round_trips(tmp_pa
     assert set(back) == set(tensors) and all(torch.equal(back[k], tensors[k]) for k in tensors)
     assert json.loads((tmp_path / "out" / "config.json").read_text()) == \
         json.loads((tmp_path / "hf" / "config.json").read_text())
+
+
+def test_import_without_tokenizer_files_names_them_and_takes_the_id_from_the_flag(tmp_path, capsys):
+    """A folder whose tokenizer files are missing (or do not list <IMG_CONTEXT>): the error names the
+    files it looked for and the flag; ``--img-context-token-id`` supplies the id."""
+    from v2pe_megatron.cli.convert import main
+
+    mc = tiny_model_config()
+    hf = tmp_path / "hf"
+    remote_checkpoint(str(hf), mc)
+    (hf / "added_tokens.json").unlink()
+    assert main(["import-hf", "--hf", str(hf), "--out", str(tmp_path / "ck"), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "none of tokenizer.json, added_tokens.json, tokenizer_config.json is in the folder" in err, err
+    assert "--img-context-token-id N (v2pe-convert import-hf)" in err, err
+    (hf / "tokenizer_config.json").write_text(json.dumps({"added_tokens_decoder": {}}))
+    assert main(["import-hf", "--hf", str(hf), "--out", str(tmp_path / "ck"), "--no-progress"]) == 1
+    assert "tokenizer_config.json does not list it" in capsys.readouterr().err
+    bad = ["import-hf", "--hf", str(hf), "--out", str(tmp_path / "ck"), "--no-progress", "--img-context-token-id"]
+    assert main([*bad, "-1"]) == 2
+    assert main([*bad, str(mc.language.vocab_size)]) == 1
+    assert f"not a token id of this model (vocabulary {mc.language.vocab_size})" in capsys.readouterr().err
+    assert main([*bad, str(mc.img_context_token_id)]) == 0
+    assert read_model_yaml(tmp_path / "ck" / "model.yaml").img_context_token_id == mc.img_context_token_id

@@ -132,19 +132,35 @@ def test_model_build_rejects_attention_without_cp():
     assert "set parallel.cp_comm_type=p2p" in msgs[1], msgs[1]
 
 
-def test_gpu_extra_pins_the_transformer_engine_releases_the_table_covers():
+def test_gpu_extra_and_constraints_pin_the_transformer_engine_releases_the_table_covers():
+    """pyproject's `gpu` extra, constraints.txt and TE_VERSION_RANGE name the same releases, and the
+    extra asks for TE's core library built for the CUDA major of the torch that constraints.txt pins."""
     import re
     import tomllib
     from pathlib import Path
 
     from v2pe_megatron.parallel.layout import TE_VERSION_RANGE
 
-    meta = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())
-    (req,) = [r for r in meta["project"]["optional-dependencies"]["gpu"] if r.startswith("transformer-engine")]
-    lo = tuple(int(x) for x in re.search(r">=(\d+)\.(\d+)", req).groups())
-    hi = tuple(int(x) for x in re.search(r"<(\d+)\.(\d+)", req).groups())
+    root = Path(__file__).resolve().parents[2]
     first, last = TE_VERSION_RANGE
-    assert lo == first and hi == (last[0], last[1] + 1), (req, TE_VERSION_RANGE)
+    want = (first, (last[0], last[1] + 1))
+
+    def bounds(req: str):
+        lo = tuple(int(x) for x in re.search(r">=(\d+)\.(\d+)", req).groups())
+        hi = tuple(int(x) for x in re.search(r"<(\d+)\.(\d+)", req).groups())
+        return lo, hi
+
+    meta = tomllib.loads((root / "pyproject.toml").read_text())
+    (req,) = [r for r in meta["project"]["optional-dependencies"]["gpu"] if r.startswith("transformer-engine")]
+    assert bounds(req) == want, (req, TE_VERSION_RANGE)
+    lines = [ln.strip() for ln in (root / "constraints.txt").read_text().splitlines()
+             if ln.strip() and not ln.startswith("#")]
+    cuda = int(next(ln for ln in lines if ln.startswith("cuda-toolkit==")).split("==")[1].split(".")[0])
+    extras = set(re.search(r"\[([^\]]*)\]", req).group(1).replace(" ", "").replace("-", "_").split(","))
+    assert extras == {"pytorch", f"core_cu{cuda}"}, (req, cuda)
+    te = {ln.split(">=")[0]: bounds(ln) for ln in lines if ln.startswith("transformer-engine")}
+    assert te == {"transformer-engine": want, f"transformer-engine-cu{cuda}": want,
+                  "transformer-engine-torch": want}, te
 
 
 @pytest.mark.parametrize("overrides, world, fragment", [

@@ -176,3 +176,29 @@ def test_seed_reaches_cpu_initialised_parameters_when_megatron_seeds_only_cuda(m
         assert not torch.equal(a[key], c[key]), key
     for key in ("random", "numpy"):
         assert a[key] == b[key] and a[key] != c[key], key
+
+
+def _launched_env(tmp_path, env: dict) -> list[dict]:
+    """What ``run_local`` hands its 2 ranks: each writes the variables the launcher defaults."""
+    import json
+
+    from v2pe_megatron.runtime.launch import RANK_ENV_DEFAULTS, run_local
+
+    script = tmp_path / "env.py"
+    script.write_text("import json, os, sys\n"
+                      f"keys = {sorted(RANK_ENV_DEFAULTS)!r}\n"
+                      "open(os.path.join(sys.argv[1], 'rank' + os.environ['RANK']), 'w').write(\n"
+                      "    json.dumps({k: os.environ.get(k) for k in keys}))\n")
+    assert run_local([str(script), str(tmp_path)], 2, env={"PATH": "/usr/bin:/bin", **env}) == 0
+    return [json.loads((tmp_path / f"rank{r}").read_text()) for r in range(2)]
+
+
+def test_local_launcher_sets_cuda_device_max_connections_unless_the_user_did(tmp_path):
+    """megatron-core's TP/CP communication overlap needs CUDA_DEVICE_MAX_CONNECTIONS=1 before CUDA
+    initializes, as slurm/job.sh exports it for srun; the self-launcher puts it in every rank's
+    environment, and a value the user set wins."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    assert _launched_env(tmp_path / "a", {}) == [{"CUDA_DEVICE_MAX_CONNECTIONS": "1", "OMP_NUM_THREADS": "1"}] * 2
+    mine = {"CUDA_DEVICE_MAX_CONNECTIONS": "8", "OMP_NUM_THREADS": "4"}
+    assert _launched_env(tmp_path / "b", mine) == [mine] * 2

@@ -36,6 +36,30 @@ def test_counts_the_batches_the_step_drew():
     assert meter.end_step(2, 0.5, tokens=128)["step_flops"] < want.model
 
 
+def test_counts_the_pack_tiles_not_the_rank_share():
+    """Under CP the loader hands each rank only its share of a micro-batch's tiles (tile_range); the
+    step's ViT work is the whole pack's, so every CP rank counts all of its tiles."""
+    from v2pe_megatron.parallel.cp_split import tile_share
+
+    batches = synthetic_packs(2, rows=2, seq_length=64, pad_multiple=4, seed=3)
+    full = _meter()
+    _draw(full, batches)
+    want = full.end_step(1, 1.0, tokens=256)["step_flops"]
+    counts = []
+    for rank in range(2):
+        shares = []
+        for b in batches:
+            lo, hi = tile_share(int(b.pixel_values.shape[0]), 2, rank)
+            shares.append(b.replace(pixel_values=b.pixel_values[lo:hi], tile_range=(lo, hi)))
+        meter = _meter()
+        _draw(meter, shares)
+        counts.append(meter.end_step(1, 1.0, tokens=256)["step_flops"])
+    assert counts == [want, want]
+    # The shares really are partial (the old count, pixel_values.shape[0], would have been lower).
+    held = [tile_share(int(b.pixel_values.shape[0]), 2, 0) for b in batches]
+    assert any(0 < hi - lo < int(b.pixel_values.shape[0]) for (lo, hi), b in zip(held, batches)), held
+
+
 def test_mfu_from_table_or_recipe_and_never_above_100():
     batches = synthetic_packs(1, rows=1, seq_length=64, pad_multiple=4, seed=3)
     meter = _meter("model.dtype=bf16", name="NVIDIA H100 80GB HBM3", world_size=1)
@@ -106,3 +130,70 @@ def test_training_log_and_mlflow_carry_throughput(tmp_path):
     low = flops.step_flops(tiny_recipe().model, [1] * 256).model
     high = flops.step_flops(tiny_recipe().model, [128, 128], tiles=2 * 64).model
     assert all(low < f <= high for f in hist["step_flops"]), (low, hist["step_flops"], high)
+
+
+def _loader_packs(overrides: list[str], cp_rank: int, cp_size: int, n: int) -> list:
+    from v2pe_megatron.data.loader import build_train_loader
+
+    loader = build_train_loader(tiny_recipe(*overrides), dp_rank=0, dp_size=1, cp_rank=cp_rank, cp_size=cp_size,
+                                prefetch=0)
+    it = iter(loader)
+    try:
+        return [next(it) for _ in range(n)]
+    finally:
+        if hasattr(loader, "close"):
+            loader.close()
+
+
+def _cp_rank_figures(overrides: list[str], n: int) -> dict:
+    """One CP rank: the loader's micro-batches (this rank's tile share), the meter's figures for a
+    step this rank timed at 1 s (rank 0) or 2 s (rank 1), then MFU decisions on those clocks."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from v2pe_megatron.runtime import distributed as rt
+
+    rank = dist.get_rank()
+    with rt.model_parallel(1, 1, 2):
+        batches = _loader_packs(overrides, ps.get_context_parallel_rank(), 2, n)
+        meter = StepMeter(tiny_recipe(*overrides), world_size=2, total_steps=10,
+                          dp_group=ps.get_data_parallel_group(with_context_parallel=False))
+        list(meter.batches(iter(batches), n))
+        figures = meter.end_step(1, 1.0 + rank, tokens=512)
+        # A peak at which rank 0's own clock (1 s) gives MFU 125% and the mean (1.5 s) 83%: nobody stops.
+        meter.peak = figures["step_flops"] / 2 / 1.25
+        list(meter.batches(iter(batches), n))
+        agreed = meter.end_step(2, 1.0 + rank, tokens=512)
+        # Both clocks above the peak: every rank raises, at the same step.
+        list(meter.batches(iter(batches), n))
+        try:
+            meter.end_step(3, 0.1 * (1 + rank), tokens=512)
+            raised = None
+        except MFUError as e:
+            raised = str(e)
+    return {"figures": figures, "agreed": agreed, "raised": raised,
+            "held_tiles": [0 if b.pixel_values is None else int(b.pixel_values.shape[0]) for b in batches]}
+
+
+@pytest.mark.slow
+def test_cp_ranks_report_the_packs_figures_and_stop_together():
+    """CP=2 with images: each rank holds a share of the tiles, every rank reports the same figures,
+    equal to the analytic FLOPs of the same packs at CP=1 and their mean step time; an MFU above 100%
+    is decided on those shared figures (none or all ranks raise)."""
+    from v2pe_megatron.testing.distributed import run_distributed
+
+    overrides, n = ["parallel.cp=2", "data.seq_length=256"], 2
+    r0, r1 = run_distributed(_cp_rank_figures, 2, overrides, n, timeout=240)
+    whole = _loader_packs(overrides, 0, 1, n)  # the same packs at CP=1 (every tile held)
+    tiles = [b.pack_tiles for b in whole]
+    assert sum(tiles) > 1 and all(a + b == t for a, b, t in zip(r0["held_tiles"], r1["held_tiles"], tiles))
+    assert r0["held_tiles"] != tiles  # rank 0 really holds a part
+    lens = [int(x) for b in whole for row in b.seq_lens for x in row.tolist()]
+    want = flops.step_flops(tiny_recipe(*overrides).model, lens, sum(tiles))
+    assert r0["figures"] == r1["figures"]
+    f = r0["figures"]
+    assert f["step_flops"] == pytest.approx(want.model, rel=1e-12)
+    assert f["step_time_s"] == 1.5 and f["tokens_per_s"] == 512 / 1.5
+    assert f["tflops_per_device"] == pytest.approx(want.model / 2 / 1.5 / 1e12, rel=1e-12)
+    assert r0["agreed"] == r1["agreed"] and r0["agreed"]["mfu_pct"] == pytest.approx(100 / 1.5 * 1.25)
+    assert r0["raised"] and r0["raised"] == r1["raised"] and "> 100% at step 3" in r0["raised"]

@@ -1,6 +1,7 @@
 """``v2pe-convert``: HuggingFace InternVL2 <-> megatron torch_dist checkpoints (docs/convert.md).
 
-  v2pe-convert import-hf --hf DIR --out CKPT [--tp N --pp M] [--spec local|te] [--verify] [--force]
+  v2pe-convert import-hf --hf DIR --out CKPT [--tp N --pp M] [--spec local|te] [--img-context-token-id N]
+                         [--verify] [--force]
   v2pe-convert export-hf --ckpt CKPT --out DIR --layout remote-code|transformers [--tokenizer DIR]
                          [--v2pe-delta X] [--model-yaml FILE] [--verify] [--force]
 
@@ -27,6 +28,8 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks that share the work (any loads it)")
     i.add_argument("--pp", type=int, default=1, help="pipeline stages that share the work")
     i.add_argument("--spec", choices=("local", "te"), default="local", help="megatron parameter names to build with")
+    i.add_argument("--img-context-token-id", type=int, metavar="N",
+                   help="id of the <IMG_CONTEXT> token, for a folder whose tokenizer files do not list it")
     i.add_argument("--verify", action="store_true", help="compare both sides' logits on random inputs")
     i.add_argument("--force", action="store_true", help="replace an existing --out")
     i.add_argument("--no-progress", action="store_true")
@@ -59,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
             if args.tp < 1 or args.pp < 1:
                 print("v2pe-convert: --tp and --pp must be >= 1", file=sys.stderr)
                 return exit_codes.USAGE
+            if args.img_context_token_id is not None and args.img_context_token_id < 0:
+                print("v2pe-convert: --img-context-token-id must be a token id (>= 0)", file=sys.stderr)
+                return exit_codes.USAGE
             conv.check_out(args.out, args.force)
             n = args.tp * args.pp
             if n > 1 and not under_launcher():
@@ -72,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
                 res = conv.ConvertResult(args.out, 0.0, 0, "", args.tp, args.pp)
             else:
                 res = conv.import_hf(args.hf, args.out, tp=args.tp, pp=args.pp, spec=args.spec, force=args.force,
-                                     progress=not args.no_progress)
+                                     progress=not args.no_progress, img_context_token_id=args.img_context_token_id)
                 if not launch_rank() == 0:
                     return 0
                 print(f"v2pe-convert: imported {res.tensors} HF tensors ({res.layout} layout) into {res.out} at "

@@ -145,6 +145,7 @@ def _run(recipe) -> int:
     """One rank's run; returns its ``runtime.exit_codes`` code."""
     from v2pe_megatron.training.checkpointing import CheckpointError
     from v2pe_megatron.training.loop import train
+    from v2pe_megatron.training.metrics import MFUError
 
     # train() records stop signals while it runs (installing its handlers is its first act); once it
     # returns, the checkpoint is saved and a late signal (e.g. a second SIGTERM) must not turn the
@@ -155,6 +156,10 @@ def _run(recipe) -> int:
         s = train(recipe)
     except CheckpointError as e:  # names the folder and the fix: no stack trace
         print(f"v2pe-train: {e}", file=sys.stderr)
+        return exit_codes.ERROR
+    except MFUError as e:  # raised by every rank at the same step (training.metrics): said once
+        if launch_rank() == 0:
+            print(f"v2pe-train: {e}", file=sys.stderr)
         return exit_codes.ERROR
     if launch_rank() == 0:
         print(f"\nv2pe-train: {recipe.name}: ran steps {s.final_step - s.steps_run + 1}..{s.final_step} on "

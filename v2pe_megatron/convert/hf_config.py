@@ -135,19 +135,23 @@ def model_config_from_hf(cfg: dict) -> tuple[ModelConfig, str]:
 # ---------------------------------------------------------------------------------------------
 # Tokenizer files -> special token ids
 # ---------------------------------------------------------------------------------------------
+# The tokenizer files that list added tokens (special_token_ids reads them in this order).
+TOKEN_FILES = ("tokenizer.json", "added_tokens.json", "tokenizer_config.json")
+
+
 def special_token_ids(hf_dir: str | os.PathLike) -> dict[str, int]:
-    """content -> id of the added tokens in tokenizer_config.json / added_tokens.json / tokenizer.json."""
+    """content -> id of the added tokens in the :data:`TOKEN_FILES` of an HF folder."""
     d = Path(hf_dir)
     ids: dict[str, int] = {}
-    tj = d / "tokenizer.json"
+    tj = d / TOKEN_FILES[0]
     if tj.is_file():
         for t in json.loads(tj.read_text()).get("added_tokens", []):
             ids.setdefault(t["content"], int(t["id"]))
-    at = d / "added_tokens.json"
+    at = d / TOKEN_FILES[1]
     if at.is_file():
         for k, v in json.loads(at.read_text()).items():
             ids.setdefault(k, int(v))
-    tc = d / "tokenizer_config.json"
+    tc = d / TOKEN_FILES[2]
     if tc.is_file():
         for k, v in (json.loads(tc.read_text()).get("added_tokens_decoder") or {}).items():
             ids.setdefault(v["content"] if isinstance(v, dict) else str(v), int(k))

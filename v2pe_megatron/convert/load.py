@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import weakref
 from pathlib import Path
 from typing import Optional
 
@@ -11,7 +12,7 @@ import torch
 
 from v2pe_megatron.config import ModelConfig
 from v2pe_megatron.convert.errors import HFCheckpointError
-from v2pe_megatron.convert.hf_config import model_config_from_hf, read_config, special_token_ids
+from v2pe_megatron.convert.hf_config import TOKEN_FILES, model_config_from_hf, read_config, special_token_ids
 from v2pe_megatron.convert.mappings import hf_to_megatron, weight_map
 from v2pe_megatron.convert.safetensors_io import canonical_native_names, read_safetensors
 
@@ -24,11 +25,20 @@ def hf_model_config(hf_dir: str | os.PathLike, img_context_token_id: Optional[in
     mc, layout = model_config_from_hf(cfg)
     toks = special_token_ids(d)
     if img_context_token_id is not None:
+        vocab = mc.language.vocab_size
+        if not 0 <= int(img_context_token_id) < vocab:
+            raise HFCheckpointError(f"{d}: img_context_token_id {img_context_token_id} is not a token id of this "
+                                    f"model (vocabulary {vocab})")
         mc.img_context_token_id = int(img_context_token_id)
     elif "<IMG_CONTEXT>" in toks:
         mc.img_context_token_id = toks["<IMG_CONTEXT>"]
     elif layout == "remote" or "image_token_id" not in cfg:
-        raise HFCheckpointError(f"{d}: no <IMG_CONTEXT> token in the tokenizer files; pass img_context_token_id")
+        present = [f for f in TOKEN_FILES if (d / f).is_file()]
+        where = (f"none of {', '.join(TOKEN_FILES)} is in the folder" if not present else
+                 f"{', '.join(present)} do{'es' if len(present) == 1 else ''} not list it")
+        raise HFCheckpointError(
+            f"{d}: no id for the <IMG_CONTEXT> token: {where}. Copy the model's tokenizer files into the folder, "
+            "or give the id: --img-context-token-id N (v2pe-convert import-hf), img_context_token_id=N (hf.load)")
     if "<img>" in toks:
         mc.img_start_token_id = toks["<img>"]
     if "</img>" in toks:
@@ -56,7 +66,8 @@ def load(hf_dir: str | os.PathLike, *, img_context_token_id: Optional[int] = Non
 
     ``img_context_token_id``: overrides the id read from the tokenizer files (``<IMG_CONTEXT>``) or
     from ``config.json`` (``image_token_id``). Sets up a 1-rank process group and megatron state if
-    none exists; they stay alive with the model (``model._hf_stack``).
+    none exists; they stay alive with the model and are torn down when it is collected, or at the
+    latest when the interpreter exits (``model.release_process_group()`` does it now).
     """
     from v2pe_megatron.model.internvl import build_model
     from v2pe_megatron.parallel.layout import Layout, resolve_spec
@@ -90,6 +101,10 @@ def load(hf_dir: str | os.PathLike, *, img_context_token_id: Optional[int] = Non
             params[k].copy_(t.to(params[k].dtype))
     model.to(device())
     model.eval()
-    model._hf_stack = stack  # keeps the 1-rank process group alive as long as the model
+    # The 1-rank process group lives as long as the model. Closed by a finalizer, which also runs at
+    # interpreter exit while the model is still alive: before the interpreter tears its modules
+    # down, not from a garbage-collected generator afterwards ("Exception ignored in: <generator
+    # object model_parallel> ... ImportError: sys.meta_path is None").
+    model.release_process_group = weakref.finalize(model, stack.close)
     model.hf_layout = layout
     return model

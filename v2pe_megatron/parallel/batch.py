@@ -66,6 +66,15 @@ class MicroBatch:
     def num_images(self) -> int:
         return 0 if self.num_tiles is None else int(self.num_tiles.numel())
 
+    @property
+    def pack_tiles(self) -> int:
+        """Tiles of the whole micro-batch, also where ``pixel_values`` holds only a CP rank's share."""
+        if self.num_tiles is not None:
+            return int(self.num_tiles.sum())
+        if self.tile_range is not None:
+            raise ValueError("a batch holding a tile share (tile_range) must carry num_tiles")
+        return 0 if self.pixel_values is None else int(self.pixel_values.shape[0])
+
     def replace(self, **changes) -> "MicroBatch":
         return dataclasses.replace(self, **changes)
 

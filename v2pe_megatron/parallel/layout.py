@@ -44,8 +44,10 @@ TE_THD_CP_SUPPORT: dict[str, Optional[tuple[int, int]]] = {
     "all_gather": (2, 18),
     "a2a+p2p": None,
 }
-# The Transformer Engine releases this table (and pyproject's `gpu` extra) covers: [first, last].
-TE_VERSION_RANGE: tuple[tuple[int, int], tuple[int, int]] = ((2, 8), (2, 20))
+# The Transformer Engine releases this table (and pyproject's `gpu` extra, and constraints.txt)
+# covers: [first, last]. 2.9 is the first with a CUDA 13 core library (transformer-engine-cu13),
+# which the CUDA 13 torch of constraints.txt needs.
+TE_VERSION_RANGE: tuple[tuple[int, int], tuple[int, int]] = ((2, 9), (2, 20))
 
 
 def te_version() -> Optional[tuple[int, int]]:

@@ -11,6 +11,9 @@ session, so a terminal's Ctrl-C reaches them once, through the parent) and retur
 (``exit_codes.RESUME`` after a signal). If the parent dies, even by SIGKILL, each rank gets SIGTERM
 from the kernel (``signals.die_with_parent``). A rank that fails takes the others down: SIGTERM, then
 SIGKILL after ``FAIL_GRACE_S`` (a graceful stop needs every rank, so it may never complete).
+
+Environment: each rank gets :data:`RANK_ENV_DEFAULTS` (``CUDA_DEVICE_MAX_CONNECTIONS=1``, as
+``slurm/job.sh`` exports for srun) unless the caller's environment sets them.
 """
 
 from __future__ import annotations
@@ -31,6 +34,15 @@ from v2pe_megatron.runtime.signals import STOP_SIGNALS, die_with_parent
 FAIL_GRACE_S = 30.0
 GRACEFUL = (exit_codes.SUCCESS, exit_codes.RESUME, exit_codes.NONFINITE)
 
+# Set in every rank's environment unless the user set them (slurm/job.sh sets the same for srun):
+# in the environment, not in the rank's code, because CUDA reads them when it initializes.
+RANK_ENV_DEFAULTS = {
+    "OMP_NUM_THREADS": "1",  # as torchrun does: N ranks share the cores
+    # megatron-core's TP / sequence-parallel and CP communication overlap relies on kernels being
+    # issued in order on one hardware queue; megatron-core asks for this setting.
+    "CUDA_DEVICE_MAX_CONNECTIONS": "1",
+}
+
 
 def host_store(world_size: int, timeout_minutes: float = 30.0) -> TCPStore:
     return TCPStore("127.0.0.1", 0, world_size, is_master=True, wait_for_workers=False,
@@ -47,8 +59,7 @@ def run_local(argv: Sequence[str], nproc: int, *, env: dict[str, str] | None = N
     """Run ``python <argv>`` as ``nproc`` ranks on this machine; return the first non-zero exit code
     (a failing rank's code wins over the graceful ones), or 0."""
     store = host_store(nproc)
-    base = dict(os.environ if env is None else env)
-    base.setdefault("OMP_NUM_THREADS", "1")  # as torchrun does: N ranks share the cores
+    base = {**RANK_ENV_DEFAULTS, **(os.environ if env is None else env)}
     me = os.getpid()
     procs: list[subprocess.Popen] = []
 

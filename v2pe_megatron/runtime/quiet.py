@@ -9,9 +9,10 @@ The CLIs call it first thing; library users (notebooks, tests) are not affected 
 
 What is silenced, and why nobody can act on it:
 
-- megatron "Transformer Engine and Apex are not installed ..." / "Apex is not installed ...":
-  expected on CPU and on GPU machines without apex; the fallbacks are the ones this project uses
-  (TE is the ``gpu`` extra and ``model.spec`` decides, apex is optional).
+- megatron "Transformer Engine and Apex are not installed ..." (four of them, one per fallback) /
+  "Apex is not installed ...": expected on CPU, where the fallbacks are the ones this project uses.
+  On a CUDA machine a missing (or broken) Transformer Engine does matter, and there one line of ours
+  replaces megatron's four (:func:`kernel_notice`): what falls back, and what to install.
 - megatron "absl.logging is not installed ...": megatron's own optional logger backend.
 - megatron "full scope is deprecated ...": a default inside megatron's TransformerConfig (CUDA graphs
   are not used here).
@@ -34,10 +35,14 @@ checkpoint fallbacks, and any new library warning.
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import logging
 import os
 import re
+import sys
 import warnings
+from typing import Optional
 
 # (message regex, warning category) for ``warnings.warn`` calls.
 SILENCED: tuple[tuple[str, type[Warning]], ...] = (
@@ -71,8 +76,44 @@ class _DropMessages(logging.Filter):
 _log_filters: dict[tuple[str, str], logging.Filter] = {}
 
 
+_NOTICE_SHOWN = "V2PE_KERNEL_NOTICE_SHOWN"  # set once said: the ranks a launcher starts inherit it
+
+
+def _nvidia_driver() -> bool:
+    # Torch-free first look: a machine without NVIDIA's kernel driver is not asked (and does not
+    # import torch here: `v2pe-train --print-sbatch` on a login node stays quick).
+    return os.path.exists("/proc/driver/nvidia/version")
+
+
+def kernel_notice() -> Optional[str]:
+    """On a CUDA machine without a working Transformer Engine: one line saying what megatron-core
+    falls back to and what to install (None on the CPU, or when TE loads)."""
+    if not _nvidia_driver():
+        return None
+    try:
+        import torch
+    except ImportError:
+        return None
+    if not torch.cuda.is_available():
+        return None
+    if importlib.util.find_spec("transformer_engine") is None:
+        problem = "Transformer Engine is not installed"
+    else:
+        try:
+            importlib.import_module("transformer_engine.pytorch")
+            return None
+        except Exception as e:  # noqa: BLE001 - e.g. a CUDA 12 build of TE next to a CUDA 13 torch
+            problem = f"Transformer Engine does not load ({type(e).__name__}: {e})"
+    adam = ("apex's fused Adam" if importlib.util.find_spec("apex") is not None else
+            "torch's Adam (a slower optimizer step; runtime/torch_adam_checkpoint.py fixes its checkpoints)")
+    return (f"{problem}: model.spec=auto runs megatron-core's local layers and the optimizer is {adam}. "
+            "Install the gpu extra (built against this torch): pip install --no-build-isolation -c constraints.txt "
+            "-e '.[gpu]'")
+
+
 def quiet_library_warnings() -> None:
-    """Silence :data:`SILENCED` and :data:`SILENCED_LOGS` in this process (idempotent). Call it before
+    """Silence :data:`SILENCED` and :data:`SILENCED_LOGS` in this process (idempotent), and say
+    :func:`kernel_notice` once per job (rank 0, or the launching process) on stderr. Call it before
     megatron / torch.distributed are imported: several of these are emitted at import time."""
     for pattern, category in SILENCED:
         warnings.filterwarnings("ignore", message=pattern, category=category)  # deduplicated by warnings
@@ -82,3 +123,9 @@ def quiet_library_warnings() -> None:
         if f not in logger.filters:
             logger.addFilter(f)
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    rank0 = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
+    if rank0 and not os.environ.get(_NOTICE_SHOWN):
+        notice = kernel_notice()
+        if notice:
+            print(f"v2pe-megatron: {notice}", file=sys.stderr, flush=True)
+            os.environ[_NOTICE_SHOWN] = "1"

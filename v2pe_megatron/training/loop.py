@@ -164,14 +164,16 @@ def train(recipe: Recipe) -> RunSummary:
                 summary.final_step = step + 1
                 skips = _global_skips(loader.skips)
                 lr = optimizer.param_groups[0]["lr"]
+                # Collective: the same figures (and step time) on every rank; an MFU above 100% raises on all.
                 perf = meter.end_step(step + 1, dt, d.global_batch_size * d.seq_length)
                 if rank0 and (step + 1) % recipe.train.log_interval == 0:
                     log.info("step %d/%d  loss %.5f  lr %.3e  grad_norm %s  %s  step %.2fs%s",
                              step + 1, recipe.train.steps, res.loss, lr,
-                             f"{res.grad_norm:.3f}" if res.grad_norm is not None else "n/a", meter.format(perf), dt,
+                             f"{res.grad_norm:.3f}" if res.grad_norm is not None else "n/a", meter.format(perf),
+                             perf["step_time_s"],
                              ("  skipped " + ", ".join(f"{k}={v}" for k, v in skips.items() if v)) if any(
                                  skips.values()) else "")
-                tracker.log_metrics({"loss": res.loss, "lr": lr, "grad_norm": res.grad_norm, **perf, "step_time_s": dt,
+                tracker.log_metrics({"loss": res.loss, "lr": lr, "grad_norm": res.grad_norm, **perf,
                                      "trained_tokens": res.num_tokens,
                                      "skipped/nonfinite_steps": nonfinite.total,
                                      **{f"skipped/{k}": v for k, v in skips.items()}}, step=step + 1)

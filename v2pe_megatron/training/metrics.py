@@ -1,11 +1,19 @@
 """Per-step throughput for the log line and MLflow: tokens/s, TFLOP/s per device, MFU, ETA.
 
 FLOPs are counted from the micro-batches the step actually drew (sub-sample lengths from
-``MicroBatch.seq_lens``, tiles from ``pixel_values``) with :mod:`v2pe_megatron.flops`, summed over
-the step's micro-batches and over data-parallel ranks; per device = total / world size. MFU divides
-model FLOPs (recompute excluded) by the peak of the device (``flops.peak_flops_for``: the recipe's
-``train.peak_tflops``, else the bf16 table for bf16/fp16 runs on a known GPU); without a peak it
-is left out of the line and of MLflow rather than guessed.
+``MicroBatch.seq_lens``, the pack's tiles from ``MicroBatch.pack_tiles``: under context parallelism a
+rank decodes only its share of them, but the pack's ViT work is done, once, by the CP group) with
+:mod:`v2pe_megatron.flops`, summed over the step's micro-batches and over data-parallel ranks; per
+device = total / world size. MFU divides model FLOPs (recompute excluded) by the peak of the device
+(``flops.peak_flops_for``: the recipe's ``train.peak_tflops``, else the bf16 table for bf16/fp16 runs
+on a known GPU); without a peak it is left out of the line and of MLflow rather than guessed.
+
+Every rank reports the same figures: one all-reduce over all ranks per step carries the FLOPs and
+the step time, which each rank measured on its own clock; the step time is their mean. Ranks that
+hold the same packs (the TP, PP and CP ranks of one data-parallel replica) all count them, so the
+sum is divided by that number. A decision taken on these figures (MFU above 100%) is therefore taken
+by every rank at the same step: all raise :class:`MFUError` together, none waits alone in the next
+collective.
 """
 
 from __future__ import annotations
@@ -34,8 +42,10 @@ class StepMeter:
     """Counts what each step drew and turns the step time into the step's throughput figures.
 
     ``batches(it, n)`` is the iterator to hand to ``train_step`` (it also applies the recipe's loss
-    reduction, which may draw the step's micro-batches ahead); ``end_step(step, seconds, tokens)``
-    all-reduces the count over ``dp_group`` (every rank calls it) and returns the metrics.
+    reduction over ``dp_group``, the data-parallel group without CP, which may draw the step's
+    micro-batches ahead); ``end_step(step, seconds, tokens)`` is collective over all ranks (every rank
+    calls it with its own ``seconds``) and returns the same metrics on every rank. ``dp_group`` None
+    in a process group of several ranks: they all hold the same packs (no data parallelism).
     """
 
     def __init__(self, recipe: Any, *, world_size: int, total_steps: int,
@@ -63,29 +73,35 @@ class StepMeter:
         for _ in range(num_microbatches):
             b = next(src)
             self._lens += [int(n) for row in b.seq_lens for n in (row.tolist() if hasattr(row, "tolist") else row)]
-            self._tiles += 0 if b.pixel_values is None else int(b.pixel_values.shape[0])
+            self._tiles += b.pack_tiles
             yield b
 
-    def step_flops(self) -> tuple[float, float]:
-        """(model, hardware) FLOPs of the step, over all data-parallel ranks; resets the count."""
+    def _reduce(self, seconds: float) -> tuple[float, float, float]:
+        """Collective: (model, hardware) FLOPs of the step over all data-parallel ranks and the step
+        time all ranks agree on (the mean of theirs); resets the count."""
         local = flops.step_flops(self.model_cfg, self._lens, self._tiles, recompute=self.recompute)
         self._lens, self._tiles = [], 0
-        t = torch.tensor([local.model, local.hardware], dtype=torch.float64, device=self.device)
-        if self.dp_group is not None and dist.is_initialized() and dist.get_world_size(self.dp_group) > 1:
-            dist.all_reduce(t, group=self.dp_group)
-        model, hardware = t.tolist()
-        return model, hardware
+        t = torch.tensor([local.model, local.hardware, seconds], dtype=torch.float64, device=self.device)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            world = dist.get_world_size()
+            dp = dist.get_world_size(self.dp_group) if self.dp_group is not None else 1
+            dist.all_reduce(t)
+            # world / dp ranks (TP x PP x CP) drew the same packs and counted them each.
+            t /= torch.tensor([world / dp, world / dp, world], dtype=torch.float64, device=t.device)
+        model, hardware, seconds = t.tolist()
+        return model, hardware, seconds
 
     def end_step(self, step: int, seconds: float, tokens: int) -> dict[str, float]:
-        model, hardware = self.step_flops()
+        """Collective. ``seconds``: this rank's time for the step; the figures use the ranks' mean."""
+        model, hardware, seconds = self._reduce(seconds)
         self._times.append(seconds)
         per_device = model / self.world_size / seconds
         out = {"tokens_per_s": tokens / seconds, "tflops_per_device": per_device / 1e12,
                "hw_tflops_per_device": hardware / self.world_size / seconds / 1e12,
-               "step_flops": model}
+               "step_flops": model, "step_time_s": seconds}
         if self.peak:
             mfu = 100.0 * per_device / self.peak
-            if mfu > 100.0:
+            if mfu > 100.0:  # the same numbers on every rank: all ranks raise here, at the same step
                 raise MFUError(f"MFU {mfu:.1f}% > 100% at step {step}: {model:.4g} model FLOPs over "
                                f"{self.world_size} device(s) in {seconds:.4g} s = {per_device / 1e12:.4g} TFLOP/s "
                                f"per device, peak {self.peak / 1e12:.4g} TFLOP/s (train.peak_tflops or the "
