@@ -7,8 +7,10 @@
   values megatron draws, mean and std; constants exactly).
 - Slow (4 gloo ranks, one spawn): 1 rank (DP=4) vs TP=2, PP=2, TP=2xPP=2, PP=2 x 2 virtual stages,
   TP=4 (vocabulary padded), PP=4, CP=2 and TP=2xCP=2 give the same global tensors, bit for bit; and on a
-  model 20 times its largest tensor at TP=2xPP=2, the init's peak extra resident memory on every rank
-  is below one tensor, and no rank's memory ever grows by the model's size.
+  model 20 times its largest tensor at TP=2xPP=2 (each rank holds a quarter), the init's peak extra
+  resident memory (VmHWM) on every rank is about one band, below the rank's largest parameter shard,
+  a rank draws about its shard, and no rank's memory grows by half the model from before the build
+  to the end of the init.
 """
 
 from __future__ import annotations

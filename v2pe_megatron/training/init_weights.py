@@ -20,7 +20,8 @@ copies its part into the parameter, one band of ``TILE_ROWS`` rows at a time. So
   bit for bit (``tests/training/test_init_weights.py``); rows past the vocabulary that TP padding adds
   are drawn like the rest and do not change the real rows;
 - no process builds or holds the whole model, and the init needs, on top of the rank's own shard,
-  one band (``TILE_ROWS`` rows of one tensor, at most a few MB) per drawing thread;
+  one band per drawing thread (``TILE_ROWS`` rows of one shard: 8 MiB at InternVL2-2B's widest, the
+  fc2 weight at TP=1);
 - a rank draws about its own shard, not the whole tensors it holds part of (up to one tile at each
   shard edge that does not fall on a multiple of the tile size).
 
@@ -33,20 +34,26 @@ ViT's class and position embeddings normal(``VisionEmbeddings.init_std``), its p
 default (uniform +-1/sqrt(fan_in)), its layer scales ``LayerScaleBDA.init_value``. A key without a
 rule is an error that names it; a parameter left unwritten is an error too.
 
-Norm weights are the only tensors whose checkpoint key differs between the local and the TE spec
-(``input_layernorm.weight`` vs ``self_attention.linear_qkv.layer_norm_weight``); they are constants,
-so the local and TE specs also start from the same weights.
+Norms are the only tensors whose checkpoint key differs between the local and the TE spec
+(``input_layernorm.weight`` vs ``self_attention.linear_qkv.layer_norm_weight``, and the biases alike);
+they are constants, so every random tensor has the same key, and the same values, in both specs.
 
-Determinism: the values come from numpy's ``Generator(PCG64)`` (whose streams numpy keeps stable
-across releases since 1.17) in float32 and reach the parameter by a copy (rounded once to the
-parameter's dtype), so they do not depend on torch's version, its CPU vector path or the device.
+Determinism: the values come from numpy's ``Generator(PCG64)`` in float32 (numpy keeps these streams
+stable across releases since 1.17; the ziggurat's rare tail and wedge draws call the C library's
+``expf``/``logf``, the only step a different libm could move by an ulp) and reach the parameter by a
+copy, rounded once to the parameter's dtype. They do not depend on torch's version, its CPU vector
+path, the device or the number of drawing threads.
 
-Cost (``benchmarks/init_weights.py``; ``benchmarks/RESULTS.md``): drawing is ~2.5 s per GB of fp32
-values per thread on this project's 2-core CI machine; a rank draws about its own shard, so
-InternVL2-2B (2.2B parameters, 8.9 GB in fp32) at TP=1 costs one rank ~22 s on one thread, ~6 s on
-four, and 1/TP of that at TP > 1. Run by the training loop only when a run starts from scratch:
-never on resume, never with ``checkpoint.pretrained`` (the weights come from there). Frozen parts are
-initialised like the rest (freezing a part one starts from random weights is the recipe's choice).
+Cost (``benchmarks/init_weights.py``, ``benchmarks/RESULTS.md``): ~2.8 s per GB of fp32 values drawn per
+thread on this project's 2-core CI machine; numpy fills without the GIL, so ``threads`` (default: the
+cores of this rank's share of the node, at most 8) divide that where cores are free. A rank draws
+about its own shard: InternVL2-2B (2.2 B parameters, 8.9 GB fp32) costs a TP=1 rank ~25 s on one
+thread, a TP=8 rank ~1/8 of that (one LLM layer: 1.28 s whole, 0.11 s for a TP=8 rank's shards);
+data-parallel replicas draw the same values side by side. Run by the training loop only when a run
+starts from scratch: never on resume, never with ``checkpoint.pretrained`` (the weights come from
+there). Frozen parts are initialised like the rest (freezing a part that starts from random weights
+is the recipe's choice). megatron's own initialisation still runs when the model is built (on this
+rank's shard, on its device) and is overwritten.
 
 ``python -m v2pe_megatron.training.init_weights RECIPE OUT`` writes a recipe's initial weights as a
 weights-only torch_dist folder, building the model in one process (tests, small models).
