@@ -154,9 +154,9 @@ def test_pretrained_from_a_bare_weights_folder(tmp_path):
     """A weights-only torch_dist folder (what save_model_weights and a converter write; here the
     1-rank initial weights) loads at PP=2 and gives the curve from scratch."""
     from v2pe_megatron.config import load_recipe, to_yaml
-    from v2pe_megatron.training.init_weights import reference_recipe
+    from v2pe_megatron.training.init_weights import one_rank_recipe
 
-    (tmp_path / "r.yaml").write_text(to_yaml(reference_recipe(load_recipe(ROOT / "recipes/tiny_cpu.yaml",
+    (tmp_path / "r.yaml").write_text(to_yaml(one_rank_recipe(load_recipe(ROOT / "recipes/tiny_cpu.yaml",
                                                                           RECIPE))))
     subprocess.run([sys.executable, "-m", "v2pe_megatron.training.init_weights", str(tmp_path / "r.yaml"),
                     str(tmp_path / "weights")], check=True, timeout=600, capture_output=True)

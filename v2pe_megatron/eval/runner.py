@@ -476,8 +476,8 @@ def evaluate(recipe, settings: EvalSettings, source: Source, *, ckpt: Optional[s
         model = build_model(recipe.model, layout)
         if ckpt:
             checkpointing.load_model_weights(ckpt, [model])
-        elif init_weights.layout_dependent(layout):  # random weights equal to one rank's (tests)
-            init_weights.load_reference_init(recipe, [model])
+        else:  # the recipe's initial weights, the same at every layout (tests)
+            init_weights.initialize(model, recipe.train.seed)
         model.eval()
         tok = build_tokenizer(recipe.data.tokenizer_path)
         check_tokenizer(recipe, tok)

@@ -80,7 +80,8 @@ class LayerScaleBDA(torch.nn.Module):
 
     def __init__(self, hidden_size: int, init_value: float = 0.1, dtype: torch.dtype = torch.float32):
         super().__init__()
-        self.ls = torch.nn.Parameter(torch.full((hidden_size,), float(init_value), dtype=dtype))
+        self.init_value = float(init_value)  # training/init_weights.py starts ``ls`` from it too
+        self.ls = torch.nn.Parameter(torch.full((hidden_size,), self.init_value, dtype=dtype))
         self.drop_prob = 0.0
 
     def forward(self, training: bool, fused: bool) -> Callable:
@@ -116,15 +117,18 @@ def vit_layer_spec(spec: str, v: VisionConfig, dtype: torch.dtype) -> ModuleSpec
 class VisionEmbeddings(torch.nn.Module):
     """Patch conv + CLS + learned absolute positions (bicubic-resized for other image sizes)."""
 
+    init_std = 0.02  # CLS and position embeddings: normal(0, init_std), here and in training/init_weights.py
+
     def __init__(self, v: VisionConfig, dtype: torch.dtype):
         super().__init__()
         self.image_size, self.patch_size = v.image_size, v.patch_size
         side = v.image_size // v.patch_size
-        self.class_embedding = torch.nn.Parameter(torch.randn(1, 1, v.hidden_size, dtype=dtype) * 0.02)
+        self.class_embedding = torch.nn.Parameter(torch.randn(1, 1, v.hidden_size, dtype=dtype)
+                                                  * self.init_std)
         self.patch_embedding = torch.nn.Conv2d(v.num_channels, v.hidden_size, kernel_size=v.patch_size,
                                                stride=v.patch_size, dtype=dtype)
         self.position_embedding = torch.nn.Parameter(torch.randn(1, side * side + 1, v.hidden_size, dtype=dtype)
-                                                     * 0.02)
+                                                     * self.init_std)
 
     def _patch_positions(self, h: int, w: int) -> Tensor:
         pos = self.position_embedding[:, 1:]

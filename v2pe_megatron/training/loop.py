@@ -106,8 +106,8 @@ def train(recipe: Recipe) -> RunSummary:
             src = ckpt.load_model_weights(c.pretrained, models)
             if rank0:
                 log.info("starting from the weights in %s (new optimizer and schedule, step 0)", src)
-        elif not resuming and init_weights.layout_dependent(layout):
-            init_weights.load_reference_init(recipe, models)
+        elif not resuming:  # the same weights at every layout, drawn shard by shard
+            init_weights.initialize(models, t.seed)
         for m in models:
             m.freeze(vision=t.freeze_vision, projector=t.freeze_projector, language=t.freeze_language)
         nparams = sum(p.numel() for m in models for p in m.parameters())
