@@ -66,7 +66,7 @@ def load(hf_dir: str | os.PathLike, *, img_context_token_id: Optional[int] = Non
     d = Path(hf_dir)
     mc, layout, _ = hf_model_config(d, img_context_token_id)
     mc.dtype = dtype
-    mc.spec = resolve_spec(spec)
+    mc.spec = resolve_spec(spec, mc.dtype)
 
     hf = read_safetensors(d)
     if layout == "native":

@@ -354,7 +354,7 @@ def import_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, *, tp: int = 1,
     mc, layout, cfg = hf_model_config(hf_dir, img_context_token_id)
     reader = SafetensorsReader(hf_dir, native=layout == "native")
     mc.dtype = uniform_dtype(reader.dtype(k) for k in reader.keys()) or "fp32"
-    mc.spec = resolve_spec(spec)
+    mc.spec = resolve_spec(spec, mc.dtype)
     table = weight_map(mc, layout)
     tmp = _tmp_of(out)
     with _parallel(tp, pp):

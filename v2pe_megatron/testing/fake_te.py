@@ -509,6 +509,8 @@ class DotProductAttention(TransformerEngineBaseModule):
         causal = mask in ("causal", "padding_causal")
         group = self.cp_group if cp > 1 else None
         DotProductAttention.calls[fmt] = DotProductAttention.calls.get(fmt, 0) + 1
+        if fmt == "thd" and group is None:
+            return self._thd_local(q, k, v, causal, cu_seqlens_q, cu_seqlens_q_padded)
         if fmt == "thd":
             psp = PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=cu_seqlens_q, cu_seqlens_kv=cu_seqlens_kv,
                                   cu_seqlens_q_padded=cu_seqlens_q_padded, cu_seqlens_kv_padded=cu_seqlens_kv_padded,
@@ -527,6 +529,23 @@ class DotProductAttention(TransformerEngineBaseModule):
             out = F.scaled_dot_product_attention(qb, kb, vb, is_causal=causal, scale=self.softmax_scale)
             out = out.permute(2, 0, 1, 3).reshape(q.shape[0], q.shape[1], -1)
         return out.transpose(0, 1).contiguous() if fmt == "bshd" else out
+
+    def _thd_local(self, q, k, v, causal: bool, cu, cu_padded) -> torch.Tensor:
+        """thd without CP: each sub-sample on its own; keys past its unpadded length are masked and
+        its padding rows come out zero (TE zero-fills them)."""
+        padded = (cu_padded if cu_padded is not None else cu).tolist()
+        real = cu.tolist()
+        rep = q.shape[1] // k.shape[1]
+        out = q.new_zeros(q.shape[0], q.shape[1] * q.shape[2])
+        for i in range(len(padded) - 1):
+            a, n = padded[i], real[i + 1] - real[i]
+            if n <= 0:
+                continue
+            qs, ks, vs = (t[a:a + n].transpose(0, 1) for t in (q, k, v))  # [h, n, d]
+            ks, vs = ks.repeat_interleave(rep, dim=0), vs.repeat_interleave(rep, dim=0)
+            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal, scale=self.softmax_scale)
+            out[a:a + n] = o.transpose(0, 1).reshape(n, -1)
+        return out
 
     @staticmethod
     def _check_thd(q, k, v, mask, cp, cu_q, cu_kv, cu_q_padded, cu_kv_padded, max_q, max_kv) -> None:

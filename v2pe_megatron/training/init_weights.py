@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
 
     recipe_file, out = argv if argv is not None else sys.argv[1:]
     recipe = load_recipe(recipe_file)
-    layout = validate(recipe, world_size=1, spec=resolve_spec(recipe.model.spec))
+    layout = validate(recipe, world_size=1, spec=resolve_spec(recipe.model.spec, recipe.model.dtype))
     with model_parallel(1, 1, 1, seed=recipe.train.seed):
         # The training loop's own sequence: seed, then build (model_parallel seeded it already; again
         # so this module never depends on that detail).
