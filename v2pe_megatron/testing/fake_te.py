@@ -437,6 +437,7 @@ class DotProductAttention(TransformerEngineBaseModule):
                           softmax_type=softmax_type != "vanilla", return_max_logit=return_max_logit,
                           cross_attention=attention_type != "self")
         self.te_version = _version()  # the release this module stands for, also after installed() ends
+        self.fp32_attention = _ACTIVE.get("fp32_attention", False)
         self.qkv_format = qkv_format
         attn_mask_type = attn_mask_type.replace(",", "_")
         self.attn_mask_type = "padding_causal" if attn_mask_type == "causal_padding" else attn_mask_type
@@ -505,7 +506,8 @@ class DotProductAttention(TransformerEngineBaseModule):
             pad_between_seqs = False
         if not attention_backends(dtype=q.dtype, qkv_format=fmt, context_parallel=cp > 1,
                                   pad_between_seqs=bool(pad_between_seqs), version=self.te_version):
-            raise ValueError(NO_BACKEND)
+            if not (self.fp32_attention and q.dtype == torch.float32):
+                raise ValueError(NO_BACKEND)
         causal = mask in ("causal", "padding_causal")
         group = self.cp_group if cp > 1 else None
         DotProductAttention.calls[fmt] = DotProductAttention.calls.get(fmt, 0) + 1
@@ -649,9 +651,14 @@ def _package(version: str) -> dict[str, types.ModuleType]:
 
 
 @contextlib.contextmanager
-def installed(version: str = DEFAULT_VERSION) -> Iterator[types.ModuleType]:
+def installed(version: str = DEFAULT_VERSION, *, fp32_attention: bool = False) -> Iterator[types.ModuleType]:
     """Make ``transformer_engine`` the fake (reporting ``version``) and re-import megatron's TE
-    extension on it; yields that extension module. Everything is restored on exit."""
+    extension on it; yields that extension module. Everything is restored on exit.
+
+    ``fp32_attention``: attention in fp32 also where TE has no backend for it (thd before 2.11, any
+    CP), for parity tests that compare a TE-spec layout with an fp32 one-rank reference at a tight
+    tolerance. Every other check stays; that TE refuses fp32 there is tested without it
+    (tests/model/test_fake_te.py), and ``Layout.problems`` refuses such recipes before launch."""
     import megatron.core.extensions as extensions
     import megatron.core.utils as mutils
 
@@ -666,7 +673,7 @@ def installed(version: str = DEFAULT_VERSION) -> Iterator[types.ModuleType]:
             del sys.modules[k]
         sys.modules.update(_package(version))
         mutils._te_version = None  # megatron caches the version it read first
-        _ACTIVE["version"] = version
+        _ACTIVE.update(version=version, fp32_attention=fp32_attention)
         yield importlib.import_module(_EXTENSION)
     finally:
         for k in [k for k in sys.modules if k == _EXTENSION or k == "transformer_engine"
