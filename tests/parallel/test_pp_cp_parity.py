@@ -37,20 +37,21 @@ ROWS = 2    # micro-batch size
 MICRO = 2   # micro-batches per step
 PAD = 4     # 2*cp for cp=2
 
-# name, pp, cp, Transformer Engine spec (thd) on testing.fake_te
-LAYOUTS_4 = [("pp2cp2", 2, 2, False), ("pp2cp2_thd", 2, 2, True)]
-LAYOUTS_2 = [("pp2_thd", 2, 1, True), ("cp2_thd", 1, 2, True)]
+# name, pp, cp, Transformer Engine spec (thd) on testing.fake_te, tp (with sequence parallelism)
+LAYOUTS_4 = [("pp2cp2", 2, 2, False, 1), ("pp2cp2_thd", 2, 2, True, 1)]
+LAYOUTS_2 = [("pp2_thd", 2, 1, True, 1), ("cp2_thd", 1, 2, True, 1), ("tp2sp_thd", 1, 1, True, 2)]
 
 
-def _recipe(pp: int, cp: int):
+def _recipe(pp: int, cp: int, tp: int = 1):
     from v2pe_megatron.config import load_recipe
 
     return load_recipe(None, ["model.preset=tiny", f"data.seq_length={SEQ}", f"data.micro_batch_size={ROWS}",
                               f"data.global_batch_size={ROWS * MICRO}", f"parallel.pp={pp}", f"parallel.cp={cp}",
+                              f"parallel.tp={tp}", f"parallel.sequence_parallel={str(tp > 1).lower()}",
                               "optimizer.name=sgd", "optimizer.clip_grad=0", "optimizer.weight_decay=0"])
 
 
-def run_layout(tmp: str, name: str, pp: int, cp: int, te: bool) -> dict:
+def run_layout(tmp: str, name: str, pp: int, cp: int, te: bool, tp: int = 1) -> dict:
     torch.set_num_threads(1)
     import contextlib
     import dataclasses
@@ -66,8 +67,8 @@ def run_layout(tmp: str, name: str, pp: int, cp: int, te: bool) -> dict:
     from v2pe_megatron.training.engine import build_optimizer, train_step, wrap_ddp
     from v2pe_megatron.training.forward import vlm_forward_step
 
-    recipe = _recipe(pp, cp)
-    with model_parallel(pp=pp, cp=cp), (fake_te.installed(fp32_attention=True) if te else contextlib.nullcontext()):
+    recipe = _recipe(pp, cp, tp)
+    with model_parallel(tp=tp, pp=pp, cp=cp), (fake_te.installed(fp32_attention=True) if te else contextlib.nullcontext()):
         # the layout's rules for a TE run, the fp32 attention rule aside (see the module docstring)
         checked = dataclasses.replace(recipe.model, dtype="bf16") if te else recipe.model
         layout = Layout.from_config(recipe.parallel, world_size=torch.distributed.get_world_size(),
@@ -130,15 +131,17 @@ def compare(tmp: str, names: list[str]) -> dict:
 
 @pytest.mark.timeout(900)
 def test_pp_x_cp_and_thd_pp_microbatch2_match_one_rank(tmp_path):
+    """Also the TE spec at TP=2 with sequence parallelism: the fake's tensor-parallel collectives and
+    megatron's TE wrappers' checkpoint sharding (weights in, gradients out at TP=2)."""
     tmp = str(tmp_path)
-    ref = run_distributed(run_layout, 1, tmp, "ref", 1, 1, False, timeout=300)[0]
+    ref = run_distributed(run_layout, 1, tmp, "ref", 1, 1, False, 1, timeout=300)[0]
     assert ref["images"] > 0 and ref["layers"] == 4
     four = run_distributed(run_layouts, 4, tmp, LAYOUTS_4, timeout=600)
     two = run_distributed(run_layouts, 2, tmp, LAYOUTS_2, timeout=400)
     cmp = run_distributed(compare, 1, tmp, [lay[0] for lay in LAYOUTS_4 + LAYOUTS_2], timeout=300)[0]
     assert cmp["nonzero"] > 0  # images reached the vision tower in the reference
     for layouts, results in ((LAYOUTS_4, four), (LAYOUTS_2, two)):
-        for i, (name, pp, cp, te) in enumerate(layouts):
+        for i, (name, pp, cp, te, tp) in enumerate(layouts):
             for rank_result in results:
                 got = rank_result[i]
                 assert got["tokens"] == ref["tokens"], (name, got)
