@@ -68,7 +68,7 @@ def _hf_shapes(mc) -> list[tuple[str, tuple[int, ...]]]:
            "self_attention.linear_qkv.weight": (qkv, h), "self_attention.linear_proj.weight": (h, h),
            "mlp.linear_fc1.weight": (2 * lm.ffn_hidden_size, h), "mlp.linear_fc2.weight": (h, lm.ffn_hidden_size)}
     out = []
-    for mp in weight_map(mc, "remote", "local"):
+    for mp in weight_map(mc, "remote"):
         name = mp.mcore
         if name in by_suffix:
             shape = by_suffix[name]

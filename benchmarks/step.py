@@ -108,7 +108,7 @@ def measure_ours(overrides: list[str], steps: int, subsamples: int, tiles: int) 
 
     recipe = load_recipe(None, overrides)
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    layout = validate(recipe, world_size=world, spec=resolve_spec(recipe.model.spec))
+    layout = validate(recipe, world_size=world, spec=resolve_spec(recipe.model.spec, recipe.model.dtype))
     d, t = recipe.data, recipe.train
     with rt.model_parallel(layout.tp, layout.pp, layout.cp, seed=t.seed):
         model = build_model(recipe.model, layout, recompute=t.recompute)

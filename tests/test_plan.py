@@ -3,6 +3,8 @@ every listed layout is valid and fits, the recommended one is the fastest, nothi
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 
 import pytest
@@ -172,7 +174,9 @@ def test_plan_1m_on_64_gpus_recommends_a_fitting_valid_layout():
     for c in p.candidates:
         lay = Layout(tp=c.tp, pp=c.pp, cp=c.cp, dp=c.dp, sp=c.sequence_parallel, spec="te",
                      cp_comm_type=c.cp_comm_type, virtual_pp=c.vpp, distributed_optimizer=c.distributed_optimizer)
-        assert not lay.problems(model=M, seq_length=1 << 20, micro_batch_size=c.micro_batch_size, global_batch_size=32)
+        # the plan is for bf16 (plan()'s default dtype): TE has no fp32 attention with CP
+        assert not lay.problems(model=dataclasses.replace(M, dtype="bf16"), seq_length=1 << 20,
+                                micro_batch_size=c.micro_batch_size, global_batch_size=32)
         assert c.fits and c.memory.total <= 0.9 * 80 * GIB
     rec = recipe_dict(p)
     assert rec["parallel"]["cp"] == r.cp and rec["launcher"]["nnodes"] * rec["launcher"]["nproc_per_node"] == 64

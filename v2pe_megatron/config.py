@@ -86,8 +86,8 @@ class ModelConfig:
     img_start_token_id: int = 92544
     img_end_token_id: int = 92545
     img_context_token_id: int = 92546
-    # "auto": Transformer Engine specs when CUDA and TE are present, local specs otherwise
-    # (parallel.layout.resolve_spec).
+    # "auto": Transformer Engine specs when CUDA and TE are present and dtype is bf16/fp16, local
+    # specs otherwise (parallel.layout.resolve_spec; TE has no fp32 attention for packed batches).
     spec: str = "auto"
     # fp32 | bf16 | fp16 (parameters and compute)
     dtype: str = "fp32"

@@ -515,7 +515,7 @@ def plan(preset: str, seq_length: int, gpus: int, gpu_mem_gib: float, *, global_
         problems.append(f"dtype {dtype!r} is not one of {', '.join(DTYPE_BYTES)}")
     if problems:
         raise RecipeError("; ".join(problems))
-    model_cfg = model_config(preset)
+    model_cfg = dataclasses.replace(model_config(preset), dtype=dtype)  # the layout rules read model.dtype
     cluster = cluster or Cluster(gpus=gpus, gpu_mem_gib=gpu_mem_gib)
     cluster = dataclasses.replace(cluster, gpus=gpus, gpu_mem_gib=gpu_mem_gib)
     sub = min(sub_sample or seq_length, seq_length)

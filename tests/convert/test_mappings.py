@@ -1,4 +1,4 @@
-"""The typed mappings: each transform inverts exactly, and the table covers both layouts and specs."""
+"""The typed mappings: each transform inverts exactly, and the table covers both layouts."""
 
 from __future__ import annotations
 
@@ -41,14 +41,12 @@ def test_tables_have_one_entry_per_megatron_name_and_unique_hf_names():
     from v2pe_megatron.testing.hf_fixtures import tiny_model_config
 
     mc = tiny_model_config()
-    for layout in ("remote",):
-        for spec in ("local", "te"):
-            table = weight_map(mc, layout, spec)
-            assert len({mp.mcore for mp in table}) == len(table)
-            hf = [n for mp in table for n in mp.hf]
-            assert len(set(hf)) == len(hf) and not any("{" in n for n in hf)
+    table = weight_map(mc, "remote")
+    assert len({mp.mcore for mp in table}) == len(table)
+    hf = [n for mp in table for n in mp.hf]
+    assert len(set(hf)) == len(hf) and not any("{" in n for n in hf)
     mc.language.arch, mc.language.qkv_bias = "qwen2", True
-    native = weight_map(mc, "native", "local")
+    native = weight_map(mc, "native")
     names = {n for mp in native for n in mp.hf}
     assert "model.language_model.layers.3.self_attn.k_proj.bias" in names and "lm_head.weight" in names
     assert {type(mp).__name__ for mp in native} == {"Copy", "GroupedQKV", "GatedMLP"}

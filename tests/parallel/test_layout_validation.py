@@ -37,8 +37,9 @@ def test_recipe_validation(overrides, fragment):
 
 def test_valid_layouts_pass():
     _recipe("parallel.cp=2", "data.seq_length=64")
-    # TE not installed here: a2a is accepted as written (the installed version is checked at run time)
-    _recipe("parallel.cp=2", "parallel.cp_comm_type=a2a", "model.spec=te", "data.seq_length=64")
+    # TE not installed here: a2a is accepted as written (the installed version is checked at run time);
+    # TE's attention with CP needs bf16/fp16 (test_fake_te: the fp32 rule)
+    _recipe("parallel.cp=2", "parallel.cp_comm_type=a2a", "model.spec=te", "model.dtype=bf16", "data.seq_length=64")
 
 
 # Transformer Engine version x comm type x qkv format -> accepted? (thd is what the TE spec feeds;
@@ -61,7 +62,7 @@ def test_te_version_comm_type_table_is_what_validate_enforces(te, comm, spec, ok
 
     hier = ["parallel.hierarchical_cp_sizes=[1,2]"] if comm == "a2a+p2p" else []
     recipe = _recipe("parallel.cp=2", f"model.spec={'auto' if spec == 'auto' else 'local'}",
-                     "data.seq_length=64")
+                     "data.seq_length=64", "model.dtype=bf16")  # TE's attention with CP: bf16/fp16 only
     recipe.parallel.cp_comm_type = comm
     recipe.parallel.hierarchical_cp_sizes = [1, 2] if hier else []
     assert (Layout.from_config(recipe.parallel, spec=spec, te=te).qkv_format == "thd") == (spec == "te")

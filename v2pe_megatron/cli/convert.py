@@ -27,7 +27,8 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--out", required=True, help="checkpoint folder to write (use as checkpoint.pretrained)")
     i.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks that share the work (any loads it)")
     i.add_argument("--pp", type=int, default=1, help="pipeline stages that share the work")
-    i.add_argument("--spec", choices=("local", "te"), default="local", help="megatron parameter names to build with")
+    i.add_argument("--spec", choices=("local", "te"), default="local",
+                   help="layer modules of the meta model it writes through (the checkpoint is the same for both)")
     i.add_argument("--img-context-token-id", type=int, metavar="N",
                    help="id of the <IMG_CONTEXT> token, for a folder whose tokenizer files do not list it")
     i.add_argument("--verify", action="store_true", help="compare both sides' logits on random inputs")

@@ -15,6 +15,7 @@ from v2pe_megatron.convert.errors import HFCheckpointError
 from v2pe_megatron.convert.hf_config import TOKEN_FILES, model_config_from_hf, read_config, special_token_ids
 from v2pe_megatron.convert.mappings import hf_to_megatron, weight_map
 from v2pe_megatron.convert.safetensors_io import canonical_native_names, read_safetensors
+from v2pe_megatron.model.checkpoint_names import checkpoint_name
 
 
 def hf_model_config(hf_dir: str | os.PathLike, img_context_token_id: Optional[int] = None
@@ -76,18 +77,20 @@ def load(hf_dir: str | os.PathLike, *, img_context_token_id: Optional[int] = Non
     d = Path(hf_dir)
     mc, layout, _ = hf_model_config(d, img_context_token_id)
     mc.dtype = dtype
-    mc.spec = resolve_spec(spec)
+    mc.spec = resolve_spec(spec, mc.dtype)
 
     hf = read_safetensors(d)
     if layout == "native":
         hf = canonical_native_names(hf)
-    table = weight_map(mc, layout, mc.spec)
+    table = weight_map(mc, layout)
 
     stack = contextlib.ExitStack()
     _ensure_single_rank(stack)
     try:
         model = build_model(mc, Layout(spec=mc.spec), pre_process=True, post_process=True)
-        own = {k: tuple(v.shape) for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+        # the table speaks checkpoint names, the same for both specs
+        own = {checkpoint_name(k): tuple(v.shape) for k, v in model.state_dict().items()
+               if not k.endswith("_extra_state")}
         state = hf_to_megatron(table, hf, own)
         unfilled = sorted(set(own) - set(state))
         if unfilled:
@@ -96,7 +99,7 @@ def load(hf_dir: str | os.PathLike, *, img_context_token_id: Optional[int] = Non
         stack.close()
         raise
     with torch.no_grad():
-        params = dict(model.named_parameters())
+        params = {checkpoint_name(k): p for k, p in model.named_parameters()}
         for k, t in state.items():
             params[k].copy_(t.to(params[k].dtype))
     model.to(device())

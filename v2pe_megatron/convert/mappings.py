@@ -103,18 +103,15 @@ class GatedMLP(Mapping):
         return list(torch.chunk(t, len(self.hf), dim=0))
 
 
-def _norm_names(prefix: str, which: str, spec: str, bias: bool) -> list[tuple[str, str]]:
-    """(megatron name, suffix) pairs for a pre-norm: local ``input_layernorm.weight`` vs TE
-    ``self_attention.linear_qkv.layer_norm_weight`` (and the fc1 counterpart)."""
-    suffixes = ["weight", "bias"] if bias else ["weight"]
-    if spec == "te":
-        owner = "self_attention.linear_qkv" if which == "attn" else "mlp.linear_fc1"
-        return [(f"{prefix}.{owner}.layer_norm_{s}", s) for s in suffixes]
-    local = "input_layernorm" if which == "attn" else "pre_mlp_layernorm"
-    return [(f"{prefix}.{local}.{s}", s) for s in suffixes]
+def _norm_names(prefix: str, which: str, bias: bool) -> list[tuple[str, str]]:
+    """(megatron name, suffix) pairs for a pre-norm, under the one checkpoint name both specs use
+    (Transformer Engine's: ``self_attention.linear_qkv.layer_norm_weight`` and the fc1 counterpart;
+    ``model.checkpoint_names``)."""
+    owner = "self_attention.linear_qkv" if which == "attn" else "mlp.linear_fc1"
+    return [(f"{prefix}.{owner}.layer_norm_{s}", s) for s in (["weight", "bias"] if bias else ["weight"])]
 
 
-def _vision(cfg: ModelConfig, layout: str, spec: str) -> tuple[list[Mapping], list[Mapping]]:
+def _vision(cfg: ModelConfig, layout: str) -> tuple[list[Mapping], list[Mapping]]:
     """(once, per layer) mappings of InternViT."""
     v = cfg.vision
     if layout == "remote":
@@ -135,8 +132,8 @@ def _vision(cfg: ModelConfig, layout: str, spec: str) -> tuple[list[Mapping], li
              "fc1": "mlp.fc1", "fc2": "mlp.fc2", "ls1": "lambda_1", "ls2": "lambda_2"}
     m = "vision_model.decoder.layers.{layer}"
     per: list[Mapping] = []
-    per += [Copy(name, (f"{h}.{n['norm1']}.{s}",)) for name, s in _norm_names(m, "attn", spec, True)]
-    per += [Copy(name, (f"{h}.{n['norm2']}.{s}",)) for name, s in _norm_names(m, "mlp", spec, True)]
+    per += [Copy(name, (f"{h}.{n['norm1']}.{s}",)) for name, s in _norm_names(m, "attn", True)]
+    per += [Copy(name, (f"{h}.{n['norm2']}.{s}",)) for name, s in _norm_names(m, "mlp", True)]
     for s in (("weight", "bias") if v.qkv_bias else ("weight",)):
         if layout == "remote":
             per.append(FusedQKV(f"{m}.self_attention.linear_qkv.{s}", (f"{h}.attn.qkv.{s}",),
@@ -162,7 +159,7 @@ def _projector(layout: str) -> list[Mapping]:
             for s in ("weight", "bias")]
 
 
-def _language(cfg: ModelConfig, layout: str, spec: str) -> tuple[list[Mapping], list[Mapping], list[Mapping]]:
+def _language(cfg: ModelConfig, layout: str) -> tuple[list[Mapping], list[Mapping], list[Mapping]]:
     """(embedding, per layer, final norm + output) mappings of the LLM."""
     lm = cfg.language
     internlm2 = lm.arch == "internlm2"
@@ -177,8 +174,8 @@ def _language(cfg: ModelConfig, layout: str, spec: str) -> tuple[list[Mapping], 
     first = [Copy("language_model.embedding.word_embeddings.weight",
                   (f"{root}.tok_embeddings.weight" if internlm2 else f"{root}.embed_tokens.weight",))]
     m, h = "language_model.decoder.layers.{layer}", f"{root}.layers.{{layer}}"
-    (an, _), = _norm_names(m, "attn", spec, False)
-    (fn, _), = _norm_names(m, "mlp", spec, False)
+    (an, _), = _norm_names(m, "attn", False)
+    (fn, _), = _norm_names(m, "mlp", False)
     if internlm2:
         per: list[Mapping] = [
             Copy(an, (f"{h}.attention_norm.weight",)), Copy(fn, (f"{h}.ffn_norm.weight",)),
@@ -200,13 +197,15 @@ def _language(cfg: ModelConfig, layout: str, spec: str) -> tuple[list[Mapping], 
     return first, per, last
 
 
-def weight_map(cfg: ModelConfig, layout: str, spec: str = "local") -> list[Mapping]:
-    """The full table for one model, in file order (vision, projector, LLM layer by layer):
-    layout ``remote`` | ``native``, megatron spec ``local`` | ``te``."""
+def weight_map(cfg: ModelConfig, layout: str) -> list[Mapping]:
+    """The full table for one model, in file order (vision, projector, LLM layer by layer), HF
+    ``layout`` ``remote`` | ``native``. The megatron side is named as in a checkpoint, the same for
+    both layer specs; a model's own parameter names map onto it with
+    :func:`v2pe_megatron.model.checkpoint_names.checkpoint_name`."""
     if layout not in ("remote", "native"):
         raise ValueError(f"layout must be remote or native, got {layout!r}")
-    v_once, v_per = _vision(cfg, layout, spec)
-    first, l_per, last = _language(cfg, layout, spec)
+    v_once, v_per = _vision(cfg, layout)
+    first, l_per, last = _language(cfg, layout)
     out = list(v_once)
     out += [mp.at(i) for i in range(cfg.vision.num_layers) for mp in v_per]
     out += _projector(layout)

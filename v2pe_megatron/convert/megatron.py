@@ -41,6 +41,7 @@ from v2pe_megatron.convert.hf_config import hf_config_from_model, v2pe_recipe_se
 from v2pe_megatron.convert.load import hf_model_config
 from v2pe_megatron.convert.mappings import GatedMLP, Mapping, check_hf_shapes, weight_map
 from v2pe_megatron.convert.safetensors_io import SafetensorsReader, ShardWriter, uniform_dtype
+from v2pe_megatron.model.checkpoint_names import checkpoint_name, stored_name
 
 MODEL_YAML = "model.yaml"
 SOURCE_CONFIG = "hf_config.json"
@@ -140,16 +141,17 @@ def _agree(problem: Optional[str]) -> None:
 
 
 def _global_names(model) -> dict[str, str]:
-    """This stage's parameter names -> the whole model's (pipeline stages number their layers from 0)."""
+    """This stage's parameter names -> the whole model's checkpoint names (pipeline stages number
+    their layers from 0; the local spec's norm modules go by Transformer Engine's names on disk)."""
     prefix = "language_model.decoder.layers."
     offsets = {str(i): str(layer.layer_number - 1) for i, layer in enumerate(model.language_model.decoder.layers)}
     out = {}
     for name, _ in model.named_parameters():
         if name.startswith(prefix):
             i, rest = name[len(prefix):].split(".", 1)
-            out[name] = f"{prefix}{offsets[i]}.{rest}"
+            out[name] = checkpoint_name(f"{prefix}{offsets[i]}.{rest}")
         else:
-            out[name] = name
+            out[name] = checkpoint_name(name)
     return out
 
 
@@ -216,8 +218,7 @@ class _Producer:
         for g, p in self.params.items():
             mp = self.by_mcore.get(g)
             if mp is None:
-                raise HFCheckpointError(f"megatron parameter {g} has no HF tensor in the table (model.spec="
-                                        f"{self.mc.spec}? the table knows local and te names)")
+                raise HFCheckpointError(f"megatron parameter {g} has no HF tensor in the table")
             missing = [n for n in mp.hf if n not in self.reader]
             if missing:
                 raise HFCheckpointError(f"HF tensor {missing[0]} (for {g}) is missing from the checkpoint")
@@ -353,8 +354,8 @@ def import_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, *, tp: int = 1,
     mc, layout, cfg = hf_model_config(hf_dir, img_context_token_id)
     reader = SafetensorsReader(hf_dir, native=layout == "native")
     mc.dtype = uniform_dtype(reader.dtype(k) for k in reader.keys()) or "fp32"
-    mc.spec = resolve_spec(spec)
-    table = weight_map(mc, layout, mc.spec)
+    mc.spec = resolve_spec(spec, mc.dtype)
+    table = weight_map(mc, layout)
     tmp = _tmp_of(out)
     with _parallel(tp, pp):
         if _rank() == 0 and tmp.exists():
@@ -378,7 +379,7 @@ def import_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, *, tp: int = 1,
         _save_streaming(tmp, model, producer)
         _check_all_written(producer)
         if _rank() == 0:
-            mc_out = dataclasses.replace(mc, spec="auto")  # the weights load into either spec
+            mc_out = dataclasses.replace(mc, spec="auto")  # one set of names: the weights load into either spec
             write_model_yaml(tmp, mc_out, cfg)
             (tmp / SOURCE_CONFIG).write_text(json.dumps(cfg, indent=2))
         dist.barrier()
@@ -426,7 +427,6 @@ def export_hf(ckpt_path: str | os.PathLike, out: str | os.PathLike, *, layout: s
               progress: bool = True) -> ConvertResult:
     """torch_dist checkpoint (weights folder, ``iter_*`` or a training ``checkpoint.dir``) -> HF folder."""
     from v2pe_megatron.convert.hf_config import v2pe_stride
-    from v2pe_megatron.parallel.layout import resolve_spec
     from v2pe_megatron.training import checkpointing as ckpt
 
     t0 = time.time()
@@ -445,7 +445,6 @@ def export_hf(ckpt_path: str | os.PathLike, out: str | os.PathLike, *, layout: s
         raise HFCheckpointError(f"no {MODEL_YAML} in or above {ckpt_path}: pass --model-yaml with the recipe "
                                 f"(or its model section) the checkpoint was trained with")
     mc = read_model_yaml(my)
-    mc.spec = resolve_spec(mc.spec)
     source_cfg = None
     for c in (src, Path(ckpt_path), my.parent):
         if (c / SOURCE_CONFIG).is_file():
@@ -455,7 +454,7 @@ def export_hf(ckpt_path: str | os.PathLike, out: str | os.PathLike, *, layout: s
         v2pe = _recipe_v2pe(my)
         if v2pe is not None:
             v2pe_delta = v2pe
-    table = weight_map(mc, lay, mc.spec)
+    table = weight_map(mc, lay)
     tmp = _tmp_of(out)
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -523,20 +522,19 @@ def _export_into(tmp: Path, src: Path, mc: ModelConfig, table: list[Mapping], la
     from v2pe_megatron.convert.load import _ensure_single_rank
 
     meta = dist_checkpointing.load_tensors_metadata(str(src))
-    wanted = {_checkpoint_key(mp.mcore)[0] for mp in table}
-    absent = sorted(wanted - set(meta))
+    # where the checkpoint keeps each tensor (checkpoints from before the unified names: the local ones)
+    stored = {key: stored_name(key, meta) for key in (_checkpoint_key(mp.mcore)[0] for mp in table)}
+    absent = sorted(key for key, at in stored.items() if at not in meta)
     if absent:
-        other = "te" if mc.spec == "local" else "local"
-        hint = (f" (the checkpoint uses the {other} spec's names: set model.spec: {other} in the model yaml)"
-                if all(_checkpoint_key(mp.mcore)[0] in meta for mp in weight_map(mc, lay, other)) else "")
-        raise HFCheckpointError(f"megatron tensor {absent[0]} is not in {src}{hint}")
+        raise HFCheckpointError(f"megatron tensor {absent[0]} is not in {src}")
+    wanted = set(stored.values())
     unused = sorted(k for k in meta if k.startswith(_MODEL_PREFIXES) and k not in wanted)
     if unused:
         raise HFCheckpointError(f"checkpoint tensor {unused[0]} has no HF tensor in the table (is the model yaml "
                                 f"the one this checkpoint was trained with?)")
     groups: dict[str, list[Mapping]] = {}
     for mp in table:  # one group per checkpoint tensor, in order of first use
-        groups.setdefault(_checkpoint_key(mp.mcore)[0], []).append(mp)
+        groups.setdefault(stored[_checkpoint_key(mp.mcore)[0]], []).append(mp)
     _check_model_matches(mc, meta, groups, my_name="the model yaml")
     writer = ShardWriter(tmp, max_shard_bytes)
     with contextlib.ExitStack() as st:

@@ -86,7 +86,7 @@ def verify_pair(hf_dir: str | os.PathLike, ckpt: str | os.PathLike, *, layout: s
 
     my = find_model_yaml(ckpt)
     mc = read_model_yaml(my) if my is not None else hf_model_config(hf_dir)[0]
-    mc.spec = resolve_spec(mc.spec)
+    mc.spec = resolve_spec(mc.spec, mc.dtype)
     inputs = random_inputs(mc)
     ref = transformers_logits(hf_dir, inputs) if layout == "native" else None
     with contextlib.ExitStack() as st:

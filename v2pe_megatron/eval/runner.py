@@ -466,7 +466,7 @@ def evaluate(recipe, settings: EvalSettings, source: Source, *, ckpt: Optional[s
 
     with rt.process_group(recipe.launcher.backend, recipe.launcher.timeout_minutes):
         world = dist.get_world_size()
-        layout = validate(recipe, world_size=world, spec=resolve_spec(recipe.model.spec))
+        layout = validate(recipe, world_size=world, spec=resolve_spec(recipe.model.spec, recipe.model.dtype))
         if layout.pp > 1:
             raise RecipeError(f"v2pe-eval needs the whole model on each rank: set parallel.pp=1 (got {layout.pp}); "
                               f"use parallel.tp and parallel.cp to spread a long context")

@@ -188,14 +188,25 @@ class InternVLModel(MegatronModule):
 
 
 class _MetaDevice(TorchFunctionMode):
-    """megatron's parallel layers allocate their parameters with ``torch.empty(...,
-    device=torch.cuda.current_device())``, a device the ``meta`` default does not override; this mode
-    does, for ``empty`` only: other constructors that name a device make small tensors the
-    constructor reads back (drop-path rates, rotary frequencies)."""
+    """Parameters on ``meta`` whatever device their module names.
+
+    megatron's parallel layers allocate with ``torch.empty(..., device=torch.cuda.current_device())``,
+    a device the ``meta`` default does not override. Transformer Engine's modules get that device
+    from megatron too (``_get_extra_te_kwargs``), allocate with ``torch.empty(..., device=device)``
+    and then, because the device is not ``meta``, run ``reset_parameters`` at once, which re-makes
+    every meta parameter with ``torch.empty_like(param, device="cuda")`` and fills it (TE's
+    ``module/base.py``; ``ops/basic/layer_norm.py`` likewise). This mode sends both ``empty`` and
+    ``empty_like`` with an explicit device to ``meta``: their values are undefined anyway, so
+    nothing can depend on them, and TE's initialization then runs on meta tensors (no memory, no
+    values) and still sets the attributes the converter reads (``tensor_model_parallel``,
+    ``partition_dim``). Not ``config.init_model_with_meta_device``: with it TE skips
+    ``reset_parameters`` altogether, and with it the tensor-parallel tags. Other constructors that
+    name a device keep it: they make small tensors the constructor reads back (drop-path rates,
+    rotary frequencies)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
-        if getattr(func, "__name__", None) == "empty" and kwargs.get("device") is not None:
+        if getattr(func, "__name__", None) in ("empty", "empty_like") and kwargs.get("device") is not None:
             kwargs["device"] = "meta"
         return func(*args, **kwargs)
 

@@ -2,8 +2,10 @@
 
 The choice is made once from the recipe (``model.spec``: auto | te | local) and the machine
 (``parallel.layout.resolve_spec``), and carried by the ``Layout``. The local spec is what CI
-exercises; it runs every TP x PP x CP x DP layout on gloo. Parameter names differ between the two (TE fuses norm weights into ``linear_qkv.layer_norm_weight`` and
-``linear_fc1.layer_norm_weight``); the HF mapping handles both.
+exercises; it runs every TP x PP x CP x DP layout on gloo. Module names differ between the two (TE
+fuses the pre-norms into ``linear_qkv.layer_norm_weight`` and ``linear_fc1.layer_norm_weight``);
+checkpoint names do not: the local spec saves its norms under TE's names
+(``model.checkpoint_names``), so a checkpoint loads into either spec.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
 from v2pe_megatron.model.attention import SDPACoreAttention, with_v2pe_rotary
+from v2pe_megatron.model.checkpoint_names import LOCAL_TO_TE
 from v2pe_megatron.parallel.layout import LayoutError, cp_comm_type_problem
 
 
@@ -66,6 +69,8 @@ def local_layer_spec(*, core_attention: type, mask_type: AttnMaskType = AttnMask
             mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear,
                                                                 linear_fc2=RowParallelLinear)),
             mlp_bda=get_bias_dropout_add,
+            # the pre-norms under Transformer Engine's names: one checkpoint format for both specs
+            sharded_state_dict_keys_map=dict(LOCAL_TO_TE),
         ),
     )
 

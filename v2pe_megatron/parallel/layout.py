@@ -23,8 +23,8 @@ if TYPE_CHECKING:  # config imports this module; the types are only for readers
     from v2pe_megatron.config import ModelConfig, ParallelConfig
 
 __all__ = ["Layout", "LayoutError", "CP_COMM_TYPES", "SPECS", "TE_THD_CP_SUPPORT", "TE_VERSION_RANGE",
-           "seq_multiple", "check_multiple", "cp_comm_type_problem", "te_version", "have_transformer_engine",
-           "resolve_spec"]
+           "TE_FP32_THD", "seq_multiple", "check_multiple", "cp_comm_type_problem", "te_dtype_problem",
+           "te_version", "have_transformer_engine", "resolve_spec"]
 
 
 class LayoutError(ValueError):
@@ -49,6 +49,16 @@ TE_THD_CP_SUPPORT: dict[str, Optional[tuple[int, int]]] = {
 # which the CUDA 13 torch of constraints.txt needs.
 TE_VERSION_RANGE: tuple[tuple[int, int], tuple[int, int]] = ((2, 9), (2, 20))
 
+# Transformer Engine's attention in fp32 (``get_attention_backend`` in
+# ``transformer_engine/pytorch/attention/dot_product_attention/utils.py``, v2.8 to 2.20.0.dev0): its
+# flash and fused backends take bf16/fp16 only ("Filter: Data type"); the unfused one takes fp32,
+# but not packed thd sequences before this release ("Filter: QKV layout": v2.10 still disables it,
+# v2.11 no longer does), never with context parallelism ("Filter: Context parallelism"), and from
+# v2.16 not for thd with padding between sub-samples (which the packer never passes: its cu_seqlens
+# are the padded ones). No backend left: "No dot product attention backend is available" at the
+# first forward.
+TE_FP32_THD: tuple[int, int] = (2, 11)
+
 
 def te_version() -> Optional[tuple[int, int]]:
     """(major, minor) of the installed Transformer Engine, or None."""
@@ -72,19 +82,64 @@ def have_transformer_engine() -> bool:
     return bool(HAVE_TE)
 
 
-def resolve_spec(requested: str) -> str:
-    """``auto`` -> ``te`` with CUDA and Transformer Engine, else ``local``; ``te`` demands both."""
+AUTO_FP32_NOTE = ("model.spec=auto runs the local spec (torch attention) because model.dtype=fp32: Transformer "
+                  "Engine's fast attention needs bf16 or fp16. Set model.dtype=bf16 to train with Transformer Engine.")
+_said: set[str] = set()
+
+
+def _say_once(message: str) -> None:
+    """A warning, once per process, on rank 0 only (every rank resolves the spec)."""
+    import logging
+
+    import torch.distributed as dist
+
+    if message in _said or (dist.is_available() and dist.is_initialized() and dist.get_rank() != 0):
+        return
+    _said.add(message)
+    logging.getLogger(__name__).warning(message)
+
+
+def resolve_spec(requested: str, dtype: Optional[str] = None) -> str:
+    """``auto`` -> ``te`` with CUDA and Transformer Engine, else ``local``; ``te`` demands both.
+
+    ``dtype`` (``model.dtype``): ``auto`` with ``fp32`` is ``local`` also where TE is present, saying
+    so once (:data:`AUTO_FP32_NOTE`): TE's attention has no fast fp32 backend and, before 2.11 or
+    with CP, none at all for the TE spec's packed sequences (:data:`TE_FP32_THD`). ``te`` with fp32
+    where TE cannot run it is refused by :meth:`Layout.problems` (``model=``), before launch.
+    """
     import torch
 
     if requested not in SPECS:
         raise LayoutError(f"model.spec={requested!r} is not one of {', '.join(SPECS)}")
     te_ok = torch.cuda.is_available() and have_transformer_engine()
     if requested == "auto":
+        if te_ok and dtype == "fp32":
+            _say_once(AUTO_FP32_NOTE)
+            return "local"
         return "te" if te_ok else "local"
     if requested == "te" and not te_ok:
         raise LayoutError("model.spec=te needs CUDA and transformer-engine (pip install '.[gpu]'); "
                           "use model.spec=auto or local")
     return requested
+
+
+def te_dtype_problem(dtype: str, cp: int, te: Optional[tuple[int, int]] = None) -> Optional[str]:
+    """Why Transformer Engine's attention cannot run the TE spec's packed (thd) batches in ``dtype``
+    at this CP size with TE ``te`` (the installed version, when known), or None. See
+    :data:`TE_FP32_THD` for the rules and where they come from."""
+    if dtype != "fp32":
+        return None
+    fix = "set model.dtype=bf16 (Transformer Engine's flash and fused attention), or model.spec=local"
+    if cp > 1:
+        return (f"model.spec=te with model.dtype=fp32 and parallel.cp={cp}: Transformer Engine has no fp32 "
+                f"attention with context parallelism (flash and fused attention need bf16/fp16, the unfused one "
+                f"has no CP); {fix}")
+    if te is not None and te < TE_FP32_THD:
+        return (f"model.spec=te with model.dtype=fp32: Transformer Engine {te[0]}.{te[1]} has no fp32 attention "
+                f"for the packed (thd) sequences the TE spec feeds it (flash and fused attention need bf16/fp16, "
+                f"the unfused one takes thd from {TE_FP32_THD[0]}.{TE_FP32_THD[1]} on); {fix}, or upgrade "
+                f"transformer-engine")
+    return None
 
 
 def seq_multiple(cp: int, tp: int = 1, sequence_parallel: bool = False) -> int:
@@ -184,11 +239,12 @@ class Layout:
                    pp_layers=tuple(par.pp_layers), distributed_optimizer=par.use_distributed_optimizer, te=te,
                    virtual_pp=getattr(par, "virtual_pp", 1))
 
-    def resolved(self) -> "Layout":
-        """This layout with ``spec`` resolved on this machine (``auto`` -> te | local)."""
+    def resolved(self, dtype: Optional[str] = None) -> "Layout":
+        """This layout with ``spec`` resolved on this machine (``auto`` -> te | local) for a model
+        in ``dtype`` (see :func:`resolve_spec`)."""
         import dataclasses
 
-        spec = resolve_spec(self.spec)
+        spec = resolve_spec(self.spec, dtype)
         return dataclasses.replace(self, spec=spec, te=te_version() if spec == "te" else None)
 
     # ------------------------------------------------------------------ derived facts
@@ -267,6 +323,10 @@ class Layout:
 
         if model is not None:
             errs += self._model_problems(model)
+            if self.spec == "te":
+                dtype = te_dtype_problem(model.dtype, self.cp, self.te)
+                if dtype:
+                    errs.append(dtype)
         if micro_batch_size is not None and global_batch_size is not None and self.dp > 0:
             if global_batch_size % (micro_batch_size * self.dp):
                 errs.append(f"data.global_batch_size={global_batch_size} must be a multiple of micro_batch_size*dp "

@@ -17,14 +17,15 @@ IMG_START, IMG_END, IMG_CTX = 297, 298, 299
 
 
 def mcore_shapes(mc) -> dict[str, tuple[int, ...]]:
-    """megatron parameter shapes of a whole (TP = PP = 1) model of ``mc``."""
+    """megatron parameter shapes of a whole (TP = PP = 1) model of ``mc``, by checkpoint name."""
+    from v2pe_megatron.model.checkpoint_names import checkpoint_name
     from v2pe_megatron.model.internvl import build_model
     from v2pe_megatron.parallel.layout import Layout
     from v2pe_megatron.runtime.distributed import model_parallel
 
     with model_parallel(1, 1):
         m = build_model(mc, Layout(spec="local"), pre_process=True, post_process=True)
-        return {k: tuple(p.shape) for k, p in m.named_parameters()}
+        return {checkpoint_name(k): tuple(p.shape) for k, p in m.named_parameters()}
 
 
 def remote_tensors(mc, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -33,7 +34,7 @@ def remote_tensors(mc, seed: int = 0) -> dict[str, torch.Tensor]:
     shapes = mcore_shapes(mc)
     g = torch.Generator().manual_seed(seed)
     out = {}
-    for mp in weight_map(mc, "remote", "local"):
+    for mp in weight_map(mc, "remote"):
         for name, shape in zip(mp.hf, hf_shapes(mp, shapes[mp.mcore])):
             t = torch.randn(*shape, generator=g) * 0.2
             if "norm" in name or name.endswith(("ls1", "ls2")) or "mlp1.0.weight" in name:

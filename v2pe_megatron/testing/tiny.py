@@ -29,7 +29,8 @@ def layout_of(recipe: Recipe) -> Layout:
     import torch.distributed as dist
 
     world = dist.get_world_size() if dist.is_initialized() else None
-    return Layout.from_config(recipe.parallel, world_size=world, spec=resolve_spec(recipe.model.spec))
+    return Layout.from_config(recipe.parallel, world_size=world,
+                              spec=resolve_spec(recipe.model.spec, recipe.model.dtype))
 
 
 def build_language_model(recipe: Recipe) -> language.LanguageModel:

@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 
+from v2pe_megatron.model import checkpoint_names
 from v2pe_megatron.runtime import megatron_writer
 
 OPTIM_SHARDING = {"distrib_optim_sharding_type": "fully_reshardable"}
@@ -298,7 +299,7 @@ def load_checkpoint(ckpt_dir: str | os.PathLike, model: list[torch.nn.Module], o
     if optimizer is not None:
         _ensure_optimizer_state(optimizer)
         state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=OPTIM_SHARDING)
-    loaded = dist_checkpointing.load(state, str(path))
+    loaded = dist_checkpointing.load(checkpoint_names.retarget(state, path), str(path))
     _load_model_sd(model, loaded["model"])
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
@@ -329,7 +330,7 @@ def load_model_weights(path: str | os.PathLike, model: torch.nn.Module | list[to
     :func:`weights_dir`). An optimizer built before this call keeps stale master weights: load first."""
     p = weights_dir(path)
     chunks = model if isinstance(model, list) else [model]
-    loaded = dist_checkpointing.load({"model": _model_sd(chunks)}, str(p))
+    loaded = dist_checkpointing.load(checkpoint_names.retarget({"model": _model_sd(chunks)}, p), str(p))
     _load_model_sd(chunks, loaded["model"])
     return p
 

@@ -346,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
 
     recipe_file, out = argv if argv is not None else sys.argv[1:]
     recipe = one_rank_recipe(load_recipe(recipe_file))
-    layout = validate(recipe, world_size=1, spec=resolve_spec(recipe.model.spec))
+    layout = validate(recipe, world_size=1, spec=resolve_spec(recipe.model.spec, recipe.model.dtype))
     with model_parallel(1, 1, 1, seed=recipe.train.seed):
         model = build_model(recipe.model, layout, recompute="none")
         initialize(model, recipe.train.seed)

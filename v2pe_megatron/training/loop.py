@@ -88,7 +88,7 @@ def train(recipe: Recipe) -> RunSummary:
     stop_signals = StopSignals().install()  # first: a signal during set-up still ends in a save
     with rt.process_group(recipe.launcher.backend, recipe.launcher.timeout_minutes):
         world = dist.get_world_size()
-        layout = validate(recipe, world_size=world, spec=resolve_spec(recipe.model.spec))
+        layout = validate(recipe, world_size=world, spec=resolve_spec(recipe.model.spec, recipe.model.dtype))
         rank0 = dist.get_rank() == 0
         rt.initialize_model_parallel(layout.tp, layout.pp, layout.cp, seed=t.seed,
                                      hierarchical_cp_sizes=list(layout.hierarchical_cp_sizes) or None,
