@@ -153,6 +153,10 @@ class Layout:
     pp_layers: tuple[int, ...] = ()
     distributed_optimizer: bool = False
     virtual_pp: int = 1
+    # Data-parallel communication overlapped with compute (training.engine.wrap_ddp; the planner's
+    # step time counts what stays exposed).
+    overlap_grad_reduce: bool = True
+    overlap_param_gather: bool = True
     te: Optional[tuple[int, int]] = field(default=None, compare=False)
 
     # ------------------------------------------------------------------ construction
@@ -180,7 +184,8 @@ class Layout:
         return cls(tp=par.tp, pp=par.pp, cp=par.cp, dp=dp, sp=par.sequence_parallel, spec=spec,
                    cp_comm_type=par.cp_comm_type, hierarchical_cp_sizes=tuple(par.hierarchical_cp_sizes),
                    pp_layers=tuple(par.pp_layers), distributed_optimizer=par.use_distributed_optimizer, te=te,
-                   virtual_pp=getattr(par, "virtual_pp", 1))
+                   virtual_pp=getattr(par, "virtual_pp", 1), overlap_grad_reduce=par.overlap_grad_reduce,
+                   overlap_param_gather=par.overlap_param_gather)
 
     def resolved(self) -> "Layout":
         """This layout with ``spec`` resolved on this machine (``auto`` -> te | local)."""
@@ -193,6 +198,12 @@ class Layout:
     @property
     def world_size(self) -> int:
         return self.tp * self.pp * self.cp * max(self.dp, 1)
+
+    @property
+    def param_gather_overlapped(self) -> bool:
+        """The distributed optimizer's all-gather runs during the next forward (it needs bucketed,
+        overlapped gradient reduction: megatron gathers per gradient bucket)."""
+        return self.distributed_optimizer and self.overlap_grad_reduce and self.overlap_param_gather
 
     @property
     def seq_multiple(self) -> int:
