@@ -292,6 +292,7 @@ def test_overlap_matches_no_overlap_interleaved_pp2_dp2():
         _check(r, "pp2_vpp2_dp2_distopt", distopt=True, bucketed=r["pp_rank"] == 0)
 
 
+@pytest.mark.slow   # one process, but two models and six steps: ~7 s
 def test_grad_reductions_are_issued_in_one_order_with_and_without_images():
     """The order in which a rank issues its bucket reductions does not depend on its data (a rank
     whose last micro-batch is text-only issues them like one with images); megatron's own DDP,

@@ -13,9 +13,13 @@ Data-parallel communication overlaps compute by default, as in Megatron-LM's tra
   issues all of it at the start of :func:`train_step`, in the order the forward reads the buckets,
   and each module waits for its own bucket (megatron's forward pre-hook) before it runs. Issued
   together, not module by module, because DP ranks run different modules (a text-only micro-batch
-  skips the vision tower) and collectives must be issued in the same order on every rank.
+  skips the vision tower) and collectives must be issued in the same order on every rank. A
+  parameter read outside its module's forward is read mid-gather: only a read whose value does not
+  matter may do that (InternVL's zero-weighted sum over the vision tower on text-only micro-batches).
   Between steps a rank's parameters therefore hold the last update only in its own shard:
   :func:`sync_params` before reading them (checkpoint save, evaluation, comparisons).
+- Gradient buckets are reduced in one fixed order on every rank (:class:`_InOrderGradReduce`), not
+  in the order the rank's backward completes them, which depends on its data.
 """
 
 from __future__ import annotations
@@ -50,8 +54,8 @@ def wrap_ddp(model: torch.nn.Module, config: TransformerConfig, *, use_distribut
     otherwise, like ``parallel.overlap_param_gather``). ``bucket_size``: parameters per bucket, None
     for megatron's default, max(40M, 1M x data-parallel size) (only the first pipeline stage's first
     model chunk is bucketed; megatron reduces the others in one piece). ``disable_bucketing``: for
-    every model chunk but the first of an interleaved pipeline (as megatron does: their gradients
-    are reduced together at the end of the step)."""
+    every model chunk but the first of an interleaved pipeline (as megatron does: each is reduced in
+    one piece once its last backward is done)."""
     gather = overlap_param_gather and overlap_grad_reduce and use_distributed_optimizer
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, overlap_grad_reduce=overlap_grad_reduce, overlap_param_gather=gather,
