@@ -360,3 +360,22 @@ def test_grad_reductions_are_issued_in_one_order_with_and_without_images():
 
     theirs_img, theirs_txt, _ = orders(megatron_ddp)
     assert sorted(theirs_img) == sorted(theirs_txt) and theirs_img != theirs_txt
+
+
+def test_recipe_keys_reach_the_layout():
+    """``parallel.overlap_grad_reduce`` / ``overlap_param_gather`` (both on by default) are read once,
+    into the layout the loop hands to ``wrap_ddp`` and the planner times; the all-gather overlaps
+    only with the distributed optimizer and overlapped gradient reduction."""
+    from v2pe_megatron.config import load_recipe
+    from v2pe_megatron.parallel.layout import Layout
+
+    def layout(*keys):
+        return Layout.from_config(load_recipe(None, list(keys)).parallel)
+
+    on = layout("parallel.use_distributed_optimizer=true")
+    assert on.overlap_grad_reduce and on.overlap_param_gather and on.param_gather_overlapped
+    assert not layout().param_gather_overlapped                       # no distributed optimizer
+    off = layout("parallel.use_distributed_optimizer=true", "parallel.overlap_grad_reduce=false")
+    assert not off.overlap_grad_reduce and not off.param_gather_overlapped
+    no_gather = layout("parallel.use_distributed_optimizer=true", "parallel.overlap_param_gather=false")
+    assert no_gather.overlap_grad_reduce and not no_gather.param_gather_overlapped

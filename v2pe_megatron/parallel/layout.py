@@ -23,8 +23,8 @@ if TYPE_CHECKING:  # config imports this module; the types are only for readers
     from v2pe_megatron.config import ModelConfig, ParallelConfig
 
 __all__ = ["Layout", "LayoutError", "CP_COMM_TYPES", "SPECS", "TE_THD_CP_SUPPORT", "TE_VERSION_RANGE",
-           "seq_multiple", "check_multiple", "cp_comm_type_problem", "te_version", "have_transformer_engine",
-           "resolve_spec"]
+           "seq_multiple", "check_multiple", "param_gather_overlaps", "cp_comm_type_problem", "te_version",
+           "have_transformer_engine", "resolve_spec"]
 
 
 class LayoutError(ValueError):
@@ -96,6 +96,12 @@ def seq_multiple(cp: int, tp: int = 1, sequence_parallel: bool = False) -> int:
 def _multiple_what(cp: int, tp: int, sequence_parallel: bool) -> str:
     parts = (["2*cp"] if cp > 1 else []) + (["tp (sequence parallel)"] if sequence_parallel else [])
     return "*".join(parts) or "1"
+
+
+def param_gather_overlaps(distributed_optimizer: bool, overlap_grad_reduce: bool, overlap_param_gather: bool) -> bool:
+    """Whether the parameters' all-gather runs during the next forward: only the distributed optimizer
+    gathers, and megatron gathers per gradient bucket, which exist only with overlapped reduction."""
+    return distributed_optimizer and overlap_grad_reduce and overlap_param_gather
 
 
 def check_multiple(lengths: Sequence[int], multiple: int, what: str = "sub-sample") -> None:
@@ -201,9 +207,7 @@ class Layout:
 
     @property
     def param_gather_overlapped(self) -> bool:
-        """The distributed optimizer's all-gather runs during the next forward (it needs bucketed,
-        overlapped gradient reduction: megatron gathers per gradient bucket)."""
-        return self.distributed_optimizer and self.overlap_grad_reduce and self.overlap_param_gather
+        return param_gather_overlaps(self.distributed_optimizer, self.overlap_grad_reduce, self.overlap_param_gather)
 
     @property
     def seq_multiple(self) -> int:

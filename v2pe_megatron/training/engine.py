@@ -38,7 +38,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from v2pe_megatron.config import OptimizerConfig
-from v2pe_megatron.parallel.layout import Layout
+from v2pe_megatron.parallel.layout import Layout, param_gather_overlaps
 from v2pe_megatron.runtime.distributed import device
 from v2pe_megatron.training.nonfinite import guarded_step
 
@@ -56,7 +56,7 @@ def wrap_ddp(model: torch.nn.Module, config: TransformerConfig, *, use_distribut
     model chunk is bucketed; megatron reduces the others in one piece). ``disable_bucketing``: for
     every model chunk but the first of an interleaved pipeline (as megatron does: each is reduced in
     one piece once its last backward is done)."""
-    gather = overlap_param_gather and overlap_grad_reduce and use_distributed_optimizer
+    gather = param_gather_overlaps(use_distributed_optimizer, overlap_grad_reduce, overlap_param_gather)
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, overlap_grad_reduce=overlap_grad_reduce, overlap_param_gather=gather,
         # The pre-hook only waits: train_step issues every bucket's all-gather itself (module docstring).
