@@ -164,6 +164,50 @@ def test_step_time_is_flops_over_efficient_peak_without_parallelism():
     assert full > sec and mfu_full < mfu
 
 
+def test_data_parallel_communication_counts_what_overlap_leaves_exposed():
+    """dp=8 in one node (450 GB/s), distributed optimizer, 2 micro-batches of 8K tokens per rank."""
+    import dataclasses
+
+    pc = param_counts(M)
+    P = pc["vision"] + pc["projector"] + pc["embedding"] + L * pc["layer"] + pc["final_norm"] + pc["output"]
+    ring = 7 / 8
+
+    def dp_comm(layout, cluster=Cluster(gpus=8, gpu_mem_gib=80)):
+        _, _, parts = step_time(M, layout, cluster, seq_length=8192, micro_batch_size=1, global_batch_size=16,
+                                tiles_per_pack=16, sub_sample=8192, recompute="none")
+        fl = step_flops(M, [8192] * 16, 16 * 16)
+        per_mb = parts["compute"] / (16 // layout.dp)     # micro-batches per rank
+        return parts["dp_comm"], per_mb * fl.forward / fl.hardware, per_mb * (1 - fl.forward / fl.hardware)
+
+    on = Layout(dp=8, spec="te", distributed_optimizer=True)
+    off = dataclasses.replace(on, overlap_grad_reduce=False)
+    # not overlapped: the fp32 reduce-scatter and the bf16 all-gather of every parameter
+    assert dp_comm(off)[0] == pytest.approx(P * (4 + 2) * ring / 450e9)
+    # overlapped: the backward (the forward) hides all but the bucket holding the token embedding,
+    # which is reduced last and gathered first
+    edge = V * H
+    exposed, fwd, bwd = dp_comm(on)
+    assert P * 4 * ring / 450e9 < bwd and P * 2 * ring / 450e9 < fwd
+    assert exposed == pytest.approx(edge * (4 + 2) * ring / 450e9)
+    # parameters gathered in the optimizer step (parallel.overlap_param_gather=false): all of it counts
+    no_gather = dataclasses.replace(on, overlap_param_gather=False)
+    assert dp_comm(no_gather)[0] == pytest.approx(edge * 4 * ring / 450e9 + P * 2 * ring / 450e9)
+    # a network too slow to hide behind one micro-batch: everything past the backward (forward) shows
+    slow = Cluster(gpus=8, gpu_mem_gib=80, intra_node_gbps=0.5)
+    exposed, fwd, bwd = dp_comm(on, slow)
+    assert exposed == pytest.approx(P * 4 * ring / 0.5e9 - bwd + P * 2 * ring / 0.5e9 - fwd)
+    assert exposed < dp_comm(off, slow)[0]
+    # pipeline: the last stage reduces (gathers) in one piece after its last backward, while the first
+    # stage still runs one more micro-batch
+    pp2 = Layout(pp=2, dp=4, spec="te", distributed_optimizer=True)
+    exposed, fwd, bwd = dp_comm(pp2, slow)
+    first = pc["vision"] + pc["projector"] + pc["embedding"] + L / 2 * pc["layer"]
+    last = L / 2 * pc["layer"] + pc["output"] + pc["final_norm"]
+    ring = 3 / 4
+    assert exposed == pytest.approx(max(first * 4 * ring / 0.5e9 - bwd, last * 4 * ring / 0.5e9 - bwd)
+                                    + max(first * 2 * ring / 0.5e9 - fwd, last * 2 * ring / 0.5e9 - fwd))
+
+
 def test_plan_1m_on_64_gpus_recommends_a_fitting_valid_layout():
     p = plan("internvl2-2b", 1 << 20, 64, 80)
     r = p.recommended

@@ -141,6 +141,12 @@ class ParallelConfig:
     cp_comm_type: str = "p2p"
     # For a2a+p2p: [a2a size, p2p size] with product == cp.
     hierarchical_cp_sizes: list[int] = field(default_factory=list)
+    # Data-parallel communication overlapped with compute (training/engine.py, docs/parallelism.md):
+    # gradient buckets reduced during the backward; with the distributed optimizer (and
+    # overlap_grad_reduce) the updated parameters all-gathered during the next forward instead of
+    # in the optimizer step (ignored otherwise). Off: both run after the backward, exposed.
+    overlap_grad_reduce: bool = True
+    overlap_param_gather: bool = True
 
 
 # ---------------------------------------------------------------------------------------------

@@ -367,19 +367,59 @@ def step_time(model_cfg: Any, layout: Layout, cluster: Cluster, *, seq_length: i
         attn_time = (fl.parts["llm_attention"] * (3 + (1 if recompute != "none" else 0))) / gpus / (
             cluster.peak_flops * cluster.efficiency)
         cp_comm = max(0.0, ring - attn_time)
-    # Data parallel (with the CP ranks): gradients reduced in fp32 after the last micro-batch (no overlap
-    # in training.engine), parameters all-gathered back with the distributed optimizer.
+    # Data parallel (with the CP ranks): fp32 gradients reduce-scattered (all-reduced, twice the traffic,
+    # without the distributed optimizer), bf16 parameters all-gathered back with it; only what the
+    # compute does not hide counts (docs/planning.md, "Data-parallel communication").
     dp_comm = 0.0
     dpcp = dp * cp
     if dpcp > 1:
-        first_p, _ = _stage_params(model_cfg, tp=tp, pp=pp)
-        span = gpus // (tp * pp) if gpus // (tp * pp) > 1 else 1
-        volume = first_p * (4 + (b if layout.distributed_optimizer else 4)) * (dpcp - 1) / dpcp
-        dp_comm = volume / bw(span * tp)
+        dp_comm = _exposed_dp_comm(model_cfg, layout, bw(gpus // pp), b=b, microbatch=compute / microbatches,
+                                   forward_share=fl.forward / fl.hardware)
     seconds = compute + bubble + tp_comm + cp_comm + dp_comm
     mfu = fl.model / (seconds * gpus * cluster.peak_flops)
     return seconds, mfu, {"compute": compute, "bubble": bubble, "tp_comm": tp_comm, "cp_comm": cp_comm,
                           "dp_comm": dp_comm}
+
+
+def _exposed_dp_comm(model_cfg: Any, layout: Layout, bandwidth: float, *, b: int, microbatch: float,
+                     forward_share: float) -> float:
+    """Seconds of data-parallel communication a step waits for, on the stage that waits longest.
+
+    ``microbatch``: seconds of one micro-batch's forward + backward on the busiest stage, of which
+    ``forward_share`` is the forward. Without overlap the reduction and the all-gather follow the
+    backward. With it (training.engine.wrap_ddp, megatron's buckets of max(40M, 1M x dp) parameters):
+    the first stage reduces bucket by bucket during its last backward, and the bucket it completes last
+    (the one holding the token embedding, the first parameters the forward reads) is reduced after it;
+    the other stages reduce in one piece after their last backward while the stages before them still
+    run theirs (one micro-batch's backward per stage in between). The all-gather of the updated
+    parameters (distributed optimizer) runs during the next step's first forward the same way, the
+    first bucket before it."""
+    tp, pp, cp, dp = layout.tp, layout.pp, layout.cp, max(layout.dp, 1)
+    ring = (dp * cp - 1) / (dp * cp)
+    pc = param_counts(model_cfg)
+    first_p, last_p = _stage_params(model_cfg, tp=tp, pp=pp)
+    middle_p = model_cfg.language.num_layers / pp * pc["layer"] / tp
+    reduce_bytes = 4 if layout.distributed_optimizer else 8      # fp32 reduce-scatter, or all-reduce
+    gather_bytes = b if layout.distributed_optimizer else 0
+
+    def seconds(params: float, nbytes: int) -> float:
+        return params * nbytes * ring / bandwidth
+
+    if not layout.overlap_grad_reduce:
+        return seconds(first_p, reduce_bytes + gather_bytes)
+    forward, backward = microbatch * forward_share, microbatch * (1 - forward_share)
+    edge = min(first_p, max(40e6, 1e6 * dp, pc["embedding"] / tp))
+
+    def exposed(nbytes: int, hide: float) -> float:
+        out = max(seconds(edge, nbytes), seconds(first_p, nbytes) - hide)
+        for stage, params in ((1, middle_p), (pp - 1, last_p)) if pp > 1 else ():
+            out = max(out, seconds(params, nbytes) - stage * hide)
+        return out
+
+    grads = exposed(reduce_bytes, backward)
+    if layout.param_gather_overlapped:
+        return grads + exposed(gather_bytes, forward)
+    return grads + seconds(first_p, gather_bytes)
 
 
 # ---------------------------------------------------------------------------------------------

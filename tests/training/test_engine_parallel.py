@@ -34,7 +34,7 @@ def _step(workdir: str, tp: int, pp: int, sp: bool, distopt: bool, optimizer: st
     from v2pe_megatron.runtime.distributed import model_parallel
     from v2pe_megatron.testing import tiny
     from v2pe_megatron.training import checkpointing as ckpt
-    from v2pe_megatron.training.engine import build_optimizer, train_step, wrap_ddp
+    from v2pe_megatron.training.engine import build_optimizer, sync_params, train_step, wrap_ddp
 
     world = torch.distributed.get_world_size()
     recipe = tiny.tiny_recipe(f"parallel.tp={tp}", f"parallel.pp={pp}", f"parallel.sequence_parallel={sp}",
@@ -54,6 +54,7 @@ def _step(workdir: str, tp: int, pp: int, sp: bool, distopt: bool, optimizer: st
         mine = tiny.shard_for_data_parallel(batches, dp_rank, dp)
         res = train_step([ddp], opt, tiny.lm_forward_step, iter(mine), num_microbatches=len(mine),
                          seq_length=SEQ, micro_batch_size=MBS)
+        sync_params([ddp])
         ckpt.save_model_weights(f"{workdir}/after_{tag}", model)
     return {"loss": res.loss, "tokens": res.num_tokens, "grad_norm": res.grad_norm, "world": world}
 

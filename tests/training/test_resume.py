@@ -21,7 +21,7 @@ def _run(workdir: str, tag: str, start: int, stop: int, save: bool, resume: bool
     from v2pe_megatron.runtime.distributed import model_parallel
     from v2pe_megatron.testing import tiny
     from v2pe_megatron.training import checkpointing as ckpt
-    from v2pe_megatron.training.engine import build_optimizer, train_step, wrap_ddp
+    from v2pe_megatron.training.engine import build_optimizer, sync_params, train_step, wrap_ddp
 
     recipe = tiny.tiny_recipe("parallel.use_distributed_optimizer=true", "optimizer.name=adam",
                               "optimizer.lr=0.01", "optimizer.weight_decay=0.01")
@@ -45,6 +45,7 @@ def _run(workdir: str, tag: str, start: int, stop: int, save: bool, resume: bool
             res = train_step([ddp], opt, tiny.lm_forward_step, iter(mine), num_microbatches=len(mine),
                              seq_length=SEQ, micro_batch_size=MBS)
             losses.append(res.loss)
+        sync_params([ddp])
         if save:
             ckpt.save_checkpoint(f"{workdir}/ckpt", stop, [ddp], opt, extra={"note": "mid-run"})
         ckpt.save_model_weights(f"{workdir}/final_{tag}", model)

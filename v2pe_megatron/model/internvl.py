@@ -88,6 +88,15 @@ class InternVLModel(MegatronModule):
                 frozen.append(name)
         return frozen
 
+    def parameters_in_forward_order(self) -> list[torch.nn.Parameter]:
+        """The parameters in the order the forward first reads them: the token embedding, the vision
+        tower and the projector (``merge``), then the rest of the LLM. The engine issues the overlapped
+        all-gathers of the distributed optimizer in this order (registered, the vision tower comes
+        after the whole LLM: the first forward would wait for all of the LLM's parameters)."""
+        first = [getattr(self.language_model, "embedding", None), getattr(self, "vision_model", None),
+                 getattr(self, "projector", None), self]
+        return list({id(p): p for m in first if m is not None for p in m.parameters()}.values())
+
     def set_input_tensor(self, input_tensor) -> None:
         self.language_model.set_input_tensor(input_tensor)
 

@@ -23,8 +23,8 @@ if TYPE_CHECKING:  # config imports this module; the types are only for readers
     from v2pe_megatron.config import ModelConfig, ParallelConfig
 
 __all__ = ["Layout", "LayoutError", "CP_COMM_TYPES", "SPECS", "TE_THD_CP_SUPPORT", "TE_VERSION_RANGE",
-           "TE_FP32_THD", "seq_multiple", "check_multiple", "cp_comm_type_problem", "te_dtype_problem",
-           "te_version", "have_transformer_engine", "resolve_spec"]
+           "TE_FP32_THD", "seq_multiple", "check_multiple", "param_gather_overlaps", "cp_comm_type_problem",
+           "te_dtype_problem", "te_version", "have_transformer_engine", "resolve_spec"]
 
 
 class LayoutError(ValueError):
@@ -155,6 +155,12 @@ def _multiple_what(cp: int, tp: int, sequence_parallel: bool) -> str:
     return "*".join(parts) or "1"
 
 
+def param_gather_overlaps(distributed_optimizer: bool, overlap_grad_reduce: bool, overlap_param_gather: bool) -> bool:
+    """Whether the parameters' all-gather runs during the next forward: only the distributed optimizer
+    gathers, and megatron gathers per gradient bucket, which exist only with overlapped reduction."""
+    return distributed_optimizer and overlap_grad_reduce and overlap_param_gather
+
+
 def check_multiple(lengths: Sequence[int], multiple: int, what: str = "sub-sample") -> None:
     """Raise LayoutError naming the first length that is not a multiple of ``multiple``."""
     for i, n in enumerate(lengths):
@@ -210,6 +216,10 @@ class Layout:
     pp_layers: tuple[int, ...] = ()
     distributed_optimizer: bool = False
     virtual_pp: int = 1
+    # Data-parallel communication overlapped with compute (training.engine.wrap_ddp; the planner's
+    # step time counts what stays exposed).
+    overlap_grad_reduce: bool = True
+    overlap_param_gather: bool = True
     te: Optional[tuple[int, int]] = field(default=None, compare=False)
 
     # ------------------------------------------------------------------ construction
@@ -237,7 +247,8 @@ class Layout:
         return cls(tp=par.tp, pp=par.pp, cp=par.cp, dp=dp, sp=par.sequence_parallel, spec=spec,
                    cp_comm_type=par.cp_comm_type, hierarchical_cp_sizes=tuple(par.hierarchical_cp_sizes),
                    pp_layers=tuple(par.pp_layers), distributed_optimizer=par.use_distributed_optimizer, te=te,
-                   virtual_pp=getattr(par, "virtual_pp", 1))
+                   virtual_pp=getattr(par, "virtual_pp", 1), overlap_grad_reduce=par.overlap_grad_reduce,
+                   overlap_param_gather=par.overlap_param_gather)
 
     def resolved(self, dtype: Optional[str] = None) -> "Layout":
         """This layout with ``spec`` resolved on this machine (``auto`` -> te | local) for a model
@@ -251,6 +262,10 @@ class Layout:
     @property
     def world_size(self) -> int:
         return self.tp * self.pp * self.cp * max(self.dp, 1)
+
+    @property
+    def param_gather_overlapped(self) -> bool:
+        return param_gather_overlaps(self.distributed_optimizer, self.overlap_grad_reduce, self.overlap_param_gather)
 
     @property
     def seq_multiple(self) -> int:

@@ -27,7 +27,7 @@ from v2pe_megatron.runtime import exit_codes
 from v2pe_megatron.runtime.signals import StopSignals
 from v2pe_megatron.training import checkpointing as ckpt
 from v2pe_megatron.training import init_weights
-from v2pe_megatron.training.engine import build_optimizer, train_step, wrap_ddp
+from v2pe_megatron.training.engine import build_optimizer, sync_params, train_step, wrap_ddp
 from v2pe_megatron.training.forward import vlm_forward_step
 from v2pe_megatron.training.metrics import StepMeter
 from v2pe_megatron.training.tracking import Tracker
@@ -111,8 +111,9 @@ def train(recipe: Recipe) -> RunSummary:
         for m in models:
             m.freeze(vision=t.freeze_vision, projector=t.freeze_projector, language=t.freeze_language)
         nparams = sum(p.numel() for m in models for p in m.parameters())
-        ddp = [wrap_ddp(m, m.config, use_distributed_optimizer=layout.distributed_optimizer, disable_bucketing=i > 0)
-               for i, m in enumerate(models)]
+        ddp = [wrap_ddp(m, m.config, use_distributed_optimizer=layout.distributed_optimizer, disable_bucketing=i > 0,
+                        overlap_grad_reduce=layout.overlap_grad_reduce,
+                        overlap_param_gather=layout.overlap_param_gather) for i, m in enumerate(models)]
         dtype = models[0].config.params_dtype
         optimizer = build_optimizer(recipe.optimizer, ddp, params_dtype=dtype,
                                     use_distributed_optimizer=layout.distributed_optimizer)
@@ -289,6 +290,7 @@ def _save(recipe, step, ddp, optimizer, scheduler, loader, tracker, lineage: lis
     run_id = [tracker.run_id]
     dist.broadcast_object_list(run_id, src=0)  # common checkpoint state must agree on all ranks
     lineage[:] = [i for i in lineage if i != step][-100:] + [step]
+    sync_params(ddp)  # overlapped param gather: the last update is otherwise only in each rank's shard
     extra = {"loader": states, "scheduler": scheduler.state_dict(), "mlflow_run_id": run_id[0],
              "lineage": list(lineage)}
     path = ckpt.save_checkpoint(recipe.checkpoint.dir, step, ddp, optimizer, extra=extra,
