@@ -86,14 +86,16 @@ def planned_runs(base: list[str], lengths, tiles: int, gpu_mem_gib: float, extra
     GPU of ``gpu_mem_gib`` GiB (``extra`` still wins), and the plan's memory for the run as set."""
     from v2pe_megatron.config import load_recipe
     from v2pe_megatron.parallel.layout import resolve_spec
-    from v2pe_megatron.plan import plan
+    from v2pe_megatron.plan import model_config, plan
 
     runs = []
     for seq in lengths:
         recipe = load_recipe(None, run_overrides(base, seq, extra))
         m = recipe.model
-        if not m.preset:
-            raise SystemExit("--plan-gib needs a preset's shapes (--gpu or --preset): v2pe-plan plans presets")
+        preset = model_config(m.preset) if m.preset else None
+        if preset is None or (m.vision, m.language, m.projector) != (preset.vision, preset.language, preset.projector):
+            raise SystemExit("--plan-gib needs a preset's own shapes (--gpu, or --preset without model overrides): "
+                             "v2pe-plan plans presets")
         p = plan(m.preset, seq, 1, gpu_mem_gib, global_batch_size=recipe.data.global_batch_size,
                  image_share=tiles * m.num_image_token / seq, dtype=m.dtype, loss_chunk_tokens=m.loss_chunk_tokens,
                  path=resolve_spec(m.spec))
@@ -330,6 +332,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("--gpu needs CUDA")
     if plan_gib is not None and args.nproc != 1:
         raise SystemExit("--plan-gib plans one GPU: run it with --nproc 1")
+    if plan_gib is not None and not (args.gpu or args.preset):
+        raise SystemExit("--plan-gib needs --gpu or --preset: v2pe-plan plans a preset's shapes")
     git = os.popen(f"git -C {Path(__file__).resolve().parents[1]} rev-parse --short HEAD 2>/dev/null").read().strip()
     print(f"# {time.strftime('%Y-%m-%d %H:%M %Z')}  commit {git or '?'}  torch {torch.__version__}  "
           f"threads {args.threads}  load average {os.getloadavg()[0]:.1f}  {' '.join(args.overrides)}", flush=True)

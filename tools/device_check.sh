@@ -125,7 +125,11 @@ declare -A BG=()
 start_bg() {
   local name=$1 lim; lim=$(limit "$2"); shift 2
   printf '+ (background, %s s, output in %s)' "$lim" "$W/$name.log"; printf ' %q' "$@"; printf '\n'
-  timeout -k 10 "$lim" "$@" >"$W/$name.log" 2>&1 &
+  if (( lim < 10 )); then
+    { echo "(no time left)"; exit 124; } >"$W/$name.log" &
+  else
+    timeout -k 10 "$lim" "$@" >"$W/$name.log" 2>&1 &
+  fi
   BG[$name]=$!
 }
 wait_bg() {

@@ -47,8 +47,9 @@ def check(res: dict, *, cuda: bool) -> None:
     from v2pe_megatron.testing.step_syncs import MODEL_PHASES, format_report
 
     assert res["steps"] == 8 - WARMUP - 1, res
-    # the counter is not blind: one read-back per counted step, and one inside a backward hook
-    assert res["probe_steps"] == res["steps"] and res["probe_backward"] == 1, format_report(res)
+    # the counter is not blind: one read-back per counted step, and the one inside a backward hook
+    # (on CUDA raised on autograd's device thread)
+    assert res["probe_steps"] == res["steps"] and res["probe_backward"] >= 1, format_report(res)
     must_be_zero = MODEL_PHASES if cuda else ("forward/backward",)
     assert sum(res["per_step"].get(p, 0.0) for p in must_be_zero) == 0, format_report(res)
 
