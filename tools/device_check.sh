@@ -57,8 +57,8 @@ T_TRAIN=120    # 1) three runs at once (T_TRAIN_FIRST), then the resume (the res
 T_TRAIN_FIRST=70
 T_CONVERT=55   # 2) import-hf --verify (one start + transformers); a TF32 diagnosis only if time is left
 T_TESTS=80     # 3, 3+, 5) one pytest start, the gpu-marked tests (~30 s of work)
-T_EVAL=45      # 4) one v2pe-eval start, 8 samples x 2 deltas (the needles are written during part 1)
-T_BENCH=120    # 6) one start, two InternVL2-2B builds, 4 steps each
+T_EVAL=50      # 4) one v2pe-eval start, 8 samples x 2 deltas (the needles are written during part 1)
+T_BENCH=115    # 6) one start, two InternVL2-2B builds, 4 steps each
 T_PREP=120     # in the background during part 1: the HF fixture and the needles (own processes)
 RESUME_TOL_CUDA=2e-3   # docs/device_check.md: noise << 2e-3 << what a broken resume does (>= 1e-2)
 RESUME_TOL_CPU=1e-5    # the CPU is deterministic: equal at the log's 5 decimals
@@ -149,6 +149,11 @@ test_status() {
   else echo FAIL; fi
 }
 first() { grep -m1 -E "^$1" "$PARTLOG" | sed -E "s/^$1 *//"; }   # the rest of the first line starting PREFIX
+# the call sites with the most host syncs per step, out of testing.step_syncs.format_report's lines
+sync_sites() {
+  sed -nE 's/^  (.{22}) +([0-9.e+-]+) per step  (.*)$/\2 \3/p' "$PARTLOG" | sort -s -k1,1gr | head -4 |
+    sed -E 's/^([^ ]+) (.*)$/\1 x \2/' | paste -sd'|' - | sed 's/|/; /g'
+}
 last_error() {  # the last error line of $PARTLOG, else its last line
   local e; e=$(grep -E 'Error|error|PROBLEM|Traceback' "$PARTLOG" | grep -v -i warn | tail -1)
   echo "${e:-$(grep . "$PARTLOG" | tail -1)}" | cut -c1-240
@@ -232,7 +237,7 @@ tests_part() {  # 3), 3+) and 5): one pytest run of every gpu-marked test
   st=$(test_status tests/training/test_gpu_nonfinite.py)
   add 3 "nan-skip" "$st" "$(first 'nonfinite:')$(why "$st" tests/training/test_gpu_nonfinite.py)"
   st=$(test_status tests/training/test_gpu_syncs.py)
-  add 5 "host syncs" "$st" "$(first 'syncs:')$(why "$st" tests/training/test_gpu_syncs.py)"
+  add 5 "host syncs" "$st" "$(first 'syncs:'); most: $(sync_sites)$(why "$st" tests/training/test_gpu_syncs.py)"
   local fails bf16; fails=$(grep -cE '^(FAILED|ERROR) ' "$PARTLOG"); bf16=$(first 'cuda: ')
   add 3+ "gpu tests" "$( ((fails == 0)) && grep -qE '[0-9]+ passed' "$PARTLOG" && echo PASS || echo FAIL)" \
     "$(pytest_counts) in ${#GPU_TEST_FILES[@]} files [$((SECONDS - t0))s]${bf16:+; bf16 step: $bf16}$( ((fails)) && \
@@ -252,7 +257,7 @@ tests_part_dry() {  # the CPU equivalents of 3), 3+) and 5)
   add 3 "nan-skip" "$(script_ok "$nan")" "dry: $(first 'nonfinite:')"
   [[ $(script_ok "$bf16") == PASS ]] || rc=1
   add 3+ "gpu tests" "$(verdict $rc)" "dry: $collected in ${#GPU_TEST_FILES[@]} files; bf16 step on the CPU: $(first 'cpu: ')"
-  add 5 "host syncs" "$(script_ok "$syncs")" "dry: $(first 'syncs:')"
+  add 5 "host syncs" "$(script_ok "$syncs")" "dry: $(first 'syncs:'); most: $(sync_sites)"
 }
 
 eval_part() {  # 4)

@@ -44,3 +44,5 @@ def test_site_is_the_innermost_frame_outside_torch():
                     (SP + "torch/_tensor.py", "__float__"))
     assert _site(frames) == "megatron/core/utils.py:11 (local_multi_tensor_l2_norm)"
     assert _site(_stack(LOOP, (V + "training/loop.py", "_should_stop"))) == "v2pe_megatron/training/loop.py:11 (_should_stop)"
+    wheel = _stack(LOOP, ("/tmp/v2pe_device_site/megatron/core/optimizer/optimizer.py", "step_with_ready_grads"))
+    assert _site(wheel) == "megatron/core/optimizer/optimizer.py:11 (step_with_ready_grads)"

@@ -72,8 +72,12 @@ def _site(frames: list[traceback.FrameSummary]) -> str:
         path = f.filename.replace("\\", "/")
         if "/torch/" in path or path.endswith(("step_syncs.py", "host_syncs.py", "warnings.py")):
             continue
-        short = path.split("site-packages/")[-1]
-        short = short[short.find("v2pe_megatron/"):] if "v2pe_megatron/" in short else short
+        if "v2pe_megatron/" in path:
+            short = path[path.find("v2pe_megatron/"):]
+        elif "/megatron/" in path:          # from site-packages or a wheel's --target folder
+            short = path[path.find("/megatron/") + 1:]
+        else:
+            short = path.split("site-packages/")[-1]
         return f"{short}:{f.lineno} ({f.name})"
     return "?"
 
