@@ -11,17 +11,27 @@ and V2PE positions (an all-ones attention mask: causal over the row). With one s
 sub-samples only while transformers' eager/SDPA path attends over the whole row.
 
     .venv/bin/python benchmarks/step.py                       # CPU mid-size: 4 x 512 LLM, 4K tokens, 8 tiles
-    .venv/bin/python benchmarks/step.py --gpu                 # InternVL2-2B, local spec, bf16, 8K and 32K, MFU
+    .venv/bin/python benchmarks/step.py --gpu                 # InternVL2-2B, local spec, bf16, 8K and 16K, MFU
     .venv/bin/python benchmarks/step.py --preset tiny --seq-length 1024 --tiles 4 parallel.cp=2 --nproc 2
+    .venv/bin/python benchmarks/step.py --preset tiny --seq-length 256 512 --plan-gib 78 --no-hf  # --gpu's code, CPU
 
 Overrides (``key=value``) are recipe overrides on top of the chosen shapes. Every measured step is
 timed after a warm-up step, which is left out. The last line is the ratio ours / transformers
 (tokens/s) on the CPU, or the MFU on the GPU.
+
+``--gpu`` (and ``--plan-gib G`` with ``--preset``) runs one rank with, per length, the recompute
+setting ``v2pe-plan`` picks for one GPU of G GiB (``GPU_MEM_GIB``, the lent H100's 78 GiB, with
+``--gpu``), and prints a ``result:`` line per length: step time, tokens/s, TFLOP/s, MFU, and
+``torch.cuda.max_memory_allocated`` over the run (model build, warm-up and measured steps) next to
+the plan's per-GPU memory less its runtime reserve (CUDA context, NCCL, cuBLAS: not in torch's
+allocator). ``tests/test_benchmark_step.py`` asserts that every ``--gpu`` run fits the planner at 78 GiB
+(a 32K pack without recompute needs ~155 GiB). ``tools/device_check.sh`` part 6 runs ``--gpu``.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import statistics
 import sys
@@ -44,6 +54,59 @@ MID = ["model.preset=tiny", "model.spec=local",
        "model.img_start_token_id=16381", "model.img_end_token_id=16382", "model.img_context_token_id=16383"]
 GPU_2B = ["model.preset=internvl2-2b", "model.spec=local", "model.dtype=bf16"]
 COMMON = ["optimizer.clip_grad=1.0", "optimizer.lr=1e-5", "train.recompute=none"]
+GPU_LENGTHS = (8192, 16384)   # --gpu: tokens per pack
+GPU_MEM_GIB = 78.0            # --gpu: the memory of the GPU the plan is made for (the lent H100)
+TILES = 8                     # tiles per pack (--tiles)
+
+
+def run_overrides(base: list[str], seq: int, extra: list[str] = ()) -> list[str]:
+    """One length's recipe overrides: the shapes, ``COMMON``, one pack of ``seq`` tokens per step."""
+    return base + COMMON + [f"data.seq_length={seq}", "data.micro_batch_size=1", "data.global_batch_size=1"] + list(extra)
+
+
+def planned_memory(recipe, tiles: int, gpu_mem_gib: float):
+    """(memory breakdown, usable bytes) that ``v2pe-plan`` gives this one-rank run on one GPU of
+    ``gpu_mem_gib`` GiB: the recipe's own recompute, lengths, dtype, loss chunking and spec."""
+    from v2pe_megatron.parallel.layout import Layout, resolve_spec
+    from v2pe_megatron.plan import GIB, Cluster, memory_breakdown
+
+    cluster = Cluster(gpus=1, gpu_mem_gib=gpu_mem_gib)
+    m, d = recipe.model, recipe.data
+    spec = resolve_spec(m.spec)
+    layout = Layout(spec=spec, distributed_optimizer=recipe.parallel.use_distributed_optimizer)
+    mem = memory_breakdown(m, layout, seq_length=d.seq_length, micro_batch_size=d.micro_batch_size,
+                           tiles=tiles * d.micro_batch_size, microbatches=d.global_batch_size // d.micro_batch_size,
+                           recompute=recipe.train.recompute, dtype=m.dtype, path=spec,
+                           loss_chunk_tokens=m.loss_chunk_tokens, runtime_reserved_gib=cluster.runtime_reserved_gib)
+    return mem, cluster.usable_gib * GIB, cluster.runtime_reserved_gib * GIB
+
+
+def planned_runs(base: list[str], lengths, tiles: int, gpu_mem_gib: float, extra: list[str] = ()) -> list[dict]:
+    """Per length: the overrides with ``train.recompute`` set to what ``v2pe-plan`` recommends for one
+    GPU of ``gpu_mem_gib`` GiB (``extra`` still wins), and the plan's memory for the run as set."""
+    from v2pe_megatron.config import load_recipe
+    from v2pe_megatron.parallel.layout import resolve_spec
+    from v2pe_megatron.plan import model_config, plan
+
+    runs = []
+    for seq in lengths:
+        recipe = load_recipe(None, run_overrides(base, seq, extra))
+        m = recipe.model
+        preset = model_config(m.preset) if m.preset else None
+        if preset is None or (m.vision, m.language, m.projector) != (preset.vision, preset.language, preset.projector):
+            raise SystemExit("--plan-gib needs a preset's own shapes (--gpu, or --preset without model overrides): "
+                             "v2pe-plan plans presets")
+        p = plan(m.preset, seq, 1, gpu_mem_gib, global_batch_size=recipe.data.global_batch_size,
+                 image_share=tiles * m.num_image_token / seq, dtype=m.dtype, loss_chunk_tokens=m.loss_chunk_tokens,
+                 path=resolve_spec(m.spec))
+        if p.recommended is None:
+            raise SystemExit(f"v2pe-plan: {seq} tokens do not fit one {gpu_mem_gib:g} GiB GPU: " + "; ".join(p.advice))
+        overrides = run_overrides(base, seq, [f"train.recompute={p.recommended.recompute}", *extra])
+        recipe = load_recipe(None, overrides)
+        mem, usable, reserved = planned_memory(recipe, tiles, gpu_mem_gib)
+        runs.append({"seq": seq, "overrides": overrides, "recompute": recipe.train.recompute,
+                     "planned_peak": mem.total - reserved, "planned_total": mem.total, "usable": usable})
+    return runs
 
 
 def make_batch(model_cfg, *, rows: int, seq_length: int, subsamples: int, tiles: int, pad_multiple: int,
@@ -57,7 +120,8 @@ def make_batch(model_cfg, *, rows: int, seq_length: int, subsamples: int, tiles:
     rng = np.random.default_rng(seed)
     v, tpt = model_cfg.vision, model_cfg.num_image_token
     s_id, e_id, c_id = model_cfg.img_start_token_id, model_cfg.img_end_token_id, model_cfg.img_context_token_id
-    vocab_text = min(s_id, e_id, c_id)
+    # text: any id from 10 up but the image tokens (at the top of InternVL's vocabularies, low in the tiny one)
+    text_ids = np.setdiff1d(np.arange(10, model_cfg.language.vocab_size), [s_id, e_id, c_id])
     unit = seq_length // pad_multiple
     if unit < subsamples:
         raise ValueError(f"{subsamples} sub-samples do not fit {seq_length} tokens at multiples of {pad_multiple}")
@@ -71,7 +135,7 @@ def make_batch(model_cfg, *, rows: int, seq_length: int, subsamples: int, tiles:
             img = [s_id] + [c_id] * (tpt * t) + [e_id] if t else []
             if len(img) + 2 > n:
                 raise ValueError(f"{t} tiles ({tpt * t} tokens) do not fit a sub-sample of {n} tokens")
-            text = rng.integers(10, vocab_text, n - len(img))
+            text = text_ids[rng.integers(0, len(text_ids), n - len(img))]
             at = int(rng.integers(1, len(text)))
             toks = np.concatenate([text[:at], np.asarray(img, np.int64), text[at:]]).astype(np.int64)
             pos = compute_position_ids(toks, img_start_id=s_id, img_end_id=e_id, img_context_id=c_id,
@@ -110,6 +174,12 @@ def measure_ours(overrides: list[str], steps: int, subsamples: int, tiles: int) 
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     layout = validate(recipe, world_size=world, spec=resolve_spec(recipe.model.spec, recipe.model.dtype))
     d, t = recipe.data, recipe.train
+    cuda = torch.cuda.is_available()
+    if cuda:  # the peak of this run alone: from before the model exists (a previous length's is freed)
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated() if cuda else None
     with rt.model_parallel(layout.tp, layout.pp, layout.cp, seed=t.seed):
         model = build_model(recipe.model, layout, recompute=t.recompute)
         ddp = wrap_ddp(model, model.config, use_distributed_optimizer=layout.distributed_optimizer)
@@ -138,11 +208,12 @@ def measure_ours(overrides: list[str], steps: int, subsamples: int, tiles: int) 
                 step_flops.append(perf["step_flops"])
                 hw.append(perf["hw_tflops_per_device"] * 1e12 * perf["step_time_s"] * world)
                 losses.append(res.loss)
-        name = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+        name = torch.cuda.get_device_name() if cuda else "CPU"
         return {"times": times, "flops": step_flops, "hw_flops": hw, "losses": losses, "world": world,
                 "peak": meter.peak, "device": name, "layout": layout.describe(),
-                "tokens": d.global_batch_size * d.seq_length,
-                "params": sum(p.numel() for p in model.parameters())}
+                "tokens": d.global_batch_size * d.seq_length, "recompute": t.recompute,
+                "params": sum(p.numel() for p in model.parameters()),
+                "max_allocated": torch.cuda.max_memory_allocated() if cuda else None, "allocated_before": before}
 
 
 def hf_model(model_cfg):
@@ -215,13 +286,37 @@ def _line(name: str, tokens: int, times: list[float], flops: float | None, world
     return s
 
 
+def _result_line(seq: int, tiles: int, run: dict, ours: dict, gpu_mem_gib: float) -> str:
+    """The one line per length that tools/device_check.sh puts in its summary."""
+    t = statistics.median(ours["times"])
+    flops = statistics.median(ours["flops"]) / ours["world"] / t
+    mfu = f"MFU {100 * flops / ours['peak']:.1f}%" if ours["peak"] else "MFU n/a (no peak for this device)"
+    gib = 2 ** 30
+    if ours["max_allocated"] is not None:
+        mem = (f"max_memory_allocated {ours['max_allocated'] / gib:.2f} GiB, plan {run['planned_peak'] / gib:.2f} GiB "
+               f"(plan/measured {run['planned_peak'] / ours['max_allocated']:.3f})")
+        if ours["allocated_before"] > gib / 16:
+            mem += f", {ours['allocated_before'] / gib:.2f} GiB already allocated before the build"
+    else:
+        mem = f"max_memory_allocated n/a on the CPU, plan {run['planned_peak'] / gib:.3f} GiB"
+    return (f"result: {seq} tokens, {tiles} tiles, recompute {ours['recompute']} (v2pe-plan, one "
+            f"{gpu_mem_gib:g} GiB GPU): {t:.3f} s/step, {ours['tokens'] / t:.0f} tokens/s, {flops / 1e12:.4g} TFLOP/s, "
+            f"{mfu}; {mem}")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("overrides", nargs="*", help="recipe overrides, e.g. parallel.cp=2 model.language.num_layers=8")
-    ap.add_argument("--gpu", action="store_true", help="CUDA: InternVL2-2B shapes, local spec, bf16, MFU")
+    ap.add_argument("--gpu", action="store_true",
+                    help="CUDA: InternVL2-2B shapes, local spec, bf16, 8K and 16K tokens, v2pe-plan's recompute for "
+                         f"one {GPU_MEM_GIB:g} GiB GPU, MFU and max_memory_allocated against the plan")
     ap.add_argument("--preset", help="start from this preset's shapes instead of the mid-size CPU model")
-    ap.add_argument("--seq-length", type=int, nargs="+", help="tokens per pack (default 4096; --gpu: 8192 32768)")
-    ap.add_argument("--tiles", type=int, default=8, help="tiles per pack")
+    ap.add_argument("--seq-length", type=int, nargs="+",
+                    help=f"tokens per pack (default 4096; --gpu: {' '.join(map(str, GPU_LENGTHS))})")
+    ap.add_argument("--plan-gib", type=float, default=None,
+                    help=f"recompute as v2pe-plan picks for one GPU of this many GiB, and the plan's memory next to "
+                         f"the measured one (default with --gpu: {GPU_MEM_GIB:g})")
+    ap.add_argument("--tiles", type=int, default=TILES, help="tiles per pack")
     ap.add_argument("--subsamples", type=int, default=1, help="sub-samples per pack")
     ap.add_argument("--steps", type=int, default=3, help="measured steps (after one warm-up step)")
     ap.add_argument("--nproc", type=int, default=1, help="ranks for our step (gloo on the CPU)")
@@ -231,20 +326,29 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
 
     base = (GPU_2B if args.gpu else MID) if not args.preset else [f"model.preset={args.preset}"]
-    lengths = args.seq_length or ([8192, 32768] if args.gpu else [4096])
+    lengths = args.seq_length or (list(GPU_LENGTHS) if args.gpu else [4096])
+    plan_gib = args.plan_gib if args.plan_gib is not None else (GPU_MEM_GIB if args.gpu else None)
+    if args.gpu and not torch.cuda.is_available():
+        raise SystemExit("--gpu needs CUDA")
+    if plan_gib is not None and args.nproc != 1:
+        raise SystemExit("--plan-gib plans one GPU: run it with --nproc 1")
+    if plan_gib is not None and not (args.gpu or args.preset):
+        raise SystemExit("--plan-gib needs --gpu or --preset: v2pe-plan plans a preset's shapes")
     git = os.popen(f"git -C {Path(__file__).resolve().parents[1]} rev-parse --short HEAD 2>/dev/null").read().strip()
     print(f"# {time.strftime('%Y-%m-%d %H:%M %Z')}  commit {git or '?'}  torch {torch.__version__}  "
           f"threads {args.threads}  load average {os.getloadavg()[0]:.1f}  {' '.join(args.overrides)}", flush=True)
+    if plan_gib is not None:
+        runs = planned_runs(base, lengths, args.tiles, plan_gib, args.overrides)
+    else:
+        runs = [{"seq": seq, "overrides": run_overrides(base, seq, args.overrides)} for seq in lengths]
     ratio = mfu = None
-    for seq in lengths:
-        overrides = base + COMMON + [f"data.seq_length={seq}", "data.micro_batch_size=1",
-                                     f"data.global_batch_size={1}"] + list(args.overrides)
+    results = []
+    for run in runs:
+        seq, overrides = run["seq"], run["overrides"]
         with_hf = not args.gpu and not args.no_hf
         hf = measure_hf(overrides, args.steps, args.subsamples, args.tiles, args.threads) if (
             with_hf and args.hf_first) else None
-        if args.gpu:
-            if not torch.cuda.is_available():
-                raise SystemExit("--gpu needs CUDA")
+        if args.gpu or plan_gib is not None:  # one rank, in this process
             ours = measure_ours(overrides, args.steps, args.subsamples, args.tiles)
         else:
             from v2pe_megatron.testing.distributed import run_distributed
@@ -253,11 +357,14 @@ def main(argv: list[str] | None = None) -> None:
                                    timeout=3600, threads_per_rank=max(1, args.threads // args.nproc))[0]
         flops = statistics.median(ours["flops"])
         print(f"{seq} tokens, {args.tiles} tiles, {args.subsamples} sub-sample(s) per pack; {ours['params'] / 1e6:.1f}M "
-              f"parameters per rank; {ours['layout']}; {ours['device']}; {flops / 1e12:.4f} TFLOP (model) per step, "
+              f"parameters per rank; {ours['layout']}; recompute {ours['recompute']}; {ours['device']}; "
+              f"{flops / 1e12:.4f} TFLOP (model) per step, "
               f"{statistics.median(ours['hw_flops']) / 1e12:.4f} with recompute", flush=True)
         print(_line("v2pe-megatron", ours["tokens"], ours["times"], flops, ours["world"], ours["peak"]), flush=True)
         if ours["peak"]:
             mfu = 100 * flops / ours["world"] / statistics.median(ours["times"]) / ours["peak"]
+        if plan_gib is not None:
+            results.append(_result_line(seq, args.tiles, run, ours, plan_gib))
         if with_hf:
             hf = hf or measure_hf(overrides, args.steps, args.subsamples, args.tiles, args.threads)
             print(_line("transformers", hf["tokens"], hf["times"], flops, 1), flush=True)
@@ -268,6 +375,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"ours / transformers (tokens/s) at {seq}: {ratio:.2f}x", flush=True)
         elif mfu is not None:
             print(f"MFU at {seq}: {mfu:.1f}%", flush=True)
+    for line in results:
+        print(line, flush=True)
 
 
 if __name__ == "__main__":

@@ -42,3 +42,24 @@ def test_transformers_model_has_our_shapes():
         out = hf(input_ids=b.tokens, pixel_values=b.pixel_values, attention_mask=torch.ones_like(b.tokens),
                  position_ids=b.position_ids.float())
     assert out.logits.shape == (1, 256, cfg.language.vocab_size)
+
+
+def test_every_gpu_run_fits_one_78_gib_gpu_by_the_plan():
+    """What ``benchmarks/step.py --gpu`` runs (``tools/device_check.sh`` part 6): every length fits
+    v2pe-plan's memory model on one 78 GiB GPU, read from each run's own recipe (its recompute,
+    lengths, dtype, spec, loss chunking), not from the planner's pick; the 32K pack without recompute
+    that ``--gpu`` used to run does not (it would have run out of memory)."""
+    from v2pe_megatron.plan import GIB
+
+    runs = bench.planned_runs(bench.GPU_2B, bench.GPU_LENGTHS, bench.TILES, bench.GPU_MEM_GIB)
+    assert [r["seq"] for r in runs] == [8192, 16384]
+    for run in runs:
+        recipe = load_recipe(None, run["overrides"])
+        assert (recipe.model.preset, recipe.model.dtype, recipe.data.seq_length) == ("internvl2-2b", "bf16", run["seq"])
+        mem, usable, reserved = bench.planned_memory(recipe, bench.TILES, 78)
+        assert mem.total <= usable, (run["seq"], recipe.train.recompute, mem.gib())
+        assert run["planned_peak"] == mem.total - reserved and recipe.train.recompute == run["recompute"]
+    old = load_recipe(None, bench.run_overrides(bench.GPU_2B, 32768))
+    assert old.train.recompute == "none"
+    mem, usable, _ = bench.planned_memory(old, bench.TILES, 78)
+    assert mem.total > 150 * GIB > usable

@@ -2,8 +2,11 @@
 ``tools/device_check.sh --dry-run`` through PYTHONPATH, so child processes inherit it).
 
 ``V2PE_DEVICE_SIM`` names the image's package list (tools/device_image_packages.txt);
-``V2PE_DEVICE_SIM_ALLOW`` adds distributions that travel as wheels. Every other distribution of this
-interpreter's environment becomes unimportable: the path finder answers "not found" for its modules
+``V2PE_DEVICE_SIM_ALLOW`` adds distributions that travel as wheels. What an allowed distribution
+requires (its requirements without extras, transitively) is allowed too: the image's copy of a
+package brings what it needs, and this machine's copy may be a newer version that needs other
+packages (huggingface-hub 1.x here needs httpx2, the image's older one does not). Every other
+distribution of this interpreter's environment becomes unimportable: the path finder answers "not found" for its modules
 (so ``import`` raises ModuleNotFoundError and ``importlib.util.find_spec`` returns None, as they would
 there). A module shared by allowed and hidden distributions (the ``nvidia`` namespace) is hidden one
 level down (``nvidia.dali``), where they part.
@@ -18,6 +21,32 @@ import sys
 
 def _norm(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def _with_requirements(allowed: set[str]) -> set[str]:
+    """``allowed`` and what they require here (no extras; markers evaluated), transitively."""
+    import importlib.metadata as md
+
+    from packaging.requirements import InvalidRequirement, Requirement
+
+    out, todo = set(allowed), list(allowed)
+    while todo:
+        try:
+            reqs = md.requires(todo.pop()) or []
+        except md.PackageNotFoundError:
+            continue
+        for text in reqs:
+            try:
+                req = Requirement(text)
+            except InvalidRequirement:
+                continue
+            if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+                continue
+            name = _norm(req.name)
+            if name not in out:
+                out.add(name)
+                todo.append(name)
+    return out
 
 
 def _hidden_modules(allowed: set[str]) -> set[str]:
@@ -57,6 +86,7 @@ def _install() -> None:
     with open(listing) as f:
         allowed = {_norm(ln.strip()) for ln in f if ln.strip() and not ln.startswith("#")}
     allowed |= {_norm(n) for n in os.environ.get("V2PE_DEVICE_SIM_ALLOW", "").split()}
+    allowed = _with_requirements(allowed)   # the project's own requirements are not the image's
     allowed.add("v2pe-megatron")
     hidden = _hidden_modules(allowed)
 
