@@ -2,11 +2,10 @@
 alone, match a stored curve to 1e-5 at every layout: 1 rank, TP=2, PP=2 (also interleaved: 2 virtual
 stages per rank), CP=2 and DP=2 with the distributed optimizer. A checkpoint saved at step 8 under one layout resumes under another on the
 same curve; ``checkpoint.pretrained`` starts from weights only (an ``iter_*`` folder or a bare
-weights folder) at step 0 with a new optimizer. With drop path on, a resume at the same layout logs
-the uninterrupted run's losses exactly (each rank's random generators are in the checkpoint); at
-another layout it warns and reseeds. Two things make that possible: initial weights that do not depend on the
+weights folder) at step 0 with a new optimizer. Two things make that possible: initial weights that do not depend on the
 layout (training/init_weights.py) and global batches made of the same micro-batches at every DP size
-(data/loader.py).
+(data/loader.py). With drop path on, a resume at the same layout logs the uninterrupted run's losses
+exactly (each rank's random generators are in the checkpoint); at another layout it warns and reseeds.
 
 The curve (data/golden_tiny_cpu.json) is fp32 on CPU, local spec; regenerate it after a change
 that is meant to move it with ``python tests/cli/test_golden_loss.py --regenerate`` (1 rank).
