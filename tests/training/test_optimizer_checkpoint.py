@@ -2,11 +2,11 @@
 megatron's ``fully_reshardable`` checkpoint: the same global tensors, bit for bit, as megatron's own
 (gathering) writer makes, so either reader loads either; and it reshards to another TP/DP layout.
 
-Method: a DP=2 run takes two Adam steps and saves twice, once through ``save_checkpoint`` and once
-through megatron's own ``fully_reshardable`` writer (what this project wrote before). Both are then
-loaded at TP=2 and at 1 rank (by ``load_checkpoint`` and by megatron's own reader) and saved again
-through megatron's writer: every tensor of every checkpoint, read whole in one process, equals the
-reference's.
+Method: a DP=3 run takes two Adam steps and saves twice, once through ``save_checkpoint`` and once
+through megatron's own ``fully_reshardable`` writer (what this project wrote before). They are then
+loaded at TP=2 (both), PP=2 and 1 rank (by ``load_checkpoint`` and by megatron's own reader) and
+saved again through megatron's writer: every tensor of every checkpoint, read whole in one process,
+equals the reference's.
 """
 
 from __future__ import annotations
@@ -20,14 +20,12 @@ SEQ, MBS, NUM_MICRO = 32, 1, 2
 META = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
-def _build(tp: int):
+def _build(tp: int, pp: int = 1):
     from v2pe_megatron.testing import tiny
     from v2pe_megatron.training.engine import build_optimizer, wrap_ddp
 
-    # 3 layers, ffn 96: the DP=2 split falls inside a parameter, SwiGLU's linear_fc1 (with the
-    # preset's 4 layers the buffer is symmetric and the split falls between layers)
-    recipe = tiny.tiny_recipe(f"parallel.tp={tp}", "parallel.use_distributed_optimizer=true", "optimizer.name=adam",
-                              "optimizer.lr=0.01", "model.language.num_layers=3", "model.language.ffn_hidden_size=96")
+    recipe = tiny.tiny_recipe(f"parallel.tp={tp}", f"parallel.pp={pp}", "parallel.use_distributed_optimizer=true",
+                              "optimizer.name=adam", "optimizer.lr=0.01")
     torch.manual_seed(3)
     model = tiny.build_language_model(recipe)
     ddp = wrap_ddp(model, model.config, use_distributed_optimizer=True)
@@ -81,20 +79,20 @@ def _train_and_save(root: str) -> int:
                    for p, r in b["param_map"].items() if r["param"].size != p.numel())
 
 
-def _reload_at_tp2(root: str) -> list[int]:
+def _reload_at_tp2_and_pp2(root: str) -> list[int]:
     from pathlib import Path
 
     from v2pe_megatron.runtime.distributed import model_parallel
     from v2pe_megatron.training import checkpointing as ckpt
 
     steps = []
-    with model_parallel(2, 1, seed=5):
-        for src in ("new", "old"):
-            _, model, ddp, opt = _build(2)
+    for tp, pp, src in ((2, 1, "new"), (2, 1, "old"), (1, 2, "new")):
+        with model_parallel(tp, pp, seed=5):
+            _, model, ddp, opt = _build(tp, pp)
             it, _ = ckpt.load_checkpoint(f"{root}/{src}", [ddp], opt)
             assert it == 2
             steps.append(opt.state_dict()["optimizer"]["param_groups"][0]["step"])
-            _megatron_save(Path(root) / f"tp2_{src}", model, opt)
+            _megatron_save(Path(root) / f"tp{tp}pp{pp}_{src}", model, opt)
     return steps
 
 
@@ -124,8 +122,8 @@ def _reload_at_one_rank_and_compare(root: str) -> dict:
 
         ref = tensors(ckpt.iteration_dir(f"{root}/old", 2))
         out = {"keys": sorted(ref), "diff": {}}
-        for name, path in (("written DP-sharded", ckpt.iteration_dir(f"{root}/new", 2)), ("tp2_new", None),
-                           ("tp2_old", None), ("one_megatron", None), ("one_new", None)):
+        for name, path in (("written DP-sharded", ckpt.iteration_dir(f"{root}/new", 2)), ("tp2pp1_new", None),
+                           ("tp2pp1_old", None), ("tp1pp2_new", None), ("one_megatron", None), ("one_new", None)):
             got = tensors(path or Path(root) / name)
             got = {k: v for k, v in got.items() if k in ref or k.startswith("optimizer.")}
             assert sorted(got) == sorted(ref), (name, sorted(set(got) ^ set(ref)))
@@ -136,9 +134,10 @@ def _reload_at_one_rank_and_compare(root: str) -> dict:
 @pytest.mark.slow
 def test_dp_sharded_optimizer_checkpoint_is_megatrons_and_reshards(tmp_path):
     d = str(tmp_path)
-    split = run_distributed(_train_and_save, 2, d)
+    # DP=3: the split falls inside parameters (at DP=2 the preset's buffer halves between layers)
+    split = run_distributed(_train_and_save, 3, d)
     assert min(split) >= 1  # each rank owns part of some parameter: the boxes cut inside tensors
-    assert run_distributed(_reload_at_tp2, 2, d)[0] == [2, 2]  # Adam's step count came back
+    assert run_distributed(_reload_at_tp2_and_pp2, 2, d)[0] == [2, 2, 2]  # Adam's step count came back
     out = run_distributed(_reload_at_one_rank_and_compare, 1, d)[0]
     assert sum(k.startswith("optimizer.state.exp_avg_sq.") for k in out["keys"]) == 9  # embedding, output, final norm, 6 per layer
     assert out["diff"] == {k: 0.0 for k in out["diff"]}, out["diff"]
