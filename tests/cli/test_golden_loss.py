@@ -4,7 +4,8 @@ stages per rank), CP=2 and DP=2 with the distributed optimizer. A checkpoint sav
 same curve; ``checkpoint.pretrained`` starts from weights only (an ``iter_*`` folder or a bare
 weights folder) at step 0 with a new optimizer. Two things make that possible: initial weights that do not depend on the
 layout (training/init_weights.py) and global batches made of the same micro-batches at every DP size
-(data/loader.py).
+(data/loader.py). With drop path on, a resume at the same layout logs the uninterrupted run's losses
+exactly (each rank's random generators are in the checkpoint); at another layout it warns and reseeds.
 
 The curve (data/golden_tiny_cpu.json) is fp32 on CPU, local spec; regenerate it after a change
 that is meant to move it with ``python tests/cli/test_golden_loss.py --regenerate`` (1 rank).
@@ -174,6 +175,56 @@ def test_pretrained_that_is_no_checkpoint_fails_before_launch(tmp_path):
         assert r.returncode == 2, r.stderr[-2000:]
         assert f"checkpoint.pretrained={bad}" in r.stderr and why in r.stderr
         assert "starting" not in r.stdout
+
+
+# ------------------------------------------------------------------------------------------------
+# Random draws across a resume (drop path in the ViT)
+# ------------------------------------------------------------------------------------------------
+# Drop path on the ViT's second layer; layer scale 1 (InternViT's 0.1 makes the drop-path branch move
+# the losses by ~1e-5, below the printed digit): here other draws move steps 4-6 by ~1e-4.
+DROP = ["model.vision.drop_path_rate=0.9", "model.vision.layer_scale_init=1.0", "train.steps=6"]
+TWO_DISTOPT = ["launcher.nproc_per_node=2", DISTOPT]
+
+
+@pytest.fixture(scope="module")
+def with_drop_path(tmp_path_factory):
+    """One uninterrupted DP=2 run with drop path that saves at step 3 and goes on to step 6. Saving
+    draws nothing (``save_checkpoint`` puts the generators back), so its steps 4-6 are what a run
+    that never saved logs. Returns its checkpoint folder, cut back to step 3, and its losses."""
+    d = tmp_path_factory.mktemp("drop_path")
+    losses = train_losses(d, *DROP, *TWO_DISTOPT, f"checkpoint.dir={d / 'ckpt'}", "checkpoint.save_interval=3")
+    assert len(losses) == 6
+    shutil.rmtree(d / "ckpt" / "iter_0000006")
+    (d / "ckpt" / "latest").write_text("3")
+    return d / "ckpt", losses
+
+
+@pytest.mark.slow
+def test_resume_at_the_same_layout_draws_what_the_uninterrupted_run_drew(with_drop_path, tmp_path):
+    """Every rank gets its own saved generators back (python, numpy, torch CPU/CUDA, megatron's
+    tracker): the same losses to the printed digit. Without the restore (checked by disabling it in
+    ``load_checkpoint``) step 4 logs 5.86392 instead of 5.86402."""
+    ckpt, full = with_drop_path
+    shutil.copytree(ckpt, tmp_path / "ckpt")
+    r = train(tmp_path, *DROP, *TWO_DISTOPT, f"checkpoint.dir={tmp_path / 'ckpt'}")
+    out = r.stdout + r.stderr
+    assert "resumed from" in out and "reseeding" not in out, out[-3000:]
+    assert losses_of(r) == full[3:], (losses_of(r), full)
+
+
+@pytest.mark.slow
+def test_resume_at_another_layout_reseeds_with_a_warning(with_drop_path, tmp_path):
+    """1 rank cannot have the two saved ranks' generators: a warning, generators reseeded, the run
+    goes on from the saved weights and optimizer (losses near the uninterrupted run's; only the
+    drop-path draws differ)."""
+    ckpt, full = with_drop_path
+    shutil.copytree(ckpt, tmp_path / "ckpt")
+    r = train(tmp_path, *DROP, "launcher.nproc_per_node=1", DISTOPT, f"checkpoint.dir={tmp_path / 'ckpt'}")
+    out = r.stdout + r.stderr
+    assert "saved at TP=1 PP=1 CP=1 DP=2 VPP=1 and this run is TP=1 PP=1 CP=1 DP=1 VPP=1" in out, out[-3000:]
+    assert "reseeding every generator" in out
+    got = losses_of(r)
+    assert len(got) == 3 and _max_diff(got, full[3:]) < 2e-3, (got, full)
 
 
 if __name__ == "__main__" and "--regenerate" in sys.argv:

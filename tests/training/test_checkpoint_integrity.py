@@ -82,3 +82,15 @@ def test_stale_tmp_folders_are_removed_and_logged(two, caplog):
         assert ckpt.clean_stale_tmp(two) == ["iter_0000012.tmp"]
     assert not (two / "iter_0000012.tmp").exists() and "iter_0000012.tmp" in caplog.text
     assert ckpt.saved_iterations(two) == [4, 8]
+
+
+def test_hashing_is_spread_over_the_ranks():
+    """After a save each rank hashes what it wrote (torch_dist's ``__<rank>_<n>.distcp``), the few
+    other files go round-robin; verifying deals the files out by size, largest first."""
+    names = ["__0_0.distcp", "__0_1.distcp", "__1_0.distcp", "__3_0.distcp", ".metadata", "metadata.json"]
+    assert ckpt._hashed_by(names, 2) == [["__0_0.distcp", "__0_1.distcp", "__3_0.distcp", "metadata.json"],
+                                         ["__1_0.distcp", ".metadata"]]
+    sizes = {"a": {"size": 100}, "b": {"size": 60}, "c": {"size": 50}, "d": {"size": 10}, "e": {"size": 1}}
+    dealt = ckpt._dealt_by_size(sizes, 2)
+    assert dealt == [["a", "d", "e"], ["b", "c"]]  # 111 and 110 bytes
+    assert sorted(n for part in ckpt._dealt_by_size(sizes, 4) for n in part) == sorted(sizes)

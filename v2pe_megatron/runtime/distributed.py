@@ -121,11 +121,7 @@ def initialize_model_parallel(tp: int = 1, pp: int = 1, cp: int = 1, *, seed: in
                               timeout_minutes: float = 10.0, vpp: int = 1) -> None:
     """megatron-core parallel state (order tp-cp-dp-pp), the model-parallel RNG tracker and the
     process-wide generators (torch CPU, python, numpy), all from ``seed``."""
-    import random
-
-    import numpy as np
     from megatron.core import parallel_state as ps
-    from megatron.core import tensor_parallel
 
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
@@ -134,6 +130,17 @@ def initialize_model_parallel(tp: int = 1, pp: int = 1, cp: int = 1, *, seed: in
         hierarchical_context_parallel_sizes=list(hierarchical_cp_sizes) if hierarchical_cp_sizes else None,
         virtual_pipeline_model_parallel_size=vpp if vpp > 1 else None,
         distributed_timeout_minutes=int(max(1, timeout_minutes)))
+    seed_all(seed)
+
+
+def seed_all(seed: int) -> None:
+    """Seed every generator a rank draws from: python, numpy, torch (CPU and CUDA) and megatron's
+    tensor-parallel RNG tracker (its states differ by TP rank). Needs megatron's parallel state."""
+    import random
+
+    import numpy as np
+    from megatron.core import tensor_parallel
+
     # megatron's call seeds CUDA generators only: on a GPU, parameters made on the CPU (the vision
     # embeddings, the patch conv) would otherwise ignore the seed. Before it, because torch.manual_seed
     # seeds CUDA too and megatron's CUDA seeds must be the ones that stay.

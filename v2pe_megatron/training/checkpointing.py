@@ -1,5 +1,5 @@
-"""Atomic, verified torch_dist checkpoints of model + optimizer (+ any extra state), loadable at
-another layout.
+"""Atomic, verified torch_dist checkpoints of model + optimizer + random generators (+ any extra
+state), loadable at another layout, with a cost per rank that shrinks as 1/DP.
 
 Layout on disk::
 
@@ -11,8 +11,17 @@ A checkpoint is written to ``iter_XXXXXXX.tmp``; when every rank finished writin
 written (the last file of a save), the folder is renamed and only then ``latest`` moves. So a job
 killed at any moment, also mid-save, leaves ``latest`` naming a complete checkpoint. Model weights are
 saved from the inner module's ``sharded_state_dict()`` (not the DDP wrapper's), which megatron
-reshards on load to any TP/PP layout; the distributed optimizer state uses the ``fully_reshardable``
-format so it can be resumed across TP and DP changes too.
+reshards on load to any TP/PP layout. The distributed optimizer's state is in megatron's
+``fully_reshardable`` layout (model-space tensors: it loads across TP, PP, CP and DP changes), written
+and read by every DP rank for the parameter ranges it owns (``training/optimizer_state.py``; megatron's
+own writer for that layout gathers the whole state on every rank). Each rank's random generators are
+saved at its grid coordinates and restored at the same layout (``training/rng_state.py``).
+
+Saves and loads run through megatron's fully parallel strategy wrappers over the data-parallel (with
+context-parallel) group: what is replicated there (the model weights, a non-distributed optimizer)
+is written once, spread over the DP ranks, and on load each rank reads a 1/DP share and receives
+the rest from the others. Peak host memory and bytes read per rank thus fall as 1/DP
+(``benchmarks/checkpoint.py``).
 
 Loading verifies the manifest before anything is read, because torch distributed checkpointing
 unpickles ``.metadata``: a truncated or swapped file is caught before it is parsed. The manifest
@@ -20,8 +29,9 @@ proves a checkpoint whole, not who wrote it: training checkpoints are trusted ar
 weights come in through ``v2pe-convert``, roadmap step 8, which reads safetensors only). A damaged
 checkpoint is reported by name and the previous complete one is used (``find_resumable``).
 
-Hashing and verifying are spread over the ranks (each hashes every world-th file), so the cost per
-rank shrinks with the job. Saving runs megatron's writer in this process: its default keeps a
+Hashing is spread over the ranks: on save each rank hashes the files it wrote itself (torch_dist
+names them ``__<rank>_<n>.distcp``), on verify the files are dealt out by size, so the bytes hashed
+per rank shrink with the job. Saving runs megatron's writer in this process: its default keeps a
 ``multiprocessing`` manager process per rank (hundreds of MB) that outlives a killed rank.
 """
 
@@ -31,6 +41,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Optional
@@ -38,11 +49,15 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
+from megatron.core import parallel_state as ps
 
 from v2pe_megatron.model import checkpoint_names
 from v2pe_megatron.runtime import megatron_writer
+from v2pe_megatron.training import optimizer_state, rng_state
 
-OPTIM_SHARDING = {"distrib_optim_sharding_type": "fully_reshardable"}
+# How the optimizer state is laid out (megatron's content metadata; checkpoints without it were
+# written in this layout too).
+OPTIM_SHARDING = {"distrib_optim_sharding_type": optimizer_state.SHARDING_TYPE}
 MANIFEST = "manifest.json"
 
 log = logging.getLogger("v2pe_megatron.train")
@@ -125,6 +140,34 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def _dp_group():
+    """The group over which model weights (and a non-distributed optimizer) are replicated."""
+    if not (dist.is_initialized() and ps.model_parallel_is_initialized()):
+        return None
+    return ps.get_data_parallel_group(with_context_parallel=True)
+
+
+def _save_strategy():
+    """megatron's torch_dist writer, the saving of what the DP ranks share spread over them."""
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
+    from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
+
+    group = _dp_group()
+    base = TorchDistSaveShardedStrategy()
+    return base if group is None else FullyParallelSaveStrategyWrapper(base, group)
+
+
+def _load_strategy():
+    """megatron's torch_dist reader; each DP rank reads a share of what they all need and receives
+    the rest from the others (``exchange_algo="broadcast"``: per tensor, no gathered copy)."""
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelLoadStrategyWrapper
+    from megatron.core.dist_checkpointing.strategies.torch import TorchDistLoadShardedStrategy
+
+    group = _dp_group()
+    base = TorchDistLoadShardedStrategy()
+    return base if group is None else FullyParallelLoadStrategyWrapper(base, group)
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -145,13 +188,39 @@ def _gather(obj) -> list:
     return out
 
 
+_WRITER = re.compile(r"__(\d+)_\d+\.distcp$")
+
+
+def _hashed_by(names: list[str], world: int) -> list[list[str]]:
+    """Who hashes which file after a save: torch_dist's ``__<rank>_<n>.distcp`` files by the rank
+    that wrote them (still in its page cache, on its node), the few others round-robin."""
+    out: list[list[str]] = [[] for _ in range(world)]
+    rest = []
+    for n in names:
+        m = _WRITER.search(n)
+        (out[int(m.group(1))] if m and int(m.group(1)) < world else rest).append(n)
+    for i, n in enumerate(rest):
+        out[i % world].append(n)
+    return out
+
+
+def _dealt_by_size(files: dict, world: int) -> list[list[str]]:
+    """Files dealt out to ``world`` ranks, largest first to the least loaded (the same on every rank)."""
+    load, out = [0] * world, [[] for _ in range(world)]
+    for name in sorted(files, key=lambda n: (-int(files[n].get("size") or 0), n)):
+        r = min(range(world), key=lambda i: (load[i], i))
+        out[r].append(name)
+        load[r] += int(files[name].get("size") or 0)
+    return out
+
+
 def write_manifest(folder: Path) -> None:
-    """Collective: every rank hashes its share of the files, rank 0 writes the manifest (fsynced)."""
+    """Collective: every rank hashes the files it wrote, rank 0 writes the manifest (fsynced)."""
     names = [_files(folder) if _rank() == 0 else None]
     if dist.is_initialized():
         dist.broadcast_object_list(names, src=0)
     mine = {n: {"size": (folder / n).stat().st_size, "sha256": _sha256(folder / n)}
-            for n in names[0][_rank()::_world()]}
+            for n in _hashed_by(names[0], _world())[_rank()]}
     entries = {k: v for part in _gather(mine) for k, v in part.items()}
     if _rank() == 0:
         tmp = folder / (MANIFEST + ".tmp")
@@ -172,7 +241,8 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def verify(folder: Path) -> Optional[str]:
-    """Collective. None when ``folder`` matches its manifest, else why not (the same on every rank)."""
+    """Collective. None when ``folder`` matches its manifest, else why not (the same on every rank).
+    Sizes are checked by every rank, contents (sha256) by one rank each, dealt out by size."""
     problem = None
     files: dict = {}
     try:
@@ -196,7 +266,7 @@ def verify(folder: Path) -> Optional[str]:
         if problem is None and extra:
             problem = f"files not in the manifest: {', '.join(extra[:3])}"
     if problem is None:  # sizes agree: the expensive part, spread over the ranks
-        names = sorted(files)[_rank()::_world()]
+        names = _dealt_by_size(files, _world())[_rank()]
         bad = next((n for n in names if _sha256(folder / n) != files[n].get("sha256")), None)
         problem = f"{bad} does not match its sha256 in the manifest" if bad else None
     problems = [x for x in _gather(problem) if x]
@@ -254,13 +324,18 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, iteration: int, model: list[tor
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     _barrier()
+    rng = rng_state.capture()  # first: nothing below may draw before the states are taken
     megatron_writer.activate()  # no helper process may outlive a killed rank
     model_sd = _model_sd(model)
     state: dict[str, Any] = {"model": model_sd, "iteration": iteration, "extra": extra or {}}
     if optimizer is not None:
         _ensure_optimizer_state(optimizer)
-        state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=False, metadata=OPTIM_SHARDING)
-    dist_checkpointing.save(state, str(tmp), content_metadata=OPTIM_SHARDING)
+        state["optimizer"], _ = optimizer_state.sharded_state_dict(optimizer, model_sd, is_loading=False,
+                                                                   metadata=OPTIM_SHARDING)
+    state[rng_state.KEY] = rng_state.sharded(rng)
+    dist_checkpointing.save(state, str(tmp), sharded_strategy=_save_strategy(),
+                            content_metadata={**OPTIM_SHARDING, rng_state.LAYOUT_KEY: rng_state.layout()})
+    rng_state.restore(rng)  # a save draws nothing: a run that saves draws what one that does not would
     _barrier()
     write_manifest(tmp)  # the last act of a save: a folder with a valid manifest is complete
     _barrier()
@@ -294,16 +369,36 @@ def load_checkpoint(ckpt_dir: str | os.PathLike, model: list[torch.nn.Module], o
     problem = None if verified else verify(path)
     if problem is not None:
         raise CheckpointError(f"checkpoint {path} is damaged: {problem}")
+    content = dist_checkpointing.load_content_metadata(str(path)) or {}
     model_sd = _model_sd(model)
     state: dict[str, Any] = {"model": model_sd}
-    if optimizer is not None:
-        _ensure_optimizer_state(optimizer)
-        state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True, metadata=OPTIM_SHARDING)
-    loaded = dist_checkpointing.load(checkpoint_names.retarget(state, path), str(path))
+    load_optimizer = _optimizer_sd(optimizer, model_sd, content, state)
+    with_rng = rng_state.restorable(content)
+    if with_rng:
+        state[rng_state.KEY] = rng_state.sharded(rng_state.capture())
+    loaded = dist_checkpointing.load(checkpoint_names.retarget(state, path), str(path),
+                                    sharded_strategy=_load_strategy())
     _load_model_sd(model, loaded["model"])
     if optimizer is not None:
-        optimizer.load_state_dict(loaded["optimizer"])
+        load_optimizer(loaded["optimizer"])
+    if with_rng:  # last: nothing after it may draw before training goes on
+        rng_state.restore(loaded[rng_state.KEY])
+    else:
+        rng_state.reseed(content, iteration, _rank() == 0)
     return int(loaded.get("iteration", iteration)), dict(loaded.get("extra", {}))
+
+
+def _optimizer_sd(optimizer, model_sd: dict, content: dict, state: dict):
+    """Adds the optimizer's part of a load request to ``state`` in the checkpoint's own layout
+    (its content metadata; checkpoints without one are ``OPTIM_SHARDING``); returns what puts the
+    loaded part back into the optimizer."""
+    if optimizer is None:
+        return None
+    _ensure_optimizer_state(optimizer)
+    metadata = {k: v for k, v in content.items() if k != rng_state.LAYOUT_KEY} or dict(OPTIM_SHARDING)
+    state["optimizer"], load = optimizer_state.sharded_state_dict(optimizer, model_sd, is_loading=True,
+                                                                  metadata=metadata)
+    return load or optimizer.load_state_dict
 
 
 def weights_dir(path: str | os.PathLike) -> Path:
@@ -330,17 +425,21 @@ def load_model_weights(path: str | os.PathLike, model: torch.nn.Module | list[to
     :func:`weights_dir`). An optimizer built before this call keeps stale master weights: load first."""
     p = weights_dir(path)
     chunks = model if isinstance(model, list) else [model]
-    loaded = dist_checkpointing.load(checkpoint_names.retarget({"model": _model_sd(chunks)}, p), str(p))
+    loaded = dist_checkpointing.load(checkpoint_names.retarget({"model": _model_sd(chunks)}, p), str(p),
+                                    sharded_strategy=_load_strategy())
     _load_model_sd(chunks, loaded["model"])
     return p
 
 
 def save_model_weights(path: str | os.PathLike, model: torch.nn.Module | list[torch.nn.Module]) -> None:
-    """Weights only (collective); the directory is created."""
+    """Weights only (collective); the directory is created. Written like a training checkpoint:
+    spread over the DP ranks, by megatron's writer inside each rank."""
     if _rank() == 0:
         Path(path).mkdir(parents=True, exist_ok=True)
     _barrier()
-    dist_checkpointing.save({"model": _model_sd(model if isinstance(model, list) else [model])}, str(path))
+    megatron_writer.activate()
+    dist_checkpointing.save({"model": _model_sd(model if isinstance(model, list) else [model])}, str(path),
+                            sharded_strategy=_save_strategy())
     _barrier()
 
 
