@@ -316,7 +316,14 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, iteration: int, model: list[tor
     ``keep_last`` > 0 deletes older checkpoints of ``lineage`` (the iterations this run and the
     runs it resumed from wrote, oldest first) beyond the newest ``keep_last``; nothing else is ever
     deleted, in particular no checkpoint of another run and nothing above ``iteration``.
+
+    ``model``: the DDP-wrapped chunks; with the distributed optimizer's overlapped parameter gather,
+    the last update is held only in each rank's shard until the next forward, so the weights are
+    made whole first (``engine.sync_params``).
     """
+    from v2pe_megatron.training.engine import sync_params
+
+    sync_params(model)
     final = iteration_dir(ckpt_dir, iteration)
     tmp = final.with_name(final.name + ".tmp")
     if _rank() == 0:

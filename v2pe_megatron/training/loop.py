@@ -27,7 +27,7 @@ from v2pe_megatron.runtime import exit_codes
 from v2pe_megatron.runtime.signals import StopSignals
 from v2pe_megatron.training import checkpointing as ckpt
 from v2pe_megatron.training import init_weights
-from v2pe_megatron.training.engine import build_optimizer, sync_params, train_step, wrap_ddp
+from v2pe_megatron.training.engine import build_optimizer, train_step, wrap_ddp
 from v2pe_megatron.training.forward import vlm_forward_step
 from v2pe_megatron.training.metrics import StepMeter
 from v2pe_megatron.training.tracking import Tracker
@@ -290,7 +290,6 @@ def _save(recipe, step, ddp, optimizer, scheduler, loader, tracker, lineage: lis
     run_id = [tracker.run_id]
     dist.broadcast_object_list(run_id, src=0)  # common checkpoint state must agree on all ranks
     lineage[:] = [i for i in lineage if i != step][-100:] + [step]
-    sync_params(ddp)  # overlapped param gather: the last update is otherwise only in each rank's shard
     extra = {"loader": states, "scheduler": scheduler.state_dict(), "mlflow_run_id": run_id[0],
              "lineage": list(lineage)}
     path = ckpt.save_checkpoint(recipe.checkpoint.dir, step, ddp, optimizer, extra=extra,
