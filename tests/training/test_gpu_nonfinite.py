@@ -17,39 +17,9 @@ import math
 import pytest
 import torch
 
+from v2pe_megatron.testing.poison import nan_loss, optimizer_state, same_state
+
 pytestmark = pytest.mark.gpu
-
-
-def _state(opt) -> dict:
-    """Every fp32 main weight and optimizer state value, keyed by (optimizer, param index, name)."""
-    out = {}
-    for i, o in enumerate(getattr(opt, "chained_optimizers", [opt])):
-        params = [p for g in o.optimizer.param_groups for p in g["params"]]
-        for j, p in enumerate(params):
-            out[(i, j, "main")] = p.detach().clone()
-            for k, v in o.optimizer.state.get(p, {}).items():
-                out[(i, j, k)] = v.detach().clone() if torch.is_tensor(v) else v
-    return out
-
-
-def _same(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(
-        torch.equal(a[k], b[k]) if torch.is_tensor(a[k]) else a[k] == b[k] for k in a)
-
-
-def _nan_loss(forward_step):
-    def step(data_iterator, model):
-        out, loss_func = forward_step(data_iterator, model)
-
-        def poisoned(output):
-            loss_sum, n, report = loss_func(output)
-            report = report["lm loss"].clone()
-            report[0] = float("nan")  # [loss_sum, tokens]
-            return loss_sum * float("nan"), n, {"lm loss": report}
-
-        return out, poisoned
-
-    return step
 
 
 def poisoned_steps() -> dict:
@@ -82,9 +52,9 @@ def poisoned_steps() -> dict:
         assert step(vlm_forward_step, batches[0]).update_successful  # Adam state exists from here on
         for where, batch in (("loss", batches[1]), ("grad", batches[2])):
             weights = {n: p.detach().clone() for n, p in model.named_parameters()}
-            state = _state(opt)
+            state = optimizer_state(opt)
             if where == "loss":
-                res = step(_nan_loss(vlm_forward_step), batch)
+                res = step(nan_loss(vlm_forward_step), batch)
             else:
                 p0 = next(p for p in model.parameters() if p.requires_grad)
                 hook = p0.register_hook(lambda g: g * float("inf"))
@@ -92,16 +62,16 @@ def poisoned_steps() -> dict:
                 hook.remove()
             out[where] = {"loss": res.loss, "grad_norm": res.grad_norm, "skipped": not res.update_successful,
                           "weights_same": all(torch.equal(p, weights[n]) for n, p in model.named_parameters()),
-                          "state_same": _same(_state(opt), state), "tensors": len(weights) + len(state),
+                          "state_same": same_state(optimizer_state(opt), state), "tensors": len(weights) + len(state),
                           "moments": sum(1 for k in state if k[2] in ("exp_avg", "exp_avg_sq"))}
         weights = {n: p.detach().clone() for n, p in model.named_parameters()}
-        state = _state(opt)
+        state = optimizer_state(opt)
         res = step(vlm_forward_step, batches[3])
         # the comparison sees a real update (weights, main weights and moments all move)
         out["next"] = {"updated": res.update_successful and math.isfinite(res.grad_norm),
                        "finite": all(bool(torch.isfinite(p).all()) for p in model.parameters()),
                        "changed": sum(not torch.equal(p, weights[n]) for n, p in model.named_parameters()),
-                       "state_changed": not _same(_state(opt), state)}
+                       "state_changed": not same_state(optimizer_state(opt), state)}
     return out
 
 

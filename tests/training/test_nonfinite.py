@@ -11,34 +11,7 @@ import math
 import pytest
 import torch
 
-
-def _optimizer_state(opt) -> dict:
-    out = {}
-    for i, o in enumerate(getattr(opt, "chained_optimizers", [opt])):
-        for j, (p, st) in enumerate(o.optimizer.state.items()):
-            for k, v in st.items():
-                out[(i, j, k)] = v.detach().clone() if torch.is_tensor(v) else v
-    return out
-
-
-def _same(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(
-        torch.equal(a[k], b[k]) if torch.is_tensor(a[k]) else a[k] == b[k] for k in a)
-
-
-def _nan_loss(forward_step):
-    def step(data_iterator, model):
-        out, loss_func = forward_step(data_iterator, model)
-
-        def poisoned(output):
-            loss_sum, n, report = loss_func(output)
-            report = report["lm loss"].clone()
-            report[0] = float("nan")  # [loss_sum, tokens]
-            return loss_sum * float("nan"), n, {"lm loss": report}
-
-        return out, poisoned
-
-    return step
+from v2pe_megatron.testing.poison import nan_loss, optimizer_state, same_state
 
 
 @pytest.mark.parametrize("distributed_optimizer", [False, True])
@@ -65,9 +38,9 @@ def test_nonfinite_step_is_skipped_exactly(where, distributed_optimizer):
 
         assert step(vlm_forward_step, batches[0]).update_successful  # Adam state exists from here on
         weights = {n: p.detach().clone() for n, p in model.named_parameters()}
-        state = _optimizer_state(opt)
+        state = optimizer_state(opt)
         if where == "loss":
-            res = step(_nan_loss(vlm_forward_step), batches[1])
+            res = step(nan_loss(vlm_forward_step), batches[1])
             assert math.isnan(res.loss)
         else:
             p0 = next(p for p in model.parameters() if p.requires_grad)
@@ -77,7 +50,7 @@ def test_nonfinite_step_is_skipped_exactly(where, distributed_optimizer):
             assert math.isfinite(res.loss) and not math.isfinite(res.grad_norm)
         assert not res.update_successful
         assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters())
-        assert _same(_optimizer_state(opt), state)
+        assert same_state(optimizer_state(opt), state)
         # the poisoned gradients do not leak into the next step
         res = step(vlm_forward_step, batches[2])
         assert res.update_successful and math.isfinite(res.grad_norm)

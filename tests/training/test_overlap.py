@@ -23,6 +23,7 @@ import pytest
 import torch
 
 from v2pe_megatron.testing.distributed import run_distributed
+from v2pe_megatron.testing.poison import nan_loss
 
 SEQ, BUCKET = 64, 4000           # parameters per bucket: ~30 buckets on the tiny InternVL
 NAN_STEP, STEPS = 1, 4           # step 1 has a NaN loss and is skipped
@@ -88,21 +89,6 @@ def _micro_batches(step: int, world_dp: int) -> list:
         out += img[(step * 2 + i) * (world_dp - 1):(step * 2 + i + 1) * (world_dp - 1)] + [txt[(step * 2 + i) % len(txt)]]
     assert len(out) == 2 * world_dp   # rank r takes out[r::world_dp]
     return out
-
-
-def _nan_loss(forward_step):
-    def step(data_iterator, model):
-        out, loss_func = forward_step(data_iterator, model)
-
-        def poisoned(output):
-            loss_sum, n, report = loss_func(output)
-            report = report["lm loss"].clone()
-            report[0] = float("nan")
-            return loss_sum * float("nan"), n, {"lm loss": report}
-
-        return out, poisoned
-
-    return step
 
 
 def _moments(opt, params: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -185,7 +171,7 @@ def _run_pair(pp: int, vpp: int, distopt: bool, freeze_vision: bool) -> dict:
         params = [p for m in chunks for p in m.parameters()]
         for step in range(STEPS):
             mine = _micro_batches(step, dp)[dp_rank::dp]
-            forward = _nan_loss(vlm_forward_step) if step == NAN_STEP else vlm_forward_step
+            forward = nan_loss(vlm_forward_step) if step == NAN_STEP else vlm_forward_step
             issued_at_finalize.clear()
             landed_at_finalize.clear()
             log.clear()
