@@ -54,6 +54,7 @@ from megatron.core import parallel_state as ps
 from v2pe_megatron.model import checkpoint_names
 from v2pe_megatron.runtime import megatron_writer
 from v2pe_megatron.training import optimizer_state, rng_state
+from v2pe_megatron.training.param_sync import sync_params
 
 # How the optimizer state is laid out (megatron's content metadata; checkpoints without it were
 # written in this layout too).
@@ -321,8 +322,6 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, iteration: int, model: list[tor
     the last update is held only in each rank's shard until the next forward, so the weights are
     made whole first (``engine.sync_params``).
     """
-    from v2pe_megatron.training.engine import sync_params
-
     sync_params(model)
     final = iteration_dir(ckpt_dir, iteration)
     tmp = final.with_name(final.name + ".tmp")

@@ -41,6 +41,7 @@ from v2pe_megatron.config import OptimizerConfig
 from v2pe_megatron.parallel.layout import Layout, param_gather_overlaps
 from v2pe_megatron.runtime.distributed import device
 from v2pe_megatron.training.nonfinite import guarded_step
+from v2pe_megatron.training.param_sync import sync_params  # noqa: F401  (the engine's API, used by callers)
 
 
 def wrap_ddp(model: torch.nn.Module, config: TransformerConfig, *, use_distributed_optimizer: bool = False,
@@ -71,17 +72,6 @@ def wrap_ddp(model: torch.nn.Module, config: TransformerConfig, *, use_distribut
         # passes, so a forward anywhere else (evaluation, a test) never starts a collective of its own.
         ddp.disable_forward_pre_hook(param_sync=False)
     return ddp
-
-
-def sync_params(model: list[torch.nn.Module]) -> None:
-    """Collective (data x context parallel group). Every rank's parameters whole again after steps
-    whose all-gather is deferred to the next forward (``overlap_param_gather``): call before reading
-    the weights between steps (checkpoint save, evaluation, comparing weights). A no-op otherwise."""
-    for m in model:
-        ddp_config = getattr(m, "ddp_config", None)
-        if ddp_config is not None and ddp_config.overlap_param_gather:
-            with torch.no_grad():
-                m.start_param_sync(force_sync=True)
 
 
 def _gather_order(ddp: DistributedDataParallel) -> list:
