@@ -16,6 +16,9 @@ import torch
 
 from v2pe_megatron.testing import fake_te
 
+# Checkpoints written and read through megatron's torch_dist: seconds each, kept out of the quick loop.
+pytestmark = pytest.mark.slow
+
 
 @contextlib.contextmanager
 def _old_names(monkeypatch):

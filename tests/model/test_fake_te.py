@@ -65,6 +65,7 @@ def test_meta_build_under_te_is_all_meta_with_parallel_tags():
         assert (qkv.tensor_model_parallel, qkv.partition_dim, proj.partition_dim) == (True, 0, 1)
 
 
+@pytest.mark.slow
 def test_import_hf_spec_te_writes_the_hf_tensors(tmp_path, monkeypatch):
     """``v2pe-convert import-hf --spec te``: a meta TE model, each tensor streamed from HF; the same
     checkpoint tensors as ``--spec local`` (one set of names), TE's extra state beside them."""

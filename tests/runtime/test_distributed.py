@@ -193,6 +193,7 @@ def _launched_env(tmp_path, env: dict) -> list[dict]:
     return [json.loads((tmp_path / f"rank{r}").read_text()) for r in range(2)]
 
 
+@pytest.mark.slow  # starts processes
 def test_local_launcher_sets_cuda_device_max_connections_unless_the_user_did(tmp_path):
     """megatron-core's TP/CP communication overlap needs CUDA_DEVICE_MAX_CONNECTIONS=1 before CUDA
     initializes, as slurm/job.sh exports it for srun; the self-launcher puts it in every rank's
