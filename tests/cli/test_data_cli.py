@@ -59,3 +59,33 @@ def test_inspect_reports_skips_and_all_bad(tmp_path, capsys):
     (tmp_path / "d.jsonl").write_text("\n".join(lines[:2]) + "\n")
     assert main(["inspect", "--meta", str(tmp_path / "meta.json"), "--no-progress", *TINY]) == 2
     assert "no usable sample" in capsys.readouterr().err
+
+
+def test_inspect_lists_every_skip_in_a_skips_file(tmp_path, capsys):
+    # Before: only the log's first 3 per reason named a sample; the rest were counts.
+    conv = [{"from": "human", "value": "<image>"}, {"from": "gpt", "value": "x"}]
+    ok = {"id": "ok", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}
+    lines = [json.dumps(ok)] + [json.dumps({"id": f"m{i}", "image": f"gone{i}.png", "conversations": conv})
+                                for i in range(5)] + ["{oops"]
+    (tmp_path / "d.jsonl").write_text("\n".join(lines) + "\n")
+    (tmp_path / "meta.json").write_text(json.dumps({"d": {"annotation": "d.jsonl"}}))
+    out_file = tmp_path / "skips.jsonl"
+    args = ["inspect", "--meta", str(tmp_path / "meta.json"), "--no-progress", "--skips-file", str(out_file), *TINY]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "skipped missing_image: 5" in out and "skipped bad_json: 1" in out
+    assert "skips in this epoch" in out and "once per epoch" in out
+    recs = sorted((json.loads(x) for x in out_file.read_text().splitlines()), key=lambda r: r["line"])
+    ann = str(tmp_path / "d.jsonl")
+    assert [(r["file"], r["line"], r["reason"]) for r in recs] == \
+        [(ann, n, "missing_image") for n in range(2, 7)] + [(ann, 7, "bad_json")]
+    assert [r["id"] for r in recs[:5]] == [f"m{i}" for i in range(5)] and recs[5]["id"] is None
+    assert all(f"gone{i}.png" in r["message"] for i, r in enumerate(recs[:5]))
+    # An existing file is never overwritten (it may be the user's annotation file).
+    before = out_file.read_bytes()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "--skips-file" in err and "exists" in err and "Traceback" not in err
+    assert out_file.read_bytes() == before
+    assert main([*args[:5], str(tmp_path / "no/such/dir/s.jsonl"), *TINY]) == 2
+    assert "cannot create it" in capsys.readouterr().err

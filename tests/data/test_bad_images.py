@@ -88,3 +88,93 @@ def test_inspect_reports_the_bomb_instead_of_crashing(data_dir, capsys):
     assert rc == 0, out.err[-2000:]
     assert "skipped oversized_image: 1" in out.out + out.err
     assert "skipped corrupt_image: 1" in out.out + out.err
+
+
+def _encode(img, fmt, **kw):
+    import io
+
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def odd_images(tmp_path):
+    """Valid images that Pillow (InternVL's reader) opens but DALI does not decode, or decodes to other
+    pixels than Pillow's convert("RGB"), plus one truncated image neither can decode."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    frames = [Image.fromarray(draw_image(rng, 64, 48, c, "square")) for c in ("red", "blue", "green")]
+    imgs = {
+        "anim.gif": _encode(frames[0], "GIF", save_all=True, append_images=frames[1:]),
+        "int32.tif": _encode(Image.fromarray(rng.integers(0, 2**20, (48, 64), dtype=np.int32)), "TIFF"),
+        "deep.png": _encode(Image.fromarray(rng.integers(0, 65535, (48, 64), dtype=np.uint16)), "PNG"),
+        "icon.ico": _encode(frames[1], "ICO"),
+        "ok.png": encode_image(draw_image(rng, 64, 48, "red", "square"), "png"),
+    }
+    jpg = encode_image(draw_image(rng, 64, 48, "red", "square"), "jpeg")
+    imgs["cut.jpg"] = jpg[: len(jpg) // 2]
+    (tmp_path / "img").mkdir()
+    for name, data in imgs.items():
+        (tmp_path / "img" / name).write_bytes(data)
+    conv = [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "A shape."}]
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps({"id": n, "image": n, "conversations": conv}) + "\n"
+                                                 for n in imgs))
+    (tmp_path / "meta.json").write_text(json.dumps({"d": {"root": "img", "annotation": "data.jsonl"}}))
+    return tmp_path, imgs
+
+
+def test_images_dali_cannot_decode_are_tiled_by_pillow_and_counted(odd_images, caplog):
+    # Before: all four were skipped as corrupt_image ("Critical error in pipeline:").
+    caplog.set_level(logging.INFO, logger="v2pe_megatron.data")
+    tmp, imgs = odd_images
+    loader = _loader(tmp / "meta.json")
+    batches = list(loader)
+    assert batches and loader.stats["samples"] == 5
+    assert {k: v for k, v in loader.skips.items() if v} == {"corrupt_image": 1, "decoded_by_pillow": 4}
+    msgs = [r.getMessage() for r in caplog.records]
+    cut = next(m for m in msgs if "corrupt_image" in m)
+    # the reason and the file, not DALI's "Critical error in pipeline:" alone
+    assert "cut.jpg" in cut and "DALI: " in cut and "Pillow: " in cut and "Critical error" not in cut
+    why = {"anim.gif": "DALI cannot decode GIF", "icon.ico": "DALI cannot decode ICO",
+           "int32.tif": "TIFF with I pixels", "deep.png": "PNG with I;16 pixels"}
+    noted = [m for m in msgs if m.startswith("decoded_by_pillow")]
+    assert len(noted) == 3  # the first 3, then only counted
+    for m in noted:
+        assert sum(f"{n}: {w}" in m for n, w in why.items()) == 1, m
+    from v2pe_megatron.data.skips import SkipCounter
+
+    lines = SkipCounter(loader.skips).report_lines()
+    assert "skipped corrupt_image: 1" in lines and any(x.startswith("images decoded by Pillow") and x.endswith(": 4")
+                                                       for x in lines)
+    assert SkipCounter(loader.skips).total == 1  # the fallback is counted, not a skip
+
+
+def test_inspect_reports_the_pillow_fallback(odd_images, capsys):
+    from v2pe_megatron.cli.data import main
+
+    tmp, _ = odd_images
+    assert main(["inspect", "--meta", str(tmp / "meta.json"), "--no-progress", "model.preset=tiny",
+                 "data.seq_length=512", "data.dali_device=cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "samples used: 5" in out and "skipped corrupt_image: 1" in out
+    assert "images decoded by Pillow (DALI cannot decode them as InternVL would; kept): 4" in out
+
+
+def test_training_reports_say_the_skip_counters_run_over_epochs(data_dir):
+    # Before: "skipped corrupt_image=2" after two epochs of one bad image, without saying why 2.
+    from v2pe_megatron.data.skips import SkipCounter, describe
+
+    loader = _loader(data_dir / "meta.json")
+    loader.max_epochs = 2
+    list(loader)
+    assert loader.skips["corrupt_image"] == 2 and loader.skips["oversized_image"] == 2  # once per epoch
+    line = describe(loader.skips)
+    assert "a bad sample counts once per epoch" in line and "corrupt_image=2" in line
+    assert describe(SkipCounter().as_dict()) == ""
+    kept = describe({"decoded_by_pillow": 3})
+    assert kept == "decoded_by_pillow=3" and "skipped" not in kept  # kept samples are not skips
+    m = SkipCounter({"corrupt_image": 2, "decoded_by_pillow": 3}).metrics()
+    assert m["skipped/corrupt_image"] == 2 and m["data/decoded_by_pillow"] == 3 and "skipped/decoded_by_pillow" not in m

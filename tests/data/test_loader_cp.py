@@ -23,8 +23,8 @@ def _spy(loader) -> list[int]:
     """Tiles the loader's tiler produced, call by call."""
     made, tiler = [], loader.tiler
 
-    def counting(encoded, grids):
-        out = tiler(encoded, grids)
+    def counting(encoded, grids, **kw):
+        out = tiler(encoded, grids, **kw)
         made.append(sum(a.shape[0] for a in out if isinstance(a, np.ndarray)))
         return out
 

@@ -174,3 +174,97 @@ def test_mixed_gpu_decode_matches_cpu(photos):
         assert c.shape == g.shape
         # nvJPEG and libjpeg-turbo may differ by an IDCT rounding; resize on GPU is float too
         assert (np.abs(c - g) * np.asarray(IMAGENET_STD, np.float32)[:, None, None] * 255).mean() < 1.0
+
+
+def _as(img, fmt, **kw):
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def test_pillow_fallback_gives_dalis_tiles(photos, monkeypatch):
+    # The same images through DALI and, forced, through the fallback: InternVL's grid, resize and
+    # tile order either way, within the resampling tolerance the tests above use.
+    from v2pe_megatron.data import tiling
+
+    s = 56
+    enc = [photos["chelsea.png"], photos["rocket.jpg"], photos["camera_gray.png"]]
+    grids = [(3, 2), (2, 1), (1, 1)]
+    dali = DaliTiler(s, max_batch=4)(enc, grids)
+    monkeypatch.setattr(tiling, "pillow_only_reason", lambda data: "forced")
+    got: list = []
+    fell = DaliTiler(s, max_batch=4)(enc, grids, fallbacks=got)
+    assert got == [(0, "forced"), (1, "forced"), (2, "forced")]
+    for e, g, d, f in zip(enc, grids, dali, fell):
+        assert f.shape == d.shape == (tiles_for(g, True), 3, s, s) and f.dtype == np.float32
+        np.testing.assert_array_equal(f, pillow_tiles(Image.open(io.BytesIO(e)), g, s, True))
+        assert _pixel_units(f - d).mean(axis=(1, 2, 3)).max() < 2.0
+
+
+def test_images_dali_cannot_decode_go_to_pillow_alone(photos, monkeypatch):
+    # Before: an animated GIF or a 32-bit TIFF was an ImageDecodeError ("Critical error in pipeline:").
+    from v2pe_megatron.data import tiling
+
+    s = 56
+    photo = Image.open(io.BytesIO(photos["astronaut.jpg"])).resize((96, 64))
+    gif = _as(photo, "GIF", save_all=True, append_images=[photo.rotate(90), photo.rotate(180)])
+    frame0 = _as(Image.open(io.BytesIO(gif)).convert("RGB"), "PNG")  # what Pillow (InternVL) reads of it
+    gray = np.asarray(photo.convert("L"), np.int32)
+    int32 = _as(Image.fromarray(gray), "TIFF")  # mode I: 32-bit integer pixels
+    deep = _as(Image.fromarray((gray * 300).astype(np.uint16)), "PNG")  # 16-bit: convert("RGB") clips
+    enc = [photos["rocket.jpg"], gif, int32, deep, frame0, _as(photo.convert("L"), "PNG")]
+    grids = [(2, 1)] * len(enc)
+    got: list = []
+    out = DaliTiler(s, max_batch=8)(enc, grids, fallbacks=got)
+    assert got == [(1, "DALI cannot decode GIF"), (2, "TIFF with I pixels (DALI would rescale what Pillow clips)"),
+                   (3, "PNG with I;16 pixels (DALI would rescale what Pillow clips)")]
+    for e, o in zip(enc[1:4], out[1:4]):
+        np.testing.assert_array_equal(o, pillow_tiles(Image.open(io.BytesIO(e)), (2, 1), s, True))
+    # the fallback's tiles are DALI's tiles of the same pixels (frame 0 / the 8-bit gray image)
+    assert _pixel_units(out[1] - out[4]).mean(axis=(1, 2, 3)).max() < 2.0
+    assert _pixel_units(out[2] - out[5]).mean(axis=(1, 2, 3)).max() < 2.0
+    # DALI decodes the 16-bit PNG, but rescaled: not InternVL's tiles (hence the header rule)
+    (rescaled,) = DaliTiler(s)._run([np.frombuffer(deep, np.uint8)], [(2, 1)])
+    assert _pixel_units(rescaled - out[3]).mean() > 20
+    # An image DALI fails on at decode time takes the fallback too, with DALI's reason.
+    monkeypatch.setattr(tiling, "pillow_only_reason", lambda data: "")
+    got = []
+    again = DaliTiler(s, max_batch=8)(enc[:2], grids[:2], fallbacks=got)
+    assert [i for i, _ in got] == [1] and got[0][1].startswith("DALI: ") and "Critical error" not in got[0][1]
+    np.testing.assert_array_equal(again[1], out[1])
+    np.testing.assert_array_equal(again[0], out[0])
+
+
+def test_a_decode_error_keeps_dalis_reason():
+    from v2pe_megatron.data.tiling import dali_reason
+
+    err = RuntimeError("Critical error in pipeline:\nCritical error in pipeline:\nError in CPU operator "
+                       "`nvidia.dali.fn.decoders.image`,\nwhich was used in the pipeline definition with the "
+                       "following traceback:\n\n  File \"x.py\", line 1, in tiling\n\nencountered:\n\n"
+                       "Invalid sample_type: 8197\nCurrent pipeline object is no longer valid.\n")
+    assert dali_reason(err) == "Invalid sample_type: 8197"
+
+
+def test_the_other_formats_dali_decodes_like_pillow_stay_on_dali():
+    # At the image's own size (no resampling) DALI's decode is Pillow's convert("RGB"), bit for bit:
+    # these need no fallback (CMYK, palette + transparency, alpha, 1-bit, WebP incl. animated, ...).
+    from v2pe_megatron.data.tiling import pillow_only_reason
+
+    rng = np.random.default_rng(0)
+    base = Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    other = Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    cases = {"cmyk.jpg": _as(base.convert("CMYK"), "JPEG"), "cmyk.tif": _as(base.convert("CMYK"), "TIFF"),
+             "palette_transparent.png": _as(base.convert("P"), "PNG", transparency=0),
+             "rgba.png": _as(base.convert("RGBA"), "PNG"), "la.png": _as(base.convert("LA"), "PNG"),
+             "1bit.png": _as(base.convert("1"), "PNG"), "lossy.webp": _as(base, "WEBP"),
+             "anim.webp": _as(base, "WEBP", save_all=True, append_images=[other], lossless=True),
+             "palette.bmp": _as(base.convert("P"), "BMP"), "x.ppm": _as(base, "PPM"),
+             "x.jp2": _as(base, "JPEG2000", irreversible=False)}
+    tiler = DaliTiler(64)
+    for name, e in cases.items():
+        assert pillow_only_reason(e) == "", name
+        got: list = []
+        (d,) = tiler([e], [(1, 1)], fallbacks=got)
+        assert got == [], name
+        ref = pillow_tiles(Image.open(io.BytesIO(e)), (1, 1), 64, True)
+        assert _pixel_units(d - ref).max() < 0.01, name

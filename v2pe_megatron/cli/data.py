@@ -1,16 +1,19 @@
 """``v2pe-data``: look at a dataset through a recipe, or write a synthetic one.
 
-    v2pe-data inspect [RECIPE.yaml] [--meta META.json] [--show K] [--max-samples N] [key=value ...]
+    v2pe-data inspect [RECIPE.yaml] [--meta META.json] [--show K] [--max-samples N] [--skips-file F] [key=value ...]
     v2pe-data synth OUT_DIR [--num-samples N] [--format jsonl|webdataset] [--seed S] ...
     v2pe-data synth OUT_DIR --needles [--lengths N ...] [--depths D ...] [--tasks T ...]
 
 ``inspect`` runs one epoch of the training loader (one data-parallel rank; ``--dp-rank/--dp-size``)
-and prints samples, tokens, tiles, packs and one ``skipped <reason>: <count>`` line per reason.
+and prints samples, tokens, tiles, packs and one ``skipped <reason>: <count>`` line per reason (the
+log names the first 3 of each); ``--skips-file F`` writes every skip, one JSON object a line (file,
+line or key, id, reason, message; ``-`` for stdout).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 from typing import Sequence
@@ -46,6 +49,21 @@ def _show(tok, batch, budget: int, chars: int) -> int:
     return budget
 
 
+def _open_skips_file(path: str | None):
+    """The --skips-file stream, or the message saying why it cannot be written. A new file only:
+    an existing one may be a user's input (an annotation file named by mistake)."""
+    if not path:
+        return None
+    if path == "-":
+        return sys.stdout
+    try:
+        return open(path, "x", encoding="utf-8")
+    except FileExistsError:
+        return f"--skips-file {path} exists; remove it or name a new file"
+    except OSError as e:
+        return f"--skips-file {path}: cannot create it ({e.strerror}); name a file in a writable folder"
+
+
 def _inspect(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -58,9 +76,15 @@ def _inspect(args: argparse.Namespace) -> int:
         overrides.append(f"data.meta_path={args.meta}")
     try:
         recipe = load_recipe(path, overrides)
-        loader = build_train_loader(recipe, dp_rank=args.dp_rank, dp_size=args.dp_size, max_epochs=1)
+        loader = build_train_loader(recipe, dp_rank=args.dp_rank, dp_size=args.dp_size, max_epochs=1,
+                                    record_skips=bool(args.skips_file))
     except (RecipeError, ValueError, FileNotFoundError, NoUsableSamplesError) as e:
         print(f"v2pe-data inspect: {e}", file=sys.stderr)
+        return 2
+    skips_out = _open_skips_file(args.skips_file)
+    if isinstance(skips_out, str):
+        loader.close()
+        print(f"v2pe-data inspect: {skips_out}", file=sys.stderr)
         return 2
     # every DP rank reads (checks) the whole epoch; it decodes every dp_size-th micro-batch of it
     total = len(loader.index.epoch_order(0))
@@ -77,6 +101,8 @@ def _inspect(args: argparse.Namespace) -> int:
     try:
         with tqdm(total=total, unit="sample", file=sys.stderr, disable=args.no_progress) as bar:
             for batch in loader:
+                if skips_out is not None:
+                    skips_out.writelines(json.dumps(r) + "\n" for r in loader.new_skip_records)
                 read = loader.stats["samples"] + SkipCounter(loader.skips).total
                 bar.update(min(read, total) - bar.n)
                 if show:
@@ -88,6 +114,8 @@ def _inspect(args: argparse.Namespace) -> int:
         return 2
     finally:
         loader.close()
+        if skips_out is not None and skips_out is not sys.stdout:
+            skips_out.close()
     st, skips = loader.stats, SkipCounter(loader.skips)
     fill = st["tokens"] / max(1, st["packs"] * d.seq_length)
     print(f"samples read: {st['samples'] + skips.total}")
@@ -96,10 +124,14 @@ def _inspect(args: argparse.Namespace) -> int:
     print(f"tiles: {st['tiles']}")
     print(f"packs: {st['packs']} (filled {100 * fill:.1f}% with sample tokens)")
     print(f"micro-batches: {st['micro_batches']}")
+    # One epoch here; training counts a bad sample again in every epoch that reads it.
+    print(f"skips in this epoch (dp rank {args.dp_rank} of {args.dp_size}; training counts them once per epoch):")
     for line in skips.report_lines():
         print(line)
     if not skips.total:
         print("skipped: none")
+    if args.skips_file and args.skips_file != "-":
+        print(f"every skip: {args.skips_file} ({skips.total} line(s))")
     return 0
 
 
@@ -149,6 +181,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     i.add_argument("--show", type=int, default=0, help="print the first K sub-samples, decoded")
     i.add_argument("--chars", type=int, default=240, help="characters shown per sample")
     i.add_argument("--no-progress", action="store_true")
+    i.add_argument("--skips-file", metavar="PATH",
+                   help="write every skipped sample as JSON lines (file, line, id, reason, message) to this new "
+                        "file ('-': stdout); the log names only the first 3 per reason")
     i.set_defaults(fn=_inspect)
 
     s = sub.add_parser("synth", help="write a synthetic InternVL-format dataset (incl. needle-in-a-haystack)")

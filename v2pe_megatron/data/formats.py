@@ -120,9 +120,17 @@ class Dataset:
     def read(self, i: int) -> RawSample:
         raise NotImplementedError
 
+    def source(self, i: int) -> dict[str, Any]:
+        """Where sample ``i`` is, as fields: ``{"file", "line"}`` (jsonl), ``{"file", "key"}`` (a
+        tar shard), ``{"dataset", "index"}`` (in memory)."""
+        return {"dataset": self.name, "index": i}
+
     def locate(self, i: int) -> str:
         """Where sample ``i`` is, for a person to open: ``file:line``, ``shard.tar:key``, ..."""
-        return f"{self.name}[{i}]"
+        src = self.source(i)
+        if "file" in src:
+            return f"{src['file']}:{src.get('line', src.get('key'))}"
+        return f"{src['dataset']}[{src['index']}]"
 
 
 class JsonlDataset(Dataset):
@@ -170,13 +178,13 @@ class JsonlDataset(Dataset):
         raw = os.pread(self._fd, end - start, start)
         return parse_record(_decode_json_line(raw), self._resolve)
 
-    def locate(self, i: int) -> str:
+    def source(self, i: int) -> dict[str, Any]:
         # Line numbers count every line (blank ones too), as an editor shows them; counted only
         # when a skip is reported, so the index keeps one offset per sample.
         start = int(self.starts[i])
         with open(self.path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
             line = int(np.count_nonzero(np.frombuffer(mm, dtype=np.uint8, count=start) == 10)) + 1
-        return f"{self.path}:{line}"
+        return {"file": str(self.path), "line": line}
 
     def __del__(self) -> None:
         if getattr(self, "_fd", None) is not None:
@@ -224,9 +232,9 @@ class TarDataset(Dataset):
             f.seek(off)
             return f.read(size)
 
-    def locate(self, i: int) -> str:
+    def source(self, i: int) -> dict[str, Any]:
         key, members = self.samples[i]
-        return f"{self.shards[next(iter(members.values()))[0]]}:{key}"
+        return {"file": str(self.shards[next(iter(members.values()))[0]]), "key": key}
 
     def read(self, i: int) -> RawSample:
         key, members = self.samples[i]
@@ -365,6 +373,9 @@ class MixedIndex:
 
     def locate(self, gid: int) -> str:
         return self.dataset_of(gid).locate(int(self.line[gid]))
+
+    def source(self, gid: int) -> dict[str, Any]:
+        return self.dataset_of(gid).source(int(self.line[gid]))
 
     def dataset_of(self, gid: int) -> Dataset:
         return self.datasets[int(self.ds[gid])]

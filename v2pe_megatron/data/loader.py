@@ -34,7 +34,13 @@ rank 0.
 
 A background thread prepares ``prefetch`` micro-batches ahead; each carries its own state and skip
 counters, so what :meth:`TrainLoader.state_dict` and :attr:`TrainLoader.skips` report always
-matches what the caller has consumed, not what the thread has read.
+matches what the caller has consumed, not what the thread has read. With ``record_skips`` each also
+carries one record per skip counted since the previous one (:attr:`TrainLoader.new_skip_records`:
+file, line or key, id, reason, message), which ``v2pe-data inspect --skips-file`` writes out.
+
+Images DALI cannot decode as InternVL (Pillow) would are tiled by Pillow (data/tiling.py) and
+counted as ``decoded_by_pillow`` next to the skips; under context parallelism each CP rank decodes,
+and counts, only its share, and the reported count is CP rank 0's.
 """
 
 from __future__ import annotations
@@ -42,7 +48,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -89,6 +95,7 @@ class _Prechecked:
     grids: list[tuple[int, int]]
     tile_counts: list[int]
     where: str = ""
+    sample_id: str = ""
 
     @property
     def length(self) -> int:
@@ -107,7 +114,7 @@ class TrainLoader:
 
     def __init__(self, index: MixedIndex, tokenizer: Tokenizer, settings: LoaderSettings, policy: "DeltaPolicy",
                  *, dp_rank: int = 0, dp_size: int = 1, max_epochs: int | None = None, prefetch: int = 2,
-                 cp_rank: int = 0, cp_size: int = 1) -> None:
+                 cp_rank: int = 0, cp_size: int = 1, record_skips: bool = False) -> None:
         if not 0 <= dp_rank < dp_size:
             raise ValueError(f"dp_rank {dp_rank} not in [0, {dp_size})")
         if not 0 <= cp_rank < cp_size:
@@ -123,6 +130,9 @@ class TrainLoader:
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.max_epochs = max_epochs
         self.prefetch = prefetch
+        # Off in training: the records would grow with every epoch of a run that never ends.
+        self.record_skips = record_skips
+        self.new_skip_records: list[dict[str, Any]] = []
         allow_large_images()  # data.max_image_pixels is checked on every header instead (_precheck)
         self.tiler = make_tiler(settings.image_size, use_thumbnail=settings.data.use_thumbnail,
                                 num_threads=max(1, settings.data.num_workers), max_batch=settings.window,
@@ -202,7 +212,8 @@ class TrainLoader:
             if item is None:
                 self.close()
                 raise StopIteration
-        batch, state, skips, stats = item
+        batch, state, skips, stats, records = item
+        self.new_skip_records = records
         self._state = state
         self._skips = SkipCounter(skips)
         self.stats = stats
@@ -277,12 +288,18 @@ class TrainLoader:
         epoch_clean = start["pos"] == 0
         good_in_epoch, cur_epoch = 0, start["epoch"]
         next_cursor = (start["epoch"], start["pos"])
+        records: list[dict[str, Any]] = []   # skips counted since the last hand-out (record_skips)
+
+        def count(err: SampleError, where: str = "") -> None:
+            skips.add(err, where)
+            if self.record_skips:
+                records.append(self._record(err))
 
         def finish_micro() -> bool:
             """Micro-batch ``micro`` is planned: decode it if it is ours. True at the end of a round."""
             nonlocal micro, mine
             if micro % dp == me:
-                mine = self._materialize(planned, skips, stats)
+                mine = self._materialize(planned, skips, stats, count)
             planned.clear()
             micro += 1
             return micro % dp == 0
@@ -294,7 +311,8 @@ class TrainLoader:
 
         def hand_out() -> tuple:
             nonlocal mine
-            item, mine = (mine, state_now(), skips.as_dict(), dict(stats)), None
+            item, mine = (mine, state_now(), skips.as_dict(), dict(stats), records[:]), None
+            records.clear()
             return item
 
         for (epoch, pos), res in self._items(start["epoch"], start["pos"]):
@@ -307,7 +325,7 @@ class TrainLoader:
             owner = micro % dp == me
             if isinstance(res, SampleError):
                 if owner:
-                    skips.add(res, f"#{pos} of epoch {epoch}")  # res.where, when set, wins
+                    count(res, f"#{pos} of epoch {epoch}")  # res.where, when set, wins
                 if good_since_start == 0 and seen_since_start >= _ALL_BAD_PROBE:
                     raise NoUsableSamplesError(self._all_bad_message(skips))
                 continue
@@ -315,8 +333,8 @@ class TrainLoader:
                 packs = planner.add(res)  # checks fit before touching the pending pack
             except SampleError as e:
                 if owner:
-                    e.where = self._where(res.gid)
-                    skips.add(e)
+                    self._mark(e, res.gid, res.sample_id)
+                    count(e)
                 continue
             good_since_start += 1
             good_in_epoch += 1
@@ -339,16 +357,20 @@ class TrainLoader:
         if mine is not None:
             yield hand_out()
 
-    def _materialize(self, packs: list[list[_Prechecked]], skips: SkipCounter, stats: dict[str, int]) -> Any:
+    def _materialize(self, packs: list[list[_Prechecked]], skips: SkipCounter, stats: dict[str, int],
+                     count: Callable[[SampleError, str], None]) -> Any:
         """Decode one micro-batch's planned packs (one tiling call) and collate them; under CP only
-        this rank's tile share is decoded."""
+        this rank's tile share is decoded. ``count`` counts a skip (and records it)."""
         samples = [p for pack in packs for p in pack]
         share = None
         if self.cp_size > 1:
             from v2pe_megatron.parallel.cp_split import tile_share
 
             share = tile_share(sum(p.tiles for p in samples), self.cp_size, self.cp_rank)
-        prepared = self._prepare(samples, share)
+        notes: list[tuple[_Prechecked, str]] = []
+        prepared = self._prepare(samples, share, notes)
+        for p, detail in notes:
+            skips.note("decoded_by_pillow", detail, self._where(p.gid, p.sample_id))
         built, k = [], 0
         for pack in packs:
             keep = []
@@ -356,7 +378,7 @@ class TrainLoader:
                 res = prepared[k]
                 k += 1
                 if isinstance(res, SampleError):
-                    skips.add(res, p.where)
+                    count(res, p.where)
                     continue
                 keep.append(res)
                 stats["samples"] += 1
@@ -386,17 +408,35 @@ class TrainLoader:
             loc = f"sample {gid}"
         return f"{loc}{f' id={sample_id}' if sample_id else ''} (dp rank {self.dp_rank})"
 
+    def _mark(self, err: SampleError, gid: int, sample_id: str = "") -> SampleError:
+        """Say on ``err`` which sample it is: ``where`` for the log, ``source`` and ``sample_id``
+        for the skip records."""
+        err.where = self._where(gid, sample_id)
+        try:
+            err.source = self.index.source(gid)
+        except Exception:  # noqa: BLE001 - a record must not fail the loader
+            err.source = {"sample": gid}
+        err.sample_id = sample_id
+        return err
+
+    @staticmethod
+    def _record(err: SampleError) -> dict[str, Any]:
+        """One skip as a jsonl record: file, line (or key), id, reason, message."""
+        return {**err.source, "id": err.sample_id or None, "reason": err.reason, "message": err.detail}
+
     def _precheck(self, gid: int) -> _Prechecked:
         try:
             ds, raw = self.index.read(gid)
         except SampleError as e:
-            e.where = self._where(gid)
+            self._mark(e, gid)
             raise
         try:
-            return self._precheck_sample(gid, ds, raw)
+            res = self._precheck_sample(gid, ds, raw)
         except SampleError as e:
-            e.where = self._where(gid, raw.id)
+            self._mark(e, gid, raw.id)
             raise
+        res.sample_id = raw.id or ""
+        return res
 
     def _precheck_sample(self, gid: int, ds, raw) -> _Prechecked:
         cfg = self.cfg
@@ -431,10 +471,11 @@ class TrainLoader:
         return _Prechecked(gid, tokens, target, encoded[:n_img], [im.name for im in raw.images[:n_img]],
                            grids[:n_img], tiles[:n_img])
 
-    def _prepare(self, pre: list[_Prechecked], share: tuple[int, int] | None = None
-                 ) -> list[PreparedSample | SampleError]:
+    def _prepare(self, pre: list[_Prechecked], share: tuple[int, int] | None = None,
+                 notes: list[tuple[_Prechecked, str]] | None = None) -> list[PreparedSample | SampleError]:
         """Decoded samples; with ``share`` (a CP rank's [start, stop) of the micro-batch's tiles) only
-        the tiles inside it are decoded and kept, and a decode failure blanks instead of skipping."""
+        the tiles inside it are decoded and kept, and a decode failure blanks instead of skipping.
+        ``notes`` gains (sample, "<image>: why") for each image of a kept sample that Pillow tiled."""
         from v2pe_megatron.v2pe import compute_position_ids
 
         # (lo, hi): the tiles of each image (in micro-batch order) this rank keeps.
@@ -446,8 +487,11 @@ class TrainLoader:
         flat_enc = [b for p in pre for b in p.encoded]
         flat_grid = [g for p in pre for g in p.grids]
         todo = [i for i, (lo, hi) in enumerate(keep) if hi > lo]
-        tiled = self.tiler([flat_enc[i] for i in todo], [flat_grid[i] for i in todo]) if todo else []
+        fallbacks: list[tuple[int, str]] = []
+        tiled = self.tiler([flat_enc[i] for i in todo], [flat_grid[i] for i in todo],
+                           fallbacks=fallbacks) if todo else []
         decoded = dict(zip(todo, tiled))
+        by_pillow = {todo[j]: why for j, why in fallbacks}
         s = self.cfg.image_size
         out: list[PreparedSample | SampleError] = []
         k = 0
@@ -457,10 +501,10 @@ class TrainLoader:
             arrs = [decoded.get(i) for i in ids]
             bad = next(((n, a) for n, a in zip(p.names, arrs) if isinstance(a, ImageDecodeError)), None)
             if bad is not None and share is None:
-                err = SampleError("corrupt_image", f"{bad[0]}: {bad[1]}")
-                err.where = self._where(p.gid)
-                out.append(err)
+                out.append(self._mark(SampleError("corrupt_image", f"{bad[0]}: {bad[1]}"), p.gid, p.sample_id))
                 continue
+            if notes is not None:
+                notes.extend((p, f"{n}: {by_pillow[i]}") for i, n in zip(ids, p.names) if i in by_pillow)
             pieces = []
             for i, n, a in zip(ids, p.names, arrs):
                 lo, hi = keep[i]
@@ -529,7 +573,8 @@ def settings_from_recipe(recipe: "Recipe", *, pad_multiple: int | None = None) -
 
 def build_train_loader(recipe: "Recipe", *, dp_rank: int, dp_size: int, tokenizer: Tokenizer | None = None,
                        max_epochs: int | None = None, prefetch: int = 2,
-                       pad_multiple: int | None = None, cp_rank: int = 0, cp_size: int = 1) -> TrainLoader:
+                       pad_multiple: int | None = None, cp_rank: int = 0, cp_size: int = 1,
+                       record_skips: bool = False) -> TrainLoader:
     """This rank's micro-batch iterator for ``recipe`` (synthetic in-memory data when
     ``data.meta_path`` is empty); with ``cp_size`` > 1, holding only CP rank ``cp_rank``'s tiles."""
     from v2pe_megatron.v2pe import make_delta_policy
@@ -538,4 +583,4 @@ def build_train_loader(recipe: "Recipe", *, dp_rank: int, dp_size: int, tokenize
     check_tokenizer(recipe, tok)
     return TrainLoader(build_index(recipe), tok, settings_from_recipe(recipe, pad_multiple=pad_multiple),
                        make_delta_policy(recipe.v2pe), dp_rank=dp_rank, dp_size=dp_size, max_epochs=max_epochs,
-                       prefetch=prefetch, cp_rank=cp_rank, cp_size=cp_size)
+                       prefetch=prefetch, cp_rank=cp_rank, cp_size=cp_size, record_skips=record_skips)

@@ -18,6 +18,20 @@ there is no separate magnify-only path.
 
 Where nvidia-dali is not installed (it is a 400 MB wheel that not every machine carries),
 :func:`make_tiler` returns a :class:`PillowTiler`: the same call on the Pillow reference, slower.
+
+Pillow fallback per image. InternVL opens every image with ``Image.open(...).convert("RGB")``, so an
+image Pillow opens is a valid training image even where DALI cannot decode it. Two kinds go to
+Pillow (:func:`pillow_tiles`, the same grid and resize rule) instead of being skipped:
+
+- decided from the header, before DALI runs: formats DALI's decoder (nvImageCodec) does not read
+  (GIF, animated or not, ICO, TGA, PCX, ...: :data:`DALI_FORMATS` lists those it reads), and 16/32-bit
+  integer and float pixels (Pillow modes ``I``, ``I;16*``, ``F``), which DALI decodes but rescales to
+  8 bits where Pillow's ``convert("RGB")`` clips at 255: the tiles would differ from InternVL's;
+- decided by DALI: an image whose decode fails (the batch is retried one image at a time to find it).
+
+The caller learns which images took the fallback, and why (``fallbacks`` argument), to count them;
+only an image that Pillow cannot open either is an :class:`ImageDecodeError`, whose message keeps
+DALI's own reason (the line after "encountered:" in its error) next to Pillow's.
 """
 
 from __future__ import annotations
@@ -117,6 +131,58 @@ def allow_large_images() -> None:
     from PIL import Image
 
     Image.MAX_IMAGE_PIXELS = None
+
+
+# Formats nvImageCodec decodes (on the CPU and the GPU), by the name Pillow gives them. PPM stands for
+# the whole PNM family, MPO is a JPEG with extra pictures appended (both decoders take the first).
+DALI_FORMATS = frozenset({"JPEG", "MPO", "PNG", "TIFF", "BMP", "PPM", "WEBP", "JPEG2000"})
+
+
+def _deep_pixels(mode: str) -> bool:
+    """More than 8 bits per channel in a mode ``convert("RGB")`` clips (DALI rescales instead)."""
+    return mode in ("I", "F") or mode.startswith("I;16")
+
+
+def pillow_only_reason(data: bytes | np.ndarray) -> str:
+    """Why this image must be tiled by Pillow rather than DALI ("" when DALI gives InternVL's tiles);
+    raises ImageDecodeError when Pillow cannot read the header (InternVL could not open it either)."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            fmt, mode = im.format or "unknown", im.mode
+    except (Image.DecompressionBombError, OSError, ValueError, SyntaxError) as e:
+        raise ImageDecodeError(f"unreadable image header: {_pil_reason(e)}") from e
+    if fmt not in DALI_FORMATS:
+        return f"DALI cannot decode {fmt}"
+    if _deep_pixels(mode):
+        return f"{fmt} with {mode} pixels (DALI would rescale what Pillow clips)"
+    return ""
+
+
+def pillow_decode(data: bytes | np.ndarray, grid: tuple[int, int], image_size: int,
+                  use_thumbnail: bool) -> np.ndarray | ImageDecodeError:
+    """:func:`pillow_tiles` of encoded bytes, or the error saying why Pillow cannot open them."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return pillow_tiles(im, grid, image_size, use_thumbnail)
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as err:
+        return ImageDecodeError(f"decode failed: {_pil_reason(err)}")
+
+
+_DALI_NOISE = ("Critical error in pipeline", "Current pipeline object is no longer valid")
+
+
+def dali_reason(err: BaseException) -> str:
+    """The useful part of a DALI decode error: the lines after "encountered:" (the decoder's own
+    reason), without the pipeline boilerplate DALI wraps it in."""
+    text = str(err)
+    head, sep, tail = text.partition("encountered:")
+    lines = [ln.strip() for ln in (tail if sep else head).splitlines()]
+    lines = [ln for ln in lines if ln and not ln.startswith(_DALI_NOISE)]
+    return "; ".join(lines) or type(err).__name__
 
 
 def image_size_of(data: bytes) -> tuple[int, int]:
@@ -232,26 +298,49 @@ class DaliTiler:
         # views stay valid after later runs, so no copy of the float tiles is made here.
         return [np.asarray(out[i]) for i in range(len(grids))]
 
-    def __call__(self, encoded: Sequence[bytes | np.ndarray],
-                 grids: Sequence[tuple[int, int]]) -> list[np.ndarray | ImageDecodeError]:
-        """float32 [T, 3, S, S] per image (tiles row-major, then the thumbnail), or the error."""
+    def __call__(self, encoded: Sequence[bytes | np.ndarray], grids: Sequence[tuple[int, int]],
+                 fallbacks: list[tuple[int, str]] | None = None) -> list[np.ndarray | ImageDecodeError]:
+        """float32 [T, 3, S, S] per image (tiles row-major, then the thumbnail), or the error.
+
+        Images DALI cannot decode as InternVL would are tiled by Pillow (module docstring); each one
+        is appended to ``fallbacks``, when given, as (its index in ``encoded``, why)."""
         arrays = [np.frombuffer(e, np.uint8) if isinstance(e, (bytes, bytearray, memoryview)) else e
                   for e in encoded]
-        results: list[np.ndarray | ImageDecodeError] = []
+        results: list[np.ndarray | ImageDecodeError | None] = [None] * len(arrays)
+        to_pillow: dict[int, str] = {}
+        for i, a in enumerate(arrays):
+            try:
+                why = pillow_only_reason(a)
+            except ImageDecodeError as e:
+                results[i] = e
+                continue
+            if why:
+                to_pillow[i] = why
+        todo = [i for i, r in enumerate(results) if r is None and i not in to_pillow]
+        failed: dict[int, str] = {}
         with self._lock:
-            for lo in range(0, len(arrays), self.max_batch):
-                chunk, g = arrays[lo: lo + self.max_batch], grids[lo: lo + self.max_batch]
+            for lo in range(0, len(todo), self.max_batch):
+                idx = todo[lo: lo + self.max_batch]
+                chunk, g = [arrays[i] for i in idx], [grids[i] for i in idx]
                 try:
-                    results.extend(self._run(chunk, g))
+                    for i, r in zip(idx, self._run(chunk, g)):
+                        results[i] = r
                 except RuntimeError:
                     # One bad image fails the whole batch; find it by decoding one at a time.
-                    for a, gr in zip(chunk, g):
+                    for i in idx:
                         try:
-                            results.extend(self._run([a], [gr]))
+                            (results[i],) = self._run([arrays[i]], [grids[i]])
                         except RuntimeError as e:
-                            first = next((ln for ln in str(e).splitlines() if ln.strip()), "decode failed")
-                            results.append(ImageDecodeError(first))
-        return results
+                            failed[i] = f"DALI: {dali_reason(e)}"
+        for i, why in sorted({**to_pillow, **failed}.items()):
+            r = pillow_decode(arrays[i], grids[i], self.image_size, self.use_thumbnail)
+            if isinstance(r, ImageDecodeError):
+                r = ImageDecodeError(f"decode failed: {why}; Pillow: {str(r).removeprefix('decode failed: ')}"
+                                     if i in failed else str(r))
+            elif fallbacks is not None:
+                fallbacks.append((i, why))
+            results[i] = r
+        return results  # type: ignore[return-value]  (every slot is filled)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -270,18 +359,10 @@ class PillowTiler:
         self.use_thumbnail = use_thumbnail
         self.device = "cpu"
 
-    def __call__(self, encoded: Sequence[bytes | np.ndarray],
-                 grids: Sequence[tuple[int, int]]) -> list[np.ndarray | ImageDecodeError]:
-        from PIL import Image, UnidentifiedImageError
-
-        results: list[np.ndarray | ImageDecodeError] = []
-        for e, grid in zip(encoded, grids):
-            try:
-                with Image.open(io.BytesIO(e)) as im:
-                    results.append(pillow_tiles(im, grid, self.image_size, self.use_thumbnail))
-            except (UnidentifiedImageError, Image.DecompressionBombError, OSError, ValueError, SyntaxError) as err:
-                results.append(ImageDecodeError(f"decode failed: {_pil_reason(err)}"))
-        return results
+    def __call__(self, encoded: Sequence[bytes | np.ndarray], grids: Sequence[tuple[int, int]],
+                 fallbacks: list[tuple[int, str]] | None = None) -> list[np.ndarray | ImageDecodeError]:
+        """``fallbacks`` stays empty: every image is Pillow's here (said once, by :func:`make_tiler`)."""
+        return [pillow_decode(e, g, self.image_size, self.use_thumbnail) for e, g in zip(encoded, grids)]
 
 
 _fallback_logged = False
