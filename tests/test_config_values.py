@@ -26,6 +26,7 @@ BAD = {
     "data.global_batch_size=0": "data.global_batch_size=0 must be >= 1",
     "data.max_image_pixels=-1": "data.max_image_pixels=-1 must be >= 0",
     "model.loss_chunk_tokens=-1": "model.loss_chunk_tokens=-1 must be >= 0",
+    "tracking.retry_interval_s=0": "tracking.retry_interval_s=0.0 must be > 0",
     "data.meta_path=/nonexistent/meta.json": "data.meta_path='/nonexistent/meta.json': no such file",
     "data.tokenizer_path=/nonexistent/tok.model": "data.tokenizer_path='/nonexistent/tok.model': no such file",
 }

@@ -250,6 +250,9 @@ class TrackingConfig:
     experiment: str = "v2pe-megatron"
     run_name: str = ""
     system_metrics: bool = True
+    # Seconds between tries while the server is unreachable (the run is created, and the steps
+    # logged meanwhile are sent, once it answers); tries happen on the tracker's thread, never in a step.
+    retry_interval_s: float = 30.0
 
 
 @dataclass
@@ -514,6 +517,8 @@ def _value_problems(recipe: Recipe) -> list[str]:
          "must be >= 1 (or set data.meta_path)"),
         ("launcher.timeout_minutes", recipe.launcher.timeout_minutes, recipe.launcher.timeout_minutes > 0,
          "must be > 0"),
+        ("tracking.retry_interval_s", recipe.tracking.retry_interval_s, recipe.tracking.retry_interval_s > 0,
+         "must be > 0 (seconds between tries while the MLflow server is unreachable)"),
     ]
     errs = [f"{key}={value} {rule}" for key, value, ok, rule in rules if not ok]
     if d.meta_path and not Path(d.meta_path).is_file():

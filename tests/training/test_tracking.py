@@ -223,3 +223,82 @@ def test_a_checkpoint_run_id_unknown_to_the_store_starts_a_new_run(in_tmp, caplo
     t.close()
     assert "is not in" in caplog.text
     assert _client(in_tmp).get_run(t.run_id).info.status == "FINISHED"
+
+
+def _wait(cond, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while not cond() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return cond()
+
+
+def test_a_store_down_at_the_start_gets_the_run_and_every_step_once_it_is_up(in_tmp, empty_store, monkeypatch,
+                                                                             caplog):
+    # Before: with the store unreachable at the start no run was ever created, whatever came later.
+    import shutil
+
+    caplog.set_level(logging.WARNING)
+    later = in_tmp / "later"
+    later.write_text("")  # a file where the store's folder goes: the store cannot be opened
+    t = Tracker(_recipe(f"tracking.tracking_uri=sqlite:///{later / 'mlflow.db'}", "tracking.retry_interval_s=0.1"),
+                active=True)
+    assert t.run_id is None and not t.online
+    for step in range(1, 6):
+        t.log_metrics({"loss": float(step)}, step)
+    later.unlink()
+    later.mkdir()
+    shutil.copy(empty_store, later / "mlflow.db")  # the store comes up mid-run
+    step = 5
+    while not t.online and step < 200:  # the worker retries as steps come in, never in log_metrics
+        step += 1
+        s = time.perf_counter()
+        t.log_metrics({"loss": float(step)}, step)
+        assert time.perf_counter() - s < 0.5
+        time.sleep(0.05)
+    assert t.online and t.run_id
+    for step in range(step + 1, step + 4):
+        t.log_metrics({"loss": float(step)}, step)
+    t.close("FINISHED")
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(tracking_uri=f"sqlite:///{later / 'mlflow.db'}")
+    run = c.get_run(t.run_id)
+    assert run.info.status == "FINISHED" and run.data.params["train.steps"] == "7"
+    assert run.data.tags["git_commit"] == tracking.git_commit()
+    hist = c.get_metric_history(t.run_id, "loss")
+    assert [h.step for h in hist] == list(range(1, step + 1)) and [h.value for h in hist] == list(range(1, step + 1))
+    assert "steps: 7" in open(c.download_artifacts(t.run_id, "recipe.yaml", str(in_tmp))).read()
+    lines = [json.loads(x) for x in (in_tmp / "runs/trk/metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == list(range(1, step + 1))
+    assert lines[0]["run_id"] is None and lines[-1]["run_id"] == t.run_id
+    assert "run %s created" % t.run_id in caplog.text
+
+
+def test_steps_logged_during_an_outage_are_sent_in_order_when_the_server_is_back(in_tmp, monkeypatch, caplog):
+    # Before: a step whose upload failed was only in metrics.jsonl, never in the MLflow run.
+    caplog.set_level(logging.WARNING)
+    t = Tracker(_recipe("tracking.retry_interval_s=0.05"), active=True)
+    real, down = t._client.log_batch, [False]
+
+    def flaky(*a, **k):
+        if down[0]:
+            raise ConnectionError("[Errno 111] Connection refused")
+        return real(*a, **k)
+
+    monkeypatch.setattr(t._client, "log_batch", flaky)
+    for step in range(1, 4):
+        t.log_metrics({"loss": float(step)}, step)
+    assert _wait(lambda: t._queue.empty())
+    down[0] = True
+    for step in range(4, 30):
+        t.log_metrics({"loss": float(step)}, step)
+        time.sleep(0.01)
+    assert _wait(lambda: not t.online)
+    down[0] = False
+    for step in range(30, 33):
+        t.log_metrics({"loss": float(step)}, step)
+    t.close("FINISHED")
+    hist = _client(in_tmp).get_metric_history(t.run_id, "loss")
+    assert sorted(h.step for h in hist) == list(range(1, 33))  # each once
+    assert [h.step for h in sorted(hist, key=lambda h: h.timestamp)] == list(range(1, 33))
+    assert t.replayed > 0 and "sent the %d step(s) logged while it was down" % t.replayed in caplog.text

@@ -154,6 +154,87 @@ def test_a_cli_run_that_dies_before_its_first_checkpoint_ends_failed(tmp_path):
     assert [x.info.status for x in runs] == ["FAILED"]
 
 
+class _LateServer:
+    """What a client sees of a server that comes up later: connections to ``port`` are refused until
+    :meth:`up`, then forwarded to the real server (the module's, already running)."""
+
+    def __init__(self, target: str) -> None:
+        import threading
+
+        self.target = target.removeprefix("http://").split(":")
+        self.port = _free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self._sock: socket.socket | None = None
+        self._threading = threading
+
+    def up(self) -> None:
+        self._sock = socket.create_server(("127.0.0.1", self.port))
+        self._threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while self._sock is not None:
+            try:
+                client, _ = self._sock.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection((self.target[0], int(self.target[1])))
+            for a, b in ((client, upstream), (upstream, client)):
+                self._threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(a: socket.socket, b: socket.socket) -> None:
+        try:
+            while data := a.recv(65536):
+                b.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (a, b):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        sock, self._sock = self._sock, None
+        if sock is not None:
+            sock.close()
+
+
+def test_a_server_that_comes_up_mid_run_gets_the_run_and_every_step(server, tmp_path):
+    # Before: MLflow down at the start meant no MLflow run at all, even once the server was up.
+    late = _LateServer(server)
+    steps, run = 6, None
+    try:
+        run = subprocess.Popen(_cmd(late.uri, f"train.steps={steps}", "tracking.retry_interval_s=1"), cwd=tmp_path,
+                               env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        lines = []
+        for line in run.stdout:
+            lines.append(line)
+            if late._sock is None and re.search(r"step 2/\d+  loss", line):
+                late.up()
+        run.wait(timeout=60)
+    finally:
+        late.close()
+        if run is not None and run.poll() is None:
+            run.kill()
+    out = "".join(lines)
+    assert run.returncode == 0, out[-3000:]
+    assert len(re.findall(r"is not reachable", out)) == 1 and "created; sending the steps" in out
+    from mlflow.tracking import MlflowClient
+
+    c = MlflowClient(tracking_uri=server)
+    run_id = re.search(r"MLflow run (\w+) in ", out).group(1)
+    got = c.get_run(run_id)
+    assert got.info.status == "FINISHED" and got.data.params["train.steps"] == str(steps)
+    assert got.data.tags["world_size"] == "2"
+    assert [h.step for h in c.get_metric_history(run_id, "loss")] == list(range(1, steps + 1))
+    logged = [json.loads(x) for x in (tmp_path / "runs/tiny_cpu/metrics.jsonl").read_text().splitlines()]
+    assert [h.value for h in c.get_metric_history(run_id, "loss")] == [x["loss"] for x in logged]
+    # the steps logged before the run existed say so; the run id is known from its creation on
+    assert logged[0]["run_id"] is None and {x["run_id"] for x in logged} <= {None, run_id}
+
+
 @pytest.mark.parametrize("how", ["hung", "killed"])  # "killed" last: it stops the module's server
 def test_server_killed_or_hung_mid_run_neither_stalls_nor_kills_training(server_proc, tmp_path, how):
     proc, uri = server_proc

@@ -22,8 +22,16 @@ Why it cannot hurt the run:
   minutes per call against a dead server). The tracker sets short defaults for this process
   (:data:`HTTP_DEFAULTS`; any ``MLFLOW_HTTP_REQUEST_*`` variable already set wins).
 - The first failure prints one warning; while the server is down the thread only re-probes it every
-  :data:`RETRY_AFTER_S` seconds, and picks up again when it answers.
+  ``tracking.retry_interval_s`` seconds (default 30), and picks up again when it answers.
 - ``close`` waits at most :data:`CLOSE_TIMEOUT_S` for the upload thread.
+
+Nothing is lost to an outage: the JSONL file is the backlog. The worker remembers which bytes of it
+(written by this process) it has not sent; when the server answers again it sends those lines, in
+order, before anything newer. A server that is down when the run starts (so no MLflow run exists
+yet) is handled the same way: the worker keeps trying to start the run, at the same interval, and
+once it is there it gets the params, tags and recipe, then every step logged meanwhile. Steps
+logged before the run existed carry ``"run_id": null`` in the file; the run id is known from then on
+(``Tracker.run_id``, read when a checkpoint is saved and when training ends).
 """
 
 from __future__ import annotations
@@ -39,7 +47,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from v2pe_megatron.config import Recipe, flatten, to_dict, to_yaml
 
@@ -52,7 +60,6 @@ HTTP_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.2",
 }
-RETRY_AFTER_S = 30.0
 QUEUE_SIZE = 1000
 CLOSE_TIMEOUT_S = 20.0
 STATUSES = ("FINISHED", "KILLED", "FAILED")
@@ -247,7 +254,10 @@ class Tracker:
         self.local_path: Optional[Path] = None
         self.dropped = 0          # steps not uploaded because the queue was full
         self.online = False       # the server answered the last call
+        self.started = False      # the MLflow run exists and has its params, tags and recipe
+        self.replayed = 0         # steps sent from metrics.jsonl after an outage
         self._warned = False
+        self._last_try = 0.0
         self._closed = False
         self._local_failed = False
         self._monitor = None
@@ -262,15 +272,22 @@ class Tracker:
         run_dir = default_run_dir(recipe)
         run_dir.mkdir(parents=True, exist_ok=True)
         self.local_path = (run_dir / "metrics.jsonl").resolve()
-        self._local = open(self.local_path, "a", buffering=1)
+        # Binary and unbuffered: one write per line, and byte offsets the worker can re-read.
+        self._local = open(self.local_path, "ab", buffering=0)
+        self._written = os.fstat(self._local.fileno()).st_size  # end of this process's last line
+        self._backlog: Optional[list[int]] = None  # worker only: [start, end) of the file not sent
+        self._created = False     # this tracker created the run (so it sends the params)
         self.uri = resolve_tracking_uri(recipe)
         self._recipe = recipe
         tags = {"git_commit": git_commit(), "device": device_name(), **(tags or {})}
         tags["mlflow.source.git.commit"] = tags["git_commit"]
+        self._tags = tags
         t0 = time.time()
         try:
-            self._start_run(recipe, run_id, tags)
-            self.online = True
+            describe = self._start_run()
+            # on the worker: the first step does not wait for these uploads
+            self._queue.put(("call", describe))
+            self.online = self.started = True
         except Exception as e:  # noqa: BLE001 - whatever MLflow raises, training goes on
             self._warn(e, f"gave up after {time.time() - t0:.1f}s")
         self._thread = threading.Thread(target=self._work, name="v2pe-mlflow", daemon=True)
@@ -278,12 +295,15 @@ class Tracker:
         atexit.register(self._at_exit)
 
     # -- MLflow calls (start on the caller's thread, everything else on the worker) -------------
-    def _start_run(self, recipe: Recipe, run_id: Optional[str], tags: dict[str, Any]) -> None:
+    def _start_run(self) -> Callable[[], None]:
+        """Create (or reopen) the run; returns the call that sends its params, tags and recipe. Runs
+        on the caller's thread at start, then on the worker until it succeeds."""
         from mlflow.tracking import MlflowClient
 
+        recipe, run_id, tags = self._recipe, self.run_id, self._tags
         init_sqlite_store(self.uri)
         self._client = client = MlflowClient(tracking_uri=self.uri)
-        if run_id is not None and not _run_exists(client, run_id):
+        if run_id is not None and not self._created and not _run_exists(client, run_id):
             log.warning("MLflow run %s (from the checkpoint) is not in %s: starting a new run", run_id, self.uri)
             run_id = self.run_id = None
         if run_id is None:
@@ -295,50 +315,116 @@ class Tracker:
                 artifacts = (default_run_dir(recipe) / "mlruns").resolve().as_uri() if local else None
                 exp_id = client.create_experiment(recipe.tracking.experiment, artifact_location=artifacts)
             run = client.create_run(exp_id, run_name=recipe.tracking.run_name or recipe.name)
-            self.run_id = run.info.run_id
-            params = {k: str(v)[:500] for k, v in flatten(to_dict(recipe)).items()}
-        else:
+            self.run_id, self._created = run.info.run_id, True
+        elif not self._created:
             client.update_run(run_id, status="RUNNING")
-            params = {}  # params are immutable in MLflow; the first job's recipe stays
+        # params are immutable in MLflow: a resumed run keeps the first job's
+        params = {k: str(v)[:500] for k, v in flatten(to_dict(recipe)).items()} if self._created else {}
         from mlflow.entities import Param, RunTag
 
         run, text = self.run_id, to_yaml(recipe)
 
-        def describe() -> None:  # on the worker: the first step does not wait for these uploads
+        def describe() -> None:
             items = list(params.items())
             for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
                 client.log_batch(run, params=[Param(k, v) for k, v in items[i:i + 100]])
             client.log_batch(run, tags=[RunTag(k, str(v)) for k, v in tags.items()])
             client.log_text(run, text, "recipe.yaml")
 
-        self._queue.put(("call", describe))
-        if recipe.tracking.system_metrics:
+        if recipe.tracking.system_metrics and self._monitor is None:
             try:
                 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
                 self._monitor = SystemMetricsMonitor(self.run_id, tracking_uri=self.uri,
-                                                     resume_logging=run_id is not None)
+                                                     resume_logging=not self._created)
                 self._monitor.start()
             except Exception as e:  # noqa: BLE001
                 log.warning("MLflow system metrics are off: %s", e)
                 self._monitor = None
+        return describe
+
+    def _reconnect(self) -> None:
+        """On the worker, while offline: start the run if it never started, then send the backlog.
+        Raises what MLflow raises (the caller warns)."""
+        if not self.started:
+            self._start_run()()
+            self.started = True
+            log.warning("MLflow at %s answers: run %s %s; sending the steps logged meanwhile from %s",
+                        self.uri, self.run_id, "created" if self._created else "reopened", self.local_path)
+        n = self._send_backlog()
+        if n and self._warned:
+            log.warning("MLflow at %s answers again: sent the %d step(s) logged while it was down (from %s)",
+                        self.uri, n, self.local_path)
+        self.online = True
+
+    def _send_backlog(self) -> int:
+        """Send the lines of metrics.jsonl this process wrote and has not sent, in order; returns how
+        many steps. What was sent is forgotten batch by batch, so a failure midway resumes there."""
+        from mlflow.entities import Metric
+
+        if self._backlog is None:
+            return 0
+        start, end = self._backlog
+        total = 0
+
+        def send(ms: list, steps: int, upto: int) -> None:
+            nonlocal total
+            for i in range(0, len(ms), 1000):  # MLflow caps a batch at 1000 metrics
+                self._client.log_batch(self.run_id, metrics=ms[i:i + 1000])
+            self._backlog[0] = upto  # type: ignore[index]
+            total += steps
+            self.replayed += steps
+
+        with open(self.local_path, "rb") as f:
+            f.seek(start)
+            pos, ms, steps = start, [], 0
+            while pos < end:
+                line = f.readline()
+                if not line:
+                    break
+                pos += len(line)
+                try:
+                    rec = json.loads(line)
+                    step, ts = int(rec.pop("step")), float(rec.pop("time"))
+                except (ValueError, KeyError, TypeError):
+                    continue  # a line cut by a full disk: the others are still worth sending
+                rec.pop("run_id", None)
+                ms += [Metric(k, float(v), int(ts * 1000), step) for k, v in rec.items()]
+                steps += 1
+                if len(ms) >= 900:
+                    send(ms, steps, pos)
+                    ms, steps = [], 0
+            if ms:
+                send(ms, steps, pos)
+        self._backlog = None
+        return total
+
+    def _unsent(self, start: Optional[int], end: Optional[int]) -> None:
+        """Lines [start, end) of the file were not sent: extend the backlog over them."""
+        if start is None or end is None:  # not in the file either (it could not be written)
+            return
+        if self._backlog is None:
+            self._backlog = [start, end]
+        else:
+            self._backlog[1] = max(self._backlog[1], end)
 
     def _warn(self, err: BaseException, note: str = "") -> None:
         self.online = False
+        self._last_try = time.time()  # the worker tries again retry_interval_s after a failure
         monitor, self._monitor = self._monitor, None
         if monitor is not None:  # it would warn every 10 s; finish() joins it, so not on this thread
             threading.Thread(target=monitor.finish, name="v2pe-mlflow-monitor-stop", daemon=True).start()
         if not self._warned:
             self._warned = True
             first = _short_reason(err) + (f"; {note}" if note else "")
-            log.warning("MLflow at %s is not reachable (%s): training continues; every step is kept in %s; "
-                        "MLflow gets new steps again once the server answers (checked every %.0fs)",
-                        self.uri, first, self.local_path, RETRY_AFTER_S)
+            log.warning("MLflow at %s is not reachable (%s): training continues; every step is kept in %s "
+                        "and sent to MLflow once the server answers (checked every %.0fs)%s",
+                        self.uri, first, self.local_path, self._recipe.tracking.retry_interval_s,
+                        "" if self.started else "; the MLflow run is created then")
 
     def _work(self) -> None:
         from mlflow.entities import Metric
 
-        last_try = time.time() if not self.online else 0.0
         while True:
             item = self._queue.get()
             batch = [item]
@@ -353,23 +439,30 @@ class Tracker:
             metrics = [b for b in batch if b[0] == "metrics"]
             end = next((b for b in batch if b[0] == "end"), None)
             call = next((b[1] for b in batch if b[0] == "call"), None)
+            if not self.online:
+                for _, _, _, _, lo, hi in metrics:  # all of it is in the file: sent from there
+                    self._unsent(lo, hi)
+                metrics = []
+                # at the end too: the server may be back, and each try is bounded
+                if end is not None or time.time() - self._last_try >= self._recipe.tracking.retry_interval_s:
+                    try:
+                        self._reconnect()
+                    except Exception as e:  # noqa: BLE001
+                        self._warn(e)
             if call is not None and self.online:
                 try:
                     call()
                 except Exception as e:  # noqa: BLE001
                     self._warn(e)
-            if metrics and self.run_id and self._client is not None and (self.online or time.time() - last_try >= RETRY_AFTER_S):
-                last_try = time.time()
-                ms = [Metric(k, v, int(ts * 1000), step) for _, step, ts, m in metrics for k, v in m.items()]
+            if metrics and self.online:
+                ms = [Metric(k, v, int(ts * 1000), step) for _, step, ts, m, _, _ in metrics for k, v in m.items()]
                 try:
                     for i in range(0, len(ms), 1000):  # MLflow caps a batch at 1000 metrics
                         self._client.log_batch(self.run_id, metrics=ms[i:i + 1000])
-                    if not self.online and self._warned:
-                        log.warning("MLflow at %s answers again; steps logged while it was down are in %s",
-                                    self.uri, self.local_path)
-                    self.online = True
                 except Exception as e:  # noqa: BLE001
                     self._warn(e)
+                    for _, _, _, _, lo, hi in metrics:
+                        self._unsent(lo, hi)
             if end is not None:
                 self._finish(end[1])
                 return
@@ -380,8 +473,14 @@ class Tracker:
                 self._monitor.finish()
             except Exception:  # noqa: BLE001
                 pass
-        if not self.run_id or self._client is None:
+        if not self.started or self._client is None:
+            if self._backlog is not None:
+                log.warning("MLflow at %s never answered: no MLflow run; every step is in %s", self.uri,
+                            self.local_path)
             return
+        if self._backlog is not None:
+            log.warning("MLflow run %s lacks the steps logged while the server was down; they are in %s",
+                        self.run_id, self.local_path)
         try:  # also when the server was down: it may be back, and each try is bounded
             self._client.set_terminated(self.run_id, status=status)
         except Exception as e:  # noqa: BLE001
@@ -395,13 +494,21 @@ class Tracker:
         m = {k: float(v) for k, v in metrics.items() if v is not None}
         m.update(memory_metrics())
         ts = time.time()
+        line = (json.dumps({"run_id": self.run_id, "step": step, "time": round(ts, 3), **m}) + "\n").encode()
+        lo: Optional[int] = None
+        hi: Optional[int] = None
         try:
-            self._local.write(json.dumps({"run_id": self.run_id, "step": step, "time": round(ts, 3), **m}) + "\n")
+            if self._local_failed:  # a failed write may have left part of a line: offsets from the file
+                self._written = os.fstat(self._local.fileno()).st_size
+            n = self._local.write(line)
+            if n == len(line):
+                lo, hi = self._written, self._written + n
+            self._written += n or 0
         except (OSError, ValueError) as e:  # a full disk is not a reason to stop training either
             if not self._local_failed:
                 self._local_failed = True
                 log.warning("cannot append to %s (%s); MLflow still gets the metrics", self.local_path, e)
-        item = ("metrics", step, ts, m)
+        item = ("metrics", step, ts, m, lo, hi)
         while True:
             try:
                 self._queue.put_nowait(item)
@@ -416,11 +523,12 @@ class Tracker:
     def log_artifact(self, path: str | os.PathLike) -> None:
         """Upload a file to the run, on the worker like every other MLflow call (bounded, never
         raising); the file stays where it is whatever the server does."""
-        if not self.active or not self.run_id or self._client is None:
+        if not self.active:
             return
-        client, run, f = self._client, self.run_id, str(path)
+        f = str(path)
+        # run and client read on the worker: a run the worker created after an outage gets it too
         try:
-            self._queue.put(("call", lambda: client.log_artifact(run, f)), timeout=CLOSE_TIMEOUT_S)
+            self._queue.put(("call", lambda: self._client.log_artifact(self.run_id, f)), timeout=CLOSE_TIMEOUT_S)
         except queue.Full:
             log.warning("MLflow is too slow to take %s; it stays on disk", f)
 
