@@ -143,6 +143,7 @@ def _exit_now(code: int) -> None:
 
 def _run(recipe) -> int:
     """One rank's run; returns its ``runtime.exit_codes`` code."""
+    from v2pe_megatron.data.skips import SkipCounter
     from v2pe_megatron.training.checkpointing import CheckpointError
     from v2pe_megatron.training.loop import train
     from v2pe_megatron.training.metrics import MFUError
@@ -167,10 +168,13 @@ def _run(recipe) -> int:
               f"{s.seconds:.0f}s")
         if s.losses:
             print(f"v2pe-train: loss {s.losses[0]:.4f} -> {s.losses[-1]:.4f}")
-        if any(s.skips.values()):
-            for k, v in sorted(s.skips.items()):
-                if v:
-                    print(f"skipped {k}: {v}")
+        counted = SkipCounter(s.skips)
+        if counted.report_lines():
+            if counted.total:  # the counters run over the whole run: a bad sample counts once per epoch
+                print(f"v2pe-train: skips over data epochs 0..{s.data_epoch} (a bad sample is counted again "
+                      f"in every epoch that reads it; v2pe-data inspect --skips-file lists them):")
+            for line in counted.report_lines():
+                print(line)
         if s.tracking_uri:
             print(f"v2pe-train: MLflow run {s.run_id} in {s.tracking_uri} "
                   f"(view: mlflow ui --backend-store-uri {s.tracking_uri})")

@@ -21,6 +21,8 @@ from megatron.core import parallel_state as ps
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 from v2pe_megatron.config import Recipe, validate
+from v2pe_megatron.data.skips import SkipCounter
+from v2pe_megatron.data.skips import describe as describe_skips
 from v2pe_megatron.parallel.layout import resolve_spec
 from v2pe_megatron.runtime import distributed as rt
 from v2pe_megatron.runtime import exit_codes
@@ -50,6 +52,7 @@ class RunSummary:
     stop_reason: int = 0          # STOP_* (0: ran to the end)
     exit_code: int = exit_codes.SUCCESS
     nonfinite_steps: int = 0
+    data_epoch: int = 0           # the data epoch the loader had reached (skip counters span 0..this)
 
 
 def _scheduler(recipe: Recipe, optimizer) -> OptimizerParamScheduler:
@@ -168,16 +171,15 @@ def train(recipe: Recipe) -> RunSummary:
                 # Collective: the same figures (and step time) on every rank; an MFU above 100% raises on all.
                 perf = meter.end_step(step + 1, dt, d.global_batch_size * d.seq_length)
                 if rank0 and (step + 1) % recipe.train.log_interval == 0:
+                    counted = describe_skips(skips)
                     log.info("step %d/%d  loss %.5f  lr %.3e  grad_norm %s  %s  step %.2fs%s",
                              step + 1, recipe.train.steps, res.loss, lr,
                              f"{res.grad_norm:.3f}" if res.grad_norm is not None else "n/a", meter.format(perf),
-                             perf["step_time_s"],
-                             ("  skipped " + ", ".join(f"{k}={v}" for k, v in skips.items() if v)) if any(
-                                 skips.values()) else "")
+                             perf["step_time_s"], f"  {counted}" if counted else "")
                 tracker.log_metrics({"loss": res.loss, "lr": lr, "grad_norm": res.grad_norm, **perf,
                                      "trained_tokens": res.num_tokens,
                                      "skipped/nonfinite_steps": nonfinite.total,
-                                     **{f"skipped/{k}": v for k, v in skips.items()}}, step=step + 1)
+                                     **SkipCounter(skips).metrics()}, step=step + 1)
                 if c.dir and c.save_interval and (step + 1) % c.save_interval == 0:
                     saved_at = _save(recipe, step + 1, ddp, optimizer, scheduler, loader, tracker, lineage)
                 reason = _should_stop(recipe, summary.steps_run, t0, signal_received=stop_signals.received,
@@ -194,10 +196,12 @@ def train(recipe: Recipe) -> RunSummary:
                                  STOP_NONFINITE: exit_codes.NONFINITE}.get(summary.stop_reason, exit_codes.SUCCESS)
         finally:
             tracker.close(status)
+            summary.run_id = tracker.run_id  # created after the start when MLflow was down then
             stop_signals.restore()
             if hasattr(loader, "close"):
                 loader.close()
         summary.skips = _global_skips(loader.skips)
+        summary.data_epoch = int(loader.state_dict()["epoch"]) if hasattr(loader, "state_dict") else 0
         summary.nonfinite_steps = nonfinite.total
         summary.seconds = time.time() - t0
         return summary
