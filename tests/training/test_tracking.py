@@ -245,6 +245,8 @@ def test_a_store_down_at_the_start_gets_the_run_and_every_step_once_it_is_up(in_
     assert t.run_id is None and not t.online
     for step in range(1, 6):
         t.log_metrics({"loss": float(step)}, step)
+    (in_tmp / "heatmap.txt").write_text("made while the store was down")
+    t.log_artifact(in_tmp / "heatmap.txt")
     later.unlink()
     later.mkdir()
     shutil.copy(empty_store, later / "mlflow.db")  # the store comes up mid-run
@@ -268,6 +270,8 @@ def test_a_store_down_at_the_start_gets_the_run_and_every_step_once_it_is_up(in_
     hist = c.get_metric_history(t.run_id, "loss")
     assert [h.step for h in hist] == list(range(1, step + 1)) and [h.value for h in hist] == list(range(1, step + 1))
     assert "steps: 7" in open(c.download_artifacts(t.run_id, "recipe.yaml", str(in_tmp))).read()
+    got = c.download_artifacts(t.run_id, "heatmap.txt", str(in_tmp / "dl"))
+    assert open(got).read() == "made while the store was down"
     lines = [json.loads(x) for x in (in_tmp / "runs/trk/metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == list(range(1, step + 1))
     assert lines[0]["run_id"] is None and lines[-1]["run_id"] == t.run_id

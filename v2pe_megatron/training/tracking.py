@@ -26,8 +26,8 @@ Why it cannot hurt the run:
 - ``close`` waits at most :data:`CLOSE_TIMEOUT_S` for the upload thread.
 
 Nothing is lost to an outage: the JSONL file is the backlog. The worker remembers which bytes of it
-(written by this process) it has not sent; when the server answers again it sends those lines, in
-order, before anything newer. A server that is down when the run starts (so no MLflow run exists
+(the lines this process wrote, by their offsets) it has not sent; when the server answers again it
+sends those lines, in order, before anything newer, then the calls (artifacts) made meanwhile. A server that is down when the run starts (so no MLflow run exists
 yet) is handled the same way: the worker keeps trying to start the run, at the same interval, and
 once it is there it gets the params, tags and recipe, then every step logged meanwhile. Steps
 logged before the run existed carry ``"run_id": null`` in the file; the run id is known from then on
@@ -272,10 +272,11 @@ class Tracker:
         run_dir = default_run_dir(recipe)
         run_dir.mkdir(parents=True, exist_ok=True)
         self.local_path = (run_dir / "metrics.jsonl").resolve()
-        # Binary and unbuffered: one write per line, and byte offsets the worker can re-read.
+        # Binary and unbuffered: one write per line, at offsets the worker can re-read (taken after
+        # each write, so another process appending to the same file does not shift them).
         self._local = open(self.local_path, "ab", buffering=0)
-        self._written = os.fstat(self._local.fileno()).st_size  # end of this process's last line
-        self._backlog: Optional[list[int]] = None  # worker only: [start, end) of the file not sent
+        self._backlog: list[list[int]] = []  # worker only: [start, end) ranges of our unsent lines
+        self._pending: list[Callable[[], None]] = []  # worker only: calls made while offline
         self._created = False     # this tracker created the run (so it sends the params)
         self.uri = resolve_tracking_uri(recipe)
         self._recipe = recipe
@@ -358,55 +359,50 @@ class Tracker:
         self.online = True
 
     def _send_backlog(self) -> int:
-        """Send the lines of metrics.jsonl this process wrote and has not sent, in order; returns how
-        many steps. What was sent is forgotten batch by batch, so a failure midway resumes there."""
+        """Send the lines of metrics.jsonl this process wrote and has not sent, in order, then the
+        calls made meanwhile; returns how many steps. What was sent is forgotten batch by batch, so a
+        failure midway resumes there."""
         from mlflow.entities import Metric
 
-        if self._backlog is None:
-            return 0
-        start, end = self._backlog
         total = 0
-
-        def send(ms: list, steps: int, upto: int) -> None:
-            nonlocal total
-            for i in range(0, len(ms), 1000):  # MLflow caps a batch at 1000 metrics
-                self._client.log_batch(self.run_id, metrics=ms[i:i + 1000])
-            self._backlog[0] = upto  # type: ignore[index]
-            total += steps
-            self.replayed += steps
-
         with open(self.local_path, "rb") as f:
-            f.seek(start)
-            pos, ms, steps = start, [], 0
-            while pos < end:
-                line = f.readline()
-                if not line:
-                    break
-                pos += len(line)
-                try:
-                    rec = json.loads(line)
-                    step, ts = int(rec.pop("step")), float(rec.pop("time"))
-                except (ValueError, KeyError, TypeError):
-                    continue  # a line cut by a full disk: the others are still worth sending
-                rec.pop("run_id", None)
-                ms += [Metric(k, float(v), int(ts * 1000), step) for k, v in rec.items()]
-                steps += 1
-                if len(ms) >= 900:
-                    send(ms, steps, pos)
-                    ms, steps = [], 0
-            if ms:
-                send(ms, steps, pos)
-        self._backlog = None
+            while self._backlog:
+                seg = self._backlog[0]
+                f.seek(seg[0])
+                pos, ms, steps = seg[0], [], 0
+                while pos < seg[1]:
+                    line = f.readline()
+                    if not line:
+                        break
+                    pos += len(line)
+                    try:
+                        rec = json.loads(line)
+                        step, ts = int(rec.pop("step")), float(rec.pop("time"))
+                        rec.pop("run_id", None)
+                        ms += [Metric(k, float(v), int(ts * 1000), step) for k, v in rec.items()]
+                    except (ValueError, KeyError, TypeError, AttributeError):
+                        continue  # a line cut by a full disk: the others are still worth sending
+                    steps += 1
+                    if len(ms) >= 900 or pos >= seg[1]:
+                        for i in range(0, len(ms), 1000):  # MLflow caps a batch at 1000 metrics
+                            self._client.log_batch(self.run_id, metrics=ms[i:i + 1000])
+                        seg[0] = pos
+                        total += steps
+                        self.replayed += steps
+                        ms, steps = [], 0
+                self._backlog.pop(0)
+        while self._pending:  # at most once each: a call that always fails must not block the steps
+            self._pending.pop(0)()
         return total
 
     def _unsent(self, start: Optional[int], end: Optional[int]) -> None:
-        """Lines [start, end) of the file were not sent: extend the backlog over them."""
+        """Our line [start, end) of the file was not sent: add it to the backlog."""
         if start is None or end is None:  # not in the file either (it could not be written)
             return
-        if self._backlog is None:
-            self._backlog = [start, end]
+        if self._backlog and self._backlog[-1][1] == start:
+            self._backlog[-1][1] = end
         else:
-            self._backlog[1] = max(self._backlog[1], end)
+            self._backlog.append([start, end])
 
     def _warn(self, err: BaseException, note: str = "") -> None:
         self.online = False
@@ -449,7 +445,9 @@ class Tracker:
                         self._reconnect()
                     except Exception as e:  # noqa: BLE001
                         self._warn(e)
-            if call is not None and self.online:
+            if call is not None and not self.online and len(self._pending) < 100:
+                self._pending.append(call)  # after the backlog, once the server answers
+            elif call is not None and self.online:
                 try:
                     call()
                 except Exception as e:  # noqa: BLE001
@@ -474,11 +472,11 @@ class Tracker:
             except Exception:  # noqa: BLE001
                 pass
         if not self.started or self._client is None:
-            if self._backlog is not None:
+            if self._backlog:
                 log.warning("MLflow at %s never answered: no MLflow run; every step is in %s", self.uri,
                             self.local_path)
             return
-        if self._backlog is not None:
+        if self._backlog:
             log.warning("MLflow run %s lacks the steps logged while the server was down; they are in %s",
                         self.run_id, self.local_path)
         try:  # also when the server was down: it may be back, and each try is bounded
@@ -498,12 +496,10 @@ class Tracker:
         lo: Optional[int] = None
         hi: Optional[int] = None
         try:
-            if self._local_failed:  # a failed write may have left part of a line: offsets from the file
-                self._written = os.fstat(self._local.fileno()).st_size
             n = self._local.write(line)
             if n == len(line):
-                lo, hi = self._written, self._written + n
-            self._written += n or 0
+                hi = self._local.tell()  # O_APPEND: the end of what was just written
+                lo = hi - n
         except (OSError, ValueError) as e:  # a full disk is not a reason to stop training either
             if not self._local_failed:
                 self._local_failed = True
