@@ -107,6 +107,15 @@ def _decode_json_line(raw: bytes) -> Any:
         raise SampleError("bad_json", str(e)) from e
 
 
+def format_source(src: dict[str, Any]) -> str:
+    """A :meth:`Dataset.source` as a person opens it: ``file:line``, ``shard.tar:key``, ``name[i]``."""
+    if "file" in src:
+        return f"{src['file']}:{src.get('line', src.get('key'))}"
+    if "dataset" in src:
+        return f"{src['dataset']}[{src['index']}]"
+    return ", ".join(f"{k}={v}" for k, v in src.items())
+
+
 class Dataset:
     """A random-access list of raw samples."""
 
@@ -127,10 +136,7 @@ class Dataset:
 
     def locate(self, i: int) -> str:
         """Where sample ``i`` is, for a person to open: ``file:line``, ``shard.tar:key``, ..."""
-        src = self.source(i)
-        if "file" in src:
-            return f"{src['file']}:{src.get('line', src.get('key'))}"
-        return f"{src['dataset']}[{src['index']}]"
+        return format_source(self.source(i))
 
 
 class JsonlDataset(Dataset):

@@ -56,7 +56,7 @@ import numpy as np
 import torch
 
 from v2pe_megatron.data.chat import tokenize_sample
-from v2pe_megatron.data.formats import MemoryDataset, MixedIndex, load_meta
+from v2pe_megatron.data.formats import MemoryDataset, MixedIndex, format_source, load_meta
 from v2pe_megatron.data.packing import Packer, PreparedSample, build_pack, collate, truncate_or_skip
 from v2pe_megatron.data.skips import NoUsableSamplesError, SampleError, SkipCounter
 from v2pe_megatron.data.tiling import (ImageDecodeError, allow_large_images, choose_grid, image_size_of, make_tiler,
@@ -370,7 +370,8 @@ class TrainLoader:
         notes: list[tuple[_Prechecked, str]] = []
         prepared = self._prepare(samples, share, notes)
         for p, detail in notes:
-            skips.note("decoded_by_pillow", detail, self._where(p.gid, p.sample_id))
+            # where: only for the few notes that are logged
+            skips.note("decoded_by_pillow", detail, lambda p=p: self._where(p.gid, p.sample_id))
         built, k = [], 0
         for pack in packs:
             keep = []
@@ -400,23 +401,23 @@ class TrainLoader:
         return (f"no usable sample in the data on dp rank {self.dp_rank}: every sample read was skipped "
                 f"({reasons}); check data.meta_path, image roots and data.seq_length / max_tiles_per_pack")
 
-    def _where(self, gid: int, sample_id: str = "") -> str:
-        """``<annotation file>:<line> id=<id> (dp rank r)`` for skip messages: what a person opens."""
+    def _source(self, gid: int) -> dict[str, Any]:
         try:
-            loc = self.index.locate(gid)
+            return self.index.source(gid)  # a jsonl line number costs a scan of the file up to it
         except Exception:  # noqa: BLE001 - a message must not fail the loader
-            loc = f"sample {gid}"
+            return {"sample": gid}
+
+    def _where(self, gid: int, sample_id: str = "", source: dict[str, Any] | None = None) -> str:
+        """``<annotation file>:<line> id=<id> (dp rank r)`` for skip messages: what a person opens."""
+        loc = format_source(source if source is not None else self._source(gid))
         return f"{loc}{f' id={sample_id}' if sample_id else ''} (dp rank {self.dp_rank})"
 
     def _mark(self, err: SampleError, gid: int, sample_id: str = "") -> SampleError:
         """Say on ``err`` which sample it is: ``where`` for the log, ``source`` and ``sample_id``
         for the skip records."""
-        err.where = self._where(gid, sample_id)
-        try:
-            err.source = self.index.source(gid)
-        except Exception:  # noqa: BLE001 - a record must not fail the loader
-            err.source = {"sample": gid}
+        err.source = self._source(gid)
         err.sample_id = sample_id
+        err.where = self._where(gid, sample_id, err.source)
         return err
 
     @staticmethod

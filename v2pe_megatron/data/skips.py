@@ -12,7 +12,7 @@ again in every epoch, so after k epochs a bad sample has counted k times. Report
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 log = logging.getLogger("v2pe_megatron.data")
 
@@ -77,14 +77,16 @@ class SkipCounter:
             log.warning("skipped sample %s: %s%s", err.where or where, err,
                         " (further ones are only counted)" if n == _LOG_FIRST else "")
 
-    def note(self, kind: str, detail: str, where: str = "") -> None:
-        """Count a kept sample's ``kind`` (one of :data:`NOTES`); the first few are logged."""
+    def note(self, kind: str, detail: str, where: str | Callable[[], str] = "") -> None:
+        """Count a kept sample's ``kind`` (one of :data:`NOTES`); the first few are logged (``where``
+        may be a callable, called only then)."""
         if kind not in NOTES:
             raise ValueError(f"unknown note {kind!r}")
         n = self.counts.get(kind, 0) + 1
         self.counts[kind] = n
         if n <= _LOG_FIRST:
-            log.info("%s %s: %s%s", kind, where, detail, " (further ones are only counted)" if n == _LOG_FIRST else "")
+            log.info("%s %s: %s%s", kind, where() if callable(where) else where, detail,
+                     " (further ones are only counted)" if n == _LOG_FIRST else "")
 
     @property
     def total(self) -> int:
