@@ -76,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
         if launch_rank() == 0 or not isinstance(e, (HFCheckpointError, LayoutError)):
             print(f"v2pe-convert: {e}", file=sys.stderr)
         return exit_codes.USAGE
+    except OSError as e:  # e.g. a rename refused: the system's words, with the path
+        print(f"v2pe-convert: {e}", file=sys.stderr)
+        return exit_codes.ERROR
 
 
 def _import(args: argparse.Namespace, argv: list[str] | None) -> int:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 
 class HFCheckpointError(ValueError):
-    """A checkpoint that does not match its config or our model; the message names the tensor and the fix."""
+    """Input the converter cannot use: a checkpoint that does not match its config or our model, a
+    damaged file, an ``--out`` that would destroy an input. The message names the tensor (or file,
+    or flag) and the fix."""
 
 
 class VerifyError(HFCheckpointError):

@@ -82,7 +82,7 @@ def check_out(out: str | os.PathLike, force: bool, inputs: Optional[dict[str, An
     """``out`` may be written: it is not, is not inside and does not contain any of ``inputs``
     (flag -> path; links resolved), nor are the folders the converter clears beside it (``<out>.tmp``,
     ``<out>.replaced.tmp``), since ``--force`` replaces ``out`` and a stale ``<out>.tmp`` is
-    removed; and it does not exist unless ``force``."""
+    removed; it does not exist unless ``force``; and the folder it goes in is writable."""
     p = Path(out)
     for flag, src in (inputs or {}).items():
         if src is None:
@@ -98,6 +98,12 @@ def check_out(out: str | os.PathLike, force: bool, inputs: Optional[dict[str, An
                                         f"its output, which would destroy its input; choose an --out outside {src}")
     if p.exists() and not force:
         raise FileExistsError(f"{p} exists; pass --force to replace it (it is replaced only when the new one is complete)")
+    # the output and its staging folder are made beside each other: found now, not after the work
+    near = next((q for q in p.absolute().parents if q.exists()), None)
+    if near is not None and not (near.is_dir() and os.access(near, os.W_OK | os.X_OK)):
+        raise HFCheckpointError(f"--out {p} cannot be written: {near} is " + (
+            "not writable (read-only, or no permission)" if near.is_dir() else "a file, not a folder") +
+            "; choose another --out")
 
 
 def publish(staged: str | os.PathLike, out: str | os.PathLike) -> None:
@@ -121,7 +127,7 @@ def _write_failed(e: OSError, staged: Path, out: Path, need: int) -> ConvertWrit
     nothing was published."""
     where = next((p for p in (staged, *staged.parents) if p.exists()), Path("/"))
     free = shutil.disk_usage(where).free
-    what = "the disk is full" if e.errno == errno.ENOSPC else f"{e.strerror or e}"
+    what = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up"}.get(e.errno, e.strerror or str(e))
     return ConvertWriteError(f"writing {out} failed: {what} ({e}); the output needs about {need / 1e9:.2f} GB, "
                              f"{where} has {free / 1e9:.2f} GB free now that the partial {staged.name} is removed. "
                              f"Nothing was written to {out}" + (" (the existing one is unchanged)"
