@@ -67,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
             return _import(args, argv)
         return _export(args)
     except (VerifyError, ConvertWriteError) as e:  # the work failed; nothing was published
-        print(f"v2pe-convert: {e}", file=sys.stderr)
+        if launch_rank() == 0 or not getattr(e, "everywhere", False):
+            print(f"v2pe-convert: {e}", file=sys.stderr)
         return exit_codes.ERROR
     # bad input: arguments, paths, an HF folder or checkpoint that cannot be converted (HFCheckpointError
     # and the layout's LayoutError are ValueErrors), found before anything is published

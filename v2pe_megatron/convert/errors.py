@@ -15,4 +15,10 @@ class VerifyError(HFCheckpointError):
 
 
 class ConvertWriteError(RuntimeError):
-    """Writing the output failed (a full disk, an I/O error); the partial output was removed."""
+    """Writing the output failed (a full disk, an I/O error); the partial output was removed.
+    ``everywhere``: every rank of an import has it (megatron's save gathers the failures), so rank 0
+    alone says it."""
+
+    def __init__(self, message: str, everywhere: bool = False):
+        super().__init__(message)
+        self.everywhere = everywhere

@@ -122,7 +122,7 @@ def discard(staged: str | os.PathLike) -> None:
     shutil.rmtree(staged, ignore_errors=True)
 
 
-def _write_failed(e: OSError, staged: Path, out: Path, need: int) -> ConvertWriteError:
+def _write_failed(e: OSError, staged: Path, out: Path, need: int, everywhere: bool = False) -> ConvertWriteError:
     """The one message for a write that failed: the cause (a full disk by name), the sizes, and that
     nothing was published."""
     where = next((p for p in (staged, *staged.parents) if p.exists()), Path("/"))
@@ -131,7 +131,7 @@ def _write_failed(e: OSError, staged: Path, out: Path, need: int) -> ConvertWrit
     return ConvertWriteError(f"writing {out} failed: {what} ({e}); the output needs about {need / 1e9:.2f} GB, "
                              f"{where} has {free / 1e9:.2f} GB free now that the partial {staged.name} is removed. "
                              f"Nothing was written to {out}" + (" (the existing one is unchanged)"
-                                                                if out.exists() else ""))
+                                                                if out.exists() else ""), everywhere)
 
 
 def model_section(mc: ModelConfig) -> dict[str, Any]:
@@ -376,6 +376,7 @@ def _save_streaming(path: Path, model, producer: _Producer) -> None:
         for kind in (HFCheckpointError, OSError):
             ours = [f for f in failures if isinstance(f, kind)]
             if ours:
+                ours[0].everywhere = True  # the same failure on every rank
                 raise ours[0] from e
         raise
     producer._last = (None, None)
@@ -488,12 +489,13 @@ def import_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, *, tp: int = 1,
         except BaseException as e:
             if _rank() == 0:
                 discard(tmp)
-            if isinstance(e, HFCheckpointError):
+            everywhere = isinstance(e, HFCheckpointError) or getattr(e, "everywhere", False)
+            if everywhere:
                 # every rank has it (agreed, or gathered by megatron's save) and rank 0 says it: no
                 # rank leaves before rank 0 (a rank that exits first has the others stopped)
                 dist.barrier()
             if isinstance(e, OSError):
-                raise _write_failed(e, tmp, out, plan.need_bytes) from e
+                raise _write_failed(e, tmp, out, plan.need_bytes, everywhere) from e
             raise
         if publish_output and _rank() == 0:
             publish(tmp, out)
