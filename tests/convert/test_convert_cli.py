@@ -94,9 +94,10 @@ def test_native_tp2_pp2_import_matches_transformers_and_exports_bit_exactly(tmp_
     export_hf(tmp_path / "ck2", tmp_path / "out2", layout="transformers", progress=False)
     assert not _same(read_safetensors(tmp_path / "out2"), original)
 
-    out = ["export-hf", "--ckpt", str(tmp_path / "ck"), "--layout", "transformers", "--no-progress", "--out"]
-    assert main(out + [str(tmp_path / "out")]) == 1 and "--force" in capsys.readouterr().err
-    assert main(out + [str(tmp_path / "o3"), "--v2pe-delta", "0.3"]) == 1
+    out = ["export-hf", "--ckpt", str(tmp_path / "ck"), "--layout", "transformers", "--tokenizer", str(hf),
+           "--no-progress", "--out"]
+    assert main(out + [str(tmp_path / "out")]) == 2 and "--force" in capsys.readouterr().err
+    assert main(out + [str(tmp_path / "o3"), "--v2pe-delta", "0.3"]) == 2
     assert "not an integer stride" in capsys.readouterr().err and not (tmp_path / "o3").exists()
 
 
@@ -150,7 +151,7 @@ def test_converted_checkpoint_trains_with_hf_loss_and_exports_from_a_tp2_trainin
     assert abs(loss - ref) <= 1e-5 + 1e-9, (loss, ref)  # printed to 5 decimals
 
     convert("export-hf", "--ckpt", str(tmp_path / "run"), "--out", str(tmp_path / "out"), "--layout", "remote-code",
-            "--model-yaml", str(tmp_path / "recipe.yaml"))
+            "--model-yaml", str(tmp_path / "recipe.yaml"), "--tokenizer", str(hf))
     assert not _same(read_safetensors(tmp_path / "out"), tensors)
     cfg = json.loads((tmp_path / "out" / "config.json").read_text())
     assert cfg["llm_config"]["num_hidden_layers"] == 4 and cfg["architectures"] == ["InternVLChatModel"]

@@ -292,4 +292,11 @@ def read_config(hf_dir: str | os.PathLike) -> dict:
     p = Path(hf_dir) / "config.json"
     if not p.is_file():
         raise HFCheckpointError(f"{hf_dir}: config.json not found (give the folder of an HF checkpoint)")
-    return json.loads(p.read_text())
+    try:
+        cfg = json.loads(p.read_text())
+    except ValueError as e:  # also a UnicodeDecodeError
+        raise HFCheckpointError(f"{p} is not valid JSON ({e}); restore the model's config.json") from None
+    if not isinstance(cfg, dict):
+        raise HFCheckpointError(f"{p} holds a JSON {type(cfg).__name__}, not an object; restore the model's "
+                                f"config.json")
+    return cfg

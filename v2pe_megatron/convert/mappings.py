@@ -230,6 +230,20 @@ def check_hf_shapes(mp: Mapping, got: list[tuple[int, ...]], mcore_shape: tuple[
                                     f"(for {mp.mcore}); the config does not describe this checkpoint")
 
 
+def nonfinite(t: Tensor) -> str | None:
+    """How many NaN and Inf entries ``t`` holds (``"1 NaN and 2 Inf values of 4096"``), or None.
+    NaN and Inf alike: a weight that is either poisons every activation it touches. The common,
+    finite case costs two reductions and no tensor-sized temporary (max and min propagate NaN)."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return None
+    if bool(torch.isfinite(t.amax())) and bool(torch.isfinite(t.amin())):
+        return None
+    nan = int(torch.isnan(t).sum())
+    inf = int(torch.isinf(t).sum())
+    parts = [f"{n} {what}" for n, what in ((nan, "NaN"), (inf, "Inf")) if n]
+    return f"{' and '.join(parts)} value{'s' if nan + inf > 1 else ''} of {t.numel()}"
+
+
 def hf_to_megatron(table: list[Mapping], hf: dict[str, Tensor],
                    expected: dict[str, tuple[int, ...]] | None = None) -> dict[str, Tensor]:
     """Apply the table to in-memory tensors. Missing and unused HF tensors are errors that name them;
@@ -245,6 +259,11 @@ def hf_to_megatron(table: list[Mapping], hf: dict[str, Tensor],
             if mp.mcore not in expected:
                 raise HFCheckpointError(f"table entry {mp.mcore} has no megatron parameter")
             check_hf_shapes(mp, [tuple(hf[n].shape) for n in mp.hf], expected[mp.mcore])
+        for n in mp.hf:
+            bad = nonfinite(hf[n])
+            if bad:
+                raise HFCheckpointError(f"HF tensor {n} (for {mp.mcore}) holds {bad}: the checkpoint's weights "
+                                        f"are not finite; use an intact copy of the checkpoint")
         out[mp.mcore] = mp.to_megatron([hf[n] for n in mp.hf])
         used.update(mp.hf)
     extra = sorted(set(hf) - used)

@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import json
+import math
 import os
 import re
 import shutil
@@ -36,10 +38,10 @@ import torch.distributed as dist
 import yaml
 
 from v2pe_megatron.config import ModelConfig
-from v2pe_megatron.convert.errors import HFCheckpointError
+from v2pe_megatron.convert.errors import ConvertWriteError, HFCheckpointError
 from v2pe_megatron.convert.hf_config import hf_config_from_model, v2pe_recipe_section
 from v2pe_megatron.convert.load import hf_model_config
-from v2pe_megatron.convert.mappings import GatedMLP, Mapping, check_hf_shapes, weight_map
+from v2pe_megatron.convert.mappings import GatedMLP, Mapping, check_hf_shapes, nonfinite, weight_map
 from v2pe_megatron.convert.safetensors_io import SafetensorsReader, ShardWriter, uniform_dtype
 from v2pe_megatron.model.checkpoint_names import checkpoint_name, stored_name
 
@@ -66,23 +68,70 @@ class ConvertResult:
 # ---------------------------------------------------------------------------------------------
 # output folders
 # ---------------------------------------------------------------------------------------------
-def _tmp_of(out: Path) -> Path:
+def staging_dir(out: str | os.PathLike) -> Path:
+    """Where an output is written until it is complete (and verified): ``<out>.tmp``."""
+    out = Path(out)
     return out.with_name(out.name + ".tmp")
 
 
-def check_out(out: str | os.PathLike, force: bool) -> None:
+def _replaced_dir(out: Path) -> Path:
+    return out.with_name(out.name + ".replaced.tmp")
+
+
+def check_out(out: str | os.PathLike, force: bool, inputs: Optional[dict[str, Any]] = None) -> None:
+    """``out`` may be written: it is not, is not inside and does not contain any of ``inputs``
+    (flag -> path; links resolved), nor are the folders the converter clears beside it (``<out>.tmp``,
+    ``<out>.replaced.tmp``), since ``--force`` replaces ``out`` and a stale ``<out>.tmp`` is
+    removed; it does not exist unless ``force``; and the folder it goes in is writable."""
     p = Path(out)
+    for flag, src in (inputs or {}).items():
+        if src is None:
+            continue
+        s = Path(src).resolve()
+        for o in (p, staging_dir(p), _replaced_dir(p)):
+            r = o.resolve()
+            how = "is" if r == s else "is inside" if s in r.parents else "contains" if r in s.parents else None
+            if how:
+                what = f"--out {p}" if o == p else f"{o} (the folder --out {p} is written in)"
+                resolved = f" ({r} {how} {s}, links resolved)" if (r, s) != (o.absolute(), Path(src).absolute()) else ""
+                raise HFCheckpointError(f"{what} {how} {flag} {src}{resolved}: the converter clears and replaces "
+                                        f"its output, which would destroy its input; choose an --out outside {src}")
     if p.exists() and not force:
         raise FileExistsError(f"{p} exists; pass --force to replace it (it is replaced only when the new one is complete)")
+    # the output and its staging folder are made beside each other: found now, not after the work
+    near = next((q for q in p.absolute().parents if q.exists()), None)
+    if near is not None and not (near.is_dir() and os.access(near, os.W_OK | os.X_OK)):
+        raise HFCheckpointError(f"--out {p} cannot be written: {near} is " + (
+            "not writable (read-only, or no permission)" if near.is_dir() else "a file, not a folder") +
+            "; choose another --out")
 
 
-def _publish(tmp: Path, out: Path) -> None:
-    """Rename the finished ``tmp`` to ``out``; an old ``out`` (``force``) goes aside first, deleted last."""
-    old = out.with_name(out.name + ".replaced.tmp")
+def publish(staged: str | os.PathLike, out: str | os.PathLike) -> None:
+    """Rename the finished ``staged`` folder to ``out``; an old ``out`` (``force``) goes aside first,
+    deleted last."""
+    staged, out = Path(staged), Path(out)
+    old = _replaced_dir(out)
     if out.exists():
         out.rename(old)
-    tmp.rename(out)
+    staged.rename(out)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def discard(staged: str | os.PathLike) -> None:
+    """Remove an unfinished (or unverified) output: nothing half-written stays behind."""
+    shutil.rmtree(staged, ignore_errors=True)
+
+
+def _write_failed(e: OSError, staged: Path, out: Path, need: int, everywhere: bool = False) -> ConvertWriteError:
+    """The one message for a write that failed: the cause (a full disk by name), the sizes, and that
+    nothing was published."""
+    where = next((p for p in (staged, *staged.parents) if p.exists()), Path("/"))
+    free = shutil.disk_usage(where).free
+    what = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up"}.get(e.errno, e.strerror or str(e))
+    return ConvertWriteError(f"writing {out} failed: {what} ({e}); the output needs about {need / 1e9:.2f} GB, "
+                             f"{where} has {free / 1e9:.2f} GB free now that the partial {staged.name} is removed. "
+                             f"Nothing was written to {out}" + (" (the existing one is unchanged)"
+                                                                if out.exists() else ""), everywhere)
 
 
 def model_section(mc: ModelConfig) -> dict[str, Any]:
@@ -229,14 +278,20 @@ class _Producer:
 
     def _build(self, g: str) -> torch.Tensor:
         mp, p = self.by_mcore[g], self.params[g]
-        full = mp.to_megatron([self.reader.get(n) for n in mp.hf])
+        hf = [self.reader.get(n) for n in mp.hf]
+        for n, t in zip(mp.hf, hf):
+            bad = nonfinite(t)
+            if bad:
+                raise HFCheckpointError(f"HF tensor {n} (in {self.reader.file_of(n)}, for megatron parameter {g}) "
+                                        f"holds {bad}: the checkpoint's weights are not finite; use an intact copy "
+                                        f"of the checkpoint")
+        full = mp.to_megatron(hf)
+        del hf
         shard = _local_shard(mp, g, full, p, self.tp, self.tp_rank)
         if tuple(shard.shape) != tuple(p.shape):
             raise HFCheckpointError(f"{g}: this rank's shard is {tuple(shard.shape)}, the model has "
                                     f"{tuple(p.shape)} (tp={self.tp})")
         shard = shard.to(p.dtype).contiguous()
-        if shard.is_floating_point() and torch.isnan(shard).any():
-            raise HFCheckpointError(f"megatron parameter {g} holds NaN: its HF tensor(s) {', '.join(mp.hf)} do")
         self.written.add(g)
         self.bar.update(1)
         return shard
@@ -305,7 +360,8 @@ def _check_all_written(producer: _Producer) -> None:
 
 def _save_streaming(path: Path, model, producer: _Producer) -> None:
     """Collective: the weights folder, each tensor made from HF as it is written. A problem found
-    while writing (a NaN in an HF tensor) is raised on every rank, naming the tensor."""
+    while writing (a NaN in an HF tensor, a full disk) is raised on every rank, naming the tensor (or
+    the file)."""
     from megatron.core import dist_checkpointing
     from torch.distributed.checkpoint.api import CheckpointException
 
@@ -316,9 +372,12 @@ def _save_streaming(path: Path, model, producer: _Producer) -> None:
         dist_checkpointing.save(model.sharded_state_dict(), str(path), sharded_strategy=_streaming_strategy(producer))
     except CheckpointException as e:
         # torch gathers each rank's failure as (exception, traceback) onto every rank
-        ours = [f[0] for f in e.failures.values() if isinstance(f, tuple) and isinstance(f[0], HFCheckpointError)]
-        if ours:
-            raise HFCheckpointError(str(ours[0])) from e
+        failures = [f[0] for f in e.failures.values() if isinstance(f, tuple)]
+        for kind in (HFCheckpointError, OSError):
+            ours = [f for f in failures if isinstance(f, kind)]
+            if ours:
+                ours[0].everywhere = True  # the same failure on every rank
+                raise ours[0] from e
         raise
     producer._last = (None, None)
     producer.bar.close()
@@ -341,55 +400,108 @@ def _parallel(tp: int, pp: int):
         yield
 
 
-def import_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, *, tp: int = 1, pp: int = 1, spec: str = "local",
-              force: bool = False, progress: bool = True, img_context_token_id: Optional[int] = None) -> ConvertResult:
-    """HF folder -> torch_dist weights folder ``out`` (collective over ``tp x pp`` ranks, or one process)."""
-    from v2pe_megatron.model.internvl import build_model
-    from v2pe_megatron.parallel.layout import Layout, resolve_spec
-    from v2pe_megatron.training import checkpointing as ckpt
+@dataclass
+class ImportPlan:
+    """What :func:`check_import` read: the model, the HF layout and config, the open reader, and the
+    bytes the output will take."""
 
-    t0 = time.time()
-    out = Path(out)
-    check_out(out, force)
+    mc: ModelConfig
+    layout: str
+    cfg: dict
+    reader: SafetensorsReader
+    need_bytes: int
+
+
+def check_import(hf_dir: str | os.PathLike, out: str | os.PathLike, *, tp: int = 1, pp: int = 1,
+                 spec: str = "local", force: bool = False, img_context_token_id: Optional[int] = None) -> ImportPlan:
+    """Everything an import can be refused for, before any rank starts or model is built: the output
+    path (see :func:`check_out`), ``config.json`` and the token ids, every shard's header, the spec,
+    and whether ``tp x pp`` can split this model (``parallel/layout.py``'s rules). Reads only
+    config.json, the tokenizer files and the safetensors headers. Raises HFCheckpointError,
+    LayoutError, FileExistsError."""
+    from v2pe_megatron.parallel.layout import Layout, LayoutError, resolve_spec
+
+    check_out(out, force, {"--hf": hf_dir})
     mc, layout, cfg = hf_model_config(hf_dir, img_context_token_id)
     reader = SafetensorsReader(hf_dir, native=layout == "native")
     mc.dtype = uniform_dtype(reader.dtype(k) for k in reader.keys()) or "fp32"
     mc.spec = resolve_spec(spec, mc.dtype)
+    # the split's rules only: no forward runs, so the attention backend's do not apply
+    problems = Layout(tp=tp, pp=pp).problems(model=mc)
+    if problems:
+        tps = [t for t in range(1, 129) if not Layout(tp=t).problems(model=mc)]
+        pps = [q for q in range(1, mc.language.num_layers + 1) if not Layout(pp=q).problems(model=mc)]
+        more = f" (and {len(problems) - 1} more rule{'s' if len(problems) > 2 else ''})" if len(problems) > 1 else ""
+        raise LayoutError(f"--tp {tp} --pp {pp} cannot split the model of {Path(hf_dir) / 'config.json'}: "
+                          f"{problems[0]}{more}. This model takes --tp {', '.join(map(str, tps))} and --pp "
+                          f"{', '.join(map(str, pps))}")
+    need = sum(reader.nbytes(k) for k in reader.keys())
+    return ImportPlan(mc, layout, cfg, reader, need)
+
+
+def import_hf(hf_dir: str | os.PathLike, out: str | os.PathLike, *, tp: int = 1, pp: int = 1, spec: str = "local",
+              force: bool = False, progress: bool = True, img_context_token_id: Optional[int] = None,
+              publish_output: bool = True) -> ConvertResult:
+    """HF folder -> torch_dist weights folder ``out`` (collective over ``tp x pp`` ranks, or one process).
+
+    Written to :func:`staging_dir` and renamed to ``out`` when complete; ``publish_output=False``
+    leaves the complete folder there (``--verify`` checks it first, then calls :func:`publish`).
+    On any failure the staging folder is removed."""
+    from v2pe_megatron.model.internvl import build_model
+    from v2pe_megatron.parallel.layout import Layout
+    from v2pe_megatron.training import checkpointing as ckpt
+
+    t0 = time.time()
+    out = Path(out)
+    plan = check_import(hf_dir, out, tp=tp, pp=pp, spec=spec, force=force, img_context_token_id=img_context_token_id)
+    mc, layout, cfg, reader = plan.mc, plan.layout, plan.cfg, plan.reader
     table = weight_map(mc, layout)
-    tmp = _tmp_of(out)
+    tmp = staging_dir(out)
     with _parallel(tp, pp):
         if _rank() == 0 and tmp.exists():
             shutil.rmtree(tmp)
-        model = build_model(mc, Layout(tp=tp, pp=pp, spec=mc.spec), meta=True)  # no memory: shapes only
-        used, problem, producer = set(), None, None
         try:
-            producer = _Producer(model, mc, table, reader, tp, progress)
-            used = producer.check()
-        except HFCheckpointError as e:
-            problem = str(e)
-        _agree(problem)
-        every = [used]
-        if dist.get_world_size() > 1:
-            every = [None] * dist.get_world_size()
-            dist.all_gather_object(every, used)
-        unused = sorted(set(reader.keys()) - set().union(*every))
-        if unused:
-            raise HFCheckpointError(f"unexpected HF tensor {unused[0]} ({len(unused)} unused in all); the config "
-                                    f"does not describe this checkpoint")
-        _save_streaming(tmp, model, producer)
-        _check_all_written(producer)
-        if _rank() == 0:
-            mc_out = dataclasses.replace(mc, spec="auto")  # one set of names: the weights load into either spec
-            write_model_yaml(tmp, mc_out, cfg)
-            (tmp / SOURCE_CONFIG).write_text(json.dumps(cfg, indent=2))
-        dist.barrier()
-        ckpt.write_manifest(tmp)
-        dist.barrier()
-        if _rank() == 0:
-            _publish(tmp, out)
+            model = build_model(mc, Layout(tp=tp, pp=pp, spec=mc.spec), meta=True)  # no memory: shapes only
+            used, problem, producer = set(), None, None
+            try:
+                producer = _Producer(model, mc, table, reader, tp, progress)
+                used = producer.check()
+            except HFCheckpointError as e:
+                problem = str(e)
+            _agree(problem)
+            every = [used]
+            if dist.get_world_size() > 1:
+                every = [None] * dist.get_world_size()
+                dist.all_gather_object(every, used)
+            unused = sorted(set(reader.keys()) - set().union(*every))
+            if unused:
+                raise HFCheckpointError(f"unexpected HF tensor {unused[0]} ({len(unused)} unused in all); the config "
+                                        f"does not describe this checkpoint")
+            _save_streaming(tmp, model, producer)
+            _check_all_written(producer)
+            if _rank() == 0:
+                mc_out = dataclasses.replace(mc, spec="auto")  # one set of names: the weights load into either spec
+                write_model_yaml(tmp, mc_out, cfg)
+                (tmp / SOURCE_CONFIG).write_text(json.dumps(cfg, indent=2))
+            dist.barrier()
+            ckpt.write_manifest(tmp)
+            dist.barrier()
+        except BaseException as e:
+            if _rank() == 0:
+                discard(tmp)
+            everywhere = isinstance(e, HFCheckpointError) or getattr(e, "everywhere", False)
+            if everywhere:
+                # every rank has it (agreed, or gathered by megatron's save) and rank 0 says it: no
+                # rank leaves before rank 0 (a rank that exits first has the others stopped)
+                dist.barrier()
+            if isinstance(e, OSError):
+                raise _write_failed(e, tmp, out, plan.need_bytes, everywhere) from e
+            raise
+        if publish_output and _rank() == 0:
+            publish(tmp, out)
         dist.barrier()
     reader.close()
-    return ConvertResult(str(out), time.time() - t0, len(reader.keys()), layout, tp, pp)
+    return ConvertResult(str(out if publish_output else tmp), time.time() - t0, len(reader.keys()), layout, tp, pp)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -406,26 +518,68 @@ def _saved_name(name: str, layout: str) -> str:
 _NOT_TOKENIZER = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack")
 
 
-def copy_tokenizer(src: str | os.PathLike, dst: Path) -> list[str]:
-    """The tokenizer (and processor) files of ``src``: everything but weights and config.json."""
+def tokenizer_files(src: str | os.PathLike) -> list[Path]:
+    """The tokenizer (and processor, and remote code) files of ``src``: everything but weights and
+    config.json. Raises when there are none."""
     s = Path(src)
     if not s.is_dir():
         raise FileNotFoundError(f"--tokenizer {s} is not a folder")
-    copied = []
-    for f in sorted(s.iterdir()):
-        if f.is_file() and not f.name.endswith(_NOT_TOKENIZER) and f.name not in ("config.json", "model.safetensors.index.json"):
-            shutil.copy2(f, dst / f.name)
-            copied.append(f.name)
-    if not copied:
+    files = [f for f in sorted(s.iterdir()) if f.is_file() and not f.name.endswith(_NOT_TOKENIZER)
+             and f.name not in ("config.json", "model.safetensors.index.json")]
+    if not files:
         raise HFCheckpointError(f"--tokenizer {s} holds no tokenizer files")
-    return copied
+    return files
+
+
+def check_tokenizer(src: str | os.PathLike, mc: ModelConfig, layout: str, model_yaml: Path) -> None:
+    """The tokenizer an export copies must be this model's: the image tokens it lists have the model's
+    ids, and the remote-code layout's lists ``<IMG_CONTEXT>`` (InternVL's chat code and ``import-hf``
+    look it up there). So the exported folder loads, and imports back."""
+    from v2pe_megatron.convert.hf_config import TOKEN_FILES, special_token_ids
+
+    tokenizer_files(src)
+    toks = special_token_ids(src)
+    for name, want in (("<IMG_CONTEXT>", mc.img_context_token_id), ("<img>", mc.img_start_token_id),
+                       ("</img>", mc.img_end_token_id)):
+        if name in toks and toks[name] != want:
+            raise HFCheckpointError(f"--tokenizer {src} gives {name} the id {toks[name]}, the model ({model_yaml}) "
+                                    f"uses {want}: give the tokenizer the model was trained with")
+    if layout == "remote" and "<IMG_CONTEXT>" not in toks:
+        raise HFCheckpointError(f"--tokenizer {src} does not list the <IMG_CONTEXT> token (looked in "
+                                f"{', '.join(TOKEN_FILES)}): the exported model could not find its image tokens; "
+                                f"give the tokenizer folder of the model (e.g. the HF folder it was imported from)")
+
+
+def copy_tokenizer(src: str | os.PathLike, dst: Path) -> list[str]:
+    """Copies :func:`tokenizer_files` into ``dst``; returns their names."""
+    files = tokenizer_files(src)
+    for f in files:
+        shutil.copy2(f, dst / f.name)
+    return [f.name for f in files]
+
+
+def _checkpoint_bytes(src: Path) -> int:
+    """The model tensors' bytes in a torch_dist checkpoint (what an export writes), 0 if unreadable."""
+    from megatron.core import dist_checkpointing
+
+    try:
+        meta = dist_checkpointing.load_tensors_metadata(str(src))
+        return sum(math.prod(m.global_shape) * m.dtype.itemsize for k, m in meta.items()
+                   if k.startswith(_MODEL_PREFIXES))
+    except Exception:  # noqa: BLE001 - only for a message
+        return 0
 
 
 def export_hf(ckpt_path: str | os.PathLike, out: str | os.PathLike, *, layout: str = "remote-code",
               model_yaml: Optional[str | os.PathLike] = None, tokenizer: Optional[str | os.PathLike] = None,
               v2pe_delta: Optional[float] = None, force: bool = False, max_shard_bytes: int = 2 << 30,
-              progress: bool = True) -> ConvertResult:
-    """torch_dist checkpoint (weights folder, ``iter_*`` or a training ``checkpoint.dir``) -> HF folder."""
+              progress: bool = True, publish_output: bool = True) -> ConvertResult:
+    """torch_dist checkpoint (weights folder, ``iter_*`` or a training ``checkpoint.dir``) -> HF folder.
+
+    Written to :func:`staging_dir` and renamed to ``out`` when complete; ``publish_output=False``
+    leaves the complete folder there (``--verify`` checks it first, then calls :func:`publish`).
+    On any failure the staging folder is removed. ``tokenizer``: the folder whose tokenizer files
+    (and remote code) complete the HF folder (:func:`check_tokenizer`); the CLI requires it."""
     from v2pe_megatron.convert.hf_config import v2pe_stride
     from v2pe_megatron.training import checkpointing as ckpt
 
@@ -438,13 +592,15 @@ def export_hf(ckpt_path: str | os.PathLike, out: str | os.PathLike, *, layout: s
     if tokenizer is not None and not Path(tokenizer).is_dir():
         raise FileNotFoundError(f"--tokenizer {tokenizer} is not a folder")
     out = Path(out)
-    check_out(out, force)
+    check_out(out, force, {"--ckpt": ckpt_path, "--model-yaml": model_yaml, "--tokenizer": tokenizer})
     src = ckpt.weights_dir(ckpt_path)
     my = Path(model_yaml) if model_yaml else find_model_yaml(ckpt_path)
     if my is None:
         raise HFCheckpointError(f"no {MODEL_YAML} in or above {ckpt_path}: pass --model-yaml with the recipe "
                                 f"(or its model section) the checkpoint was trained with")
     mc = read_model_yaml(my)
+    if tokenizer is not None:
+        check_tokenizer(tokenizer, mc, lay, my)
     source_cfg = None
     for c in (src, Path(ckpt_path), my.parent):
         if (c / SOURCE_CONFIG).is_file():
@@ -455,17 +611,21 @@ def export_hf(ckpt_path: str | os.PathLike, out: str | os.PathLike, *, layout: s
         if v2pe is not None:
             v2pe_delta = v2pe
     table = weight_map(mc, lay)
-    tmp = _tmp_of(out)
+    tmp = staging_dir(out)
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
     try:
+        tmp.mkdir(parents=True)
         notes = _export_into(tmp, src, mc, table, lay, source_cfg, v2pe_delta, tokenizer, max_shard_bytes, progress)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # nothing half-written stays behind
+    except BaseException as e:
+        discard(tmp)  # nothing half-written stays behind
+        if isinstance(e, OSError):
+            raise _write_failed(e, tmp, out, _checkpoint_bytes(src)) from e
         raise
-    _publish(tmp, out)
-    return ConvertResult(str(out), time.time() - t0, sum(len(mp.hf) for mp in table), lay, notes=notes)
+    if publish_output:
+        publish(tmp, out)
+    return ConvertResult(str(out if publish_output else tmp), time.time() - t0, sum(len(mp.hf) for mp in table),
+                         lay, notes=notes)
 
 
 _LAYER = re.compile(r"^(.*\.decoder\.layers)\.(\d+)\.(.*)$")
@@ -547,6 +707,12 @@ def _export_into(tmp: Path, src: Path, mc: ModelConfig, table: list[Mapping], la
                 if mp.mcore in _VOCAB_PARAMS:
                     t = t[: mc.language.vocab_size]  # padding rows are not part of the HF model
                 for name, x in zip(mp.hf, mp.to_hf(t)):
+                    bad = nonfinite(x)
+                    if bad:
+                        where = key if layer is None else f"{key} (layer {layer})"
+                        raise HFCheckpointError(f"checkpoint tensor {where} in {src} holds {bad} (HF tensor "
+                                                f"{name}): the weights are not finite; export an earlier "
+                                                f"checkpoint (an iter_* folder)")
                     writer.add(_saved_name(name, lay), x.clone())
             del whole
     writer.close()

@@ -9,7 +9,9 @@ no code, so nothing foreign is ever unpickled.
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -50,18 +52,21 @@ def canonical_native_names(hf: dict[str, Tensor]) -> dict[str, Tensor]:
 
 def shard_files(hf_dir: str | os.PathLike) -> dict[str, str]:
     """tensor name -> shard file, from the index (or the one ``model.safetensors``)."""
-    from safetensors import safe_open
-
     d = Path(hf_dir)
     if (d / INDEX).is_file():
-        where = dict(json.loads((d / INDEX).read_text())["weight_map"])
+        try:
+            where = json.loads((d / INDEX).read_text())["weight_map"]
+            if not isinstance(where, dict) or not all(isinstance(v, str) for v in where.values()):
+                raise TypeError
+        except (ValueError, KeyError, TypeError) as e:
+            raise HFCheckpointError(f"{d / INDEX} is damaged (no readable weight_map: {type(e).__name__}); "
+                                    f"restore it from the model's source") from None
         for f in sorted(set(where.values())):
             if not (d / f).is_file():
                 raise HFCheckpointError(f"{d}: shard {f} named in {INDEX} is missing")
-        return where
+        return dict(where)
     if (d / SINGLE).is_file():
-        with safe_open(str(d / SINGLE), framework="pt") as f:
-            return {k: SINGLE for k in f.keys()}
+        return {k: SINGLE for k in read_header(d / SINGLE)[0]}
     raise HFCheckpointError(f"{d}: no {SINGLE} or {INDEX}; only safetensors checkpoints are read "
                             f"(convert .bin files with transformers' save_pretrained(safe_serialization=True))")
 
@@ -72,19 +77,68 @@ _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF
            "BOOL": torch.bool}
 
 
+# safetensors' own bound on the header (``MAX_HEADER_SIZE`` in its Rust reader)
+MAX_HEADER_BYTES = 100_000_000
+
+
+def read_header(path: str | os.PathLike) -> tuple[dict[str, dict], int]:
+    """A safetensors file's tensors (name -> dtype, shape, data_offsets) and where its data starts,
+    checked against the file's size, so that a damaged, truncated or foreign file is named, with
+    what is wrong, before any tensor is read (``__metadata__`` is left out)."""
+    path = Path(path)
+    size = path.stat().st_size
+    bad = f"{path} is not a readable safetensors file"
+    fix = "replace it with the original (download it again)"
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n < 0 or n > min(size - 8, MAX_HEADER_BYTES):
+            raise HFCheckpointError(f"{bad}: its first 8 bytes give a header of {n} bytes in a file of {size} "
+                                    f"bytes (damaged, truncated or not safetensors); {fix}")
+        raw = fh.read(n)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, ValueError):
+        header = None
+    if not isinstance(header, dict):
+        raise HFCheckpointError(f"{bad}: its header is not a JSON object (damaged or not safetensors); {fix}")
+    header.pop("__metadata__", None)
+    data = size - 8 - n
+    for k, meta in header.items():
+        try:
+            dtype, shape, (a, b) = meta["dtype"], [int(x) for x in meta["shape"]], map(int, meta["data_offsets"])
+            ok = isinstance(dtype, str) and min(shape, default=0) >= 0 and 0 <= a <= b
+        except (KeyError, TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise HFCheckpointError(f"{bad}: the header entry of tensor {k} is malformed ({meta!r:.120}); {fix}")
+        if b > data:
+            raise HFCheckpointError(f"{path} is truncated: tensor {k} ends at data byte {b}, the file holds "
+                                    f"{data} data bytes; {fix}")
+        known = _DTYPES.get(dtype)
+        if known is not None and b - a != math.prod(shape) * torch.empty((), dtype=known).element_size():
+            raise HFCheckpointError(f"{bad}: tensor {k} ({dtype} {shape}) has {b - a} bytes of data; {fix}")
+    return header, 8 + n
+
+
 class SafetensorsReader:
     """Lazy access to a checkpoint's tensors. ``native=True`` exposes the runtime (``model.*``) names."""
 
     def __init__(self, hf_dir: str | os.PathLike, *, native: bool = False):
         self.dir = Path(hf_dir)
         self._where: dict[str, tuple[str, str]] = {}
+        self._open: dict[str, dict] = {}
+        self._data_start: dict[str, int] = {}
+        # every shard's header now (they are small): a damaged shard or an index that names a tensor
+        # its shard lacks is an error here, naming the file, before any work starts
         for k, f in shard_files(hf_dir).items():
+            if k not in self._header(f):
+                raise HFCheckpointError(f"{self.dir / f} has no tensor {k}, which {INDEX} places there: the index "
+                                        f"and the shards do not belong together; replace them with the originals")
             name = canonical_native_name(k) if native else k
             if name in self._where:
                 raise HFCheckpointError(f"HF tensor {name} appears under both key layouts")
             self._where[name] = (f, k)
-        self._open: dict[str, dict] = {}
-        self._data_start: dict[str, int] = {}
 
     def keys(self) -> list[str]:
         return list(self._where)
@@ -93,17 +147,22 @@ class SafetensorsReader:
         return name in self._where
 
     def _header(self, f: str) -> dict:
-        """A shard's header (names, dtypes, shapes), read once without mapping the data."""
+        """A shard's header (names, dtypes, shapes), read and checked once without mapping the data."""
         if f not in self._open:
-            with open(self.dir / f, "rb") as fh:
-                n = int.from_bytes(fh.read(8), "little")
-                self._open[f] = json.loads(fh.read(n))
-                self._data_start[f] = 8 + n
+            self._open[f], self._data_start[f] = read_header(self.dir / f)
         return self._open[f]
+
+    def file_of(self, name: str) -> Path:
+        return self.dir / self._where[name][0]
 
     def shape(self, name: str) -> tuple[int, ...]:
         f, k = self._where[name]
         return tuple(self._header(f)[k]["shape"])
+
+    def nbytes(self, name: str) -> int:
+        f, k = self._where[name]
+        a, b = self._header(f)[k]["data_offsets"]
+        return int(b) - int(a)
 
     def dtype(self, name: str) -> str:
         f, k = self._where[name]
@@ -171,7 +230,16 @@ class ShardWriter:
 
         if not self._buf:
             return
-        save_file(self._buf, str(self.dir / f"part-{len(self._parts):05d}.safetensors"), metadata={"format": "pt"})
+        path = self.dir / f"part-{len(self._parts):05d}.safetensors"
+        try:
+            save_file(self._buf, str(path), metadata={"format": "pt"})
+        except Exception as e:
+            # safetensors reports a failed write as SafetensorError("... I/O error: ... (os error N)"):
+            # the OSError it is, so that a full disk is named as such
+            m = re.search(r"\(os error (\d+)\)", str(e))
+            if m is None:
+                raise
+            raise OSError(int(m.group(1)), os.strerror(int(m.group(1))), str(path)) from e
         self._parts.append(list(self._buf))
         self._buf, self._bytes = {}, 0
 

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from v2pe_megatron.config import ModelConfig
-from v2pe_megatron.convert.errors import HFCheckpointError
+from v2pe_megatron.convert.errors import VerifyError
 
 TOLERANCE = 1e-4
 DELTA = 1 / 16  # a V2PE step below 1, so the float positions really reach the rotary
@@ -103,6 +103,6 @@ def verify_pair(hf_dir: str | os.PathLike, ckpt: str | os.PathLike, *, layout: s
     res = compare(ref, got)
     tol = tolerance if mc.dtype == "fp32" else max(tolerance, 2e-2)
     if res["max_rel_logits_diff"] > tol:
-        raise HFCheckpointError(f"verify: max relative logits difference {res['max_rel_logits_diff']:.3g} > {tol:g} "
+        raise VerifyError(f"verify: max relative logits difference {res['max_rel_logits_diff']:.3g} > {tol:g} "
                                 f"(top-1 agreement {res['top1_agreement']:.4f}) between {hf_dir} and {ckpt}")
     return res
