@@ -171,7 +171,7 @@ def check_checkpoint_dir(recipe: Recipe, *, warn: Optional[Warn] = None) -> None
     c = recipe.checkpoint
     if not c.dir:
         return
-    fix = "set checkpoint.dir to a folder this job can write (or checkpoint.dir= for no checkpoints)"
+    fix = "set checkpoint.dir to a folder this job can write (or leave it empty for no checkpoints)"
     path = Path(c.dir)
     there = path
     while not there.exists() and not there.is_symlink() and there != there.parent:
