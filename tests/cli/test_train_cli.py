@@ -169,7 +169,12 @@ def test_ranks_started_by_the_cli_skip_the_checks_it_made(tmp_path, monkeypatch,
     import v2pe_megatron.runtime.launch as launch
 
     seen = {}
-    monkeypatch.setattr(launch, "run_local", lambda cmd, n, env=None: seen.setdefault("env", env) and 0)
+
+    def run_local(cmd, nproc, env=None):
+        seen["env"] = env
+        return 0
+
+    monkeypatch.setattr(launch, "run_local", run_local)
     assert nothing_runs.main([TINY, "tracking.backend=none", f"checkpoint.dir={tmp_path / 'ck'}"]) == 0
     assert seen["env"]["V2PE_PREFLIGHT_DONE"] == "1"
     # in such a rank a failing check is not made again (the parent made it, with this environment)

@@ -55,7 +55,7 @@ from v2pe_megatron.data.packing import Packer, PreparedSample, build_pack, colla
 from v2pe_megatron.data.skips import NoUsableSamplesError, SampleError, SkipCounter
 from v2pe_megatron.data.tiling import (ImageDecodeError, allow_large_images, choose_grid, image_size_of, make_tiler,
                                        tiles_for)
-from v2pe_megatron.data.tokenizer import Tokenizer, build_tokenizer, check_tokenizer  # noqa: F401 (eval imports it here)
+from v2pe_megatron.data.tokenizer import Tokenizer, build_tokenizer, check_tokenizer
 
 if TYPE_CHECKING:
     from v2pe_megatron.config import DataConfig, Recipe
