@@ -103,3 +103,25 @@ def test_round_trip_and_flatten():
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_presets_validate(preset):
     load_recipe(None, [f"model.preset={preset}"])
+
+
+@pytest.mark.parametrize("text, expect", [("", "is empty"), ("# a comment only\n", "is empty"),
+                                          ("- model\n- data\n", "not a list")])
+def test_empty_or_list_recipe_file_is_refused(tmp_path, text, expect):
+    # an empty file used to become the defaults (an InternVL2-2B, built before anything failed), a
+    # list a traceback
+    p = tmp_path / "r.yaml"
+    p.write_text(text)
+    with pytest.raises(RecipeError, match=expect) as e:
+        load_recipe(p)
+    assert "recipes/tiny_cpu.yaml" in str(e.value) and "--list" in str(e.value)
+
+
+def test_env_placeholders_name_their_variables():
+    from v2pe_megatron.config import env_placeholders
+
+    root = Path(__file__).resolve().parents[1] / "recipes"
+    assert env_placeholders(root / "internvl2_2b_32k.yaml") == {
+        "data.meta_path": "V2PE_META_PATH", "data.tokenizer_path": "V2PE_TOKENIZER",
+        "checkpoint.dir": "V2PE_CKPT_DIR", "checkpoint.pretrained": "V2PE_PRETRAINED"}
+    assert env_placeholders(root / "tiny_cpu.yaml") == {}

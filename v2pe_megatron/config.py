@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -335,6 +336,14 @@ def load_recipe(path: str | os.PathLike | None = None, overrides: list[str] | tu
             layers.append(OmegaConf.load(p))
         except Exception as e:  # YAML syntax
             raise _fail(e, f"cannot parse {p}") from e
+        # Either would otherwise become the defaults (an InternVL2-2B) or a traceback, after the build.
+        if not OmegaConf.is_dict(layers[-1]):
+            raise RecipeError(f"{p}: a recipe is a mapping of sections (name:, model:, data:, train:, ...), "
+                              f"not a {type(layers[-1]).__name__.removesuffix('Config').lower()}: "
+                              f"see recipes/tiny_cpu.yaml (v2pe-train --list shows the shipped recipes)")
+        if len(layers[-1]) == 0:
+            raise RecipeError(f"{p} is empty: a recipe needs at least its model (model: preset: tiny, ...): "
+                              f"start from recipes/tiny_cpu.yaml (v2pe-train --list shows the shipped recipes)")
         if "name" not in layers[-1]:
             layers[-1]["name"] = p.stem
     bad = [o for o in overrides if "=" not in o]
@@ -360,6 +369,24 @@ def load_recipe(path: str | os.PathLike | None = None, overrides: list[str] | tu
     recipe: Recipe = OmegaConf.to_object(merged)  # type: ignore[assignment]
     validate(recipe, world_size=validate_for_world_size)
     return recipe
+
+
+_ENV_PLACEHOLDER = re.compile(r"\$\{oc\.env:\s*([A-Za-z_][A-Za-z0-9_]*)\s*(?:,[^}]*)?\}")
+
+
+def env_placeholders(path: str | os.PathLike) -> dict[str, str]:
+    """``{dotted key: environment variable}`` for the recipe file's values that are nothing but an
+    ``${oc.env:VAR,default}`` placeholder (the shipped 2B recipes' data, tokenizer and checkpoint
+    folders), so that a message about such a key can name the variable that sets it."""
+    raw = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    if not isinstance(raw, dict):
+        return {}
+    out = {}
+    for key, value in flatten(raw).items():
+        m = _ENV_PLACEHOLDER.fullmatch(value.strip()) if isinstance(value, str) else None
+        if m:
+            out[key] = m.group(1)
+    return out
 
 
 def to_dict(recipe: Recipe) -> dict[str, Any]:

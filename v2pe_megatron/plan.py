@@ -29,6 +29,7 @@ from v2pe_megatron.flops import PEAK_BF16_FLOPS, step_flops
 from v2pe_megatron.parallel.layout import Layout
 
 __all__ = ["DTYPE_BYTES", "GIB", "Cluster", "Activations", "MemoryBreakdown", "Candidate", "Plan", "param_counts",
+           "parameter_count", "checkpoint_bytes",
            "activation_bytes", "in_flight_microbatches", "memory_breakdown", "step_time", "plan", "model_config",
            "recipe_dict", "format_plan"]
 
@@ -77,7 +78,7 @@ def model_config(preset: str) -> Any:
 # ---------------------------------------------------------------------------------------------
 def param_counts(model_cfg: Any) -> dict[str, int]:
     """Parameters by part: ``vision`` (InternViT), ``projector``, ``embedding``, ``layer`` (one LLM
-    layer), ``final_norm``, ``output`` (0 when tied); ``model.internvl.parameter_count`` sums them."""
+    layer), ``final_norm``, ``output`` (0 when tied); :func:`parameter_count` sums them."""
     v, lm, r = model_cfg.vision, model_cfg.language, model_cfg.projector.downsample_ratio
     c, f = v.hidden_size, v.ffn_hidden_size
     side = v.image_size // v.patch_size
@@ -92,6 +93,24 @@ def param_counts(model_cfg: Any) -> dict[str, int]:
     layer = 2 * h + h * qkv + (qkv if lm.qkv_bias else 0) + lm.num_attention_heads * d * h + 3 * h * lm.ffn_hidden_size
     return {"vision": vit, "projector": 2 * inner + inner * h + h + h * h + h, "embedding": lm.vocab_size * h,
             "layer": layer, "final_norm": h, "output": 0 if lm.tie_word_embeddings else lm.vocab_size * h}
+
+
+def parameter_count(model_cfg: Any) -> int:
+    """The whole model's parameters (unpadded vocab, as the HF checkpoints count them)."""
+    pc = param_counts(model_cfg)
+    return int(pc["vision"] + pc["projector"] + pc["embedding"] + model_cfg.language.num_layers * pc["layer"]
+               + pc["final_norm"] + pc["output"])
+
+
+def checkpoint_bytes(model_cfg: Any, *, optimizer: str = "adam", distributed_optimizer: bool = False) -> int:
+    """About the size of one training checkpoint (``training/checkpointing.py``): the weights in
+    ``model_cfg.dtype``; the fp32 main weights, written by the distributed optimizer in any dtype and
+    by megatron's other optimizers for bf16/fp16 weights; Adam's two fp32 moments. Measured on the
+    tiny model: 12 bytes per parameter (fp32, Adam), 16 with the distributed optimizer."""
+    b = DTYPE_BYTES[model_cfg.dtype]
+    main = 4 if (b != 4 or distributed_optimizer) else 0
+    moments = 8 if optimizer == "adam" else 0
+    return parameter_count(model_cfg) * (b + main + moments)
 
 
 # ---------------------------------------------------------------------------------------------

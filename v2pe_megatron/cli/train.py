@@ -4,6 +4,12 @@ Under torchrun or srun it runs as the rank it was given. Started by hand with
 ``launcher.nproc_per_node > 1`` it starts those ranks itself on this machine (see
 ``runtime.launch``), so ``v2pe-train recipes/tiny_cpu.yaml`` is a complete 2-rank run.
 
+Before it starts a rank it checks what the recipe alone cannot show (``v2pe_megatron.preflight``):
+that ``checkpoint.dir`` can be written, that the tokenizer's special-token ids are the model's, that
+the machine has what ``launcher.backend`` and ``model.spec`` ask for; and a run whose checkpoint is
+already at ``train.steps`` says so and exits 0. ``--list`` shows the shipped recipes and the model
+presets.
+
 ``--print-sbatch [--nodes N --gpus-per-node G --time HH:MM:SS]`` prints the ``sbatch`` command line
 for ``slurm/train.sbatch`` that fits the recipe's layout (or says why none does); ``--run-name NAME``
 gives the run its folder ``runs/NAME/`` (``runtime.sbatch``), which is how a requeued Slurm job
@@ -27,11 +33,19 @@ from v2pe_megatron.cli.common import launch_rank, under_launcher
 from v2pe_megatron.runtime import exit_codes
 
 
+USAGE = """v2pe-train RECIPE [key=value ...] [--nproc N] [--run-name NAME] [--print-recipe]
+       v2pe-train RECIPE [key=value ...] --print-sbatch [--nodes N] [--gpus-per-node G] [--time HH:MM:SS]
+       v2pe-train --list"""
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="v2pe-train", description=__doc__,
+    p = argparse.ArgumentParser(prog="v2pe-train", description=__doc__, usage=USAGE,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("recipe", help="YAML recipe, e.g. recipes/tiny_cpu.yaml")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=10 parallel.tp=2")
+    # Optional for argparse, so that --list needs no recipe; main() asks for it otherwise.
+    p.add_argument("recipe", nargs="?", metavar="RECIPE", help="YAML recipe, e.g. recipes/tiny_cpu.yaml")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="dotted overrides (optional), e.g. train.steps=10 parallel.tp=2")
+    p.add_argument("--list", action="store_true", help="list the shipped recipes and the model presets, and exit")
     p.add_argument("--nproc", type=int, default=None, help="ranks to start here (default: launcher.nproc_per_node)")
     p.add_argument("--print-recipe", action="store_true", help="print the resolved recipe and exit")
     p.add_argument("--run-name", default=None, metavar="NAME",
@@ -74,7 +88,13 @@ def _arm_early_stop(armed: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     if argv is None:
         _arm_early_stop(True)
-    args = _parser().parse_intermixed_args(argv)  # overrides may follow flags (--nproc 4 parallel.tp=2)
+    parser = _parser()
+    args = parser.parse_intermixed_args(argv)  # overrides may follow flags (--nproc 4 parallel.tp=2)
+    if args.list:
+        print(listing())
+        return 0
+    if args.recipe is None:
+        parser.error("give a recipe file (v2pe-train --list shows the shipped recipes)")
     from v2pe_megatron.runtime.quiet import quiet_library_warnings
 
     quiet_library_warnings()
@@ -111,16 +131,20 @@ def main(argv: list[str] | None = None) -> int:
         print(to_yaml(recipe))
         return 0
     nproc = recipe.launcher.nproc_per_node
+    if not under_launcher() and nproc > 1 and recipe.launcher.nnodes > 1:
+        print("v2pe-train: multi-node runs start under srun or torchrun (see slurm/)", file=sys.stderr)
+        return exit_codes.USAGE
+    code = _preflight(recipe, args.recipe)
+    if code is not None:
+        return code
     if not under_launcher() and nproc > 1:
-        if recipe.launcher.nnodes > 1:
-            print("v2pe-train: multi-node runs start under srun or torchrun (see slurm/)", file=sys.stderr)
-            return exit_codes.USAGE
+        from v2pe_megatron import preflight
         from v2pe_megatron.runtime.launch import run_local
 
         cmd = ["-m", "v2pe_megatron.cli.train", args.recipe, *overrides]
         print(f"v2pe-train: starting {nproc} ranks: {' '.join(cmd)}", flush=True)
         _arm_early_stop(False)  # the launcher forwards stop signals to its ranks from here on
-        code = run_local(cmd, nproc)
+        code = run_local(cmd, nproc, env={**os.environ, preflight.CHECKED_ENV: "1"})
         if argv is None:
             _exit_now(code)
         return code
@@ -128,6 +152,76 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None:  # a process of its own (not a caller's function call): leave now
         _exit_now(code)
     return code
+
+
+def _preflight(recipe, recipe_path: str) -> int | None:
+    """The checks before anything is built (``v2pe_megatron.preflight``): an exit code to leave with
+    (USAGE with one message, or SUCCESS for a finished run), or None to go on. Skipped in the ranks
+    this command started itself: it checked before starting them."""
+    from v2pe_megatron import preflight
+
+    if os.environ.get(preflight.CHECKED_ENV):
+        return None
+    first = launch_rank() == 0  # under srun every rank checks, so that every one stops; one speaks
+    try:
+        done = preflight.check_training(recipe, recipe_path, warn=None if first else (lambda _: None))
+    except preflight.PreflightError as e:
+        print(f"v2pe-train: {e}", file=sys.stderr)
+        return exit_codes.USAGE
+    if done is not None:
+        if first:
+            print(done.message(), flush=True)
+        return exit_codes.SUCCESS
+    return None
+
+
+def listing() -> str:
+    """``--list``: the recipes under the checkout's ``recipes/`` (file, model preset, ranks, first
+    comment line) and the model presets (parameters and shapes)."""
+    from pathlib import Path
+
+    from v2pe_megatron.config import PRESETS
+    from v2pe_megatron.plan import parameter_count
+
+    root = Path(__file__).resolve().parents[2] / "recipes"
+    lines = []
+    files = sorted(root.glob("*.yaml")) if root.is_dir() else []
+    if files:
+        lines.append(f"Recipes ({_shown(root)}/):")
+        rows = []
+        for f in files:
+            about = next((ln.lstrip("#").strip() for ln in f.read_text().splitlines() if ln.startswith("#")), "")
+            try:
+                r = load_recipe(f)
+                what = (f"{r.model.preset or '(defaults)'}, {expected_world_size(r)} rank(s), "
+                        f"{r.data.seq_length} tokens")
+            except RecipeError as e:  # e.g. a placeholder variable naming a missing file
+                what = f"does not load here: {str(e).splitlines()[-1].strip(' -')}"
+            rows.append((f.name, what, about))
+        w0, w1 = (max(len(r[i]) for r in rows) for i in (0, 1))
+        lines += [f"  {a:<{w0}}  {b:<{w1}}  {c}".rstrip() for a, b, c in rows]
+    else:
+        lines.append(f"Recipes: none at {root} (they ship in the project's checkout, recipes/)")
+    lines.append("Model presets (model.preset):")
+    for name in PRESETS:
+        m = load_recipe(None, [f"model.preset={name}"]).model
+        lm, v = m.language, m.vision
+        lines.append(f"  {name:<13} {_count(parameter_count(m)):>6} parameters: vision {v.num_layers} layers x "
+                     f"{v.hidden_size} ({v.image_size} px), LLM {lm.arch} {lm.num_layers} layers x {lm.hidden_size}, "
+                     f"vocab {lm.vocab_size}")
+    lines.append("Use: v2pe-train <recipe> [key=value ...]; v2pe-train <recipe> --print-recipe shows every key.")
+    return "\n".join(lines)
+
+
+def _shown(path) -> str:
+    try:
+        return str(path.relative_to(os.getcwd()))
+    except ValueError:
+        return str(path)
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e8 else f"{n / 1e6:.2f}M"
 
 
 def _exit_now(code: int) -> None:

@@ -5,9 +5,20 @@ rule, DALI pipeline, Pillow reference), ``tokenizer`` (sentencepiece + special t
 (templates, ``<image>`` expansion, loss masks), ``packing``, ``skips``, ``synthetic``, ``loader``.
 """
 
-from v2pe_megatron.data.loader import TrainLoader, build_train_loader
-from v2pe_megatron.data.packing import collate
-from v2pe_megatron.data.tokenizer import Tokenizer, build_tokenizer, load_tokenizer, tiny_tokenizer
+from __future__ import annotations
 
-__all__ = ["TrainLoader", "build_train_loader", "collate", "Tokenizer", "build_tokenizer", "load_tokenizer",
-           "tiny_tokenizer"]
+import importlib
+from typing import Any
+
+# Re-exported lazily: importing one light module (``data.tokenizer``, which ``v2pe-train`` reads
+# before it starts any rank) must not import the loader, and with it torch and megatron-core.
+_EXPORTS = {"TrainLoader": "loader", "build_train_loader": "loader", "collate": "packing",
+            "Tokenizer": "tokenizer", "build_tokenizer": "tokenizer", "load_tokenizer": "tokenizer",
+            "tiny_tokenizer": "tokenizer"}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)

@@ -61,7 +61,7 @@ from v2pe_megatron.data.packing import Packer, PreparedSample, build_pack, colla
 from v2pe_megatron.data.skips import NoUsableSamplesError, SampleError, SkipCounter
 from v2pe_megatron.data.tiling import (ImageDecodeError, allow_large_images, choose_grid, image_size_of, make_tiler,
                                        tiles_for)
-from v2pe_megatron.data.tokenizer import Tokenizer, build_tokenizer
+from v2pe_megatron.data.tokenizer import Tokenizer, build_tokenizer, check_tokenizer
 
 if TYPE_CHECKING:
     from v2pe_megatron.config import DataConfig, Recipe
@@ -533,20 +533,6 @@ class TrainLoader:
 # ---------------------------------------------------------------------------------------------
 # From a recipe
 # ---------------------------------------------------------------------------------------------
-def check_tokenizer(recipe: "Recipe", tok: Tokenizer) -> None:
-    m = recipe.model
-    want = {"img_start_token_id": (m.img_start_token_id, tok.img_start_id),
-            "img_end_token_id": (m.img_end_token_id, tok.img_end_id),
-            "img_context_token_id": (m.img_context_token_id, tok.img_context_id)}
-    bad = {k: v for k, v in want.items() if v[0] != v[1]}
-    if bad:
-        raise ValueError("tokenizer and model disagree on image token ids: "
-                         + ", ".join(f"model.{k}={a} but the tokenizer has {b}" for k, (a, b) in bad.items()))
-    if tok.vocab_size > m.language.vocab_size:
-        raise ValueError(f"tokenizer has {tok.vocab_size} ids but model.language.vocab_size="
-                         f"{m.language.vocab_size}")
-
-
 def build_index(recipe: "Recipe") -> MixedIndex:
     d = recipe.data
     if d.meta_path:

@@ -21,8 +21,12 @@ import json
 import re
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from v2pe_megatron.config import Recipe
 
 IM_END, IM_START = "<|im_end|>", "<|im_start|>"
 IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
@@ -188,6 +192,22 @@ def load_tokenizer(path: str | Path, *, known_added: dict[str, int] | None = Non
             pid = specials.get(pad_tok, sp.piece_to_id(pad_tok))
             pad = int(pid)
     return Tokenizer(sp, specials, pad_id=pad)
+
+
+def check_tokenizer(recipe: "Recipe", tok: Tokenizer) -> None:
+    """The model's image token ids and vocabulary against the tokenizer's; TokenizerError names the
+    keys that differ. Torch-free: ``v2pe-train`` runs it before any rank starts (``preflight``)."""
+    m = recipe.model
+    want = {"img_start_token_id": (m.img_start_token_id, tok.img_start_id),
+            "img_end_token_id": (m.img_end_token_id, tok.img_end_id),
+            "img_context_token_id": (m.img_context_token_id, tok.img_context_id)}
+    bad = {k: v for k, v in want.items() if v[0] != v[1]}
+    if bad:
+        raise TokenizerError("tokenizer and model disagree on image token ids: "
+                             + ", ".join(f"model.{k}={a} but the tokenizer has {b}" for k, (a, b) in bad.items()))
+    if tok.vocab_size > m.language.vocab_size:
+        raise TokenizerError(f"tokenizer has {tok.vocab_size} ids but model.language.vocab_size="
+                             f"{m.language.vocab_size}")
 
 
 def save_tiny_tokenizer(tok: Tokenizer, path: str | Path) -> Path:

@@ -260,8 +260,6 @@ def build_model(model_cfg: ModelConfig, layout: Layout, *, recompute: str = "non
 
 def parameter_count(model_cfg: ModelConfig) -> int:
     """Analytic parameter count from the shapes (unpadded vocab), as the HF checkpoints count it."""
-    from v2pe_megatron.plan import param_counts  # the per-part counts the planner also uses
+    from v2pe_megatron import plan  # torch-free, so v2pe-train and v2pe-plan count without building
 
-    parts = param_counts(model_cfg)
-    return int(parts["vision"] + parts["projector"] + parts["embedding"]
-               + model_cfg.language.num_layers * parts["layer"] + parts["final_norm"] + parts["output"])
+    return plan.parameter_count(model_cfg)

@@ -72,7 +72,8 @@ def choose_backend(requested: str = "auto") -> str:
     if requested == "auto":
         return "nccl" if torch.cuda.is_available() else "gloo"
     if requested == "nccl" and not torch.cuda.is_available():
-        raise RuntimeError("launcher.backend=nccl needs CUDA, and none is available; use backend=auto or gloo")
+        raise RuntimeError("launcher.backend=nccl needs CUDA, and none is available: use launcher.backend=auto "
+                           "(gloo without CUDA) or gloo")
     return requested
 
 

@@ -54,18 +54,17 @@ from megatron.core import parallel_state as ps
 from v2pe_megatron.model import checkpoint_names
 from v2pe_megatron.runtime import megatron_writer
 from v2pe_megatron.training import optimizer_state, rng_state
+# The folder's names and the manifest's name-and-size check are torch-free (the CLI checks a folder
+# before it imports torch); re-exported here, where every caller has always found them.
+from v2pe_megatron.training.checkpoint_files import (MANIFEST, CheckpointError, files_in, iteration_dir,  # noqa: F401
+                                                     latest_iteration, manifest_problem, saved_iterations)
 from v2pe_megatron.training.param_sync import sync_params
 
 # How the optimizer state is laid out (megatron's content metadata; checkpoints without it were
 # written in this layout too).
 OPTIM_SHARDING = {"distrib_optim_sharding_type": optimizer_state.SHARDING_TYPE}
-MANIFEST = "manifest.json"
 
 log = logging.getLogger("v2pe_megatron.train")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint folder that cannot be used; the message names it and says why."""
 
 
 def unwrap(module: torch.nn.Module) -> torch.nn.Module:
@@ -89,31 +88,6 @@ def _load_model_sd(model: list[torch.nn.Module], sd: dict) -> None:
         return
     for i, m in enumerate(model):
         unwrap(m).load_state_dict(sd[f"chunk{i}"], strict=True)
-
-
-def iteration_dir(ckpt_dir: str | os.PathLike, iteration: int) -> Path:
-    return Path(ckpt_dir) / f"iter_{iteration:07d}"
-
-
-def latest_iteration(ckpt_dir: str | os.PathLike) -> Optional[int]:
-    """What ``latest`` says (None without one); garbage in it or a missing folder is a CheckpointError."""
-    f = Path(ckpt_dir) / "latest"
-    if not f.is_file():
-        return None
-    text = f.read_text(errors="replace").strip()
-    if not text.isdigit() or not iteration_dir(ckpt_dir, int(text)).is_dir():
-        raise CheckpointError(f"{f} names iteration {text[:40]!r}, which has no checkpoint folder in {ckpt_dir}")
-    return int(text)
-
-
-def saved_iterations(ckpt_dir: str | os.PathLike) -> list[int]:
-    """Iterations with a (renamed, so once complete) ``iter_*`` folder, ascending."""
-    out = []
-    for p in Path(ckpt_dir).glob("iter_*"):
-        digits = p.name[len("iter_"):]
-        if p.is_dir() and digits.isdigit():
-            out.append(int(digits))
-    return sorted(out)
 
 
 def clean_stale_tmp(ckpt_dir: str | os.PathLike) -> list[str]:
@@ -177,10 +151,6 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _files(folder: Path) -> list[str]:
-    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
-
-
 def _gather(obj) -> list:
     if not dist.is_initialized():
         return [obj]
@@ -217,7 +187,7 @@ def _dealt_by_size(files: dict, world: int) -> list[list[str]]:
 
 def write_manifest(folder: Path) -> None:
     """Collective: every rank hashes the files it wrote, rank 0 writes the manifest (fsynced)."""
-    names = [_files(folder) if _rank() == 0 else None]
+    names = [files_in(folder) if _rank() == 0 else None]
     if dist.is_initialized():
         dist.broadcast_object_list(names, src=0)
     mine = {n: {"size": (folder / n).stat().st_size, "sha256": _sha256(folder / n)}
@@ -244,28 +214,7 @@ def _fsync_dir(folder: Path) -> None:
 def verify(folder: Path) -> Optional[str]:
     """Collective. None when ``folder`` matches its manifest, else why not (the same on every rank).
     Sizes are checked by every rank, contents (sha256) by one rank each, dealt out by size."""
-    problem = None
-    files: dict = {}
-    try:
-        files = json.loads((folder / MANIFEST).read_text())["files"]
-        if not isinstance(files, dict) or not files:
-            raise ValueError("no files listed")
-    except FileNotFoundError:
-        problem = f"no {MANIFEST} (an incomplete save, or written before manifests existed)"
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
-        problem = f"unreadable {MANIFEST} ({e})"
-    if problem is None:
-        extra = sorted(set(_files(folder)) - set(files))
-        for name, meta in sorted(files.items()):
-            p = folder / name
-            if not p.is_file():
-                problem = f"{name} is missing"
-            elif p.stat().st_size != meta.get("size"):
-                problem = f"{name} has {p.stat().st_size} bytes, the manifest says {meta.get('size')}"
-            if problem:
-                break
-        if problem is None and extra:
-            problem = f"files not in the manifest: {', '.join(extra[:3])}"
+    problem, files = manifest_problem(folder)
     if problem is None:  # sizes agree: the expensive part, spread over the ranks
         names = _dealt_by_size(files, _world())[_rank()]
         bad = next((n for n in names if _sha256(folder / n) != files[n].get("sha256")), None)

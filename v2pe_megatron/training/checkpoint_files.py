@@ -1,0 +1,90 @@
+"""A checkpoint folder as files: its names, ``latest``, and whether an iteration matches its manifest
+by names and sizes. Torch-free on purpose: ``v2pe-train`` asks these questions before it imports
+torch or starts a rank (``v2pe_megatron.preflight``); ``training.checkpointing`` writes and loads the
+checkpoints themselves and re-exports these names.
+
+Layout on disk::
+
+    <dir>/iter_0000010/                one megatron dist_checkpointing (torch_dist) checkpoint
+    <dir>/iter_0000010/manifest.json   relative path, size and sha256 of every other file in it
+    <dir>/latest                       text file with the last *complete* iteration
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+MANIFEST = "manifest.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint folder that cannot be used; the message names it and says why."""
+
+
+def iteration_dir(ckpt_dir: str | os.PathLike, iteration: int) -> Path:
+    return Path(ckpt_dir) / f"iter_{iteration:07d}"
+
+
+def latest_iteration(ckpt_dir: str | os.PathLike) -> Optional[int]:
+    """What ``latest`` says (None without one); garbage in it or a missing folder is a CheckpointError."""
+    f = Path(ckpt_dir) / "latest"
+    if not f.is_file():
+        return None
+    text = f.read_text(errors="replace").strip()
+    if not text.isdigit() or not iteration_dir(ckpt_dir, int(text)).is_dir():
+        raise CheckpointError(f"{f} names iteration {text[:40]!r}, which has no checkpoint folder in {ckpt_dir}")
+    return int(text)
+
+
+def saved_iterations(ckpt_dir: str | os.PathLike) -> list[int]:
+    """Iterations with a (renamed, so once complete) ``iter_*`` folder, ascending."""
+    out = []
+    for p in Path(ckpt_dir).glob("iter_*"):
+        digits = p.name[len("iter_"):]
+        if p.is_dir() and digits.isdigit():
+            out.append(int(digits))
+    return sorted(out)
+
+
+def files_in(folder: Path) -> list[str]:
+    """The checkpoint's files (relative paths), the manifest itself excluded."""
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def manifest_problem(folder: Path) -> tuple[Optional[str], dict]:
+    """(why ``folder`` does not match its manifest by file names and sizes, or None; the manifest's
+    file table). The cheap half of ``checkpointing.verify``, which then compares the sha256 sums."""
+    try:
+        files = json.loads((folder / MANIFEST).read_text())["files"]
+        if not isinstance(files, dict) or not files:
+            raise ValueError("no files listed")
+    except FileNotFoundError:
+        return f"no {MANIFEST} (an incomplete save, or written before manifests existed)", {}
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        return f"unreadable {MANIFEST} ({e})", {}
+    for name, meta in sorted(files.items()):
+        p = folder / name
+        if not p.is_file():
+            return f"{name} is missing", files
+        if p.stat().st_size != meta.get("size"):
+            return f"{name} has {p.stat().st_size} bytes, the manifest says {meta.get('size')}", files
+    extra = sorted(set(files_in(folder)) - set(files))
+    if extra:
+        return f"files not in the manifest: {', '.join(extra[:3])}", files
+    return None, files
+
+
+def finished_iteration(ckpt_dir: str | os.PathLike) -> Optional[int]:
+    """The iteration ``latest`` names when its folder matches its manifest by names and sizes (no
+    hashing: that is the resume's job), else None. What a run that resumes would start from unless
+    a file's contents changed since it was saved."""
+    try:
+        it = latest_iteration(ckpt_dir)
+    except (CheckpointError, OSError):
+        return None
+    if it is None or manifest_problem(iteration_dir(ckpt_dir, it))[0] is not None:
+        return None
+    return it
