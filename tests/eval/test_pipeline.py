@@ -134,8 +134,8 @@ def test_delta_plan_agrees_with_auto_records(prepared):
 
 def test_read_samples_show_under_their_own_depths(tmp_path):
     """A generated set read back (v2pe-data synth --needles, depths 0 .25 .5 .75 1) gets its own depth
-    columns: 0.5 in the 0.50 column, not in MM-NIAH's 0.40 one. Files whose depths take many values
-    (MM-NIAH's needle means) get MM-NIAH's six columns as bins."""
+    columns and lengths: 0.5 in the 0.50 column, not in MM-NIAH's 0.40 one. Files whose depths take
+    many values (MM-NIAH's needle means) get MM-NIAH's six columns as bins."""
     import dataclasses
 
     from v2pe_megatron.data.needles import write_needles
@@ -147,7 +147,7 @@ def test_read_samples_show_under_their_own_depths(tmp_path):
                                     image_tokens=4, seed=0)
     path = write_needles(tmp_path, samples, images)
     read, lengths, columns = load_samples(Source(data=str(path)), EvalSettings(deltas=[1.0]), tok, 4)
-    assert columns == depths and lengths[0] == 1000  # MM-NIAH's length bins
+    assert columns == depths and lengths == [96]  # its own cells, not MM-NIAH's 1000-token bin
     tiler = make_tiler(56, device="cpu")
     prep = [prepare_sample(s, tok, tiler, image_size=56, num_image_token=4, max_tiles=1, use_thumbnail=True)
             for s in read]

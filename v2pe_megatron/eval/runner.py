@@ -404,24 +404,29 @@ def load_samples(src: Source, settings: EvalSettings, tok, num_image_token: int
 
     if src.data:
         samples = read_mmniah(src.data, src.image_root, src.task)
-        lengths = settings.lengths or list(MMNIAH_LENGTHS)
-        depths = settings.depths  # None: the samples' own, below
+        if src.limit:
+            samples = samples[: src.limit]
+        # A generated set read back (meta.target_length on every line): its own lengths, as generated.
+        own = {s.target_length for s in samples}
+        lengths = settings.lengths or (sorted(int(n) for n in own) if samples and None not in own
+                                       else list(MMNIAH_LENGTHS))
+        depths = settings.depths or data_depths(samples)
     else:
         lengths = settings.lengths or [256, 512]
         depths = settings.depths or [0.0, 0.5, 1.0]
         samples, _ = synth_needles(lengths, depths, tasks=src.tasks, samples_per_cell=src.samples_per_cell,
                                    seed=src.seed, count_tokens=lambda t: len(tok.encode(t)),
                                    image_tokens=num_image_token, image_fraction=src.image_fraction)
-    if src.limit:
-        samples = samples[: src.limit]
-    return samples, list(lengths), list(depths or data_depths(samples))
+        if src.limit:
+            samples = samples[: src.limit]
+    return samples, list(lengths), list(depths)
 
 
 def data_depths(samples: Sequence[NeedleSample], most: int = 11) -> list[float]:
     """Depth columns for read samples without ``--depths``: their own depths (to the table's two
     decimals) when there are at most ``most``, as in a generated set, so that each shows under its
     own value; else :data:`DEFAULT_DEPTHS` as bins (MM-NIAH's own files: a multi-needle sample's
-    depth is its needles' mean, any value)."""
+    depth is its needles' mean, any value). From the samples evaluated (after ``--limit``)."""
     own = sorted({round(s.depth, 2) for s in samples})
     return own if 0 < len(own) <= most else list(DEFAULT_DEPTHS)
 
