@@ -562,12 +562,19 @@ def plan(preset: str, seq_length: int, gpus: int, gpu_mem_gib: float, *, global_
         problems.append(f"--seq {seq_length} must be >= 1")
     if gpus < 1:
         problems.append(f"--gpus {gpus} must be >= 1")
-    if gpu_mem_gib <= 0:
-        problems.append(f"--gpu-mem {gpu_mem_gib} must be > 0 (GiB per GPU, e.g. 80)")
-    if not 0.0 <= image_share <= 1.0:
+    if not (math.isfinite(gpu_mem_gib) and gpu_mem_gib > 0):  # nan compares false to everything
+        problems.append(f"--gpu-mem {gpu_mem_gib} must be a finite number > 0 (GiB per GPU, e.g. 80)")
+    if not (math.isfinite(image_share) and 0.0 <= image_share <= 1.0):
         problems.append(f"--image-share {image_share} must be in [0, 1]")
     if global_batch_size < 1:
         problems.append(f"--global-batch {global_batch_size} must be >= 1")
+    if sub_sample is not None and sub_sample < 0:
+        problems.append(f"--sub-sample {sub_sample} must be >= 0 (0: the whole pack is one sample)")
+    if loss_chunk_tokens < 0:
+        problems.append(f"--loss-chunk-tokens {loss_chunk_tokens} must be >= 0 (0: the whole sequence's logits "
+                        f"at once)")
+    if cluster is not None and cluster.gpus_per_node < 1:
+        problems.append(f"--gpus-per-node {cluster.gpus_per_node} must be >= 1")
     if path not in ("te", "local"):
         problems.append(f"--spec {path!r} is not te or local")
     if dtype not in DTYPE_BYTES:
@@ -604,7 +611,8 @@ def _advice(preset: str, model_cfg: Any, seq_length: int, cluster: Cluster, over
         lines.append(f"the lightest layout (tp={over.tp} pp={over.pp} cp={over.cp} dp={over.dp}, recompute="
                      f"{over.recompute}) needs {m.total / GIB:.1f} GiB per GPU (activations {m.activations / GIB:.1f}, "
                      f"logits {m.logits / GIB:.1f}, parameters+gradients+optimizer "
-                     f"{(m.parameters + m.gradients + m.optimizer) / GIB:.1f}) but {cluster.usable_gib:.1f} of "
+                     f"{(m.parameters + m.gradients + m.optimizer) / GIB:.1f}, buffers {m.buffers / GIB:.1f}) "
+                     f"but {cluster.usable_gib:.1f} of "
                      f"{cluster.gpu_mem_gib:g} GiB are usable")
         if not kwargs.get("loss_chunk_tokens") and m.logits > 0.25 * m.total:
             lines.append(f"the logits alone take {m.logits / GIB:.1f} GiB: computing the loss in chunks "

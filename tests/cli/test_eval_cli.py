@@ -58,6 +58,7 @@ def test_eval_cli_end_to_end(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     out = r.stdout
     assert "v2pe-eval: tiny_cpu: 8 samples x 3 delta(s), modes generate, teacher-forced" in out
+    assert "v2pe-eval: weights: random (no --ckpt)" in out
     for title in ("generation score, delta 1 ", "teacher-forced accuracy, delta 1/16 ",
                   "teacher-forced mean log-prob per answer token, delta auto "):
         assert title in out
@@ -92,3 +93,76 @@ def test_the_delta_eval_prints_is_what_export_hf_takes():
     with pytest.raises(SystemExit):
         convert_parser().parse_args(["export-hf", "--ckpt", "c", "--out", "o", "--layout", "transformers",
                                      "--v2pe-delta", "2"])
+
+
+@pytest.fixture
+def nothing_runs(monkeypatch):
+    """v2pe-eval must answer before any rank starts or model is built."""
+    import v2pe_megatron.eval.runner as runner
+    import v2pe_megatron.runtime.launch as launch
+
+    def started(*a, **k):
+        raise AssertionError("the evaluation started")
+
+    monkeypatch.setattr(runner, "evaluate", started)
+    monkeypatch.setattr(launch, "run_local", started)
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("SLURM_PROCID", raising=False)
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--limit", "-1"], "--limit -1 must be >= 0"),
+    (["--nproc", "0"], "--nproc 0 must be >= 1"),
+    (["--max-tiles-per-image", "0"], "--max-tiles-per-image 0 must be >= 1"),
+    (["--samples-per-cell", "0"], "--samples-per-cell 0 must be >= 1"),
+    (["--max-new-tokens", "0"], "--max-new-tokens 0 must be >= 1"),
+    (["--trained-positions", "0"], "--trained-positions 0 must be >= 1"),
+    (["--depths", "0", "1.5"], "--depths [0.0, 1.5] must lie in [0, 1]"),
+    (["--data", "no/such.jsonl"], "--data no/such.jsonl: no such file"),
+    (["--out", "/proc/nope"], "--out /proc/nope: cannot create files in /proc"),
+])
+def test_bad_flags_exit_2_before_anything_runs(flags, says, nothing_runs, tmp_path, capsys):
+    assert eval_main([str(ROOT / "recipes/tiny_cpu.yaml"), "--out", str(tmp_path / "o"), *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"v2pe-eval: {says}"), err
+
+
+def test_unwritable_out_is_found_at_start(nothing_runs, tmp_path, capsys):
+    """The folder the results go to is checked before the evaluation, not written after it; the
+    check leaves nothing behind."""
+    afile = tmp_path / "a_file"
+    afile.write_text("mine")
+    for out, says in ((afile, f"{afile} is a file, not a folder"), (afile / "sub", f"{afile} is a file, not a folder")):
+        assert eval_main([str(ROOT / "recipes/tiny_cpu.yaml"), "--out", str(out)]) == 2
+        assert capsys.readouterr().err.strip() == f"v2pe-eval: --out {out}: {says}; give a writable folder with --out"
+    assert afile.read_text() == "mine"
+    # a writable, missing folder passes the check (the evaluation then starts) and is not made yet
+    with pytest.raises(AssertionError, match="the evaluation started"):
+        eval_main([str(ROOT / "recipes/tiny_cpu.yaml"), "--out", str(tmp_path / "new" / "eval")])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+
+
+def test_prints_the_iteration_it_loaded(monkeypatch, tmp_path, capsys):
+    import v2pe_megatron.eval.runner as runner
+    from v2pe_megatron.eval.report import EvalReport
+
+    def evaluate(recipe, settings, source, ckpt=None):
+        return EvalReport([], [], [], ["1"], list(settings.modes), checkpoint=Path(ckpt) / "iter_0000030")
+
+    monkeypatch.setattr(runner, "evaluate", evaluate)
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("SLURM_PROCID", raising=False)
+    assert eval_main([str(ROOT / "recipes/tiny_cpu.yaml"), "--ckpt", str(tmp_path / "run"), "--out",
+                      str(tmp_path / "o")]) == 0
+    assert f"v2pe-eval: weights: iteration 30 ({tmp_path / 'run' / 'iter_0000030'})" in capsys.readouterr().out
+    assert runner.checkpoint_label(Path("w/weights")) == "weights w/weights"
+
+
+def test_unwritable_dir(tmp_path):
+    from v2pe_megatron.cli.common import unwritable_dir
+
+    assert unwritable_dir(tmp_path) is None and unwritable_dir(tmp_path / "no" / "such" / "folder") is None
+    assert list(tmp_path.iterdir()) == []  # the probe is gone, nothing was made
+    (tmp_path / "f").write_text("")
+    assert unwritable_dir(tmp_path / "f" / "x") == f"{tmp_path / 'f'} is a file, not a folder"
+    assert unwritable_dir("/proc/nope").startswith("cannot create files in /proc (")

@@ -45,6 +45,13 @@ def test_one_gpu_says_nothing_fits_and_what_would(capsys):
     assert main(ONE_M + ["--gpus", "1"]) == 1
     out = capsys.readouterr().out
     assert "NOTHING FITS" in out and "GiB per GPU" in out
+    # the breakdown adds up to the total: buffers included
+    why = next(line for line in out.splitlines() if "the lightest layout" in line)
+    total = float(why.split(" needs ")[1].split()[0])
+    parts = why.split("GiB per GPU (")[1].split(")")[0].split(", ")
+    assert [p.rsplit(" ", 1)[0] for p in parts] == ["activations", "logits", "parameters+gradients+optimizer",
+                                                    "buffers"]
+    assert sum(float(p.rsplit(" ", 1)[1]) for p in parts) == pytest.approx(total, abs=0.25)
     assert "GPUs of 80 GiB would fit it" in out and "-token pack fits" in out
     assert main(ONE_M + ["--gpus", "1", "--json"]) == 1
     cap = capsys.readouterr()
@@ -82,3 +89,39 @@ def test_planner_is_torch_free_and_the_script_entry_works():
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads(r.stdout)[0]["recommended"] is True
     assert 'v2pe-plan = "v2pe_megatron.cli.plan:main"' in (REPO / "pyproject.toml").read_text()
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--gpu-mem", "nan"], "--gpu-mem nan must be a finite number > 0"),
+    (["--gpu-mem", "inf"], "--gpu-mem inf must be a finite number > 0"),
+    (["--image-share", "nan"], "--image-share nan must be in [0, 1]"),
+    (["--gpus-per-node", "0"], "--gpus-per-node 0 must be >= 1"),
+    (["--top", "-1"], "--top -1 must be >= 0"),
+    (["--loss-chunk-tokens", "-1"], "--loss-chunk-tokens -1 must be >= 0"),
+    (["--sub-sample", "-1"], "--sub-sample -1 must be >= 0"),
+])
+def test_bad_numbers_are_refused_with_one_message(flags, says, capsys):
+    assert main(["--model", "internvl2-2b", "--seq", "4096", "--gpus", "8", "--gpu-mem", "80", *flags]) == 2
+    cap = capsys.readouterr()
+    assert cap.out == "" and cap.err.startswith(f"v2pe-plan: {says}") and cap.err.count("\n") == 1, cap.err
+
+
+def test_write_recipe_keeps_an_existing_file_unless_forced(tmp_path, capsys):
+    args = ["--model", "internvl2-2b", "--seq", "4096", "--gpus", "8", "--gpu-mem", "80", "--write-recipe"]
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("name: mine\n")
+    assert main(args + [str(mine)]) == 2
+    assert capsys.readouterr().err == (f"v2pe-plan: --write-recipe {mine} exists; pass --force to replace it, "
+                                       f"or give another file name\n")
+    assert mine.read_text() == "name: mine\n"
+    assert main(args + [str(mine), "--force"]) == 0
+    assert load_recipe(mine, validate_for_world_size=8).name == "mine" and "preset: internvl2-2b" in mine.read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.yaml"]  # no temporary file left
+    # a missing folder is made; a folder or a path through a file is refused before planning
+    assert main(args + [str(tmp_path / "new" / "deeper" / "r.yaml")]) == 0
+    assert (tmp_path / "new" / "deeper" / "r.yaml").is_file()
+    capsys.readouterr()
+    assert main(args + [str(tmp_path)]) == 2
+    assert "is a folder; give a file name" in capsys.readouterr().err
+    assert main(args + [str(mine / "r.yaml")]) == 2
+    assert capsys.readouterr().err == f"v2pe-plan: --write-recipe {mine / 'r.yaml'}: {mine} is a file, not a folder\n"

@@ -32,7 +32,9 @@ def _evaluate(cp: int, ckpt: str, out: str, save: bool, tp: int = 1):
             save_model_weights(ckpt, build_model(recipe.model, layout_of(recipe)))
     settings = EvalSettings(**SETTINGS, out_dir=None)
     source = Source(tasks=("retrieval-text", "counting-image"))
-    with_ckpt = evaluate(recipe, settings, source, ckpt=ckpt).records
+    report = evaluate(recipe, settings, source, ckpt=ckpt)
+    assert str(report.checkpoint) == ckpt  # the folder it read, which v2pe-eval prints
+    with_ckpt = report.records
     fresh = evaluate(recipe, EvalSettings(**{**SETTINGS, "deltas": [1.0]}, modes=("teacher-forced",)),
                      source).records if save else None
     return with_ckpt, fresh

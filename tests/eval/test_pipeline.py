@@ -130,3 +130,30 @@ def test_delta_plan_agrees_with_auto_records(prepared):
         assert p.delta == min(r["delta_value"] for r in mine)
         assert p.fits == (p.last_position < 150)
         assert p.last_position >= max(r["last_position"] for r in mine if r["delta_value"] == p.delta)
+
+
+def test_read_samples_show_under_their_own_depths(tmp_path):
+    """A generated set read back (v2pe-data synth --needles, depths 0 .25 .5 .75 1) gets its own depth
+    columns and lengths: 0.5 in the 0.50 column, not in MM-NIAH's 0.40 one. Files whose depths take
+    many values (MM-NIAH's needle means) get MM-NIAH's six columns as bins."""
+    import dataclasses
+
+    from v2pe_megatron.data.needles import write_needles
+    from v2pe_megatron.eval.runner import DEFAULT_DEPTHS, Source, data_depths, load_samples
+
+    tok = tiny_tokenizer()
+    depths = [0.0, 0.25, 0.5, 0.75, 1.0]
+    samples, images = synth_needles([96], depths, tasks=["retrieval-text"], count_tokens=lambda t: len(tok.encode(t)),
+                                    image_tokens=4, seed=0)
+    path = write_needles(tmp_path, samples, images)
+    read, lengths, columns = load_samples(Source(data=str(path)), EvalSettings(deltas=[1.0]), tok, 4)
+    assert columns == depths and lengths == [96]  # its own cells, not MM-NIAH's 1000-token bin
+    tiler = make_tiler(56, device="cpu")
+    prep = [prepare_sample(s, tok, tiler, image_size=56, num_image_token=4, max_tiles=1, use_thumbnail=True)
+            for s in read]
+    kept, _ = assign_cells(prep, [96], columns)
+    assert [p.depth for p in kept] == depths
+    # a limit counts before the columns are chosen: the columns are those of the samples evaluated
+    assert load_samples(Source(data=str(path), limit=2), EvalSettings(deltas=[1.0]), tok, 4)[2] == [0.0, 0.25]
+    means = [dataclasses.replace(s, target_depth=None, depths=[k / 13]) for k, s in enumerate(samples * 3)]
+    assert data_depths(means) == list(DEFAULT_DEPTHS)

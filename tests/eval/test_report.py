@@ -79,3 +79,59 @@ def test_labels():
     assert delta_label(1.0) == "1" and delta_label(1 / 16) == "1/16" and delta_label(0.0625) == "1/16"
     assert delta_label("auto") == "auto"
     assert length_label(1 << 20) == "1M" and length_label(32768) == "32K" and length_label(1000) == "1000"
+
+
+def _cell_records(cells, delta="1"):
+    """One record per (length, column depth, needle depth): the table's input, as the runner makes it."""
+    return [{"id": f"s{k}", "task": "retrieval-text", "length": n, "depth": col, "needle_depth": own,
+             "delta": delta, "generate": 1.0, "tf_acc": None, "tf_logp": None, "fits": True}
+            for k, (n, col, own) in enumerate(cells)]
+
+
+def test_only_lengths_and_depths_with_samples_are_shown(tmp_path):
+    """MM-NIAH's 15 default length bins with samples in two: two rows, no 'nan' anywhere; every depth
+    column stays (they are the bins)."""
+    from v2pe_megatron.eval.runner import DEFAULT_DEPTHS, MMNIAH_LENGTHS
+
+    recs = _cell_records([(2000, 0.2, 0.2), (8000, 0.2, 0.2), (8000, 0.6, 0.6)])
+    rep = summarize(recs, EvalSettings(deltas=[1.0], out_dir=tmp_path), MMNIAH_LENGTHS, DEFAULT_DEPTHS)
+    assert rep.lengths == [2000, 8000] and rep.depths == list(DEFAULT_DEPTHS)
+    table = format_table(rep)
+    assert "nan" not in table
+    rows = [line.split() for line in table.splitlines() if line.startswith("   ")]
+    assert rows == [["2000", "-", "1.000", "-", "-", "-", "-", "1.000"],
+                    ["8000", "-", "1.000", "-", "1.000", "-", "-", "1.000"]]
+    assert "depth columns are bins" not in table  # every needle sits at its column's own depth
+    assert rep.heatmap.is_file()
+
+
+def test_nothing_left_writes_results_without_a_heat_map(tmp_path):
+    """Every sample longer than the largest bin: results.json says so, no crash drawing an empty map."""
+    import json
+
+    rep = summarize([], EvalSettings(deltas=[1.0], out_dir=tmp_path), [1000], [0.0], dropped=3)
+    assert rep.heatmap is None and rep.grids == [] and format_table(rep).strip() == ""
+    assert json.loads(rep.results_json.read_text())["records"] == []
+
+
+def test_depth_columns_are_half_open_bins():
+    from v2pe_megatron.eval.report import depth_column
+    from v2pe_megatron.eval.runner import DEFAULT_DEPTHS
+
+    own = [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert [depth_column(d, own) for d in own] == own  # a column's own depth is always itself
+    assert depth_column(0.5, [1.0, 0.0, 0.5]) == 0.5    # in any order
+    # between columns: [halfway below, halfway above); the midpoint counts in the deeper column
+    assert [depth_column(d, DEFAULT_DEPTHS) for d in (0.09, 0.1, 0.1 + 0.2, 0.49, 0.5, 0.95, 1.0)] == \
+        [0.0, 0.2, 0.4, 0.4, 0.6, 1.0, 1.0]
+
+
+def test_binned_depths_are_said_with_their_edges():
+    from v2pe_megatron.eval.runner import DEFAULT_DEPTHS
+
+    recs = _cell_records([(1000, 0.4, 0.47), (1000, 0.0, 0.0)])
+    table = format_table(summarize(recs, EvalSettings(deltas=[1.0]), [1000], DEFAULT_DEPTHS, write=False))
+    assert table.splitlines()[0] == ("depth columns are bins of the needles' depth: 0.00 [0, 0.1), 0.20 [0.1, 0.3), "
+                                     "0.40 [0.3, 0.5), 0.60 [0.5, 0.7), 0.80 [0.7, 0.9), 1.00 [0.9, 1]")
+    row = next(line.split() for line in table.splitlines() if line.strip().startswith("1000"))
+    assert row == ["1000", "1.000", "-", "1.000", "-", "-", "-", "1.000"]  # 0.47 counts in the 0.40 column

@@ -18,7 +18,7 @@ import os
 import sys
 from pathlib import Path
 
-from v2pe_megatron.cli.common import delta, launch_rank, under_launcher
+from v2pe_megatron.cli.common import delta, launch_rank, under_launcher, unwritable_dir
 from v2pe_megatron.runtime import exit_codes
 
 
@@ -45,7 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--samples-per-cell", type=int, default=1, help="generated samples per task, length and depth")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image-fraction", type=float, default=0.5, help="share of a generated context that is images")
-    p.add_argument("--limit", type=int, default=0, help="evaluate at most this many samples")
+    p.add_argument("--limit", type=int, default=0, help="evaluate at most this many samples (0: all)")
     p.add_argument("--delta", nargs="+", type=parse_delta, default=["auto"],
                    help="inference deltas: 1 1/16 1/64 ... or auto (the rule of docs/eval.md)")
     p.add_argument("--trained-positions", type=int, default=None,
@@ -77,6 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     except RecipeError as e:
         print(f"v2pe-eval: {e}", file=sys.stderr)
         return exit_codes.USAGE
+    problem = _usage_problem(args, recipe)
+    if problem:
+        print(f"v2pe-eval: {problem}", file=sys.stderr)
+        return exit_codes.USAGE
     if args.choose_delta:
         return _done(_choose_delta(args, recipe), argv)
     if not under_launcher():
@@ -89,6 +93,26 @@ def main(argv: list[str] | None = None) -> int:
             print(f"v2pe-eval: starting {nproc} ranks", flush=True)
             return _done(run_local(cmd, nproc), argv)
     return _done(_run(args, recipe), argv)
+
+
+def _usage_problem(args: argparse.Namespace, recipe) -> str | None:
+    """The first bad flag, before any rank starts or model is built: the settings' own checks, and
+    an output folder that could not be written at the end of the evaluation."""
+    if args.nproc is not None and args.nproc < 1:
+        return f"--nproc {args.nproc} must be >= 1 (default: the recipe's parallel.tp x parallel.cp)"
+    if args.data and not Path(args.data).is_file():
+        return f"--data {args.data}: no such file"
+    try:
+        settings, _ = _settings_and_source(args, recipe)
+    except ValueError as e:
+        return str(e)
+    if args.choose_delta:  # writes nothing
+        return None
+    why = unwritable_dir(settings.out_dir)
+    if why:
+        flag = f"--out {args.out}" if args.out else f"the output folder {settings.out_dir} (--out)"
+        return f"{flag}: {why}; give a writable folder with --out"
+    return None
 
 
 def _done(code: int, argv: list[str] | None) -> int:
@@ -109,7 +133,7 @@ def _settings_and_source(args: argparse.Namespace, recipe):
     modes = ("generate", "teacher-forced") if args.mode == "both" else (args.mode,)
     settings = EvalSettings(
         deltas=list(args.delta), modes=modes, lengths=args.lengths, depths=args.depths,
-        trained_positions=args.trained_positions or recipe.data.seq_length,
+        trained_positions=recipe.data.seq_length if args.trained_positions is None else args.trained_positions,
         delta_set=tuple(recipe.v2pe.delta_set), max_new_tokens=args.max_new_tokens,
         max_tiles_per_image=args.max_tiles_per_image,
         out_dir=Path(args.out) if args.out else default_run_dir(recipe) / "eval",
@@ -143,7 +167,7 @@ def _choose_delta(args: argparse.Namespace, recipe) -> int:
 def _run(args: argparse.Namespace, recipe) -> int:
     from v2pe_megatron.config import RecipeError
     from v2pe_megatron.eval.report import delta_label, format_table
-    from v2pe_megatron.eval.runner import evaluate
+    from v2pe_megatron.eval.runner import checkpoint_label, evaluate
 
     try:
         settings, source = _settings_and_source(args, recipe)
@@ -155,6 +179,8 @@ def _run(args: argparse.Namespace, recipe) -> int:
     if launch_rank() == 0:
         n = len({r["id"] for r in report.records})
         print(f"\nv2pe-eval: {recipe.name}: {n} samples x {len(report.deltas)} delta(s), modes {', '.join(modes)}")
+        weights = checkpoint_label(report.checkpoint) if report.checkpoint else "random (no --ckpt)"
+        print(f"v2pe-eval: weights: {weights}")
         if report.dropped:
             print(f"v2pe-eval: {report.dropped} sample(s) longer than the largest --lengths bin were left out")
         print(format_table(report))

@@ -1,6 +1,6 @@
 """``v2pe-plan``: which parallel layouts of a model fit a cluster at a sequence length, and how fast.
 
-    v2pe-plan --model internvl2-2b --seq 1048576 --gpus 64 --gpu-mem 80 [--json] [--write-recipe FILE]
+    v2pe-plan --model internvl2-2b --seq 1048576 --gpus 64 --gpu-mem 80 [--json] [--write-recipe FILE [--force]]
 
 Per layout: tp, pp, virtual pp, cp, dp, micro-batch, recompute, CP communication type, the memory
 per GPU (parameters, gradients, optimizer state, activations, logits, communication buffers, total),
@@ -36,8 +36,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="layer implementation the run uses: te (Transformer Engine, default) or local")
     ap.add_argument("--top", type=int, default=10, help="layouts to list (0: all that fit)")
     ap.add_argument("--json", action="store_true", help="print the layouts as a JSON list")
-    ap.add_argument("--write-recipe", metavar="FILE", help="write a recipe YAML for the recommended layout")
+    ap.add_argument("--write-recipe", metavar="FILE",
+                    help="write a recipe YAML for the recommended layout (its folder is created)")
+    ap.add_argument("--force", action="store_true", help="let --write-recipe replace an existing file")
     args = ap.parse_args(argv)
+
+    problem = _usage_problem(args)
+    if problem:
+        print(f"v2pe-plan: {problem}", file=sys.stderr)
+        return 2
 
     from omegaconf import OmegaConf
 
@@ -45,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from v2pe_megatron.plan import Cluster, format_plan, plan, recipe_dict
 
     try:
-        cluster = Cluster(gpus=args.gpus, gpu_mem_gib=args.gpu_mem, gpus_per_node=max(args.gpus_per_node, 1))
+        cluster = Cluster(gpus=args.gpus, gpu_mem_gib=args.gpu_mem, gpus_per_node=args.gpus_per_node)
         p = plan(args.model, args.seq, args.gpus, args.gpu_mem, global_batch_size=args.global_batch,
                  image_share=args.image_share, sub_sample=args.sub_sample or None,
                  loss_chunk_tokens=args.loss_chunk_tokens, cluster=cluster, path=args.spec)
@@ -63,10 +70,43 @@ def main(argv: Sequence[str] | None = None) -> int:
         if p.recommended is None:
             print("v2pe-plan: nothing fits, no recipe written", file=sys.stderr)
             return 1
-        Path(args.write_recipe).write_text(OmegaConf.to_yaml(OmegaConf.create(
+        _write(Path(args.write_recipe), OmegaConf.to_yaml(OmegaConf.create(
             recipe_dict(p, name=Path(args.write_recipe).stem, loss_chunk_tokens=args.loss_chunk_tokens))))
         print(f"wrote {args.write_recipe}", file=sys.stderr)
     return 0 if p.candidates else 1
+
+
+def _usage_problem(args: argparse.Namespace) -> str | None:
+    """The flags the planner itself does not see, checked before planning (the rest: ``plan``)."""
+    from v2pe_megatron.cli.common import unwritable_dir
+
+    if args.top < 0:
+        return f"--top {args.top} must be >= 0 (0: every layout that fits)"
+    if args.write_recipe:
+        out = Path(args.write_recipe)
+        if out.is_dir():
+            return f"--write-recipe {out} is a folder; give a file name, e.g. {out / 'plan.yaml'}"
+        if out.exists() and not args.force:
+            return f"--write-recipe {out} exists; pass --force to replace it, or give another file name"
+        # A missing folder is made, as every output folder of the tools is: the recipe is new output,
+        # and the "wrote" line names where it went.
+        why = unwritable_dir(out.parent)
+        if why:
+            return f"--write-recipe {out}: {why}"
+    return None
+
+
+def _write(path: Path, text: str) -> None:
+    """Whole or not at all: a recipe cut short by a full disk would replace a good one (--force)."""
+    import os
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

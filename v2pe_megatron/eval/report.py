@@ -60,6 +60,7 @@ class EvalReport:
     run_id: Optional[str] = None
     tracking_uri: Optional[str] = None
     dropped: int = 0          # samples outside the length bins
+    checkpoint: Optional[Path] = None  # the torch_dist folder the weights came from (None: random)
 
     def grid(self, metric: str, delta: str) -> Grid:
         return next(g for g in self.grids if g.metric == metric and g.delta == delta)
@@ -91,6 +92,27 @@ def build_grids(records: Sequence[dict[str, Any]], lengths: Sequence[int], depth
     return out
 
 
+def depth_column(depth: float, columns: Sequence[float]) -> float:
+    """The depth column a needle depth counts in: each column is the bin from halfway to the column
+    below it (inclusive) to halfway to the one above (exclusive), so a depth midway between two
+    columns counts in the deeper one, and a column's own value always in itself."""
+    cols = sorted(float(c) for c in columns)
+    edges = [round((a + b) / 2, 6) for a, b in zip(cols, cols[1:])]
+    return cols[int(np.searchsorted(edges, round(float(depth), 6), side="right"))]
+
+
+def _depth_bins_note(report: EvalReport) -> str:
+    """A line saying that the depth columns are bins, when some sample's needle depth is not its
+    column's value (MM-NIAH files: the needles' mean depth), else ''."""
+    if not any(abs(float(r.get("needle_depth", r["depth"])) - float(r["depth"])) > 0.005 for r in report.records):
+        return ""
+    cols = report.depths
+    edges = [0.0] + [(a + b) / 2 for a, b in zip(cols, cols[1:])] + [1.0]
+    bins = [f"{c:.2f} [{lo:g}, {hi:g}{']' if k == len(cols) - 1 else ')'}" for k, (c, lo, hi)
+            in enumerate(zip(cols, edges, edges[1:]))]
+    return "depth columns are bins of the needles' depth: " + ", ".join(bins)
+
+
 def task_means(records: Sequence[dict[str, Any]], metric: str, delta: str) -> dict[str, float]:
     by: dict[str, list[float]] = {}
     for r in records:
@@ -110,6 +132,9 @@ def length_label(n: int) -> str:
 def format_table(report: EvalReport) -> str:
     """The console table: per metric and delta, lengths down, depths across, row and overall means."""
     lines = []
+    note = _depth_bins_note(report)
+    if note and report.grids:
+        lines += [note, ""]
     for metric in report.metrics():
         title = METRICS[metric][0]
         for d in report.deltas:
@@ -120,8 +145,8 @@ def format_table(report: EvalReport) -> str:
             for i, n in enumerate(g.lengths):
                 row = g.values[i]
                 cells = "".join("       -" if np.isnan(v) else f"{v:8.3f}" for v in row)
-                m = np.nanmean(row) if (~np.isnan(row)).any() else math.nan
-                lines.append(f"  {length_label(n):>14} {cells}{m:8.3f}")
+                mean = f"{np.nanmean(row):8.3f}" if (~np.isnan(row)).any() else "       -"
+                lines.append(f"  {length_label(n):>14} {cells}{mean}")
             tm = task_means(report.records, metric, d)
             if len(tm) > 1:
                 lines.append("  by task: " + ", ".join(f"{t} {v:.3f}" for t, v in tm.items()))

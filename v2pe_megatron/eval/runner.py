@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from v2pe_megatron.data.needles import NeedleSample, answer_text, prompt_of
-from v2pe_megatron.eval.report import EvalReport, build_grids, delta_label, plot_heatmap
+from v2pe_megatron.eval.report import EvalReport, build_grids, delta_label, depth_column, plot_heatmap
 from v2pe_megatron.eval.scoring import score_response
 from v2pe_megatron.parallel.batch import MicroBatch
 
@@ -46,7 +46,7 @@ class EvalSettings:
     deltas: list[Delta]
     modes: tuple[str, ...] = MODES
     lengths: Optional[list[int]] = None       # length bins (upper edges); None: the samples' own / MM-NIAH's
-    depths: Optional[list[float]] = None      # depth bins (nearest); None: the samples' own / MM-NIAH's
+    depths: Optional[list[float]] = None      # depth columns (report.depth_column); None: the samples' own
     trained_positions: int = 32768            # position range the model was trained on (--delta auto)
     delta_set: tuple[float, ...] = tuple(1.0 / 2**k for k in range(9))  # what auto chooses from
     max_new_tokens: int = 32
@@ -55,6 +55,7 @@ class EvalSettings:
     title: str = ""
 
     def __post_init__(self) -> None:
+        # The messages spell the fields as v2pe-eval's flags: that is where a user sets them.
         bad = [m for m in self.modes if m not in MODES]
         if bad or not self.modes:
             raise ValueError(f"mode(s) {bad or self.modes} not in {MODES}")
@@ -64,7 +65,16 @@ class EvalSettings:
             if d != "auto" and not (isinstance(d, float) and 0.0 < d <= 1.0):
                 raise ValueError(f"delta {d!r} must be in (0, 1] or 'auto'")
         if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+            raise ValueError(f"--max-new-tokens {self.max_new_tokens} must be >= 1")
+        if self.max_tiles_per_image < 1:
+            raise ValueError(f"--max-tiles-per-image {self.max_tiles_per_image} must be >= 1 "
+                             f"(1, the default, is MM-NIAH's one 448 px tile per image)")
+        if self.trained_positions < 1:
+            raise ValueError(f"--trained-positions {self.trained_positions} must be >= 1")
+        if self.lengths is not None and (not self.lengths or min(self.lengths) < 1):
+            raise ValueError(f"--lengths {self.lengths} must be token counts >= 1")
+        if self.depths is not None and (not self.depths or not all(0.0 <= d <= 1.0 for d in self.depths)):
+            raise ValueError(f"--depths {self.depths} must lie in [0, 1]")
 
 
 @dataclass
@@ -120,7 +130,8 @@ def prepare_sample(s: NeedleSample, tok, tiler, *, image_size: int, num_image_to
 def assign_cells(prepared: Sequence[Prepared], lengths: Sequence[int], depths: Sequence[float]
                  ) -> tuple[list[Prepared], int]:
     """Each sample's (length, depth) cell: its generated cell when it has one on the grid, else the
-    smallest length bin that holds its prompt and the nearest depth. Returns (kept, dropped)."""
+    smallest length bin that holds its prompt, and the depth column whose bin holds its depth
+    (:func:`report.depth_column`). Returns (kept, dropped)."""
     lengths, depths = sorted(int(x) for x in lengths), [float(x) for x in depths]
     kept, dropped = [], 0
     for p in prepared:
@@ -133,7 +144,7 @@ def assign_cells(prepared: Sequence[Prepared], lengths: Sequence[int], depths: S
                 dropped += 1
                 continue
             length = fit[0]
-        depth = depths[int(np.argmin([abs(d - s.depth) for d in depths]))]
+        depth = depth_column(s.depth, depths)
         kept.append(dataclasses.replace(p, length=length, depth=depth))
     return kept, dropped
 
@@ -179,6 +190,7 @@ def score(p: Prepared, d: Delta, backend: Backend, tok, settings: EvalSettings, 
     full = np.concatenate([p.prompt, p.answer])
     pos = _positions(full, delta, tok)
     rec: dict[str, Any] = {"id": p.sample.id, "task": p.sample.task, "length": p.length, "depth": p.depth,
+                           "needle_depth": round(p.sample.depth, 4),
                            "delta": delta_label(d), "delta_value": delta, "tokens": int(full.size),
                            "images": int(p.num_tiles.size), "last_position": float(pos[-1]), "fits": bool(fits),
                            "generate": None, "response": None, "tf_acc": None, "tf_logp": None}
@@ -318,10 +330,13 @@ def mlflow_metrics(report: EvalReport) -> dict[str, float]:
 
 def summarize(records: list[dict[str, Any]], settings: EvalSettings, lengths: Sequence[int],
               depths: Sequence[float], *, dropped: int = 0, write: bool = True) -> EvalReport:
-    """Grids from the records; with ``write`` and ``settings.out_dir``: results.json and heatmap.png."""
+    """Grids from the records; with ``write`` and ``settings.out_dir``: results.json and heatmap.png.
+    The grids have the lengths that hold records (MM-NIAH's 15 default length bins would otherwise
+    fill the table and the map with empty rows) and every depth column (they are the bins)."""
     deltas = [delta_label(d) for d in settings.deltas]
-    rep = EvalReport(records, sorted(int(x) for x in lengths), [float(x) for x in depths], deltas,
-                     list(settings.modes), dropped=dropped)
+    held = {int(r["length"]) for r in records}
+    rep = EvalReport(records, sorted(int(x) for x in lengths if int(x) in held), sorted(float(x) for x in depths),
+                     deltas, list(settings.modes), dropped=dropped)
     rep.grids = build_grids(records, rep.lengths, rep.depths, deltas)
     if write and settings.out_dir is not None:
         out = Path(settings.out_dir)
@@ -333,7 +348,8 @@ def summarize(records: list[dict[str, Any]], settings: EvalSettings, lengths: Se
             "grids": [{"metric": g.metric, "delta": g.delta, "values": np.where(np.isnan(g.values), None, g.values).tolist(),
                        "counts": g.counts.tolist(), "mean": g.mean} for g in rep.grids],
             "records": records}, indent=1))
-        rep.heatmap = plot_heatmap(rep, out / "heatmap.png", title=settings.title)
+        if rep.grids:  # nothing to draw when every sample was left out
+            rep.heatmap = plot_heatmap(rep, out / "heatmap.png", title=settings.title)
     return rep
 
 
@@ -373,6 +389,13 @@ class Source:
     image_fraction: float = 0.5
     limit: int = 0                        # at most this many samples (0: all)
 
+    def __post_init__(self) -> None:
+        # A negative limit would be a Python slice: -1 silently drops the last sample.
+        if self.limit < 0:
+            raise ValueError(f"--limit {self.limit} must be >= 0 (0, the default, evaluates every sample)")
+        if self.samples_per_cell < 1:
+            raise ValueError(f"--samples-per-cell {self.samples_per_cell} must be >= 1")
+
 
 def load_samples(src: Source, settings: EvalSettings, tok, num_image_token: int
                  ) -> tuple[list[NeedleSample], list[int], list[float]]:
@@ -381,17 +404,31 @@ def load_samples(src: Source, settings: EvalSettings, tok, num_image_token: int
 
     if src.data:
         samples = read_mmniah(src.data, src.image_root, src.task)
-        lengths = settings.lengths or list(MMNIAH_LENGTHS)
-        depths = settings.depths or list(DEFAULT_DEPTHS)
+        if src.limit:
+            samples = samples[: src.limit]
+        # A generated set read back (meta.target_length on every line): its own lengths, as generated.
+        own = {s.target_length for s in samples}
+        lengths = settings.lengths or (sorted(int(n) for n in own) if samples and None not in own
+                                       else list(MMNIAH_LENGTHS))
+        depths = settings.depths or data_depths(samples)
     else:
         lengths = settings.lengths or [256, 512]
         depths = settings.depths or [0.0, 0.5, 1.0]
         samples, _ = synth_needles(lengths, depths, tasks=src.tasks, samples_per_cell=src.samples_per_cell,
                                    seed=src.seed, count_tokens=lambda t: len(tok.encode(t)),
                                    image_tokens=num_image_token, image_fraction=src.image_fraction)
-    if src.limit:
-        samples = samples[: src.limit]
+        if src.limit:
+            samples = samples[: src.limit]
     return samples, list(lengths), list(depths)
+
+
+def data_depths(samples: Sequence[NeedleSample], most: int = 11) -> list[float]:
+    """Depth columns for read samples without ``--depths``: their own depths (to the table's two
+    decimals) when there are at most ``most``, as in a generated set, so that each shows under its
+    own value; else :data:`DEFAULT_DEPTHS` as bins (MM-NIAH's own files: a multi-needle sample's
+    depth is its needles' mean, any value). From the samples evaluated (after ``--limit``)."""
+    own = sorted({round(s.depth, 2) for s in samples})
+    return own if 0 < len(own) <= most else list(DEFAULT_DEPTHS)
 
 
 @dataclass
@@ -448,6 +485,18 @@ def plan_deltas(recipe, settings: EvalSettings, source: Source) -> list[DeltaPla
     return plans
 
 
+def checkpoint_iteration(folder: Path) -> Optional[int]:
+    """The training iteration of an ``iter_*`` folder; None for a weights-only one."""
+    digits = folder.name[len("iter_"):]
+    return int(digits) if folder.name.startswith("iter_") and digits.isdigit() else None
+
+
+def checkpoint_label(folder: Path) -> str:
+    """``iteration 30 (ckpt/run/iter_0000030)``, or ``weights FOLDER`` for a weights-only checkpoint."""
+    it = checkpoint_iteration(folder)
+    return f"weights {folder}" if it is None else f"iteration {it} ({folder})"
+
+
 def evaluate(recipe, settings: EvalSettings, source: Source, *, ckpt: Optional[str] = None) -> EvalReport:
     """Run on the current ranks (started by ``v2pe-eval``, torchrun or srun): TP x CP ranks per model
     replica, data parallel over samples. Every rank returns the report; rank 0 writes the files,
@@ -474,8 +523,14 @@ def evaluate(recipe, settings: EvalSettings, source: Source, *, ckpt: Optional[s
                                      hierarchical_cp_sizes=list(layout.hierarchical_cp_sizes) or None,
                                      timeout_minutes=recipe.launcher.timeout_minutes)
         model = build_model(recipe.model, layout)
+        loaded = None
         if ckpt:
-            checkpointing.load_model_weights(ckpt, [model])
+            loaded = checkpointing.load_model_weights(ckpt, [model])
+            if dist.get_rank() == 0:
+                log.info("loaded %s", checkpoint_label(loaded))
+            it = checkpoint_iteration(loaded)
+            if it is not None:
+                settings = dataclasses.replace(settings, title=f"{settings.title}, iteration {it}")
         else:  # the recipe's initial weights, the same at every layout (tests)
             init_weights.initialize(model, recipe.train.seed)
         model.eval()
@@ -501,6 +556,7 @@ def evaluate(recipe, settings: EvalSettings, source: Source, *, ckpt: Optional[s
         records = sorted((r for rs, _ in gathered for r in rs), key=lambda r: (r["id"], r["delta"]))
         dropped = sum(n for _, n in gathered)
         report = summarize(records, settings, lengths, depths, dropped=dropped, write=rank0)
+        report.checkpoint = loaded
         if rank0:
             track(report, recipe)
         return report
