@@ -29,13 +29,13 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 from v2pe_megatron.config import Recipe, env_placeholders
+from v2pe_megatron.runtime.paths import unwritable_dir
 from v2pe_megatron.training.checkpoint_files import finished_iteration, iteration_dir, saved_iterations
 
 log = logging.getLogger("v2pe_megatron.train")
@@ -172,21 +172,12 @@ def check_checkpoint_dir(recipe: Recipe, *, warn: Optional[Warn] = None) -> None
     if not c.dir:
         return
     fix = "set checkpoint.dir to a folder this job can write (or leave it empty for no checkpoints)"
-    path = Path(c.dir)
-    there = path
-    while not there.exists() and not there.is_symlink() and there != there.parent:
+    why = unwritable_dir(c.dir)
+    if why is not None:
+        raise PreflightError(f"checkpoint.dir={c.dir}: {why}, so the run would fail at its first save: {fix}")
+    there = Path(c.dir)
+    while not there.exists() and there != there.parent:
         there = there.parent
-    if not there.is_dir():
-        what = "a file" if there.is_file() or there.is_symlink() else "not a folder"
-        raise PreflightError(f"checkpoint.dir={c.dir}: {there} is {what}, so no checkpoint can be saved there: {fix}")
-    try:
-        fd, probe = tempfile.mkstemp(prefix=".v2pe-write-test-", dir=there)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        reason = e.strerror or str(e)
-        raise PreflightError(f"checkpoint.dir={c.dir}: cannot create a file in {there} ({reason}), so the run "
-                             f"would fail at its first save: {fix}") from None
     _warn_free_space(recipe, there, warn or log.warning)
 
 

@@ -159,7 +159,7 @@ def test_prints_the_iteration_it_loaded(monkeypatch, tmp_path, capsys):
 
 
 def test_unwritable_dir(tmp_path):
-    from v2pe_megatron.cli.common import unwritable_dir
+    from v2pe_megatron.runtime.paths import unwritable_dir
 
     assert unwritable_dir(tmp_path) is None and unwritable_dir(tmp_path / "no" / "such" / "folder") is None
     assert list(tmp_path.iterdir()) == []  # the probe is gone, nothing was made

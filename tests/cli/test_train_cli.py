@@ -134,7 +134,7 @@ def test_bad_input_exits_2_with_one_line_before_launch(case, tmp_path, capsys, n
     else:
         extra, expect = {"file": (f"checkpoint.dir={tmp_path / 'f'}", "f is a file"),
                          "below_a_file": (f"checkpoint.dir={tmp_path / 'f' / 'ck'}", "f is a file"),
-                         "proc": ("checkpoint.dir=/proc/nope", "checkpoint.dir=/proc/nope: cannot create a file"),
+                         "proc": ("checkpoint.dir=/proc/nope", "checkpoint.dir=/proc/nope: cannot create files"),
                          "nccl": ("launcher.backend=nccl", "launcher.backend=nccl needs CUDA"),
                          "te": ("model.spec=te", "model.spec=te needs CUDA and transformer-engine"),
                          "token_ids": ("model.img_context_token_id=9", "model.img_context_token_id=9 but"),

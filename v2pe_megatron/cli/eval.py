@@ -18,7 +18,8 @@ import os
 import sys
 from pathlib import Path
 
-from v2pe_megatron.cli.common import delta, launch_rank, under_launcher, unwritable_dir
+from v2pe_megatron.cli.common import delta, launch_rank, under_launcher
+from v2pe_megatron.runtime.paths import unwritable_dir
 from v2pe_megatron.runtime import exit_codes
 
 

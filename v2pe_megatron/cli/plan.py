@@ -78,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _usage_problem(args: argparse.Namespace) -> str | None:
     """The flags the planner itself does not see, checked before planning (the rest: ``plan``)."""
-    from v2pe_megatron.cli.common import unwritable_dir
+    from v2pe_megatron.runtime.paths import unwritable_dir
 
     if args.top < 0:
         return f"--top {args.top} must be >= 0 (0: every layout that fits)"

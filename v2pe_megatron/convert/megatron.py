@@ -44,6 +44,7 @@ from v2pe_megatron.convert.load import hf_model_config
 from v2pe_megatron.convert.mappings import GatedMLP, Mapping, check_hf_shapes, nonfinite, weight_map
 from v2pe_megatron.convert.safetensors_io import SafetensorsReader, ShardWriter, uniform_dtype
 from v2pe_megatron.model.checkpoint_names import checkpoint_name, stored_name
+from v2pe_megatron.runtime.paths import unwritable_dir
 
 MODEL_YAML = "model.yaml"
 SOURCE_CONFIG = "hf_config.json"
@@ -99,11 +100,9 @@ def check_out(out: str | os.PathLike, force: bool, inputs: Optional[dict[str, An
     if p.exists() and not force:
         raise FileExistsError(f"{p} exists; pass --force to replace it (it is replaced only when the new one is complete)")
     # the output and its staging folder are made beside each other: found now, not after the work
-    near = next((q for q in p.absolute().parents if q.exists()), None)
-    if near is not None and not (near.is_dir() and os.access(near, os.W_OK | os.X_OK)):
-        raise HFCheckpointError(f"--out {p} cannot be written: {near} is " + (
-            "not writable (read-only, or no permission)" if near.is_dir() else "a file, not a folder") +
-            "; choose another --out")
+    why = unwritable_dir(p.absolute().parent)
+    if why is not None:
+        raise HFCheckpointError(f"--out {p} cannot be written: {why}; choose another --out")
 
 
 def publish(staged: str | os.PathLike, out: str | os.PathLike) -> None:
