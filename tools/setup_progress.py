@@ -59,6 +59,12 @@ class Condenser:
         line = line.rstrip("\n")
         if _PASS.search(line):
             return self._say(line.strip())
+        if line.startswith("Requirement already satisfied"):
+            self.phase = "checking what is installed"
+            return []
+        if line.startswith("Obtaining "):
+            self.phase = "preparing the project's metadata"
+            return []
         if m := _COLLECT.match(line):
             self.collected.append(m.group(1))
             if self.phase != "resolving":
