@@ -46,7 +46,8 @@ def hf_model_config(hf_dir: str | os.PathLike, img_context_token_id: Optional[in
     return mc, layout, cfg
 
 
-def _ensure_single_rank() -> Optional[contextlib.ExitStack]:
+def _ensure_single_rank(stack: contextlib.ExitStack) -> None:
+    """megatron state with tp = pp = 1 for the rest of ``stack``: the caller's, or a 1-rank one."""
     from megatron.core import parallel_state as ps
 
     from v2pe_megatron.runtime.distributed import standalone_model_parallel
@@ -56,8 +57,8 @@ def _ensure_single_rank() -> Optional[contextlib.ExitStack]:
             raise RuntimeError("hf.load builds a whole model in this process: it needs tp=1 and pp=1 "
                                "(or no model-parallel state at all); convert to a torch_dist checkpoint "
                                "with `v2pe-convert import-hf` instead")
-        return None
-    return standalone_model_parallel("hf.load")
+        return
+    stack.enter_context(standalone_model_parallel("hf.load"))
 
 
 def load(hf_dir: str | os.PathLike, *, img_context_token_id: Optional[int] = None, dtype: str = "fp32",
@@ -83,7 +84,8 @@ def load(hf_dir: str | os.PathLike, *, img_context_token_id: Optional[int] = Non
         hf = canonical_native_names(hf)
     table = weight_map(mc, layout)
 
-    stack = _ensure_single_rank() or contextlib.ExitStack()
+    stack = contextlib.ExitStack()
+    _ensure_single_rank(stack)
     try:
         model = build_model(mc, Layout(spec=mc.spec), pre_process=True, post_process=True)
         # the table speaks checkpoint names, the same for both specs
