@@ -623,10 +623,6 @@ def test_every_command_is_run_or_says_why_not():
     assert used == set(PLACEHOLDERS), f"PLACEHOLDERS no README block uses: {set(PLACEHOLDERS) - used}"
 
 
-def _command_ids():
-    return [f"L{c.line}" for _, c in readme_commands()]
-
-
 @pytest.fixture
 def quiet_logging():
     import logging
@@ -636,18 +632,19 @@ def quiet_logging():
     logging.getLogger().setLevel(level)
 
 
-def test_every_command_parses_and_names_what_exists(quiet_logging):
-    """Each command's program, arguments, files and recipe (quick: nothing is run)."""
+BASH_BLOCKS = [b for b in readme_blocks() if b.lang == "bash"]
+
+
+@pytest.mark.parametrize("block", BASH_BLOCKS, ids=[f"README.md:{b.line}" for b in BASH_BLOCKS])
+def test_every_command_parses_and_names_what_exists(block, quiet_logging):
+    """Each command's program, arguments, files and recipe (quick: nothing is run), block by block."""
     problems = []
-    for block in readme_blocks():
-        if block.lang != "bash":
-            continue
-        checker = Checker(block)
-        for cmd in bash_commands(block):
-            try:
-                checker.check(cmd)
-            except AssertionError as e:
-                problems.append(str(e))
+    checker = Checker(block)
+    for cmd in bash_commands(block):
+        try:
+            checker.check(cmd)
+        except AssertionError as e:
+            problems.append(str(e))
     assert not problems, "\n".join(problems)
 
 
