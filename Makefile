@@ -14,8 +14,12 @@ $(STAMP): pyproject.toml constraints.txt
 	@set -e; base=$$(tools/find_python.sh); \
 	  echo "[setup] creating $(VENV) with $$base ($$($$base --version))"; \
 	  test -x $(PY) || $$base -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	@# pip's own output goes to $(VENV)/setup.log; the console gets a line per phase (tools/setup_progress.py)
+	@$(PY) tools/setup_progress.py --log $(VENV)/setup.log "upgrading pip" -- \
+	  $(PY) -m pip install --progress-bar off --upgrade pip
+	@$(PY) tools/setup_progress.py --log $(VENV)/setup.log \
+	  "installing the project and its dependencies (first run: about 2 minutes)" -- \
+	  $(PY) -m pip install --progress-bar off -c constraints.txt -e '.[dev]'
 	@touch $(STAMP)
 	@echo "[setup] done: $$($(PY) -c 'import torch, megatron.core as m; print("torch", torch.__version__, "megatron-core", m.__version__)')"
 

@@ -1,13 +1,14 @@
 """``v2pe-data``: look at a dataset through a recipe, or write a synthetic one.
 
     v2pe-data inspect [RECIPE.yaml] [--meta META.json] [--show K] [--max-samples N] [--skips-file F] [key=value ...]
-    v2pe-data synth OUT_DIR [--num-samples N] [--format jsonl|webdataset] [--seed S] ...
+    v2pe-data synth OUT_DIR [--num-samples N] [--format jsonl|webdataset] [--seed S] [--recipe RECIPE.yaml] ...
     v2pe-data synth OUT_DIR --needles [--lengths N ...] [--depths D ...] [--tasks T ...]
 
-``inspect`` runs one epoch of the training loader (one data-parallel rank; ``--dp-rank/--dp-size``)
-and prints samples, tokens, tiles, packs and one ``skipped <reason>: <count>`` line per reason (the
-log names the first 3 of each); ``--skips-file F`` writes every skip, one JSON object a line (file,
-line or key, id, reason, message; ``-`` for stdout).
+``synth --recipe`` sizes the samples so that every one fits that recipe whole (``inspect`` with the
+same recipe then skips none). ``inspect`` runs one epoch of the training loader (one data-parallel
+rank; ``--dp-rank/--dp-size``) and prints samples, tokens, tiles, packs and one
+``skipped <reason>: <count>`` line per reason (the log names the first 3 of each); ``--skips-file F``
+writes every skip, one JSON object a line (file, line or key, id, reason, message; ``-`` for stdout).
 """
 
 from __future__ import annotations
@@ -158,12 +159,39 @@ def _synth_needles(args: argparse.Namespace) -> int:
 def _synth(args: argparse.Namespace) -> int:
     if args.needles:
         return _synth_needles(args)
-    from v2pe_megatron.data.synthetic import write_synthetic
+    from v2pe_megatron.data.synthetic import DEFAULT_SIZES, fit_to_recipe, write_synthetic
 
+    given = {k: getattr(args, k) for k in DEFAULT_SIZES}
+    if args.recipe is None:
+        sizes = {k: DEFAULT_SIZES[k] if v is None else v for k, v in given.items()}
+        meta = write_synthetic(args.out_dir, args.num_samples, args.seed, fmt=args.format,
+                               shard_size=args.shard_size, **sizes)
+        print(f"wrote {args.num_samples} samples ({args.format}) to {args.out_dir}")
+        print(f"meta: {meta}")
+        return 0
+    from v2pe_megatron.config import RecipeError, load_recipe
+    from v2pe_megatron.data.tokenizer import TokenizerError
+
+    path, overrides = _split_recipe_args(args.recipe)
+    try:
+        recipe = load_recipe(path, overrides)
+        fit = fit_to_recipe(recipe, args.num_samples, args.seed, **given)
+    except (RecipeError, TokenizerError) as e:
+        print(f"v2pe-data synth: {e}", file=sys.stderr)
+        return 2
     meta = write_synthetic(args.out_dir, args.num_samples, args.seed, fmt=args.format, shard_size=args.shard_size,
-                           min_side=args.min_side, max_side=args.max_side, haystack_words=args.haystack_words,
-                           max_images=args.max_images)
-    print(f"wrote {args.num_samples} samples ({args.format}) to {args.out_dir}")
+                           records=(fit.records, fit.images))
+    d = recipe.data
+    sized = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in fit.sizes.items())
+    print(f"wrote {args.num_samples} samples ({args.format}) to {args.out_dir}, sized for {path or 'the defaults'} "
+          f"({sized})")
+    if fit.too_long:
+        print(f"v2pe-data synth: {fit.too_long} of {args.num_samples} samples do not fit data.seq_length="
+              f"{d.seq_length} / data.max_tiles_per_pack={d.max_tiles_per_pack} with the sizes given: the loader "
+              f"will truncate or skip them (give smaller --haystack-words / --max-images)", file=sys.stderr)
+    else:
+        print(f"every sample fits: longest {fit.longest} of data.seq_length={d.seq_length} tokens, at most "
+              f"{fit.most_tiles} of data.max_tiles_per_pack={d.max_tiles_per_pack} tiles")
     print(f"meta: {meta}")
     return 0
 
@@ -192,10 +220,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--format", choices=("jsonl", "webdataset"), default="jsonl")
     s.add_argument("--shard-size", type=int, default=64)
-    s.add_argument("--min-side", type=int, default=64)
-    s.add_argument("--max-side", type=int, default=640)
-    s.add_argument("--haystack-words", type=int, default=400, help="haystack length of the needle samples")
-    s.add_argument("--max-images", type=int, default=4)
+    s.add_argument("--recipe", nargs="+", metavar="RECIPE [key=value ...]",
+                   help="size the samples for this recipe (and overrides): images of its tile size, haystacks "
+                        "as long as every sample still fits its data.seq_length whole (checked per sample); "
+                        "sizes given below are kept")
+    s.add_argument("--min-side", type=int, default=None, help="smallest image side in px (default 64; with "
+                   "--recipe half a tile)")
+    s.add_argument("--max-side", type=int, default=None, help="largest image side in px (default 640; with "
+                   "--recipe two tiles)")
+    s.add_argument("--haystack-words", type=int, default=None, help="haystack length of the needle samples "
+                   "(default 400; with --recipe the most that fits)")
+    s.add_argument("--max-images", type=int, default=None, help="images per sample at most (default 4)")
     from v2pe_megatron.data.needles import TASKS
 
     n = s.add_argument_group("needle mode (--needles): MM-NIAH-format evaluation data for v2pe-eval")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import weakref
 from pathlib import Path
 from typing import Optional
 
@@ -48,9 +47,10 @@ def hf_model_config(hf_dir: str | os.PathLike, img_context_token_id: Optional[in
 
 
 def _ensure_single_rank(stack: contextlib.ExitStack) -> None:
+    """megatron state with tp = pp = 1 for the rest of ``stack``: the caller's, or a 1-rank one."""
     from megatron.core import parallel_state as ps
 
-    from v2pe_megatron.runtime.distributed import model_parallel
+    from v2pe_megatron.runtime.distributed import standalone_model_parallel
 
     if ps.model_parallel_is_initialized():
         if ps.get_tensor_model_parallel_world_size() != 1 or ps.get_pipeline_model_parallel_world_size() != 1:
@@ -58,7 +58,7 @@ def _ensure_single_rank(stack: contextlib.ExitStack) -> None:
                                "(or no model-parallel state at all); convert to a torch_dist checkpoint "
                                "with `v2pe-convert import-hf` instead")
         return
-    stack.enter_context(model_parallel(1, 1))
+    stack.enter_context(standalone_model_parallel("hf.load"))
 
 
 def load(hf_dir: str | os.PathLike, *, img_context_token_id: Optional[int] = None, dtype: str = "fp32",
@@ -72,7 +72,7 @@ def load(hf_dir: str | os.PathLike, *, img_context_token_id: Optional[int] = Non
     """
     from v2pe_megatron.model.internvl import build_model
     from v2pe_megatron.parallel.layout import Layout, resolve_spec
-    from v2pe_megatron.runtime.distributed import device
+    from v2pe_megatron.runtime.distributed import device, release_with
 
     d = Path(hf_dir)
     mc, layout, _ = hf_model_config(d, img_context_token_id)
@@ -104,10 +104,6 @@ def load(hf_dir: str | os.PathLike, *, img_context_token_id: Optional[int] = Non
             params[k].copy_(t.to(params[k].dtype))
     model.to(device())
     model.eval()
-    # The 1-rank process group lives as long as the model. Closed by a finalizer, which also runs at
-    # interpreter exit while the model is still alive: before the interpreter tears its modules
-    # down, not from a garbage-collected generator afterwards ("Exception ignored in: <generator
-    # object model_parallel> ... ImportError: sys.meta_path is None").
-    model.release_process_group = weakref.finalize(model, stack.close)
+    release_with(model, stack)  # the 1-rank process group lives as long as the model
     model.hf_layout = layout
     return model

@@ -59,8 +59,7 @@ from v2pe_megatron.data.chat import tokenize_sample
 from v2pe_megatron.data.formats import MemoryDataset, MixedIndex, format_source, load_meta
 from v2pe_megatron.data.packing import Packer, PreparedSample, build_pack, collate, truncate_or_skip
 from v2pe_megatron.data.skips import NoUsableSamplesError, SampleError, SkipCounter
-from v2pe_megatron.data.tiling import (ImageDecodeError, allow_large_images, choose_grid, image_size_of, make_tiler,
-                                       tiles_for)
+from v2pe_megatron.data.tiling import ImageDecodeError, allow_large_images, image_size_of, make_tiler, sample_tiling
 from v2pe_megatron.data.tokenizer import Tokenizer, build_tokenizer, check_tokenizer
 
 if TYPE_CHECKING:
@@ -454,12 +453,9 @@ class TrainLoader:
                                   f"data.max_image_pixels={limit} (raise it, or 0 for no limit)")
             encoded.append(b)
             sizes.append((w, h))
-        max_num = ds.max_dynamic_patch or cfg.data.max_dynamic_patch
-        if len(encoded) > 1:  # InternVL shares the tile budget among a sample's images
-            max_num = max(1, max_num // len(encoded))
-        min_num = min(cfg.data.min_dynamic_patch, max_num)
-        grids = [choose_grid(w, h, min_num=min_num, max_num=max_num, image_size=cfg.image_size) for w, h in sizes]
-        tiles = [tiles_for(g, cfg.data.use_thumbnail) for g in grids]
+        grids, tiles = sample_tiling(sizes, min_num=cfg.data.min_dynamic_patch,
+                                     max_num=ds.max_dynamic_patch or cfg.data.max_dynamic_patch,
+                                     image_size=cfg.image_size, use_thumbnail=cfg.data.use_thumbnail)
         tk = tokenize_sample(self.tok, conversations=raw.conversations, text=raw.text, tiles_per_image=tiles,
                              num_image_token=cfg.num_image_token, template=cfg.data.template,
                              system_prompt=cfg.data.system_prompt)
@@ -538,11 +534,11 @@ def build_index(recipe: "Recipe") -> MixedIndex:
     if d.meta_path:
         datasets = load_meta(d.meta_path)
     else:
-        from v2pe_megatron.data.synthetic import synth_records
+        from v2pe_megatron.data.synthetic import synth_records, synthetic_image_sides
 
-        s = recipe.model.vision.image_size
-        records, images = synth_records(d.synthetic_num_samples, d.seed, min_side=max(8, s // 2),
-                                        max_side=2 * s, haystack_words=40, max_images=2)
+        min_side, max_side = synthetic_image_sides(recipe.model.vision.image_size)
+        records, images = synth_records(d.synthetic_num_samples, d.seed, min_side=min_side,
+                                        max_side=max_side, haystack_words=40, max_images=2)
         datasets = [MemoryDataset(records, images, name="synthetic")]
     return MixedIndex(datasets, d.seed)
 

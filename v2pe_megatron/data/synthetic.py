@@ -4,6 +4,9 @@
 Images are drawn shapes on plain or noisy backgrounds, so answers are checkable from the pixels.
 The same records are held in memory (``synth_records``: the default data of ``make demo``) or
 written to disk as a meta file + jsonl + image files, or as webdataset shards (``write_synthetic``).
+``fit_to_recipe`` sizes them for a recipe (``v2pe-data synth --recipe``): images of the recipe's
+tile size, and haystacks as long as every sample still fits ``data.seq_length`` whole, checked
+sample by sample with the loader's own tokenization and tiling.
 """
 
 from __future__ import annotations
@@ -12,9 +15,14 @@ import io
 import json
 import tarfile
 from pathlib import Path
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from v2pe_megatron.config import Recipe
+    from v2pe_megatron.data.tokenizer import Tokenizer
 
 COLORS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 70, 220), "yellow": (235, 210, 40),
           "white": (245, 245, 245), "black": (15, 15, 15)}
@@ -122,15 +130,107 @@ def synth_records(num_samples: int, seed: int = 0, *, min_side: int = 24, max_si
     return records, images
 
 
+def synthetic_image_sides(image_size: int) -> tuple[int, int]:
+    """(min_side, max_side) of synthetic images for a model of ``image_size`` px tiles: from half a
+    tile to two tiles across, so samples get one to a few tiles (and a thumbnail)."""
+    return max(8, image_size // 2), 2 * image_size
+
+
+def sample_lengths(records: list[dict[str, Any]], images: dict[str, bytes], recipe: "Recipe",
+                   tok: "Tokenizer") -> list[tuple[int, int]]:
+    """(tokens, tiles) of each record as the recipe's loader would see it, before any truncation."""
+    from v2pe_megatron.data.chat import tokenize_sample
+    from v2pe_megatron.data.tiling import image_size_of, sample_tiling
+
+    d = recipe.data
+    out = []
+    for r in records:
+        names = r.get("image", [])
+        names = [names] if isinstance(names, str) else names
+        _, tiles = sample_tiling([image_size_of(images[n]) for n in names], min_num=d.min_dynamic_patch,
+                                 max_num=d.max_dynamic_patch, image_size=recipe.model.vision.image_size,
+                                 use_thumbnail=d.use_thumbnail)
+        tk = tokenize_sample(tok, conversations=r.get("conversations"), text=r.get("text"), tiles_per_image=tiles,
+                             num_image_token=recipe.model.num_image_token, template=d.template,
+                             system_prompt=d.system_prompt)
+        out.append((int(tk.ids.size), int(sum(tiles))))
+    return out
+
+
+@dataclass
+class Fitted:
+    """What :func:`fit_to_recipe` chose and what it proved."""
+
+    records: list[dict[str, Any]]
+    images: dict[str, bytes]
+    sizes: dict[str, int]          # the synth_records keyword arguments used
+    longest: int                   # tokens of the longest sample
+    most_tiles: int                # tiles of the sample with the most
+    too_long: int                  # samples that do not fit (only when a given size forces it)
+
+
+# synth_records' keyword arguments for a long-context set (v2pe-data synth without a recipe)
+DEFAULT_SIZES = {"min_side": 64, "max_side": 640, "haystack_words": 400, "max_images": 4}
+
+
+def fit_to_recipe(recipe: "Recipe", num_samples: int, seed: int = 0, *, tokenizer: "Tokenizer | None" = None,
+                  **given: int | None) -> Fitted:
+    """Records sized for ``recipe``: every sample fits ``data.seq_length`` (after padding to the
+    layout's multiple) and ``data.max_tiles_per_pack`` whole, so the loader neither truncates nor
+    skips any.
+
+    ``given`` (``min_side``, ``max_side``, ``haystack_words``, ``max_images``; None = choose) are kept
+    as given. The image sides follow the recipe's tile size; the haystack starts at the longest that
+    an estimate (the tokens of an average haystack word) allows, at most 400 words, and the image
+    count at 4; both shrink until every sample fits. Fit is not estimated but checked: each sample is
+    tokenized and tiled as the loader does it. When given sizes make that impossible, ``too_long``
+    counts the samples that do not fit."""
+    from v2pe_megatron.data.tokenizer import build_tokenizer
+    from v2pe_megatron.parallel.layout import Layout
+
+    d = recipe.data
+    tok = tokenizer or build_tokenizer(d.tokenizer_path)
+    limit = d.seq_length - (Layout.from_config(recipe.parallel).seq_multiple - 1)  # room for the padding
+    lo_side, hi_side = synthetic_image_sides(recipe.model.vision.image_size)
+    sizes = {"min_side": given.get("min_side") or lo_side, "max_side": given.get("max_side") or hi_side}
+    sizes["max_side"] = max(sizes["max_side"], sizes["min_side"])
+    images_given, words_given = given.get("max_images"), given.get("haystack_words")
+    max_images = DEFAULT_SIZES["max_images"] if images_given is None else images_given
+    if words_given is None:
+        per_word = len(tok.encode(" ".join(_haystack(np.random.default_rng(seed), 400)))) / 400
+        tiles = d.max_dynamic_patch + max(max_images, 1) * int(d.use_thumbnail)
+        room = limit - tiles * recipe.model.num_image_token - 64  # 64: template, question and answer
+        words = max(0, min(DEFAULT_SIZES["haystack_words"], int(room / per_word)))
+    else:
+        words = words_given
+    while True:
+        sizes.update(haystack_words=words, max_images=max_images)
+        records, images = synth_records(num_samples, seed, **sizes)
+        lengths = sample_lengths(records, images, recipe, tok)
+        bad = sum(n > limit or t > d.max_tiles_per_pack for n, t in lengths)
+        if not bad or (words_given is not None and images_given is not None):
+            break
+        if words_given is None and words > 0:
+            words = words * 3 // 4
+        elif images_given is None and max_images > 0:
+            max_images -= 1
+        else:
+            break
+    return Fitted(records, images, dict(sizes), max((n for n, _ in lengths), default=0),
+                  max((t for _, t in lengths), default=0), bad)
+
+
 def write_synthetic(out_dir: str | Path, num_samples: int, seed: int = 0, *, fmt: str = "jsonl",
-                    shard_size: int = 64, **kwargs: Any) -> Path:
+                    shard_size: int = 64, records: tuple[list[dict[str, Any]], dict[str, bytes]] | None = None,
+                    **kwargs: Any) -> Path:
     """Write a dataset and its meta file under ``out_dir``; returns the meta file's path.
 
     ``fmt``: ``jsonl`` (meta + annotation + image files) or ``webdataset`` (tar shards whose
-    ``<key>.json`` is the record and ``<key>.<k>.<ext>`` its images)."""
+    ``<key>.json`` is the record and ``<key>.<k>.<ext>`` its images). ``records``: (records, images)
+    made already (e.g. by :func:`fit_to_recipe`) instead of ``synth_records(num_samples, seed, **kwargs)``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    records, images = synth_records(num_samples, seed, **kwargs)
+    records, images = records if records is not None else synth_records(num_samples, seed, **kwargs)
     if fmt == "jsonl":
         (out / "images").mkdir(exist_ok=True)
         for name, data in images.items():

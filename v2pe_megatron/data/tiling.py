@@ -87,6 +87,17 @@ def tiles_for(grid: tuple[int, int], use_thumbnail: bool) -> int:
     return n + 1 if use_thumbnail and n > 1 else n
 
 
+def sample_tiling(sizes: Sequence[tuple[int, int]], *, min_num: int, max_num: int, image_size: int,
+                  use_thumbnail: bool) -> tuple[list[tuple[int, int]], list[int]]:
+    """(grids, tile counts) of one sample's images (``sizes``: (width, height) each). InternVL shares
+    the tile budget ``max_num`` among a sample's images."""
+    if len(sizes) > 1:
+        max_num = max(1, max_num // len(sizes))
+    min_num = min(min_num, max_num)
+    grids = [choose_grid(w, h, min_num=min_num, max_num=max_num, image_size=image_size) for w, h in sizes]
+    return grids, [tiles_for(g, use_thumbnail) for g in grids]
+
+
 # ---------------------------------------------------------------------------------------------
 # Pillow reference (InternVL's own path: resize, per-tile crop, ToTensor + Normalize)
 # ---------------------------------------------------------------------------------------------

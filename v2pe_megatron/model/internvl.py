@@ -238,24 +238,38 @@ def build_model(model_cfg: ModelConfig, layout: Layout, *, recompute: str = "non
     ``core_attention``: see :func:`v2pe_megatron.model.language.build_language_model`.
     ``meta``: every tensor on the ``meta`` device (shapes, dtypes and sharding only, no memory): what
     the converter needs for megatron's sharded state dict while it streams the data in itself.
+
+    Called from a plain script (no process group, no megatron state) with a layout without model
+    parallelism (tp = pp = cp = 1; any dp: every data-parallel rank holds the same model), it sets up
+    a 1-rank process group and megatron state itself, as ``hf.load`` does; they live as long as the
+    model (``model.release_process_group()`` releases them now). Model-parallel layouts need their
+    ranks: a clear error says so.
     """
     if layout.spec not in ("te", "local"):
         raise ValueError(f"build_model needs a resolved layout (spec te or local), got spec={layout.spec!r}; "
                          f"use layout.resolved()")
-    virtual = vp_stage is not None
-    if pre_process is None:
-        pre_process = ps.is_pipeline_first_stage(ignore_virtual=not virtual, vp_stage=vp_stage)
-    if post_process is None:
-        post_process = ps.is_pipeline_last_stage(ignore_virtual=not virtual, vp_stage=vp_stage)
-    from v2pe_megatron.runtime.distributed import device
+    from v2pe_megatron.runtime.distributed import device, release_with, standalone_model_parallel
 
-    with _on_meta() if meta else contextlib.nullcontext():
-        model = InternVLModel(model_cfg, layout, recompute=recompute, pre_process=pre_process,
-                              post_process=post_process, core_attention=core_attention, vp_stage=vp_stage)
-    if meta:
-        return model
-    # megatron's parallel layers are created on the device already; the torch conv/norms are not.
-    return model.to(device())
+    owned = standalone_model_parallel("build_model", layout.tp, layout.pp, layout.cp)
+    try:
+        virtual = vp_stage is not None
+        if pre_process is None:
+            pre_process = ps.is_pipeline_first_stage(ignore_virtual=not virtual, vp_stage=vp_stage)
+        if post_process is None:
+            post_process = ps.is_pipeline_last_stage(ignore_virtual=not virtual, vp_stage=vp_stage)
+        with _on_meta() if meta else contextlib.nullcontext():
+            model = InternVLModel(model_cfg, layout, recompute=recompute, pre_process=pre_process,
+                                  post_process=post_process, core_attention=core_attention, vp_stage=vp_stage)
+        if not meta:
+            # megatron's parallel layers are created on the device already; the torch conv/norms are not.
+            model = model.to(device())
+    except BaseException:
+        if owned is not None:
+            owned.close()
+        raise
+    if owned is not None:
+        release_with(model, owned)
+    return model
 
 
 def parameter_count(model_cfg: ModelConfig) -> int:

@@ -10,6 +10,7 @@ import contextlib
 import datetime as _dt
 import os
 import re
+import weakref
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
@@ -177,6 +178,43 @@ def model_parallel(tp: int = 1, pp: int = 1, cp: int = 1, *, seed: int = 1234,
             yield
         finally:
             destroy_model_parallel()
+
+
+def standalone_model_parallel(what: str, tp: int = 1, pp: int = 1, cp: int = 1) -> Optional[contextlib.ExitStack]:
+    """megatron state for a plain script: ``None`` when it exists already (a training rank, a test
+    rank, a caller's ``model_parallel``), else megatron state with tp = pp = cp = 1 (in a 1-rank
+    process group made for it when there is none), open in the returned stack (close it, or hand it
+    to :func:`release_with`).
+
+    Model parallelism needs its ranks and a layout of them that the caller decides: for tp, pp or cp
+    > 1 the message says how to set it up. ``what`` names the caller in it."""
+    from megatron.core import parallel_state as ps
+
+    if ps.model_parallel_is_initialized():
+        return None
+    if tp * pp * cp > 1:
+        raise RuntimeError(
+            f"{what}: the layout has tp={tp} pp={pp} cp={cp} ({tp * pp * cp} model-parallel ranks) but megatron's "
+            f"parallel state is not initialized. Start the ranks (torchrun, srun) and call "
+            f"v2pe_megatron.runtime.distributed.initialize_model_parallel({tp}, {pp}, {cp}) in each before "
+            f"building the model; only a layout with tp=pp=cp=1 is set up here by itself")
+    stack = contextlib.ExitStack()
+    try:
+        stack.enter_context(model_parallel(1, 1, 1))
+    except BaseException:
+        stack.close()
+        raise
+    return stack
+
+
+def release_with(obj: object, stack: contextlib.ExitStack) -> None:
+    """Keep ``stack`` (a :func:`standalone_model_parallel` state) open as long as ``obj`` lives.
+
+    Closed by a finalizer when ``obj`` is collected, at the latest at interpreter exit while ``obj``
+    is still alive (before the interpreter tears its modules down, not from a garbage-collected
+    generator afterwards: "Exception ignored in: <generator object model_parallel> ... ImportError:
+    sys.meta_path is None"), or now by ``obj.release_process_group()``."""
+    obj.release_process_group = weakref.finalize(obj, stack.close)
 
 
 def device() -> torch.device:
