@@ -68,13 +68,17 @@ PLACEHOLDERS: dict[str, tuple[str, str | None]] = {
 
 # Commands run for real, in this process (the CLI's ``main``, or the script), in a scratch folder
 # that links the repository's folders (outputs land there). Quick: < 1 s each.
-RUN_QUICK: dict[str, str] = {}
+RUN_QUICK: dict[str, str] = {
+    "v2pe-train --list": "prints the shipped recipes and presets (~1 s, no torch import)",
+}
 # Slow-marked: real work of a few seconds each (< 30 s in all).
 RUN_SLOW: dict[str, str] = {
     "v2pe-data synth data/niah --num-samples 200 --recipe recipes/tiny_cpu.yaml":
         "writes the set (~2 s), then inspected by the next command",
     "v2pe-data inspect recipes/tiny_cpu.yaml --meta data/niah/meta.json --show 3":
         "one epoch of the loader over the 200 samples; every sample fits (its `# ->` lines)",
+    "v2pe-data inspect recipes/tiny_cpu.yaml --meta data/niah/meta.json --skips-file skips.jsonl":
+        "the same epoch, every skip written to a file (none here)",
     "v2pe-data synth data/needles --needles --lengths 1024 4096 --depths 0 0.5 1":
         "36 needle samples in MM-NIAH format",
     ".venv/bin/python tools/plot_positions.py --out positions.png --deltas 1 1/4 1/16 1/256":
