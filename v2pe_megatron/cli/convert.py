@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     from v2pe_megatron.convert import megatron as conv
     from v2pe_megatron.convert.verify import verify_pair
     from v2pe_megatron.parallel.layout import LayoutError
+    from v2pe_megatron.training.checkpointing import CheckpointError, ModelMismatch
 
     try:
         if args.cmd == "import-hf":
@@ -101,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     except LayoutError as e:  # e.g. --spec te without Transformer Engine
         print(f"v2pe-convert: {e}", file=sys.stderr)
         return exit_codes.USAGE
+    except CheckpointError as e:  # --ckpt of another model than --model-yaml (usage), or all damaged
+        print(f"v2pe-convert: {e}", file=sys.stderr)
+        return exit_codes.USAGE if isinstance(e, ModelMismatch) else exit_codes.ERROR
     return 0
 
 

@@ -79,6 +79,14 @@ def main(argv: list[str] | None = None) -> int:
         return exit_codes.USAGE
     if args.choose_delta:
         return _done(_choose_delta(args, recipe), argv)
+    if args.ckpt:  # a checkpoint of another model, before any rank or model exists
+        from v2pe_megatron.cli.checkpoint_check import refuse_unusable_checkpoint
+        from v2pe_megatron.training.checkpointing import check_model_matches
+
+        code = refuse_unusable_checkpoint("v2pe-eval", lambda: check_model_matches(
+            args.ckpt, recipe.model, what=f"--ckpt {args.ckpt}"))
+        if code is not None:
+            return _done(code, argv)
     if not under_launcher():
         par = recipe.parallel
         nproc = args.nproc or par.tp * par.cp * par.pp
@@ -144,6 +152,7 @@ def _run(args: argparse.Namespace, recipe) -> int:
     from v2pe_megatron.config import RecipeError
     from v2pe_megatron.eval.report import delta_label, format_table
     from v2pe_megatron.eval.runner import evaluate
+    from v2pe_megatron.training.checkpointing import CheckpointError
 
     try:
         settings, source = _settings_and_source(args, recipe)
@@ -152,6 +161,10 @@ def _run(args: argparse.Namespace, recipe) -> int:
     except (RecipeError, ValueError, FileNotFoundError, NotADirectoryError) as e:
         print(f"v2pe-eval: {e}", file=sys.stderr)
         return exit_codes.USAGE
+    except CheckpointError as e:  # every checkpoint in --ckpt damaged (found by the ranks' full check)
+        if not e.collective or launch_rank() == 0:
+            print(f"v2pe-eval: {e}", file=sys.stderr)
+        return exit_codes.ERROR
     if launch_rank() == 0:
         n = len({r["id"] for r in report.records})
         print(f"\nv2pe-eval: {recipe.name}: {n} samples x {len(report.deltas)} delta(s), modes {', '.join(modes)}")

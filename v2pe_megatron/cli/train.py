@@ -110,6 +110,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_recipe:
         print(to_yaml(recipe))
         return 0
+    from v2pe_megatron.cli.checkpoint_check import refuse_unusable_checkpoint
+    from v2pe_megatron.training.checkpointing import check_recipe_checkpoint
+
+    # the checkpoint the run would load, against the recipe's model: before any rank or model exists
+    code = refuse_unusable_checkpoint("v2pe-train", lambda: check_recipe_checkpoint(recipe))
+    if code is not None:
+        return code
     nproc = recipe.launcher.nproc_per_node
     if not under_launcher() and nproc > 1:
         if recipe.launcher.nnodes > 1:
@@ -155,7 +162,8 @@ def _run(recipe) -> int:
     try:
         s = train(recipe)
     except CheckpointError as e:  # names the folder and the fix: no stack trace
-        print(f"v2pe-train: {e}", file=sys.stderr)
+        if not e.collective or launch_rank() == 0:  # every rank has a collective one: said once
+            print(f"v2pe-train: {e}", file=sys.stderr)
         return exit_codes.ERROR
     except MFUError as e:  # raised by every rank at the same step (training.metrics): said once
         if launch_rank() == 0:
