@@ -163,3 +163,20 @@ def test_a_folder_given_by_name_is_verified_and_a_training_folder_falls_back(two
     plain.mkdir()
     (plain / "metadata.json").write_text("{}")
     assert ckpt.checkpoint_folder(plain) == plain
+
+
+def test_v2pe_train_says_no_usable_checkpoint_once(two, capsys, monkeypatch):
+    """Found before any rank starts; one line (it used to come once per rank, after the warnings
+    that said the same)."""
+    from pathlib import Path as _P
+
+    from v2pe_megatron.cli.train import main
+
+    monkeypatch.setattr("v2pe_megatron.runtime.launch.run_local", lambda *a, **k: pytest.fail("ranks started"))
+    for it in (4, 8):
+        (ckpt.iteration_dir(two, it) / ".metadata").unlink()
+    recipe = _P(__file__).resolve().parents[2] / "recipes" / "tiny_cpu.yaml"
+    assert main([str(recipe), f"checkpoint.dir={two}"]) == 1
+    err = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+    assert len(err) == 1 and err[0].startswith(f"v2pe-train: no usable checkpoint in {two}: "), err
+    assert "iter_0000008: .metadata is missing" in err[0] and "iter_0000004: .metadata is missing" in err[0]
