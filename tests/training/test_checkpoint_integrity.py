@@ -180,3 +180,21 @@ def test_v2pe_train_says_no_usable_checkpoint_once(two, capsys, monkeypatch):
     err = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
     assert len(err) == 1 and err[0].startswith(f"v2pe-train: no usable checkpoint in {two}: "), err
     assert "iter_0000008: .metadata is missing" in err[0] and "iter_0000004: .metadata is missing" in err[0]
+
+
+def test_a_parent_that_starts_gpu_ranks_leaves_the_model_check_to_them(monkeypatch):
+    """megatron's layers make a CUDA context even for a meta build: a launcher parent would hold one
+    on GPU 0 all run. Its ranks run the same check first thing."""
+    import torch
+
+    from v2pe_megatron.cli.checkpoint_check import checks_here
+
+    for var in ("RANK", "SLURM_PROCID"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert not checks_here(2) and checks_here(1)
+    monkeypatch.setenv("RANK", "1")
+    assert checks_here(2)
+    monkeypatch.delenv("RANK")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert checks_here(2)

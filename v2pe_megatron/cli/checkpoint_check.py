@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 from typing import Callable, Optional
 
-from v2pe_megatron.cli.common import launch_rank
+from v2pe_megatron.cli.common import launch_rank, under_launcher
 from v2pe_megatron.runtime import exit_codes
 
 
@@ -28,3 +28,14 @@ def refuse_unusable_checkpoint(prog: str, check: Callable[[], object]) -> Option
     if launch_rank() == 0:
         print(f"{prog}: {msg}", file=sys.stderr)
     return code
+
+
+def checks_here(nproc: int) -> bool:
+    """Whether this process runs the check. A parent that only starts ranks on a GPU machine leaves it
+    to them (they run the same path first thing, before any model): megatron's layers make a CUDA
+    context even for a meta build, which the parent would hold on GPU 0 for the whole run."""
+    if under_launcher() or nproc <= 1:
+        return True
+    import torch
+
+    return not torch.cuda.is_available()

@@ -79,8 +79,10 @@ def main(argv: list[str] | None = None) -> int:
         return exit_codes.USAGE
     if args.choose_delta:
         return _done(_choose_delta(args, recipe), argv)
-    if args.ckpt:  # a checkpoint of another model, before any rank or model exists
-        from v2pe_megatron.cli.checkpoint_check import refuse_unusable_checkpoint
+    from v2pe_megatron.cli.checkpoint_check import checks_here, refuse_unusable_checkpoint
+
+    par = recipe.parallel
+    if args.ckpt and checks_here(args.nproc or par.tp * par.cp * par.pp):  # before any rank or model exists
         from v2pe_megatron.training.checkpointing import check_model_matches
 
         code = refuse_unusable_checkpoint("v2pe-eval", lambda: check_model_matches(

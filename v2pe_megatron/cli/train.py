@@ -110,13 +110,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_recipe:
         print(to_yaml(recipe))
         return 0
-    from v2pe_megatron.cli.checkpoint_check import refuse_unusable_checkpoint
+    from v2pe_megatron.cli.checkpoint_check import checks_here, refuse_unusable_checkpoint
     from v2pe_megatron.training.checkpointing import check_recipe_checkpoint
 
     # the checkpoint the run would load, against the recipe's model: before any rank or model exists
-    code = refuse_unusable_checkpoint("v2pe-train", lambda: check_recipe_checkpoint(recipe))
-    if code is not None:
-        return code
+    if checks_here(recipe.launcher.nproc_per_node):
+        code = refuse_unusable_checkpoint("v2pe-train", lambda: check_recipe_checkpoint(recipe))
+        if code is not None:
+            return code
     nproc = recipe.launcher.nproc_per_node
     if not under_launcher() and nproc > 1:
         if recipe.launcher.nnodes > 1:

@@ -4,6 +4,7 @@ state), loadable at another layout, with a cost per rank that shrinks as 1/DP.
 Layout on disk::
 
     <dir>/iter_0000010/                one megatron dist_checkpointing (torch_dist) checkpoint
+    <dir>/iter_0000010/model.yaml      the recipe's model section (what check_model_matches names keys from)
     <dir>/iter_0000010/manifest.json   relative path, size and sha256 of every other file in it
     <dir>/latest                       text file with the last *complete* iteration
 
@@ -27,7 +28,11 @@ Loading verifies the manifest before anything is read, because torch distributed
 unpickles ``.metadata``: a truncated or swapped file is caught before it is parsed. The manifest
 proves a checkpoint whole, not who wrote it: training checkpoints are trusted artifacts (foreign
 weights come in through ``v2pe-convert``, roadmap step 8, which reads safetensors only). A damaged
-checkpoint is reported by name and the previous complete one is used (``find_resumable``).
+checkpoint is reported by name and the previous complete one is used (``find_resumable``); every
+other load (``load_model_weights``, ``export-hf``) follows the same rule (``checkpoint_folder``).
+Before any of them builds a model, ``check_model_matches`` compares the checkpoint's tensor shapes
+(its metadata) with the recipe's model, and names the keys that differ. A save that fails removes its
+partial folder; a full disk is said as such, with the sizes.
 
 Hashing is spread over the ranks: on save each rank hashes the files it wrote itself (torch_dist
 names them ``__<rank>_<n>.distcp``), on verify the files are dealt out by size, so the bytes hashed
@@ -621,22 +626,33 @@ MODEL_YAML = "model.yaml"  # the model section a checkpoint was written with (v2
 
 def model_shapes(configs: list) -> list[Optional[dict[str, tuple[tuple[int, ...], bool]]]]:
     """Checkpoint key -> (global shape, vocabulary-padded) of every weight tensor of each model
-    config (None for one after the first that cannot be built), as megatron's ``sharded_state_dict`` of the whole model (TP = PP = 1) names them: the
-    model is built on the ``meta`` device (no memory, no weights) in a 1-rank group of its own, so
-    this runs before any process group exists (and only then). Layer tensors are stacked over the
-    layers, as stored."""
+    config (None for one after the first that cannot be built), as megatron's ``sharded_state_dict``
+    of the whole model (TP = PP = 1) names them: the model is built on the ``meta`` device (no memory,
+    no weights) in a 1-rank gloo group of its own, so this runs before any process group exists (and
+    only then). Layer tensors are stacked over the layers, as stored. On a GPU machine megatron's
+    layers make a CUDA context (on ``LOCAL_RANK``'s device), so a process that only starts ranks
+    leaves this to them (``cli.checkpoint_check.checks_here``)."""
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
 
     from v2pe_megatron.model.internvl import build_model
     from v2pe_megatron.parallel.layout import Layout
-    from v2pe_megatron.runtime.distributed import model_parallel
+    from v2pe_megatron.runtime.distributed import process_group
 
     if dist.is_initialized():
         raise RuntimeError("model_shapes builds its meta models in a process group of its own: call it "
                            "before any process group exists")
+    if torch.cuda.is_available():  # megatron's layers ask for the current device even on meta: the rank's own
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
     out: list = []
-    with model_parallel(1, 1):
+    # gloo on a store of its own (no port to agree on); of the generators only megatron's tracker,
+    # which its layers fork while they are made (nothing is drawn on meta)
+    store = dist.TCPStore("127.0.0.1", 0, 1, is_master=True, wait_for_workers=False)
+    with process_group("gloo", environ={"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}, store=store):
+        from megatron.core import tensor_parallel
+
+        ps.initialize_model_parallel(1, 1)
+        tensor_parallel.model_parallel_cuda_manual_seed(0)
         for i, mc in enumerate(configs):
             try:
                 # the names on disk are the same for both specs (model.checkpoint_names): local needs no TE
