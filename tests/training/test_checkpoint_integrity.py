@@ -198,3 +198,11 @@ def test_a_parent_that_starts_gpu_ranks_leaves_the_model_check_to_them(monkeypat
     monkeypatch.delenv("RANK")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert checks_here(2)
+
+
+def test_garbage_latest_without_checkpoints_is_a_fresh_start_before_the_run_too(tmp_path):
+    """The check before the run decides as the run does: nothing to resume is no error."""
+    from v2pe_megatron.config import load_recipe
+
+    (tmp_path / "latest").write_text("garbage")
+    ckpt.check_recipe_checkpoint(load_recipe(None, [f"checkpoint.dir={tmp_path}"]))  # no error, nothing built

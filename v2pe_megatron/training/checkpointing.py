@@ -743,7 +743,7 @@ def check_model_matches(path: str | os.PathLike, mc, *, what: str, mine: str = "
     problems = shape_mismatches(shapes[0], stored, mc)
     if not problems:
         return folder
-    where = f"{what}: {folder}" if str(folder) != str(path) else what
+    where = what if str(folder) in what else f"{what}: {folder}"
     named = [k for k, s in zip(keys, shapes[1:]) if s != shapes[0]]
     if named:
         raise ModelMismatch(
@@ -772,8 +772,9 @@ def check_recipe_checkpoint(recipe) -> None:
     recipe's model before any rank starts: :func:`check_model_matches`. Raises ModelMismatch (bad
     input) or CheckpointError (nothing usable to resume from)."""
     c = recipe.checkpoint
-    if c.dir and c.load and Path(c.dir).is_dir() and ((Path(c.dir) / "latest").is_file() or saved_iterations(c.dir)):
-        check_model_matches(c.dir, recipe.model, what=f"checkpoint.dir={c.dir} (resuming)")
+    resume_at = find_resumable(c.dir, contents=False, quiet=True) if c.dir and c.load and Path(c.dir).is_dir() else None
+    if resume_at is not None:
+        check_model_matches(iteration_dir(c.dir, resume_at), recipe.model, what=f"checkpoint.dir={c.dir} (resuming)")
     elif c.pretrained:
         check_model_matches(c.pretrained, recipe.model, what=f"checkpoint.pretrained={c.pretrained}")
 
