@@ -737,14 +737,16 @@ def check_model_matches(path: str | os.PathLike, mc, *, what: str, mine: str = "
     unpickled) by the rule the load follows (:func:`checkpoint_folder`); the load verifies it whole."""
     folder = checkpoint_folder(path, contents=False, quiet=True)
     stored = {k: tuple(t.global_shape) for k, t in dist_checkpointing.load_tensors_metadata(str(folder)).items()}
-    recorded = recorded_model(folder)
-    keys = _differing_keys(recorded, mc) if recorded is not None else []
-    shapes = model_shapes([mc] + [_with_value(mc, k, _get(recorded, k)) for k in keys])
-    problems = shape_mismatches(shapes[0], stored, mc)
+    ours, = model_shapes([mc])
+    problems = shape_mismatches(ours, stored, mc)
     if not problems:
         return folder
     where = what if str(folder) in what else f"{what}: {folder}"
-    named = [k for k, s in zip(keys, shapes[1:]) if s != shapes[0]]
+    recorded = recorded_model(folder)
+    keys = _differing_keys(recorded, mc) if recorded is not None else []
+    # the keys that change a shape: each tried alone on our model (spec, dtype, ... change none)
+    tried = model_shapes([mc] + [_with_value(mc, k, _get(recorded, k)) for k in keys])[1:] if keys else []
+    named = [k for k, s in zip(keys, tried) if s != ours]
     if named:
         raise ModelMismatch(
             f"{where} is a checkpoint of another model: "
