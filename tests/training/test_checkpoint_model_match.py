@@ -4,7 +4,7 @@ section (``v2pe-train``), ``v2pe-eval --ckpt`` and ``v2pe-convert export-hf``. O
 naming the keys that differ (from the checkpoint's ``model.yaml``) or else the tensors. And the loads
 themselves verify what they read and fall back from a damaged ``latest`` as a resume does (item 10).
 All in-process: the CLIs' ``main`` with its return code and stderr (slow-marked: each builds
-megatron meta models, and the module imports a checkpoint once; ~13 s in all)."""
+megatron meta models, and the module imports a checkpoint once; ~4 s in all on an idle machine)."""
 
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ def _one_message(err: str, prog: str) -> str:
     return lines[0]
 
 
-@pytest.mark.slow  # in-process, but megatron meta models and an import: ~1 s each
+@pytest.mark.slow  # in-process, but megatron meta models (and the import fixture): 0.3-0.6 s each
 def test_train_refuses_pretrained_of_another_model(imported, capsys, no_run):
     from v2pe_megatron.cli.train import main
 
@@ -73,7 +73,7 @@ def test_train_refuses_pretrained_of_another_model(imported, capsys, no_run):
                    f"it ({imported / 'model.yaml'} holds its model section), or use a checkpoint of this model")
 
 
-@pytest.mark.slow  # in-process, but megatron meta models and an import: ~1 s each
+@pytest.mark.slow  # in-process, but megatron meta models (and the import fixture): 0.3-0.6 s each
 def test_the_same_model_passes_and_the_load_reads_it(imported):
     """The check's shapes are the loader's: the recipe's own model passes, and its weights load."""
     from v2pe_megatron.config import load_recipe
@@ -83,7 +83,7 @@ def test_the_same_model_passes_and_the_load_reads_it(imported):
     assert ckpt.check_model_matches(imported, recipe.model, what="x") == imported
 
 
-@pytest.mark.slow  # in-process, but megatron meta models and an import: ~1 s each
+@pytest.mark.slow  # in-process, but megatron meta models (and the import fixture): 0.3-0.6 s each
 def test_resume_with_a_changed_model_section_names_the_keys(imported, tmp_path, capsys, no_run):
     from v2pe_megatron.cli.train import main
 
@@ -96,7 +96,7 @@ def test_resume_with_a_changed_model_section_names_the_keys(imported, tmp_path, 
                           f"model.language.ffn_hidden_size is 128 there, 256 in the recipe. Set these keys")
 
 
-@pytest.mark.slow  # in-process, but megatron meta models and an import: ~1 s each
+@pytest.mark.slow  # in-process, but megatron meta models (and the import fixture): 0.3-0.6 s each
 def test_without_model_yaml_the_tensors_are_named(imported, tmp_path, capsys, no_run):
     from v2pe_megatron.cli.train import main
 
@@ -109,7 +109,7 @@ def test_without_model_yaml_the_tensors_are_named(imported, tmp_path, capsys, no
     assert "Give the model section (model.preset, model.*) the checkpoint was written with" in msg
 
 
-@pytest.mark.slow  # in-process, but megatron meta models and an import: ~1 s each
+@pytest.mark.slow  # in-process, but megatron meta models (and the import fixture): 0.3-0.6 s each
 def test_eval_refuses_a_checkpoint_of_another_model(imported, tmp_path, capsys, no_run):
     from v2pe_megatron.cli.eval import main
 
@@ -120,7 +120,7 @@ def test_eval_refuses_a_checkpoint_of_another_model(imported, tmp_path, capsys, 
                           f"model.language.qkv_bias is False there, True in the recipe")
 
 
-@pytest.mark.slow  # in-process, but megatron meta models and an import: ~1 s each
+@pytest.mark.slow  # in-process, but megatron meta models (and the import fixture): 0.3-0.6 s each
 def test_export_refuses_a_model_yaml_of_another_model(imported, tmp_path, capsys):
     from v2pe_megatron.cli.convert import main
 
@@ -134,7 +134,7 @@ def test_export_refuses_a_model_yaml_of_another_model(imported, tmp_path, capsys
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.tmp").exists()
 
 
-@pytest.mark.slow  # in-process, but megatron meta models and an import: ~1 s each
+@pytest.mark.slow  # in-process, but megatron meta models (and the import fixture): 0.3-0.6 s each
 def test_a_damaged_latest_falls_back_for_export_and_eval_loads(imported, tmp_path, caplog, monkeypatch):
     """``export-hf`` and ``load_model_weights`` (``v2pe-eval --ckpt``, ``checkpoint.pretrained``) of a
     training folder whose latest is truncated: they used to unpickle it (``EOFError: Ran out of
