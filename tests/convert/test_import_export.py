@@ -15,6 +15,7 @@ from v2pe_megatron.convert.megatron import export_hf, import_hf, read_model_yaml
 from v2pe_megatron.convert.safetensors_io import read_safetensors
 
 from v2pe_megatron.testing.hf_fixtures import remote_checkpoint, tiny_model_config
+from v2pe_megatron.training.checkpointing import ModelMismatch
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +59,9 @@ def test_round_trip_is_bit_exact_and_model_yaml_is_the_recipe_section(remote):
     # a model section that does not describe the checkpoint is named before anything is read
     wrong = (d / "ck" / "model.yaml").read_text().replace("num_layers: 4", "num_layers: 3")
     (d / "wrong.yaml").write_text(wrong)
-    with pytest.raises(HFCheckpointError, match="holds 4 layers, the model yaml has 3"):
+    with pytest.raises(ModelMismatch, match=r"model\.language\.num_layers is 4 there, 3 in --model-yaml "):
         export_hf(d / "ck", d / "out3", layout="remote-code", model_yaml=d / "wrong.yaml", progress=False)
+    assert not (d / "out3").exists() and not (d / "out3.tmp").exists()
 
 
 def _planted(src, dst, change):

@@ -61,11 +61,15 @@ def main(argv: list[str] | None = None) -> int:
     quiet_library_warnings()
     from v2pe_megatron.convert.errors import ConvertWriteError, HFCheckpointError, VerifyError
     from v2pe_megatron.parallel.layout import LayoutError
+    from v2pe_megatron.training.checkpointing import CheckpointError, ModelMismatch
 
     try:
         if args.cmd == "import-hf":
             return _import(args, argv)
         return _export(args)
+    except CheckpointError as e:  # --ckpt of another model than --model-yaml (usage), or all damaged
+        print(f"v2pe-convert: {e}", file=sys.stderr)
+        return exit_codes.USAGE if isinstance(e, ModelMismatch) else exit_codes.ERROR
     except (VerifyError, ConvertWriteError) as e:  # the work failed; nothing was published
         if launch_rank() == 0 or not getattr(e, "everywhere", False):
             print(f"v2pe-convert: {e}", file=sys.stderr)

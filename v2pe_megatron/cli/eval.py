@@ -84,6 +84,16 @@ def main(argv: list[str] | None = None) -> int:
         return exit_codes.USAGE
     if args.choose_delta:
         return _done(_choose_delta(args, recipe), argv)
+    from v2pe_megatron.cli.checkpoint_check import checks_here, refuse_unusable_checkpoint
+
+    par = recipe.parallel
+    if args.ckpt and checks_here(args.nproc or par.tp * par.cp * par.pp):  # before any rank or model exists
+        from v2pe_megatron.training.checkpointing import check_model_matches
+
+        code = refuse_unusable_checkpoint("v2pe-eval", lambda: check_model_matches(
+            args.ckpt, recipe.model, what=f"--ckpt {args.ckpt}"))
+        if code is not None:
+            return _done(code, argv)
     if not under_launcher():
         par = recipe.parallel
         nproc = args.nproc or par.tp * par.cp * par.pp
@@ -169,6 +179,7 @@ def _run(args: argparse.Namespace, recipe) -> int:
     from v2pe_megatron.config import RecipeError
     from v2pe_megatron.eval.report import delta_label, format_table
     from v2pe_megatron.eval.runner import checkpoint_label, evaluate
+    from v2pe_megatron.training.checkpointing import CheckpointError
 
     try:
         settings, source = _settings_and_source(args, recipe)
@@ -177,6 +188,10 @@ def _run(args: argparse.Namespace, recipe) -> int:
     except (RecipeError, ValueError, FileNotFoundError, NotADirectoryError) as e:
         print(f"v2pe-eval: {e}", file=sys.stderr)
         return exit_codes.USAGE
+    except CheckpointError as e:  # every checkpoint in --ckpt damaged (found by the ranks' full check)
+        if not e.collective or launch_rank() == 0:
+            print(f"v2pe-eval: {e}", file=sys.stderr)
+        return exit_codes.ERROR
     if launch_rank() == 0:
         n = len({r["id"] for r in report.records})
         print(f"\nv2pe-eval: {recipe.name}: {n} samples x {len(report.deltas)} delta(s), modes {', '.join(modes)}")

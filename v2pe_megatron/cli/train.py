@@ -137,6 +137,15 @@ def main(argv: list[str] | None = None) -> int:
     code = _preflight(recipe, args.recipe)
     if code is not None:
         return code
+    if _loads_a_checkpoint(recipe):
+        from v2pe_megatron.cli.checkpoint_check import checks_here, refuse_unusable_checkpoint
+        from v2pe_megatron.training.checkpointing import check_recipe_checkpoint
+
+        # the checkpoint the run would load, against the recipe's model: before any rank or model exists
+        if checks_here(recipe.launcher.nproc_per_node):
+            code = refuse_unusable_checkpoint("v2pe-train", lambda: check_recipe_checkpoint(recipe))
+            if code is not None:
+                return code
     if not under_launcher() and nproc > 1:
         from v2pe_megatron import preflight
         from v2pe_megatron.runtime.launch import run_local
@@ -224,6 +233,15 @@ def _count(n: int) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e8 else f"{n / 1e6:.2f}M"
 
 
+def _loads_a_checkpoint(recipe) -> bool:
+    """The run would load weights (a resume or ``checkpoint.pretrained``): only then is torch imported
+    before launch, to compare that checkpoint's tensors with the recipe's model."""
+    from v2pe_megatron.training.checkpoint_files import saved_iterations
+
+    c = recipe.checkpoint
+    return bool(c.pretrained) or bool(c.dir and c.load and os.path.isdir(c.dir) and saved_iterations(c.dir))
+
+
 def _exit_now(code: int) -> None:
     """Exit without the interpreter's teardown. Everything that matters is closed by now (checkpoint
     fsynced, MLflow run ended, process group destroyed); what is left is the garbage collection of
@@ -250,7 +268,8 @@ def _run(recipe) -> int:
     try:
         s = train(recipe)
     except CheckpointError as e:  # names the folder and the fix: no stack trace
-        print(f"v2pe-train: {e}", file=sys.stderr)
+        if not e.collective or launch_rank() == 0:  # every rank has a collective one: said once
+            print(f"v2pe-train: {e}", file=sys.stderr)
         return exit_codes.ERROR
     except MFUError as e:  # raised by every rank at the same step (training.metrics): said once
         if launch_rank() == 0:

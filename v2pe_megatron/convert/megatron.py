@@ -592,12 +592,13 @@ def export_hf(ckpt_path: str | os.PathLike, out: str | os.PathLike, *, layout: s
         raise FileNotFoundError(f"--tokenizer {tokenizer} is not a folder")
     out = Path(out)
     check_out(out, force, {"--ckpt": ckpt_path, "--model-yaml": model_yaml, "--tokenizer": tokenizer})
-    src = ckpt.weights_dir(ckpt_path)
+    src = ckpt.checkpoint_folder(ckpt_path)  # verified; a damaged latest falls back as a resume does
     my = Path(model_yaml) if model_yaml else find_model_yaml(ckpt_path)
     if my is None:
         raise HFCheckpointError(f"no {MODEL_YAML} in or above {ckpt_path}: pass --model-yaml with the recipe "
                                 f"(or its model section) the checkpoint was trained with")
     mc = read_model_yaml(my)
+    ckpt.check_model_matches(src, mc, what=f"--ckpt {ckpt_path}", mine=f"--model-yaml {my}")
     if tokenizer is not None:
         check_tokenizer(tokenizer, mc, lay, my)
     source_cfg = None
@@ -650,28 +651,6 @@ def _load_key(src: Path, key: str, meta: dict) -> torch.Tensor:
     return dist_checkpointing.load(request, str(src))[key]
 
 
-def _check_model_matches(mc: ModelConfig, meta: dict, groups: dict[str, list[Mapping]], my_name: str) -> None:
-    """The model section must describe the checkpoint: layer counts and widths, before anything is read."""
-    lm, v = mc.language, mc.vision
-    checks = [("language_model.embedding.word_embeddings.weight", 1, lm.hidden_size, "language.hidden_size"),
-              ("vision_model.embeddings.class_embedding", 2, v.hidden_size, "vision.hidden_size")]
-    for key, axis, want, what in checks:
-        got = tuple(meta[key].global_shape)[axis]
-        if got != want:
-            raise HFCheckpointError(f"checkpoint tensor {key} has {got} on axis {axis}, {my_name} says "
-                                    f"{what}={want}: give the model section the checkpoint was trained with")
-    rows = tuple(meta["language_model.embedding.word_embeddings.weight"].global_shape)[0]
-    if rows < lm.vocab_size:
-        raise HFCheckpointError(f"the checkpoint's vocabulary has {rows} rows, {my_name} says "
-                                f"language.vocab_size={lm.vocab_size}")
-    for key, group in groups.items():
-        layers = [_checkpoint_key(mp.mcore)[1] for mp in group]
-        if layers[0] is not None and len(layers) != tuple(meta[key].global_shape)[0]:
-            raise HFCheckpointError(f"checkpoint tensor {key} holds {tuple(meta[key].global_shape)[0]} layers, "
-                                    f"{my_name} has {len(layers)}: give the model section the checkpoint was "
-                                    f"trained with")
-
-
 def _export_into(tmp: Path, src: Path, mc: ModelConfig, table: list[Mapping], lay: str, source_cfg: Optional[dict],
                  v2pe_delta: Optional[float], tokenizer, max_shard_bytes: int, progress: bool) -> list[str]:
     """Streams: one checkpoint tensor at a time (a layer tensor holds every layer), never the model."""
@@ -694,7 +673,6 @@ def _export_into(tmp: Path, src: Path, mc: ModelConfig, table: list[Mapping], la
     groups: dict[str, list[Mapping]] = {}
     for mp in table:  # one group per checkpoint tensor, in order of first use
         groups.setdefault(stored[_checkpoint_key(mp.mcore)[0]], []).append(mp)
-    _check_model_matches(mc, meta, groups, my_name="the model yaml")
     writer = ShardWriter(tmp, max_shard_bytes)
     with contextlib.ExitStack() as st:
         _ensure_single_rank(st)

@@ -21,7 +21,14 @@ MANIFEST = "manifest.json"
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint folder that cannot be used; the message names it and says why."""
+    """A checkpoint folder that cannot be used; the message names it and says why.
+
+    ``collective``: raised with the same message on every rank (a collective decision such as
+    ``checkpointing.find_resumable``'s), so one rank says it for all."""
+
+    def __init__(self, message: str, *, collective: bool = False):
+        super().__init__(message)
+        self.collective = collective
 
 
 def iteration_dir(ckpt_dir: str | os.PathLike, iteration: int) -> Path:
@@ -71,9 +78,7 @@ def manifest_problem(folder: Path) -> tuple[Optional[str], dict]:
             return f"{name} is missing", files
         if p.stat().st_size != meta.get("size"):
             return f"{name} has {p.stat().st_size} bytes, the manifest says {meta.get('size')}", files
-    extra = sorted(set(files_in(folder)) - set(files))
-    if extra:
-        return f"files not in the manifest: {', '.join(extra[:3])}", files
+    # files it does not list (notes.txt, .DS_Store) are never read by a load: not damage
     return None, files
 
 
