@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import time
 
 import pytest
@@ -33,7 +34,46 @@ def test_torchrun_wins_over_slurm():
 
 def test_single_process_default():
     le = read_launch_env({})
-    assert (le.rank, le.world_size, le.source) == (0, 1, "single")
+    assert (le.rank, le.world_size, le.source, le.master_port) == (0, 1, "single", 0)  # 0: the OS assigns one
+    assert read_launch_env({"MASTER_PORT": "1234"}).master_port == 1234
+
+
+def _listening(port: int) -> socket.socket | None:
+    s = socket.socket()
+    try:
+        s.bind(("127.0.0.1", port))
+    except OSError:  # taken already: the same situation
+        s.close()
+        return None
+    s.listen()
+    return s
+
+
+def test_single_process_groups_do_not_share_a_port():
+    # Another single-rank run or evaluation on this machine holds torch's default port 29500.
+    import torch.distributed as dist
+
+    from v2pe_megatron.runtime.distributed import process_group
+
+    other = _listening(29500)
+    try:
+        with process_group("gloo", environ={}):
+            t = torch.ones(1)
+            dist.all_reduce(t)
+            assert t.item() == 1.0
+    finally:
+        if other:
+            other.close()
+
+
+def test_single_process_group_uses_master_port_when_set():
+    from v2pe_megatron.runtime.distributed import process_group
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with process_group("gloo", environ={"MASTER_PORT": str(port)}):
+        assert _listening(port) is None  # the rendezvous holds the port the user (or srun) gave
 
 
 @pytest.mark.parametrize("nodelist,hosts", [
