@@ -158,7 +158,8 @@ def train(recipe: Recipe) -> RunSummary:
             # Collective: a signal during set-up (model build, checkpoint load) stops the run before
             # its first step; nothing new would be saved, so training one step only to save it would
             # spend the scheduler's grace time for nothing.
-            reason, signum = _should_stop(recipe, 0, t0, signal_received=stop_signals.received, budget=False)
+            reason, signum = (_should_stop(recipe, 0, t0, signal_received=stop_signals.received, budget=False)
+                              if start < recipe.train.steps else (0, 0))  # same start on every rank
             steps = range(start, recipe.train.steps) if reason != STOP_SIGNAL else range(0)
             if reason == STOP_SIGNAL:
                 summary.stop_reason = reason
@@ -205,7 +206,7 @@ def train(recipe: Recipe) -> RunSummary:
                                  f"{exit_codes.stopped(signum)}: running again starts over at step 1)")
                     break
             if c.dir and summary.steps_run and saved_at != summary.final_step:
-                saved_at = _save(recipe, summary.final_step, ddp, optimizer, scheduler, loader, tracker, lineage)
+                _save(recipe, summary.final_step, ddp, optimizer, scheduler, loader, tracker, lineage)
             status = {STOP_SIGNAL: "KILLED", STOP_NONFINITE: "FAILED"}.get(summary.stop_reason, "FINISHED")
             summary.exit_code = {STOP_SIGNAL: exit_codes.RESUME,
                                  STOP_NONFINITE: exit_codes.NONFINITE}.get(summary.stop_reason, exit_codes.SUCCESS)
