@@ -215,7 +215,7 @@ def sbatch_command(recipe: Recipe, recipe_path: str, overrides: Sequence[str] = 
     lead = signal_lead_s(limit_s)
     warnings = []
     if limit_s - lead < MIN_TRAIN_WINDOW_S:
-        warnings.append(f"a {time} limit leaves each start {limit_s - lead} s before Slurm's USR1 (sent {lead} s "
+        warnings.append(f"--time={time} leaves each start {limit_s - lead} s before Slurm's USR1 (sent {lead} s "
                         "before the limit) asks it to save, and start-up (imports, building the model, loading "
                         "the checkpoint) counts in it: a start that has not finished a step by then saves "
                         "nothing new and the job is not requeued. Prefer a --time of "
