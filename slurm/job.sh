@@ -4,7 +4,11 @@
 #   V2PE_PYTHON         the Python that has v2pe-megatron installed; default $SLURM_SUBMIT_DIR/.venv/bin/python
 #                       (the `make setup` venv of the checkout sbatch was run from), else python3 on PATH
 #   V2PE_MAX_RESTARTS   how many times a job that stopped with "saved, resume me" (exit 75) is requeued
-#                       before it gives up (default 10); the count is Slurm's SLURM_RESTART_COUNT
+#                       before it gives up (default 10); the count is Slurm's SLURM_RESTART_COUNT.
+#                       Only 75 requeues: the ranks exit 75 only after saving a checkpoint of steps
+#                       this start trained, so every requeue resumes later than the one before. A
+#                       stop that saved nothing new (128+N, e.g. 138 for USR1 before the first step)
+#                       is not requeued: the next start would begin where this one did.
 #   V2PE_SRUN_WAIT      seconds srun lets the other ranks run on after the first one ended (default 60):
 #                       a rank that died leaves the others blocked in a collective
 #   MASTER_ADDR, MASTER_PORT   rendezvous; default the allocation's first node, port 20000 + job id % 20000
@@ -55,6 +59,31 @@ trap 'V2PE_GOT_TERM=1' TERM
 # not kill it. A no-op trap, not `trap '' USR1`: an ignored signal would stay ignored in srun's ranks.
 trap ':' USR1
 
+# The stop signal's lead as far as the job can know it: SBATCH_SIGNAL from the submitting shell,
+# else the running script's own #SBATCH --signal line (Slurm does not tell a job its --signal; one
+# given on sbatch's command line wins over both, hence the warning's wording).
+v2pe_signal_spec() {
+    if [ -n "${SBATCH_SIGNAL:-}" ]; then
+        echo "$SBATCH_SIGNAL"
+    else
+        sed -n 's/^#SBATCH[[:space:]]*--signal=//p' "$0" 2>/dev/null | head -n 1
+    fi
+}
+
+# Warn (stderr, never fatal) when the job's time limit is not longer than its signal lead: Slurm
+# would signal it at start, every start.
+v2pe_check_time_limit() {
+    local limit spec
+    spec=$(v2pe_signal_spec)
+    [ -n "$spec" ] || return 0
+    limit=$(squeue -h -j "$SLURM_JOB_ID" -o %l 2>/dev/null) || return 0
+    "$V2PE_PY" -c 'import sys
+from v2pe_megatron.runtime.sbatch import time_limit_warning
+w = time_limit_warning(*sys.argv[1:])
+w and print("v2pe: " + w + " (unless the sbatch command line gave another --signal)", file=sys.stderr)' \
+        "$limit" "$spec" || true
+}
+
 # v2pe_srun MODULE ARGS...: one rank per Slurm task, then requeue on exit 75 (bounded), otherwise
 # exit with the ranks' code. bash runs the trap only once srun has returned: the ranks save first.
 v2pe_srun() {
@@ -63,6 +92,7 @@ v2pe_srun() {
     echo "v2pe: job $SLURM_JOB_ID ($SLURM_JOB_NAME), start $((restarts + 1)), $(date -u +%FT%TZ):" \
          "${SLURM_NTASKS:-1} rank(s) on ${SLURM_JOB_NUM_NODES:-1} node(s) [$SLURM_JOB_NODELIST]," \
          "master $MASTER_ADDR:$MASTER_PORT, in $PWD, $V2PE_PY -m $module $*"
+    v2pe_check_time_limit
     # --kill-on-bad-exit=0: exit 75 is not a failure (some clusters default to 1, which would kill
     # ranks still saving); --wait bounds how long a lost rank can leave the others waiting.
     srun --kill-on-bad-exit=0 --wait="${V2PE_SRUN_WAIT:-60}" "$V2PE_PY" -m "$module" "$@"
@@ -81,6 +111,13 @@ v2pe_srun() {
         else
             echo "v2pe: saved, but 'scontrol requeue $SLURM_JOB_ID' failed (was the job submitted with" \
                  "--no-requeue?): 'sbatch' the same command again to continue" >&2
+        fi
+    elif [ "$rc" -gt 128 ] && [ "$rc" -lt 160 ]; then
+        echo "v2pe: exit code $rc: the ranks ended by SIG$(kill -l $((rc - 128)) 2>/dev/null) without saving" \
+             "anything new (a stop that saved exits 75): not requeued, a new start would begin where this one did" >&2
+        if [ "$rc" -eq $((128 + $(kill -l USR1))) ]; then
+            echo "v2pe: USR1 is the time-limit signal (--signal=USR1@N): a job whose --time is not longer than N" \
+                 "plus start-up gets it before its first step, at every start" >&2
         fi
     elif [ "$rc" -ne 0 ]; then
         echo "v2pe: exit code $rc is an error, not a stop request: not requeued (see the messages above)" >&2

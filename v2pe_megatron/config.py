@@ -485,7 +485,7 @@ def validate(recipe: Recipe, world_size: int | None = None, *, spec: str | None 
 
     c = recipe.checkpoint
     if c.pretrained and not (c.dir and c.load and (Path(c.dir) / "latest").is_file()):  # resuming ignores it
-        from v2pe_megatron.training.checkpointing import weights_dir
+        from v2pe_megatron.training.checkpoint_files import weights_dir
 
         try:
             weights_dir(c.pretrained)

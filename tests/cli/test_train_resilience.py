@@ -336,5 +336,8 @@ def test_sigkill_of_one_rank_ends_the_whole_run(tmp_path):
     os.kill(ranks[1], signal.SIGKILL)
     rc = r.wait(timeout=120)
     assert rc not in (0, exit_codes.RESUME), r.out[-3000:]
+    # the parent's last line names the rank that died, not the others' "Connection reset by peer"
+    last = r.out.strip().splitlines()[-1]
+    assert f"(pid {ranks[1]}) was killed by SIGKILL (exit code 137)" in last and "out-of-memory" in last, r.out[-3000:]
     time.sleep(0.5)
     assert not _alive(ranks)

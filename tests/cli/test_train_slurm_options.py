@@ -1,6 +1,7 @@
 """``v2pe-train``'s Slurm options: ``--print-sbatch`` (the sbatch line for a recipe, or a refusal
 with the fix), ``--run-name`` (the run folder a requeued job finds again), and a stop signal that
-arrives while a rank is still starting (exit 75, not death by the signal)."""
+arrives while a rank is still starting (``exit_codes.stopped(N)``, not death by the signal, and not 75:
+nothing new was saved)."""
 
 from __future__ import annotations
 
@@ -59,7 +60,7 @@ def _catches(pid: int, sig: int) -> bool:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads signal masks from /proc")
-def test_stop_signal_during_start_up_exits_resume(tmp_path):
+def test_stop_signal_during_start_up_exits_stopped_not_resume(tmp_path):
     # One rank as under srun (SLURM_PROCID set): USR1 as soon as the process handles it, long before
     # torch and megatron are imported and the training loop installs its own handlers.
     env = dict(os.environ, SLURM_PROCID="0", SLURM_NTASKS="1", SLURM_JOB_ID="1", PYTHONUNBUFFERED="1")
@@ -71,6 +72,7 @@ def test_stop_signal_during_start_up_exits_resume(tmp_path):
         time.sleep(0.01)
     p.send_signal(signal.SIGUSR1)
     out, _ = p.communicate(timeout=60)
-    assert p.returncode == exit_codes.RESUME, out
-    assert "got SIGUSR1 before training started: nothing to save" in out
+    assert p.returncode == exit_codes.stopped(signal.SIGUSR1) == 138, out
+    assert "got SIGUSR1 before training started: nothing trained, nothing new to save; exit code 138" in out
+    assert "USR1 is the time-limit signal" in out  # under Slurm (SLURM_JOB_ID set)
     assert "step 1/" not in out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import time
 
 import pytest
@@ -33,7 +34,46 @@ def test_torchrun_wins_over_slurm():
 
 def test_single_process_default():
     le = read_launch_env({})
-    assert (le.rank, le.world_size, le.source) == (0, 1, "single")
+    assert (le.rank, le.world_size, le.source, le.master_port) == (0, 1, "single", 0)  # 0: the OS assigns one
+    assert read_launch_env({"MASTER_PORT": "1234"}).master_port == 1234
+
+
+def _listening(port: int) -> socket.socket | None:
+    s = socket.socket()
+    try:
+        s.bind(("127.0.0.1", port))
+    except OSError:  # taken already: the same situation
+        s.close()
+        return None
+    s.listen()
+    return s
+
+
+def test_single_process_groups_do_not_share_a_port():
+    # Another single-rank run or evaluation on this machine holds torch's default port 29500.
+    import torch.distributed as dist
+
+    from v2pe_megatron.runtime.distributed import process_group
+
+    other = _listening(29500)
+    try:
+        with process_group("gloo", environ={}):
+            t = torch.ones(1)
+            dist.all_reduce(t)
+            assert t.item() == 1.0
+    finally:
+        if other:
+            other.close()
+
+
+def test_single_process_group_uses_master_port_when_set():
+    from v2pe_megatron.runtime.distributed import process_group
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with process_group("gloo", environ={"MASTER_PORT": str(port)}):
+        assert _listening(port) is None  # the rendezvous holds the port the user (or srun) gave
 
 
 @pytest.mark.parametrize("nodelist,hosts", [
@@ -203,3 +243,41 @@ def test_local_launcher_sets_cuda_device_max_connections_unless_the_user_did(tmp
     assert _launched_env(tmp_path / "a", {}) == [{"CUDA_DEVICE_MAX_CONNECTIONS": "1", "OMP_NUM_THREADS": "1"}] * 2
     mine = {"CUDA_DEVICE_MAX_CONNECTIONS": "8", "OMP_NUM_THREADS": "4"}
     assert _launched_env(tmp_path / "b", mine) == [mine] * 2
+
+
+def test_a_failed_rank_is_named_with_its_pid_and_signal():
+    from v2pe_megatron.runtime.launch import describe_failure
+
+    killed = describe_failure(1, 4242, -9)
+    assert killed.startswith("rank 1 (pid 4242) was killed by SIGKILL (exit code 137): ")
+    assert "out-of-memory killer" in killed and "dmesg" in killed and "MaxRSS" in killed
+    assert "native code" in describe_failure(0, 7, -11) and "SIGSEGV" in describe_failure(0, 7, -11)
+    assert describe_failure(2, 7, 3) == "rank 2 (pid 7) exited with code 3: its messages above say why"
+
+
+@pytest.mark.slow
+def test_local_launcher_names_a_killed_rank_and_stops_the_others_promptly(tmp_path, capfd, monkeypatch):
+    from v2pe_megatron.runtime import launch
+
+    monkeypatch.setattr(launch, "FAIL_GRACE_S", 2.0)
+
+    script = tmp_path / "worker.py"
+    script.write_text(
+        "import os, signal, sys, time\n"
+        "import torch.distributed as dist\n"
+        "dist.init_process_group('gloo', init_method=f\"tcp://{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}\",\n"
+        "                        rank=int(os.environ['RANK']), world_size=int(os.environ['WORLD_SIZE']))\n"
+        "open(os.path.join(sys.argv[1], f\"pid{dist.get_rank()}\"), 'w').write(str(os.getpid()))\n"
+        "dist.barrier()\n"
+        "if dist.get_rank() == 1:\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)  # as the OOM killer does\n"
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a rank stuck where SIGTERM cannot stop it\n"
+        "time.sleep(120)\n")
+    t0 = time.monotonic()
+    assert launch.run_local([str(script), str(tmp_path)], 2) == 128 + 9
+    assert time.monotonic() - t0 < 30  # the other rank was killed after the grace, not waited for (120 s)
+    err = capfd.readouterr().err
+    pid = (tmp_path / "pid1").read_text()
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"v2pe: rank 1 (pid {pid}) was killed by SIGKILL (exit code 137)"), err[-2000:]
+    assert "out-of-memory killer" in last and last.endswith("the other ranks were stopped")

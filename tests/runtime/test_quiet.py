@@ -142,3 +142,39 @@ def test_no_torch_import_without_an_nvidia_driver():
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
+
+
+# megatron-core's tensor_parallel/layers.py, once per TP rank when CUDA_DEVICE_MAX_CONNECTIONS is not 1
+MAX_CONNECTIONS = ("When using async grad allreduce it is recommended to set the environment variable "
+                   "CUDA_DEVICE_MAX_CONNECTIONS to 1 for maximum speedup")
+
+
+@pytest.mark.parametrize("cuda", [False, True])
+def test_cuda_device_max_connections_advice_is_hidden_on_the_cpu_only(machine, cuda, capsys):
+    machine(cuda=cuda)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        quiet_library_warnings()
+        warnings.warn(MAX_CONNECTIONS, UserWarning)
+        warnings.warn(MAX_CONNECTIONS.replace("async grad allreduce", "sequence parallelism"), UserWarning)
+    assert len(seen) == (2 if cuda else 0)  # on a GPU it is a speed fix the user can make
+
+
+@pytest.mark.parametrize("cli", ["data", "eval"])
+def test_clis_silence_library_warnings_before_their_parsers_import_megatron(cli, monkeypatch):
+    # Their --help builds a parser that imports data.needles, which imports megatron-core: the
+    # silencing must come first (megatron warns once per process, at import).
+    import importlib
+
+    from v2pe_megatron.runtime import quiet
+
+    class Silenced(Exception):
+        pass
+
+    def first(*a, **k):
+        raise Silenced
+
+    monkeypatch.setattr(quiet, "quiet_library_warnings", first)
+    main = importlib.import_module(f"v2pe_megatron.cli.{cli}").main
+    with pytest.raises(Silenced):  # not SystemExit from --help: nothing was parsed yet
+        main(["--help"])

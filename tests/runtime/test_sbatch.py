@@ -61,15 +61,42 @@ def test_tensor_parallel_groups_stay_inside_a_node():
     sbatch.sbatch_command(r, "r.yaml", nodes=1, gpus_per_node=6, script="s")  # one node: any split is local
 
 
-@pytest.mark.parametrize("text,seconds", [("02:00:00", 7200), ("0:02:00", 120), ("1-00:00:00", 86400)])
-def test_time_limits(text, seconds):
+# Every form sbatch's --time takes (sbatch(1); Slurm's time_str2secs): minutes, MM:SS, HH:MM:SS,
+# D-HH, D-HH:MM, D-HH:MM:SS; fields are not range-checked, seconds round up to the minute.
+@pytest.mark.parametrize("text,seconds", [
+    ("02:00:00", 7200), ("0:02:00", 120), ("1-00:00:00", 86400), ("5", 300), ("120", 7200), ("2:00", 120),
+    ("90:30", 5460), ("1-12", 129600), ("1-12:30", 131400), ("1-12:30:15", 131460), ("01:61:00", 7260),
+    ("36:00:00", 129600)])
+def test_time_limits_in_every_form_sbatch_takes(text, seconds):
     assert sbatch.parse_time(text) == seconds
 
 
-@pytest.mark.parametrize("text", ["2:00", "120", "01:61:00", "00:01:00"])
-def test_bad_time_limits_name_the_format(text):
-    with pytest.raises(RecipeError, match="--time"):
+@pytest.mark.parametrize("text,why", [
+    ("2h", "minutes, MM:SS, HH:MM:SS"), ("1:2:3:4", "minutes, MM:SS"), ("", "minutes, MM:SS"),
+    ("00:01:00", "at least 2 minutes"), ("1", "at least 2 minutes"),
+    ("UNLIMITED", "give a time limit"), ("0", "give a time limit")])
+def test_bad_time_limits_name_the_format(text, why):
+    with pytest.raises(RecipeError, match="--time") as e:
         sbatch.parse_time(text)
+    assert why in str(e.value)
+
+
+def test_a_short_limit_warns_that_start_up_eats_the_time_before_the_signal():
+    cmd = sbatch.sbatch_command(_recipe(), "r.yaml", time="2", script="s")
+    assert "--time=2" in cmd.argv and "--signal=USR1@60" in cmd.argv
+    assert len(cmd.warnings) == 1 and "leaves each start 60 s before Slurm's USR1" in cmd.warnings[0]
+    assert not sbatch.sbatch_command(_recipe(), "r.yaml", time="1-00", script="s").warnings
+
+
+@pytest.mark.parametrize("limit,spec,warns", [
+    ("2:00", "USR1@300", True), ("5:00", "USR1@300", True), ("5:01", "USR1@300", False),
+    ("10:00", "B:USR1@600", True), ("1-00:00:00", "USR1@300", False), ("UNLIMITED", "USR1@300", False),
+    ("1:00", "USR1", True), ("2:00", "USR1", False), ("2:00", "", False), ("garbage", "USR1@300", False)])
+def test_job_start_warning_when_the_limit_is_not_longer_than_the_signal_lead(limit, spec, warns):
+    w = sbatch.time_limit_warning(limit, spec)
+    assert (w is not None) == warns
+    if warns:
+        assert f"time limit ({limit}) is not longer than the lead" in w and "--print-sbatch" in w
 
 
 def test_signal_lead_covers_slurms_timer_and_leaves_the_job_time_to_train():

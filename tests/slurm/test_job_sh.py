@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,16 +23,19 @@ exit ${STUB_RC:-0}
 SCONTROL = """#!/bin/sh
 if [ "$1 $2" = "show hostnames" ]; then echo node07; echo node08; else echo "scontrol $*"; fi
 """
+SQUEUE = """#!/bin/sh
+echo "${STUB_LIMIT:-4:00:00}"
+"""
 
 
 def _run(tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
     bin_ = tmp_path / "bin"
     bin_.mkdir(exist_ok=True)
-    for name, text in (("srun", SRUN), ("scontrol", SCONTROL)):
+    for name, text in (("srun", SRUN), ("scontrol", SCONTROL), ("squeue", SQUEUE)):
         (bin_ / name).write_text(text)
         (bin_ / name).chmod(0o755)
     base = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k not in
-            ("V2PE_PYTHON", "MASTER_ADDR", "MASTER_PORT", "OMP_NUM_THREADS")}
+            ("V2PE_PYTHON", "MASTER_ADDR", "MASTER_PORT", "OMP_NUM_THREADS", "SBATCH_SIGNAL")}
     base.update(PATH=f"{bin_}:{os.environ['PATH']}", SLURM_JOB_ID="4242", SLURM_JOB_NAME="j",
                 SLURM_JOB_NODELIST="node[07-08]", SLURM_SUBMIT_DIR=str(tmp_path))
     base.update(env)
@@ -66,11 +70,23 @@ def test_rendezvous_and_settings_default_from_the_allocation_and_can_be_overridd
 
 @pytest.mark.parametrize("rc,restarts,expect", [
     (75, "0", "scontrol requeue 4242"), (75, "3", "restart 4 of 10"), (75, "10", "already requeued 10 times"),
-    (1, "0", "not requeued"), (0, "0", "ranks exited with code 0")])
+    (1, "0", "not requeued"), (0, "0", "ranks exited with code 0"),
+    # a stop that saved nothing new (runtime.exit_codes.stopped): a requeue would start where this one did
+    (138, "0", "the ranks ended by SIGUSR1 without saving anything new"),
+    (143, "2", "the ranks ended by SIGTERM without saving anything new")])
 def test_requeue_decision(tmp_path, rc, restarts, expect):
     r = _run(tmp_path, V2PE_PYTHON="/bin/true", STUB_RC=str(rc), SLURM_RESTART_COUNT=restarts)
     assert r.returncode == rc and expect in r.stdout + r.stderr, r
     assert ("scontrol requeue" in r.stdout) == (rc == 75 and restarts != "10")
+    assert ("USR1 is the time-limit signal" in r.stderr) == (rc == 138)
+
+
+@pytest.mark.parametrize("limit,spec,warns", [("2:00", "USR1@300", True), ("1-00:00:00", "USR1@300", False)])
+def test_warns_at_start_when_the_limit_is_not_longer_than_the_signal_lead(tmp_path, limit, spec, warns):
+    r = _run(tmp_path, V2PE_PYTHON=sys.executable, STUB_LIMIT=limit, SBATCH_SIGNAL=spec)
+    assert r.returncode == 0, r
+    assert ("v2pe: warning: this job's time limit (2:00) is not longer than the lead of its stop signal "
+            "(--signal=USR1@300)" in r.stderr) == warns, r.stderr
 
 
 def test_outside_slurm_it_says_to_use_sbatch(tmp_path):

@@ -8,6 +8,9 @@
    the uninterrupted run's.
 3. A broken recipe fails once (exit 2) and is not requeued.
 4. Restarts are bounded: with ``V2PE_MAX_RESTARTS=0`` a stop signal ends the job (exit 75, FAILED).
+5. A time limit shorter than the signal lead (``--time=2`` with the script's ``USR1@300``): a warning
+   at start, and USR1 before the first step ends the job (exit 138, nothing new saved) without a
+   requeue, instead of requeueing it until the restart bound with no progress.
 
 Test 2 slows steps down (a ``sitecustomize`` on the ranks' PYTHONPATH sleeps in the forward step)
 so that the first slot runs a few dozen steps rather than hundreds; it prints the measured
@@ -198,3 +201,48 @@ def test_restart_limit_stops_requeueing(slurm_cluster, tmp_path):
     assert len(set(re.findall(r"rank pid (\d+) got SIGUSR1", out))) == 2
     time.sleep(3)
     assert slurm_cluster.job(job)["Restarts"] == "0"
+
+
+HOLD_START = '''
+import os
+if os.environ.get("V2PE_TEST_HOLD_START"):
+    import sys
+    import time
+    from v2pe_megatron.runtime import quiet
+    _quiet = quiet.quiet_library_warnings
+
+    def held():  # v2pe-train calls this first, with its early-stop handler armed
+        print("v2pe-test: held in start-up", file=sys.stderr, flush=True)
+        time.sleep(float(os.environ["V2PE_TEST_HOLD_START"]))
+        _quiet()
+
+    quiet.quiet_library_warnings = held
+'''
+
+
+def test_time_limit_not_longer_than_the_signal_lead_warns_and_is_not_requeued(slurm_cluster, tmp_path):
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(HOLD_START)
+    env = dict(slurm_cluster.env, V2PE_TEST_HOLD_START="100",
+               PYTHONPATH=os.pathsep.join([str(hook), slurm_cluster.env["PYTHONPATH"]]))
+    job = slurm_cluster.sbatch("--ntasks=1", "--time=2", "--job-name=short", SCRIPT, TINY, "tracking.backend=none",
+                               cwd=tmp_path, env=env)
+    # Slurm's own USR1 is due at once but comes with its next 30 s timer tick, and is lost if that tick
+    # falls before srun started the rank; the same signal sent now makes the test deterministic.
+    end = time.monotonic() + 120
+    while "held in start-up" not in slurm_cluster.output(job):
+        assert time.monotonic() < end and slurm_cluster.job(job)["JobState"] in {"PENDING", "RUNNING"}, \
+            slurm_cluster.output(job)[-3000:]
+        time.sleep(0.25)
+    slurm_cluster.run("scancel", "--signal=USR1", job, check=False)  # may already have ended by Slurm's
+    info = slurm_cluster.wait(job, timeout=120)
+    out = slurm_cluster.output(job)
+    assert ("v2pe: warning: this job's time limit (2:00) is not longer than the lead of its stop signal "
+            "(--signal=USR1@300)") in out, out[-3000:]
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == "138:0", (info, out[-3000:])
+    assert "got SIGUSR1 before training started: nothing trained, nothing new to save; exit code 138" in out
+    assert "the ranks ended by SIGUSR1 without saving anything new" in out and "USR1 is the time-limit signal" in out
+    assert "scontrol requeue" not in out and "requeued job" not in out
+    time.sleep(3)  # a requeue would show as PENDING by now
+    assert slurm_cluster.job(job)["Restarts"] == "0" and "start 2," not in slurm_cluster.output(job)

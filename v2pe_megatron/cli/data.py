@@ -197,6 +197,9 @@ def _synth(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from v2pe_megatron.runtime.quiet import quiet_library_warnings
+
+    quiet_library_warnings()  # first: the parser's imports (data.needles) import megatron
     p = argparse.ArgumentParser(prog="v2pe-data", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
 

@@ -64,11 +64,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_intermixed_args(argv)
-    from v2pe_megatron.config import RecipeError, load_recipe
     from v2pe_megatron.runtime.quiet import quiet_library_warnings
 
-    quiet_library_warnings()
+    quiet_library_warnings()  # first: the parser's imports (data.needles) import megatron
+    args = _parser().parse_intermixed_args(argv)
+    from v2pe_megatron.config import RecipeError, load_recipe
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
     for noisy in ("megatron", "mlflow", "alembic", "urllib3", "torch"):

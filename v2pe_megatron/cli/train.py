@@ -10,13 +10,15 @@ the machine has what ``launcher.backend`` and ``model.spec`` ask for; and a run 
 already at ``train.steps`` says so and exits 0. ``--list`` shows the shipped recipes and the model
 presets.
 
-``--print-sbatch [--nodes N --gpus-per-node G --time HH:MM:SS]`` prints the ``sbatch`` command line
+``--print-sbatch [--nodes N --gpus-per-node G --time TIME]`` prints the ``sbatch`` command line
 for ``slurm/train.sbatch`` that fits the recipe's layout (or says why none does); ``--run-name NAME``
 gives the run its folder ``runs/NAME/`` (``runtime.sbatch``), which is how a requeued Slurm job
 finds its own checkpoint and MLflow run.
 
 Exit codes (``runtime.exit_codes``): 0 done, 1 error, 2 bad recipe or command line, 75 stopped by
-SIGTERM/SIGUSR1/SIGINT after a complete checkpoint (run the same command to resume), 65 stopped after
+SIGTERM/SIGUSR1/SIGINT after saving a checkpoint of new steps (run the same command to resume),
+128+N (143 SIGTERM, 138 SIGUSR1, 130 SIGINT) stopped by signal N with nothing new saved (no
+checkpoint.dir, or the signal came before the first step), 65 stopped after
 ``train.max_nonfinite_steps`` non-finite steps in a row.
 """
 
@@ -34,7 +36,7 @@ from v2pe_megatron.runtime import exit_codes
 
 
 USAGE = """v2pe-train RECIPE [key=value ...] [--nproc N] [--run-name NAME] [--print-recipe]
-       v2pe-train RECIPE [key=value ...] --print-sbatch [--nodes N] [--gpus-per-node G] [--time HH:MM:SS]
+       v2pe-train RECIPE [key=value ...] --print-sbatch [--nodes N] [--gpus-per-node G] [--time TIME]
        v2pe-train --list"""
 
 
@@ -57,24 +59,38 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--nodes", type=int, default=None, help="nodes (default: launcher.nnodes)")
     g.add_argument("--gpus-per-node", type=int, default=None,
                    help="GPUs per node, one rank each (default: none, launcher.nproc_per_node CPU ranks per node)")
-    g.add_argument("--time", default=None, metavar="HH:MM:SS", help="the job's time limit (default 04:00:00)")
+    g.add_argument("--time", default=None, metavar="TIME",
+                   help="the job's time limit in any form sbatch takes: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, "
+                        "D-HH:MM:SS (default 04:00:00)")
     return p
 
 
 # A stop signal that arrives while a rank is still starting (importing torch and megatron takes
-# seconds; a requeued Slurm job can be preempted or hit its signal then) would kill it with the
-# default action, an exit code no job script reads as "resume me". Nothing has been trained since
-# the last checkpoint at that point, so the process leaves with RESUME at once. Armed only in a
-# process of its own (never in a caller's, e.g. a test's), and disarmed before training or the
-# launcher's forwarding start: from then on they handle stop signals themselves.
+# seconds; a requeued Slurm job can be preempted or hit its signal then) must not leave a traceback.
+# Nothing has been trained since the last checkpoint at that point, so the process leaves at once
+# with ``exit_codes.stopped(N)``: not RESUME, because a rerun would start exactly where this one did
+# and a job that is signalled at every start (a time limit shorter than the --signal lead) must not
+# be requeued forever. Armed only in a process of its own (never in a caller's, e.g. a test's), and
+# disarmed before training or the launcher's forwarding start: from then on they handle stop signals
+# themselves.
 _EARLY_STOP = {"armed": False}
 
 
 def _stop_before_start(signum, frame) -> None:
     if _EARLY_STOP["armed"]:
+        code = exit_codes.stopped(signum)
         os.write(2, f"v2pe-train: pid {os.getpid()} got {signal.Signals(signum).name} before training started: "
-                    f"nothing to save, exit code {exit_codes.RESUME} (run the same command to resume)\n".encode())
-        os._exit(exit_codes.RESUME)
+                    f"nothing trained, nothing new to save; exit code {code} (not {exit_codes.RESUME}: running "
+                    f"again starts where this run started){_slurm_hint(signum)}\n".encode())
+        os._exit(code)
+
+
+def _slurm_hint(signum: int) -> str:
+    if signum != signal.SIGUSR1 or "SLURM_JOB_ID" not in os.environ:
+        return ""
+    return ("\nv2pe-train: under Slurm USR1 is the time-limit signal (sbatch --signal=USR1@N): if it came at "
+            "start, the job's --time is not longer than N; 'v2pe-train RECIPE --print-sbatch --time ...' "
+            "writes a --time and a --signal that fit")
 
 
 def _arm_early_stop(armed: bool) -> None:
@@ -115,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
 
             cmd = sbatch_command(recipe, args.recipe, args.overrides, nodes=args.nodes,
                                  gpus_per_node=args.gpus_per_node, time=args.time or DEFAULT_TIME)
+            for w in cmd.warnings:
+                print(f"v2pe-train: warning: {w}", file=sys.stderr)
             print(f"# {cmd.describe()}\n{cmd.command_line()}")
             return 0
         if args.run_name is not None:
@@ -295,6 +313,15 @@ def _run(recipe) -> int:
             print(f"v2pe-train: {s.nonfinite_steps} step(s) skipped for a non-finite loss or grad norm")
         if s.exit_code == exit_codes.RESUME:
             print(f"v2pe-train: exit code {s.exit_code}: stopped by a signal; run the same command to resume")
+        elif exit_codes.stopped_by(s.exit_code):
+            signum = exit_codes.stopped_by(s.exit_code)
+            if s.steps_run:
+                why = (f"checkpoint.dir is not set, so the {s.steps_run} step(s) trained are not saved; running "
+                       "again starts over at step 1 (set checkpoint.dir=... to make a stop resumable)")
+            else:
+                why = ("it came before the first step, so nothing new was saved; running again starts where "
+                       f"this run started{_slurm_hint(signum)}")
+            print(f"v2pe-train: exit code {s.exit_code}: stopped by {signal.Signals(signum).name}; {why}")
         elif s.exit_code == exit_codes.NONFINITE:
             print(f"v2pe-train: exit code {s.exit_code}: too many non-finite steps in a row "
                   "(train.max_nonfinite_steps)")

@@ -54,7 +54,10 @@ def expand_slurm_nodelist(nodelist: str) -> list[str]:
 
 
 def read_launch_env(environ: Optional[dict[str, str]] = None, default_port: int = 29500) -> LaunchEnv:
-    """torchrun's RANK/WORLD_SIZE win; then Slurm's SLURM_PROCID/SLURM_NTASKS; else one process."""
+    """torchrun's RANK/WORLD_SIZE win; then Slurm's SLURM_PROCID/SLURM_NTASKS; else one process.
+
+    ``master_port`` 0 means "none given": a single process (not under torchrun or Slurm, no
+    ``MASTER_PORT``) hosts its own rendezvous on a port the OS assigns (:func:`process_group`)."""
     env = os.environ if environ is None else environ
     if "RANK" in env and "WORLD_SIZE" in env:
         return LaunchEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)),
@@ -66,7 +69,7 @@ def read_launch_env(environ: Optional[dict[str, str]] = None, default_port: int 
         port = int(env.get("MASTER_PORT") or 20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)
         return LaunchEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)),
                          env.get("MASTER_ADDR") or nodes[0], port, "slurm")
-    return LaunchEnv(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT", default_port)), "single")
+    return LaunchEnv(0, 1, 0, "127.0.0.1", int(env.get("MASTER_PORT") or 0), "single")
 
 
 def choose_backend(requested: str = "auto") -> str:
@@ -90,7 +93,9 @@ def process_group(backend: str = "auto", timeout_minutes: float = 10.0,
 
     Rendezvous: ``store`` if given, else ``tcp://MASTER_ADDR:MASTER_PORT`` (a client of the
     launcher's store when ``TORCHELASTIC_USE_AGENT_STORE=True``, as under torchrun and
-    ``runtime.launch``). Re-entrant: if a group already exists it is used as is and left alone.
+    ``runtime.launch``). A single process with no ``MASTER_PORT`` hosts its own store on a port the
+    OS assigns (bound, not chosen and bound later): any number of single-rank runs and evaluations
+    share a machine. Re-entrant: if a group already exists it is used as is and left alone.
     """
     if dist.is_initialized():
         yield read_launch_env(environ)
@@ -104,6 +109,8 @@ def process_group(backend: str = "auto", timeout_minutes: float = 10.0,
     if backend == "nccl":
         torch.cuda.set_device(le.local_rank % torch.cuda.device_count())
     timeout = _dt.timedelta(minutes=timeout_minutes)
+    if store is None and le.source == "single" and not le.master_port:
+        store = dist.TCPStore("127.0.0.1", 0, 1, is_master=True, wait_for_workers=False, timeout=timeout)
     if store is not None:
         dist.init_process_group(backend=backend, store=store, rank=le.rank, world_size=le.world_size,
                                 timeout=timeout)

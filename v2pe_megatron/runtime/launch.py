@@ -8,9 +8,13 @@ in between; this cannot.
 
 Signals: the parent forwards SIGTERM, SIGUSR1 and SIGINT to every rank (the ranks run in their own
 session, so a terminal's Ctrl-C reaches them once, through the parent) and returns the ranks' code
-(``exit_codes.RESUME`` after a signal). If the parent dies, even by SIGKILL, each rank gets SIGTERM
-from the kernel (``signals.die_with_parent``). A rank that fails takes the others down: SIGTERM, then
-SIGKILL after ``FAIL_GRACE_S`` (a graceful stop needs every rank, so it may never complete).
+(``exit_codes.RESUME`` after a signal, or ``exit_codes.stopped(N)`` when nothing new was saved). If
+the parent dies, even by SIGKILL, each rank gets SIGTERM from the kernel
+(``signals.die_with_parent``). A rank that fails takes the others down: SIGTERM, then SIGKILL after
+``FAIL_GRACE_S`` (a graceful stop needs every rank, so it may never complete; the checkpoint on disk
+is the last complete one whatever happens, saves being atomic). The parent's last line names the
+rank that failed first, its pid and its exit code or signal (:func:`describe_failure`): the other
+ranks' errors ("Connection reset by peer", a collective's timeout) are only the consequence.
 
 Environment: each rank gets :data:`RANK_ENV_DEFAULTS` (``CUDA_DEVICE_MAX_CONNECTIONS=1``, as
 ``slurm/job.sh`` exports for srun) unless the caller's environment sets them.
@@ -31,8 +35,12 @@ from torch.distributed import TCPStore
 from v2pe_megatron.runtime import exit_codes
 from v2pe_megatron.runtime.signals import STOP_SIGNALS, die_with_parent
 
-FAIL_GRACE_S = 30.0
-GRACEFUL = (exit_codes.SUCCESS, exit_codes.RESUME, exit_codes.NONFINITE)
+# After a rank failed, how long the others get between SIGTERM and SIGKILL: enough to close the
+# MLflow run as FAILED, short enough that a rank stuck in a collective with the lost rank (NCCL waits
+# for its timeout) does not hold the job.
+FAIL_GRACE_S = 10.0
+GRACEFUL = (exit_codes.SUCCESS, exit_codes.RESUME, exit_codes.NONFINITE,
+            *(exit_codes.stopped(s) for s in exit_codes.STOP_SIGNALS))
 
 # Set in every rank's environment unless the user set them (slurm/job.sh sets the same for srun):
 # in the environment, not in the rank's code, because CUDA reads them when it initializes.
@@ -84,18 +92,38 @@ def run_local(argv: Sequence[str], nproc: int, *, env: dict[str, str] | None = N
         del store
 
 
+def describe_failure(rank: int, pid: int, returncode: int) -> str:
+    """One line naming a failed rank: ``returncode`` as ``subprocess`` reports it (-N: killed by signal N)."""
+    if returncode >= 0:
+        return f"rank {rank} (pid {pid}) exited with code {returncode}: its messages above say why"
+    try:
+        name = signal.Signals(-returncode).name
+    except ValueError:
+        name = f"signal {-returncode}"
+    text = f"rank {rank} (pid {pid}) was killed by {name} (exit code {128 - returncode})"
+    if -returncode == signal.SIGKILL:
+        text += (": nothing in the run sends SIGKILL; the usual sender is the kernel's out-of-memory killer "
+                 f"(check 'dmesg -T | grep -i -e oom -e {pid}'; under Slurm 'sacct -j $SLURM_JOB_ID "
+                 "--format=JobID,State,MaxRSS,ReqMem'); lower data.micro_batch_size / data.seq_length or "
+                 "use more ranks")
+    elif -returncode in (signal.SIGSEGV, signal.SIGBUS, signal.SIGABRT, signal.SIGILL, signal.SIGFPE):
+        text += ": a crash in native code (torch, a CUDA library, a data decoder)"
+    return text
+
+
 def _wait(procs: list[subprocess.Popen]) -> int:
-    live, code, kill_at = list(procs), 0, None
+    live, code, kill_at, failed = list(procs), 0, None, None
     while live:
         for p in list(live):
             rc = p.poll()
             if rc is None:
                 continue
             live.remove(p)
-            rc = 128 - rc if rc < 0 else rc  # killed by signal N: the shell's 128+N
-            if rc != 0 and (code == 0 or (code in GRACEFUL and rc not in GRACEFUL)):
-                code = rc
-            if rc not in GRACEFUL and kill_at is None:
+            shell_rc = 128 - rc if rc < 0 else rc  # killed by signal N: the shell's 128+N
+            if shell_rc != 0 and (code == 0 or (code in GRACEFUL and shell_rc not in GRACEFUL)):
+                code = shell_rc
+            if shell_rc not in GRACEFUL and kill_at is None:
+                failed = describe_failure(procs.index(p), p.pid, rc)
                 # a lost rank leaves the others waiting in a collective
                 for other in live:
                     other.send_signal(signal.SIGTERM)
@@ -104,4 +132,6 @@ def _wait(procs: list[subprocess.Popen]) -> int:
             for p in live:
                 p.kill()
         time.sleep(0.1)
+    if failed:  # last, below the other ranks' consequential errors
+        print(f"v2pe: {failed}; the other ranks were stopped", file=sys.stderr, flush=True)
     return code

@@ -28,6 +28,11 @@ What is silenced, and why nobody can act on it:
   we are deprecating ShardedTensor": megatron's checkpoint loading calls torch this way.
 - MLflow's INFO lines (database migrations, system-metrics monitor start/stop): MLflow's own logger
   level defaults to WARNING here (``MLFLOW_LOGGING_LEVEL``, which a user may still set).
+- On a machine without NVIDIA's driver only (:data:`SILENCED_ON_CPU`): megatron's "... it is
+  recommended to set the environment variable CUDA_DEVICE_MAX_CONNECTIONS to 1 ...", which every
+  tensor-parallel rank prints once when the variable is unset (under torchrun or a bare srun). It is
+  about ordering CUDA kernels; on the CPU there are none. On a CUDA machine it stays: there it is a
+  real speed fix (``runtime.launch`` and ``slurm/job.sh`` set the variable).
 
 Kept: everything else, e.g. data skips, NaN steps, DALI falling back to Pillow, tracking problems,
 checkpoint fallbacks, and any new library warning.
@@ -54,6 +59,11 @@ SILENCED: tuple[tuple[str, type[Warning]], ...] = (
     (r"torch\.distributed is disabled, unavailable or uninitialized", UserWarning),
     (r"The argument order of load has been changed", UserWarning),
     (r"Please use DTensor instead and we are deprecating ShardedTensor", FutureWarning),
+)
+
+# Silenced only where no NVIDIA driver is present: advice about CUDA that cannot be acted on there.
+SILENCED_ON_CPU: tuple[tuple[str, type[Warning]], ...] = (
+    (r"When using .* it is recommended to set the environment variable CUDA_DEVICE_MAX_CONNECTIONS", UserWarning),
 )
 
 # (logger name, message regex) for ``logging`` records.
@@ -115,7 +125,7 @@ def quiet_library_warnings() -> None:
     """Silence :data:`SILENCED` and :data:`SILENCED_LOGS` in this process (idempotent), and say
     :func:`kernel_notice` once per job (rank 0, or the launching process) on stderr. Call it before
     megatron / torch.distributed are imported: several of these are emitted at import time."""
-    for pattern, category in SILENCED:
+    for pattern, category in SILENCED + (() if _nvidia_driver() else SILENCED_ON_CPU):
         warnings.filterwarnings("ignore", message=pattern, category=category)  # deduplicated by warnings
     for name, pattern in SILENCED_LOGS:
         f = _log_filters.setdefault((name, pattern), _DropMessages(pattern))

@@ -30,21 +30,75 @@ DEFAULT_TIME = "04:00:00"
 MAX_SIGNAL_LEAD_S = 300
 MIN_SIGNAL_LEAD_S = 60
 
-_TIME = re.compile(r"(?:(\d+)-)?(\d+):(\d\d):(\d\d)")
+# Slurm's --time forms: minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS (sbatch(1)); squeue's
+# %l prints the same forms.
+_TIME = re.compile(r"(?:(?P<d>\d+)-(?P<dh>\d+)(?::(?P<dm>\d+)(?::(?P<ds>\d+))?)?|(?P<a>\d+)(?::(?P<b>\d+)(?::(?P<c>\d+))?)?)")
+_UNLIMITED = ("infinite", "unlimited", "-1")
 _NAME_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
+# Start-up (imports, building the model, loading a checkpoint) counts in each start's time, and a
+# start whose first step comes after the signal saves nothing new; below this much time between the
+# start and the signal, --print-sbatch warns.
+MIN_TRAIN_WINDOW_S = 600
+
+
+def slurm_seconds(text: str) -> Optional[int]:
+    """A time in any form Slurm's ``--time`` takes -> seconds, rounded up to whole minutes as Slurm
+    does; None for no limit (``infinite``, ``UNLIMITED``, ``0``). Raises ValueError for anything else."""
+    t = text.strip()
+    if t.lower() in _UNLIMITED:
+        return None
+    m = _TIME.fullmatch(t)
+    if not m:
+        raise ValueError(t)
+    g = {k: int(v) for k, v in m.groupdict().items() if v is not None}
+    if "d" in g:  # D-HH[:MM[:SS]]
+        seconds = ((g["d"] * 24 + g["dh"]) * 60 + g.get("dm", 0)) * 60 + g.get("ds", 0)
+    elif "c" in g:  # HH:MM:SS
+        seconds = (g["a"] * 60 + g["b"]) * 60 + g["c"]
+    elif "b" in g:  # MM:SS
+        seconds = g["a"] * 60 + g["b"]
+    else:  # minutes
+        seconds = g["a"] * 60
+    return -(-seconds // 60) * 60 or None  # Slurm's resolution is a minute; 0 is no limit
 
 
 def parse_time(text: str) -> int:
-    """``HH:MM:SS`` or ``D-HH:MM:SS`` (Slurm's ``--time`` forms with seconds) -> seconds."""
-    m = _TIME.fullmatch(text.strip())
-    if not m or int(m.group(3)) > 59 or int(m.group(4)) > 59:
-        raise RecipeError(f"--time {text!r}: give the job's time limit as HH:MM:SS or D-HH:MM:SS, e.g. 24:00:00")
-    d, h, mi, s = (int(x or 0) for x in m.groups())
-    seconds = ((d * 24 + h) * 60 + mi) * 60 + s
+    """A job's time limit for ``--print-sbatch``, in any form sbatch's ``--time`` takes -> seconds."""
+    try:
+        seconds = slurm_seconds(text)
+    except ValueError:
+        raise RecipeError(f"--time {text!r}: give the job's time limit as sbatch takes it: minutes, MM:SS, "
+                          "HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS, e.g. 24:00:00 or 1-12") from None
+    if seconds is None:
+        raise RecipeError(f"--time {text}: give a time limit: the job saves and requeues itself when Slurm's "
+                          "signal announces the limit, and without one it never comes")
     if seconds < 2 * MIN_SIGNAL_LEAD_S:
         raise RecipeError(f"--time {text}: at least {2 * MIN_SIGNAL_LEAD_S // 60} minutes, so that the job trains "
                           f"before Slurm's stop signal ({MIN_SIGNAL_LEAD_S} s before the limit) arrives")
     return seconds
+
+
+def signal_lead_from(spec: str) -> Optional[int]:
+    """Seconds before the limit of an sbatch ``--signal`` value (``[R:|B:]SIG[@N]``; Slurm's default
+    N is 60); None when it is not one."""
+    m = re.fullmatch(r"(?:[A-Za-z]+:)?[A-Za-z0-9]+(?:@(\d+))?", spec.strip())
+    return None if not m else int(m.group(1) or 60)
+
+
+def time_limit_warning(limit: str, signal_spec: str) -> Optional[str]:
+    """``slurm/job.sh``'s check at job start: the job's limit as squeue prints it and the signal
+    lead it was given -> a warning when the signal would come at start (None when fine or unknown)."""
+    try:
+        seconds = slurm_seconds(limit)
+    except ValueError:
+        return None
+    lead = signal_lead_from(signal_spec)
+    if seconds is None or lead is None or seconds > lead:
+        return None
+    return (f"warning: this job's time limit ({limit}) is not longer than the lead of its stop signal "
+            f"(--signal={signal_spec.strip()}), so Slurm signals it as soon as it starts: it saves nothing new "
+            "and is not requeued. Give a --time longer than the lead plus start-up, or a shorter lead "
+            "(v2pe-train RECIPE --print-sbatch --time ... writes both)")
 
 
 def signal_lead_s(limit_s: int) -> int:
@@ -87,6 +141,7 @@ class SbatchCommand:
     time: str
     signal_lead_s: int
     layout: Layout
+    warnings: tuple[str, ...] = ()
 
     @property
     def ranks(self) -> int:
@@ -158,10 +213,17 @@ def sbatch_command(recipe: Recipe, recipe_path: str, overrides: Sequence[str] = 
                 "\n  no node count up to 8 fits: change the layout (parallel.tp/pp/cp, data.global_batch_size)")
         raise RecipeError(f"{recipe.name} does not fit {where}:\n  " + "\n  ".join(problems) + hint)
     lead = signal_lead_s(limit_s)
+    warnings = []
+    if limit_s - lead < MIN_TRAIN_WINDOW_S:
+        warnings.append(f"--time={time} leaves each start {limit_s - lead} s before Slurm's USR1 (sent {lead} s "
+                        "before the limit) asks it to save, and start-up (imports, building the model, loading "
+                        "the checkpoint) counts in it: a start that has not finished a step by then saves "
+                        "nothing new and the job is not requeued. Prefer a --time of "
+                        f"{(MIN_TRAIN_WINDOW_S + lead) // 60 + 1} minutes or more")
     argv = ["sbatch", f"--job-name={run_name(recipe.name)}", f"--nodes={nodes}",
             f"--ntasks-per-node={tasks_per_node}"]
     if gpus:
         argv.append(f"--gpus-per-node={gpus}")
     argv += [f"--time={time}", f"--signal=USR1@{lead}", script or train_script(), recipe_path, *overrides]
-    return SbatchCommand(tuple(argv), nodes, tasks_per_node, gpus, time, lead, layout)
+    return SbatchCommand(tuple(argv), nodes, tasks_per_node, gpus, time, lead, layout, tuple(warnings))
 

@@ -2,7 +2,9 @@
 
 A rank never acts on a signal where it arrives: the handler only records it, and the training loop
 folds the record into the one collective it runs after every step, so all ranks stop after the
-same step, save one complete checkpoint and exit with ``exit_codes.RESUME``. This works whether the
+same step, save one complete checkpoint and exit with ``exit_codes.RESUME`` (with no
+``checkpoint.dir``, or before the first step, nothing new is saved and the code is
+``exit_codes.stopped(N)``: ``training.loop``). This works whether the
 signal reaches every process (Slurm signals all tasks of a step) or only some (the self-launching
 parent forwards what it gets; a rank that got nothing learns it from the collective). Repeated
 signals are recorded once and otherwise ignored, so a second SIGTERM during the save cannot cut
@@ -19,9 +21,11 @@ import sys
 import threading
 from typing import Optional
 
+from v2pe_megatron.runtime import exit_codes
+
 log = logging.getLogger("v2pe_megatron.train")
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+STOP_SIGNALS = exit_codes.STOP_SIGNALS
 
 
 class StopSignals:
@@ -48,7 +52,7 @@ class StopSignals:
             self.received = signum
             # a handler must not log (re-entrancy); a plain write to stderr is safe enough
             os.write(2, f"v2pe-train: rank pid {os.getpid()} got {signal.Signals(signum).name}: finishing "
-                        f"this step, saving and exiting\n".encode())
+                        f"this step, then stopping\n".encode())
 
     @property
     def name(self) -> str:

@@ -93,3 +93,23 @@ def finished_iteration(ckpt_dir: str | os.PathLike) -> Optional[int]:
     if it is None or manifest_problem(iteration_dir(ckpt_dir, it))[0] is not None:
         return None
     return it
+
+
+def weights_dir(path: str | os.PathLike) -> Path:
+    """The torch_dist checkpoint that ``path`` names: itself (an ``iter_*`` folder or a weights-only
+    folder), or, for a training checkpoint folder with a ``latest`` file, its latest iteration.
+    Raises with the path and what is wrong before anything is read. Nothing is verified here (a
+    recipe check, no collective): loads go through :func:`checkpoint_folder`."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{p} does not exist")
+    if not p.is_dir():
+        raise NotADirectoryError(f"{p} is a file, not a checkpoint folder")
+    if (p / "latest").is_file() and not (p / "metadata.json").is_file():
+        it = latest_iteration(p)
+        assert it is not None
+        p = iteration_dir(p, it)
+    if not (p / "metadata.json").is_file():
+        raise ValueError(f"{p} is not a torch_dist checkpoint (no metadata.json): give an iter_* folder, a "
+                         f"checkpoint folder with 'latest', or a weights folder as save_model_weights writes")
+    return p

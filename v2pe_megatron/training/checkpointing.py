@@ -65,7 +65,8 @@ from v2pe_megatron.training import optimizer_state, rng_state
 # The folder's names and the manifest's name-and-size check are torch-free (the CLI checks a folder
 # before it imports torch); re-exported here, where every caller has always found them.
 from v2pe_megatron.training.checkpoint_files import (MANIFEST, CheckpointError, files_in, iteration_dir,  # noqa: F401
-                                                     latest_iteration, manifest_problem, saved_iterations)
+                                                     latest_iteration, manifest_problem, saved_iterations,
+                                                     weights_dir)
 from v2pe_megatron.training.param_sync import sync_params
 
 # How the optimizer state is laid out (megatron's content metadata; checkpoints without it were
@@ -500,26 +501,6 @@ def _optimizer_sd(optimizer, model_sd: dict, content: dict, state: dict):
     state["optimizer"], load = optimizer_state.sharded_state_dict(optimizer, model_sd, is_loading=True,
                                                                   metadata=metadata)
     return load or optimizer.load_state_dict
-
-
-def weights_dir(path: str | os.PathLike) -> Path:
-    """The torch_dist checkpoint that ``path`` names: itself (an ``iter_*`` folder or a weights-only
-    folder), or, for a training checkpoint folder with a ``latest`` file, its latest iteration.
-    Raises with the path and what is wrong before anything is read. Nothing is verified here (a
-    recipe check, no collective): loads go through :func:`checkpoint_folder`."""
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"{p} does not exist")
-    if not p.is_dir():
-        raise NotADirectoryError(f"{p} is a file, not a checkpoint folder")
-    if (p / "latest").is_file() and not (p / "metadata.json").is_file():
-        it = latest_iteration(p)
-        assert it is not None
-        p = iteration_dir(p, it)
-    if not (p / "metadata.json").is_file():
-        raise ValueError(f"{p} is not a torch_dist checkpoint (no metadata.json): give an iter_* folder, a "
-                         f"checkpoint folder with 'latest', or a weights folder as save_model_weights writes")
-    return p
 
 
 def checkpoint_folder(path: str | os.PathLike, *, contents: bool = True, quiet: bool = False) -> Path:

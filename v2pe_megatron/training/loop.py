@@ -4,13 +4,17 @@ Every rank validates the recipe against the real world size before building anyt
 loader, the optimizer and the iteration are saved together so a resumed run continues exactly where
 the saved one stopped. How a run ends (``runtime.exit_codes``): all ranks agree after every step, in
 one collective, whether to stop (step/time budget, a stop signal on any rank, too many non-finite
-steps in a row), then save once and exit with the same code. A step with a non-finite loss or grad
-norm updates nothing (``training.nonfinite``).
+steps in a row), then save once and exit with the same code. ``RESUME`` only when this run saved a
+checkpoint of steps it trained: a stop signal before the first step, or with no ``checkpoint.dir``,
+saved nothing new, and its code (``exit_codes.stopped``) must not make a job script requeue a run
+that would only start over where this one did. A step with a non-finite loss or grad norm updates
+nothing (``training.nonfinite``).
 """
 
 from __future__ import annotations
 
 import logging
+import signal
 import time
 from dataclasses import dataclass, field
 from typing import Optional
@@ -154,7 +158,18 @@ def train(recipe: Recipe) -> RunSummary:
         status, saved_at = "FAILED", start if lineage else None
         nonfinite = NonFinite(t.max_nonfinite_steps)
         try:
-            for step in range(start, recipe.train.steps):
+            # Collective: a signal during set-up (model build, checkpoint load) stops the run before
+            # its first step; nothing new would be saved, so training one step only to save it would
+            # spend the scheduler's grace time for nothing.
+            reason, signum = (_should_stop(recipe, 0, t0, signal_received=stop_signals.received, budget=False)
+                              if start < recipe.train.steps else (0, 0))  # same start on every rank
+            steps = range(start, recipe.train.steps) if reason != STOP_SIGNAL else range(0)
+            if reason == STOP_SIGNAL:
+                summary.stop_reason = reason
+                if rank0:
+                    log.info("stopping before step %d: %s before training started, nothing new to save",
+                             start + 1, signal.Signals(signum).name)
+            for step in steps:
                 ts = time.time()
                 res = train_step(ddp, optimizer, vlm_forward_step, meter.batches(it, num_micro),
                                  num_microbatches=num_micro, layout=layout, seq_length=d.seq_length,
@@ -182,18 +197,23 @@ def train(recipe: Recipe) -> RunSummary:
                                      **SkipCounter(skips).metrics()}, step=step + 1)
                 if c.dir and c.save_interval and (step + 1) % c.save_interval == 0:
                     saved_at = _save(recipe, step + 1, ddp, optimizer, scheduler, loader, tracker, lineage)
-                reason = _should_stop(recipe, summary.steps_run, t0, signal_received=stop_signals.received,
-                                      nonfinite=nonfinite.exhausted)
+                reason, signum = _should_stop(recipe, summary.steps_run, t0, signal_received=stop_signals.received,
+                                              nonfinite=nonfinite.exhausted)
                 if reason:
                     summary.stop_reason = reason
                     if rank0:
-                        log.info("stopping after step %d: %s", step + 1, STOP_MESSAGES[reason])
+                        log.info("stopping after step %d: %s", step + 1,
+                                 STOP_MESSAGES[reason] if c.dir or reason != STOP_SIGNAL else
+                                 f"a stop signal; checkpoint.dir is not set, so nothing is saved (exit code "
+                                 f"{exit_codes.stopped(signum)}: running again starts over at step 1)")
                     break
             if c.dir and summary.steps_run and saved_at != summary.final_step:
                 _save(recipe, summary.final_step, ddp, optimizer, scheduler, loader, tracker, lineage)
             status = {STOP_SIGNAL: "KILLED", STOP_NONFINITE: "FAILED"}.get(summary.stop_reason, "FINISHED")
             summary.exit_code = {STOP_SIGNAL: exit_codes.RESUME,
                                  STOP_NONFINITE: exit_codes.NONFINITE}.get(summary.stop_reason, exit_codes.SUCCESS)
+            if summary.stop_reason == STOP_SIGNAL and not (c.dir and summary.steps_run):
+                summary.exit_code = exit_codes.stopped(signum)  # nothing new saved: not a resume request
         finally:
             tracker.close(status)
             summary.run_id = tracker.run_id  # created after the start when MLflow was down then
@@ -257,22 +277,24 @@ def _find_resume(recipe: Recipe, rank0: bool) -> Optional[int]:
 
 
 def _should_stop(recipe: Recipe, steps_run: int, t0: float, *, signal_received: Optional[int] = None,
-                 nonfinite: bool = False) -> int:
-    """Collective, once per step: the stop reason all ranks agree on (0: go on). A signal may have
-    reached only some ranks, and rank clocks differ: the maximum over ranks decides."""
+                 nonfinite: bool = False, budget: bool = True) -> tuple[int, int]:
+    """Collective, once per step: the stop reason all ranks agree on (0: go on), and the stop
+    signal's number (0: none). A signal may have reached only some ranks, and rank clocks differ: the
+    maximum over ranks decides (a rank that got no signal itself exits with the others' code)."""
     t = recipe.train
     reason = 0
-    if (t.exit_after_steps and steps_run >= t.exit_after_steps) or \
-            (t.wallclock_minutes and time.time() - t0 >= 60 * t.wallclock_minutes):
+    if budget and ((t.exit_after_steps and steps_run >= t.exit_after_steps) or
+                   (t.wallclock_minutes and time.time() - t0 >= 60 * t.wallclock_minutes)):
         reason = STOP_BUDGET
     if signal_received:
         reason = STOP_SIGNAL
     if nonfinite:
         reason = STOP_NONFINITE
-    flag = torch.tensor([float(reason)], device=rt.device())  # NCCL takes device tensors only
+    flag = torch.tensor([float(reason), float(signal_received or 0)], device=rt.device())  # NCCL: device tensors
     if dist.is_initialized():
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return int(flag.item())
+    reason, signum = (int(v) for v in flag.tolist())
+    return reason, signum
 
 
 def _global_skips(local: dict[str, int]) -> dict[str, int]:
