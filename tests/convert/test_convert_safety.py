@@ -179,6 +179,7 @@ def test_a_damaged_hf_folder_is_named_by_file_and_tensor(made, tmp_path, capsys)
 
 
 # --------------------------------------------------------------------------- non-finite weights
+@pytest.mark.slow  # whole conversions (1-2 s each)
 def test_nan_and_inf_weights_are_refused_alike_naming_the_tensor_and_the_count(made, tmp_path, monkeypatch, capsys):
     import v2pe_megatron.convert.megatron as conv
     from v2pe_megatron import hf as hf_api
@@ -218,6 +219,7 @@ def test_nan_and_inf_weights_are_refused_alike_naming_the_tensor_and_the_count(m
 
 
 # --------------------------------------------------------------------------- failures leave nothing
+@pytest.mark.slow  # whole conversions (1-2 s each)
 def test_a_full_disk_is_named_and_leaves_no_partial_output(made, tmp_path, monkeypatch, capsys):
     import safetensors.torch
     from safetensors import SafetensorError
@@ -256,6 +258,7 @@ def test_a_full_disk_is_named_and_leaves_no_partial_output(made, tmp_path, monke
 
 
 # --------------------------------------------------------------------------- export: a loadable folder
+@pytest.mark.slow  # whole conversions (1-2 s each)
 def test_export_needs_the_models_tokenizer_and_its_output_imports_back(made, tmp_path, capsys):
     exp = ["export-hf", "--ckpt", str(made / "ck"), "--layout", "remote-code", "--no-progress", "--out"]
     assert main(exp + [str(tmp_path / "out")]) == 2  # no --tokenizer: a folder nobody could load
@@ -276,6 +279,7 @@ def test_export_needs_the_models_tokenizer_and_its_output_imports_back(made, tmp
     assert sorted(a.keys()) == sorted(b.keys()) and all(torch.equal(a.get(k), b.get(k)) for k in a.keys())
 
 
+@pytest.mark.slow  # whole conversions (1-2 s each)
 def test_a_failed_verify_publishes_nothing_and_keeps_the_old_output(made, tmp_path, monkeypatch, capsys):
     """verify_pair (its own tests prove the comparison) is handed the staged folder, complete, while
     --out is still the old one; when it fails, nothing is published."""

@@ -26,6 +26,7 @@ def remote(tmp_path_factory):
     return d, tensors
 
 
+@pytest.mark.slow  # whole conversions (1-2 s each)
 def test_round_trip_is_bit_exact_and_model_yaml_is_the_recipe_section(remote):
     d, tensors = remote
     res = import_hf(d / "hf", d / "ck", progress=False)
@@ -76,6 +77,7 @@ def _planted(src, dst, change):
     save_file(sd, os.path.join(dst, "model.safetensors"))
 
 
+@pytest.mark.slow  # whole conversions (1-2 s each)
 def test_coverage_names_a_missing_an_extra_and_a_misshaped_tensor(remote):
     d, _ = remote
     missing = "language_model.model.layers.2.feed_forward.w3.weight"
@@ -101,6 +103,7 @@ def test_coverage_names_a_missing_an_extra_and_a_misshaped_tensor(remote):
     assert not any((d / f"ck_{c}{t}").exists() for c in ("missing", "extra", "shape", "nan") for t in ("", ".tmp"))
 
 
+@pytest.mark.slow  # whole conversions (1-2 s each)
 def test_internvl2_1b_style_remote_qwen2_with_tied_embeddings_round_trips(tmp_path):
     """Remote-code layout with a Qwen2 LLM (qkv bias, GQA) and tied embeddings, as InternVL2-1B."""
     import dataclasses

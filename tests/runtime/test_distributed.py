@@ -138,7 +138,7 @@ def test_harness_shows_failing_rank_traceback():
 @pytest.mark.slow
 def test_harness_times_out():
     with pytest.raises(DistributedTestError, match="timed out"):
-        run_distributed(_sleep_forever, 1, timeout=15)
+        run_distributed(_sleep_forever, 1, timeout=5)
 
 
 @pytest.mark.gpu

@@ -127,7 +127,7 @@ def test_export_refuses_a_model_yaml_of_another_model(imported, tmp_path, capsys
     wrong = tmp_path / "wrong.yaml"
     wrong.write_text((imported / "model.yaml").read_text().replace("num_query_groups: 2", "num_query_groups: 4"))
     code = main(["export-hf", "--ckpt", str(imported), "--out", str(tmp_path / "out"), "--layout", "remote-code",
-                 "--model-yaml", str(wrong), "--no-progress"])
+                 "--model-yaml", str(wrong), "--tokenizer", str(imported.parent / "hf"), "--no-progress"])
     assert code == 2
     msg = _one_message(capsys.readouterr().err, "v2pe-convert")
     assert f"model.language.num_query_groups is 2 there, 4 in --model-yaml {wrong}" in msg

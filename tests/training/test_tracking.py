@@ -14,6 +14,10 @@ from v2pe_megatron.config import load_recipe
 from v2pe_megatron.training import tracking
 from v2pe_megatron.training.tracking import Tracker
 
+# Real MLflow stores (sqlite migrations, a background thread, a slow-server stand-in): ~14 s in all,
+# kept out of the quick loop.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def empty_store(tmp_path_factory):
