@@ -370,8 +370,10 @@ def _save_streaming(path: Path, model, producer: _Producer) -> None:
     try:
         dist_checkpointing.save(model.sharded_state_dict(), str(path), sharded_strategy=_streaming_strategy(producer))
     except CheckpointException as e:
-        # torch gathers each rank's failure as (exception, traceback) onto every rank
-        failures = [f[0] for f in e.failures.values() if isinstance(f, tuple)]
+        from v2pe_megatron.training.checkpointing import exception_causes
+
+        # torch gathers each rank's failure onto every rank
+        failures = list(exception_causes(e))
         for kind in (HFCheckpointError, OSError):
             ours = [f for f in failures if isinstance(f, kind)]
             if ours:

@@ -403,8 +403,9 @@ def _state_bytes(state: dict) -> int:
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
-def _causes(e: BaseException):
-    """``e``, its causes and contexts, and the per-rank failures torch's CheckpointException carries."""
+def exception_causes(e: BaseException):
+    """``e``, its causes and contexts, and the per-rank failures torch's CheckpointException carries
+    (megatron's save re-raises a writer's failure inside one): where a save's real error is found."""
     seen, todo = set(), [e]
     while todo:
         x = todo.pop()
@@ -444,7 +445,7 @@ def _failed_save(e: BaseException, ckpt_dir, tmp: Path, needed: int) -> BaseExce
         free = shutil.disk_usage(ckpt_dir).free
     except OSError:
         free = None
-    full = any(getattr(x, "errno", None) in _DISK_FULL for x in _causes(e)) or \
+    full = any(getattr(x, "errno", None) in _DISK_FULL for x in exception_causes(e)) or \
         (free is not None and free < needed)
     if not full:
         return e
@@ -456,7 +457,7 @@ def _failed_save(e: BaseException, ckpt_dir, tmp: Path, needed: int) -> BaseExce
         f"saving checkpoint {tmp.name.removesuffix('.tmp')} failed: no space left on device in {ckpt_dir} "
         f"(the checkpoint needs at least {_gib(needed)}, {_gib(free) if free is not None else 'unknown'} free "
         f"after removing the partial {tmp.name}). {previous}",
-        collective=any(type(x).__name__ == "CheckpointException" for x in _causes(e)))
+        collective=any(type(x).__name__ == "CheckpointException" for x in exception_causes(e)))
 
 
 def load_checkpoint(ckpt_dir: str | os.PathLike, model: list[torch.nn.Module], optimizer=None,
