@@ -92,12 +92,16 @@ def test_train_sbatch_completes_with_checkpoint_and_mlflow_run(slurm_cluster, tm
     assert _slurm_listing() == before, "the job wrote next to the scripts in slurm/"
 
 
-def test_time_limit_signal_checkpoint_requeue_resume(slurm_cluster, tmp_path):
+def _hooked_env(slurm_cluster, tmp_path, hook_source: str, **variables: str) -> dict:
+    """The job's environment with ``hook_source`` as a ``sitecustomize`` every rank imports first."""
     hook = tmp_path / "hook"
     hook.mkdir()
-    (hook / "sitecustomize.py").write_text(SLOW_STEPS)
-    env = dict(slurm_cluster.env, V2PE_TEST_STEP_SLEEP="0.5",
-               PYTHONPATH=os.pathsep.join([str(hook), slurm_cluster.env["PYTHONPATH"]]))
+    (hook / "sitecustomize.py").write_text(hook_source)
+    return dict(slurm_cluster.env, **variables, PYTHONPATH=os.pathsep.join([str(hook), slurm_cluster.env["PYTHONPATH"]]))
+
+
+def test_time_limit_signal_checkpoint_requeue_resume(slurm_cluster, tmp_path):
+    env = _hooked_env(slurm_cluster, tmp_path, SLOW_STEPS, V2PE_TEST_STEP_SLEEP="0.5")
     overrides = ["train.steps=100000", "tracking.system_metrics=false"]
     job = slurm_cluster.sbatch("--ntasks=2", "--time=2", "--signal=USR1@60", "--job-name=requeue", SCRIPT, TINY,
                                *overrides, cwd=tmp_path, env=env)
@@ -221,11 +225,7 @@ if os.environ.get("V2PE_TEST_HOLD_START"):
 
 
 def test_time_limit_not_longer_than_the_signal_lead_warns_and_is_not_requeued(slurm_cluster, tmp_path):
-    hook = tmp_path / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(HOLD_START)
-    env = dict(slurm_cluster.env, V2PE_TEST_HOLD_START="100",
-               PYTHONPATH=os.pathsep.join([str(hook), slurm_cluster.env["PYTHONPATH"]]))
+    env = _hooked_env(slurm_cluster, tmp_path, HOLD_START, V2PE_TEST_HOLD_START="100")
     job = slurm_cluster.sbatch("--ntasks=1", "--time=2", "--job-name=short", SCRIPT, TINY, "tracking.backend=none",
                                cwd=tmp_path, env=env)
     # Slurm's own USR1 is due at once but comes with its next 30 s timer tick, and is lost if that tick
