@@ -14,8 +14,10 @@ in ``images_list``), a ``question`` and an ``answer``; ``meta`` holds ``context_
 | counting-image | 2-3 images with N red dots each | the list of N, in order |
 | reasoning-image | one image of a coloured circle | the option image of the same colour |
 
-The same reader serves MM-NIAH's own jsonl files (:func:`read_mmniah`) and the files
-:func:`write_needles` generates (``v2pe-data synth OUT --needles``); :func:`prompt_of` builds the
+The same reader serves MM-NIAH's own jsonl files and split folders as it ships them
+(:func:`read_mmniah`: ``mm_niah_<split>/annotations/<task>.jsonl`` + ``images/``) and the sets
+:func:`write_needles` generates in that layout, every field of MM-NIAH's schema filled
+(``v2pe-data synth OUT --needles``); :func:`prompt_of` builds the
 question the way MM-NIAH's InternVL evaluation does (context, question, options, instruction) and
 :func:`answer_text` the text a model should answer.
 """
