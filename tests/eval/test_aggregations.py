@@ -192,3 +192,12 @@ def test_perfect_responder_result_files_are_mmniah_shaped(perfect):
             if "counting" in task:
                 assert isinstance(e["answer"], list)
     assert not math.isnan(rep.aggregates[0].mmniah_overall)
+
+
+def test_result_file_names_split_as_calculate_scores_splits_them():
+    from v2pe_megatron.eval.runner import mmniah_result_name
+
+    name = mmniah_result_name("tiny_cpu-iter_0000030", "1/16", "counting-text", "val")
+    assert name == "tiny_cpu-iter_0000030-delta1-16_counting-text-val.jsonl"
+    model, task = name.replace(".jsonl", "").rsplit("_", 1)
+    assert (model, task) == ("tiny_cpu-iter_0000030-delta1-16", "counting-text-val")

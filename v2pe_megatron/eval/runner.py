@@ -350,9 +350,9 @@ def mlflow_metrics(report: EvalReport) -> dict[str, float]:
 
 def mmniah_result_name(model: str, delta: str, task: str, split: str) -> str:
     """``{model}_{task}-{split}.jsonl``, the name MM-NIAH's calculate_scores.py splits at its last
-    ``_``; the delta joins the model part (one "model" per delta), characters a file name or that
-    split would trip on become ``-``."""
-    safe = "".join(c if c.isalnum() or c in ".-" else "-" for c in f"{model}-delta{delta}")
+    ``_`` (so a ``_`` in the model part is fine); the delta joins the model part (one "model" per
+    delta), characters a file name would trip on (``/`` of ``1/16``) become ``-``."""
+    safe = "".join(c if c.isalnum() or c in "._-" else "-" for c in f"{model}-delta{delta}")
     return f"{safe}_{task}-{split}.jsonl"
 
 
