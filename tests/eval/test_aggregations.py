@@ -167,7 +167,8 @@ def test_perfect_responder_scores_one_in_every_populated_cell(perfect):
     assert all(ax.get_title().endswith(": MM-NIAH cell mean 1.00") for ax in panels)
     for ax in panels:
         texts = [t.get_text() for t in ax.texts]
-        assert texts.count("1.00") == int((~np.isnan(rep.aggregates[0].mmniah[ax.get_title().split(",")[0]].values)).sum())
+        task = ax.get_title().split(",")[0]
+        assert texts.count("1.00") == int((~np.isnan(rep.aggregates[0].mmniah[task].values)).sum())
         assert set(texts) == {"1.00", ""}
     plt.close(fig)
     assert rep.heatmap.is_file() and rep.mmniah_heatmap.is_file()

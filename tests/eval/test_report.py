@@ -20,7 +20,8 @@ def _records():
                     # delta 1 fails on long contexts, delta 1/16 does not
                     ok = hit if (delta == "1/16" or length == 1024) else 0.0
                     recs.append({"id": f"{task}-{length}-{depth}", "task": task, "length": length, "depth": depth,
-                                 "context_length": length, "placed_depth": [depth], "delta": delta, "generate": ok, "tf_acc": ok, "tf_logp": -1.0 + ok,
+                                 "context_length": length, "placed_depth": [depth], "delta": delta,
+                                 "generate": ok, "tf_acc": ok, "tf_logp": -1.0 + ok,
                                  "fits": True})
     return recs
 
@@ -37,8 +38,8 @@ def test_grids_and_table(tmp_path):
     g16 = rep.grid("generate", "1/16")
     np.testing.assert_allclose(g16.values, [[0.75, 0.75, 0.75], [0.75, 0.75, np.nan]])
     table = format_table(rep)
-    assert "teacher-forced accuracy, delta 1, token grid (our token count x needle depth; sample-weighted mean 0.450):" \
-        in table
+    assert ("teacher-forced accuracy, delta 1, token grid (our token count x needle depth; "
+            "sample-weighted mean 0.450):") in table
     assert "              4K    0.000   0.000       -   0.000" in table
     assert "by task: counting-image 0.300, retrieval-text 0.600" in table
     m = mlflow_metrics(rep)

@@ -1,4 +1,4 @@
-"""``v2pe-eval RECIPE [--ckpt DIR] [--data FILE.jsonl | --synth] --delta 1 1/16 auto [key=value ...]``:
+"""``v2pe-eval RECIPE [--ckpt DIR] [--data FILE.jsonl | SPLIT_FOLDER | --synth] --delta 1 1/16 auto [key=value ...]``:
 needle-in-a-haystack evaluation in the MM-NIAH style (docs/eval.md).
 
 The model comes from the recipe's ``model`` section, its weights from a torch_dist checkpoint
@@ -8,7 +8,8 @@ ranks; more ranks split the samples. Started by hand it starts ``--nproc`` ranks
 tp x cp); under torchrun or srun (``python -m v2pe_megatron.cli.eval``) it runs as the rank it was
 given. Prints MM-NIAH's and V2PE's figures and our token grid, writes ``OUT/heatmap.png``,
 ``OUT/heatmap_mmniah.png``, ``OUT/results.json`` and MM-NIAH's result files
-(``OUT/mmniah_outputs/{model}_{task}-{split}.jsonl``, for its calculate_scores.py) and logs them to MLflow. Exit codes: 0 done, 1 error, 2 bad recipe or command line.
+(``OUT/mmniah_outputs/{model}_{task}-{split}.jsonl``, for its calculate_scores.py) and logs them
+to MLflow. Exit codes: 0 done, 1 error, 2 bad recipe or command line.
 """
 
 from __future__ import annotations

@@ -156,8 +156,8 @@ def annotation_files(folder: str | Path) -> list[Path]:
     ann = Path(folder) / "annotations"
     files = sorted(ann.glob("*.jsonl"))
     if not files:
-        raise ValueError(f"{folder}: no annotations/*.jsonl (MM-NIAH's layout: mm_niah_<split>/annotations/<task>.jsonl "
-                         f"and mm_niah_<split>/images/)")
+        raise ValueError(f"{folder}: no annotations/*.jsonl (MM-NIAH's layout: "
+                         f"mm_niah_<split>/annotations/<task>.jsonl and mm_niah_<split>/images/)")
     rank = {t: k for k, t in enumerate(TASKS)}
     return sorted(files, key=lambda f: (rank.get(f.stem, len(TASKS)), f.name))
 

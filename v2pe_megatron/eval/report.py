@@ -213,7 +213,8 @@ def v2pe_aggregate(records: Sequence[dict[str, Any]], metric: str, delta: str
     for r in _verdicts(records, metric, delta):
         by.setdefault(r["task"], []).append(float(r[metric]))
     order = {t: k for k, t in enumerate(TASKS)}
-    tasks = {t: (float(np.mean(v)), len(v)) for t, v in sorted(by.items(), key=lambda kv: (order.get(kv[0], 99), kv[0]))}
+    tasks = {t: (float(np.mean(v)), len(v))
+             for t, v in sorted(by.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0]))}
     pooled = [x for v in by.values() for x in v]
     return tasks, (float(np.mean(pooled)) if pooled else math.nan), len(pooled)
 
@@ -371,7 +372,8 @@ def format_aggregates(report: EvalReport) -> str:
                      + (f"{EMPTY:>8}" if math.isnan(ov) else f"{ov:8.3f}"))
         under = {t: x.under for t, x in a.mmniah.items() if x.under}
         if under:
-            lines.append(f"  left out: {sum(under.values())} sample(s) under {mmniah_length_label(MMNIAH_LENGTH_BINS[0])} "
+            first = mmniah_length_label(MMNIAH_LENGTH_BINS[0])
+            lines.append(f"  left out: {sum(under.values())} sample(s) under {first} "
                          f"tokens (meta.context_length), as calculate_scores.py drops them: "
                          + ", ".join(f"{t} {n}" for t, n in under.items()))
         if a.holes:

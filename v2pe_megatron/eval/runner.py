@@ -26,8 +26,9 @@ import numpy as np
 import torch
 
 from v2pe_megatron.data.needles import NeedleSample, answer_text, prompt_of
-from v2pe_megatron.eval.report import (AGGREGATIONS, MMNIAH_LENGTH_BINS, EvalReport, build_aggregates, build_grids, delta_label,
-                                       depth_column, mmniah_heatmap_figure, mmniah_length_label, plot_heatmap)
+from v2pe_megatron.eval.report import (AGGREGATIONS, MMNIAH_LENGTH_BINS, EvalReport, build_aggregates, build_grids,
+                                       delta_label, depth_column, mmniah_heatmap_figure, mmniah_length_label,
+                                       plot_heatmap)
 from v2pe_megatron.eval.scoring import score_response
 from v2pe_megatron.parallel.batch import MicroBatch
 
