@@ -66,8 +66,8 @@ def test_eval_cli_end_to_end(tmp_path):
     out = r.stdout
     assert "v2pe-eval: tiny_cpu: 8 samples x 3 delta(s), modes generate, teacher-forced" in out
     assert "v2pe-eval: weights: random (no --ckpt)" in out
-    for title in ("generation score, delta 1 ", "teacher-forced accuracy, delta 1/16 ",
-                  "teacher-forced mean log-prob per answer token, delta auto "):
+    for title in ("generation score, delta 1, token grid ", "teacher-forced accuracy, delta 1/16, token grid ",
+                  "teacher-forced mean log-prob per answer token, delta auto, token grid "):
         assert title in out
     rule = [line for line in out.splitlines() if line.startswith("delta rule (trained positions 150): ")]
     assert [line.split(": ")[1].split("-token")[0] for line in rule] == ["96", "160"]
