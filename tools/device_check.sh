@@ -89,7 +89,7 @@ define_cmds() {
   SYNTH=("$py" -m v2pe_megatron.cli.data synth "$w/needles" --needles --lengths 256 512 --depths 0 1
          --tasks retrieval-text retrieval-image --image-tokens 4)   # 4: the tiny preset's tokens per tile
   EVAL=("$py" -m v2pe_megatron.cli.eval recipes/tiny_cpu.yaml tracking.backend=none model.dtype=bf16
-        "launcher.backend=$backend" launcher.nproc_per_node=1 --data "$w/needles/needles.jsonl"
+        "launcher.backend=$backend" launcher.nproc_per_node=1 --data "$w/needles"
         --mode teacher-forced --delta 1 auto --lengths 1024 --depths 0 1 --out "$w/eval")
   mapfile -t GPU_TEST_FILES < <(grep -rlE 'pytest\.mark\.gpu' tests --include='test_*.py' | sort)
   GPU_TESTS=("$py" -m pytest -m gpu "${GPU_TEST_FILES[@]}" -q -s -rfEsp -p no:cacheprovider -p no:warnings

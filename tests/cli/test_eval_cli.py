@@ -39,9 +39,16 @@ def test_synth_needles_cli(tmp_path, capsys):
     assert data_main(["synth", str(tmp_path), "--needles", "--lengths", "100", "--depths", "0", "1",
                       "--tasks", "retrieval-text", "reasoning-image", "--image-tokens", "4"]) == 0
     assert "wrote 4 needle samples" in capsys.readouterr().out
-    lines = [json.loads(x) for x in (tmp_path / "needles.jsonl").read_text().splitlines()]
+    # MM-NIAH's layout: one annotation file per task, image paths relative to images/
+    assert sorted(p.name for p in (tmp_path / "annotations").iterdir()) == ["reasoning-image.jsonl",
+                                                                          "retrieval-text.jsonl"]
+    lines = [json.loads(x) for p in sorted((tmp_path / "annotations").iterdir()) for x in p.read_text().splitlines()]
     assert {tuple(sorted(x)) for x in lines} == {("answer", "context", "id", "images_list", "meta", "question")}
-    assert all((tmp_path / p).is_file() for x in lines for p in x["images_list"])
+    assert all((tmp_path / "images" / p).is_file() for x in lines for p in x["images_list"])
+    # written again into the same folder: refused, nothing overwritten
+    assert data_main(["synth", str(tmp_path), "--needles", "--lengths", "100", "--depths", "0",
+                      "--tasks", "retrieval-text", "--image-tokens", "4"]) == 2
+    assert "exist(s): give an empty output folder" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -51,7 +58,7 @@ def test_eval_cli_end_to_end(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     env.pop("RANK", None)
     cmd = [sys.executable, "-m", "v2pe_megatron.cli.eval", str(ROOT / "recipes/tiny_cpu.yaml"),
-           "--data", str(tmp_path / "d" / "needles.jsonl"), "--lengths", "96", "160", "--depths", "0", "1",
+           "--data", str(tmp_path / "d"), "--lengths", "96", "160", "--depths", "0", "1",
            "--delta", "1", "1/16", "auto", "--trained-positions", "150", "--max-new-tokens", "3",
            "--out", str(tmp_path / "out"), "model.spec=local"]
     r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
@@ -59,8 +66,8 @@ def test_eval_cli_end_to_end(tmp_path):
     out = r.stdout
     assert "v2pe-eval: tiny_cpu: 8 samples x 3 delta(s), modes generate, teacher-forced" in out
     assert "v2pe-eval: weights: random (no --ckpt)" in out
-    for title in ("generation score, delta 1 ", "teacher-forced accuracy, delta 1/16 ",
-                  "teacher-forced mean log-prob per answer token, delta auto "):
+    for title in ("generation score, delta 1, token grid ", "teacher-forced accuracy, delta 1/16, token grid ",
+                  "teacher-forced mean log-prob per answer token, delta auto, token grid "):
         assert title in out
     rule = [line for line in out.splitlines() if line.startswith("delta rule (trained positions 150): ")]
     assert [line.split(": ")[1].split("-token")[0] for line in rule] == ["96", "160"]
@@ -77,10 +84,19 @@ def test_eval_cli_end_to_end(tmp_path):
     run = client.get_run(run_id)
     assert run.info.run_name == "eval-tiny_cpu" and run.data.tags["kind"] == "eval"
     m = run.data.metrics
-    assert m["eval/tf_logp/delta_1_16/mean"] == pytest.approx(
+    assert m["eval/tf_logp/delta_1_16/grid/mean"] == pytest.approx(
         next(g["mean"] for g in res["grids"] if g["metric"] == "tf_logp" and g["delta"] == "1/16"))
-    assert "eval/generate/delta_auto/len_160/depth_1" in m
-    assert {a.path for a in client.list_artifacts(run_id)} >= {"heatmap.png", "results.json"}
+    assert "eval/generate/delta_auto/grid/len_160/depth_1" in m
+    assert m["eval/generate/delta_1/v2pe/overall"] == pytest.approx(
+        next(a["v2pe"]["overall"] for a in res["aggregations"] if a["metric"] == "generate" and a["delta"] == "1"))
+    assert {a.path for a in client.list_artifacts(run_id)} >= {"heatmap.png", "heatmap_mmniah.png", "results.json"}
+    # both aggregations named on the console; these ~100-token contexts are under MM-NIAH's first bin
+    assert "V2PE sample-weighted mean, generation score, delta 1/16 (V2PE's weighted_avg_acc" in out
+    assert "left out: 8 sample(s) under 1k tokens (meta.context_length)" in out
+    # MM-NIAH's result files, one per delta and task, for its calculate_scores.py
+    files = sorted(p.name for p in (tmp_path / "out" / "mmniah_outputs").iterdir())
+    assert files == sorted(f"tiny_cpu-random-delta{d}_{t}-val.jsonl" for d in ("1", "1-16", "auto")
+                           for t in ("retrieval-text", "retrieval-image"))
 
 
 def test_the_delta_eval_prints_is_what_export_hf_takes():

@@ -115,3 +115,59 @@ def test_bad_arguments():
         synth_needles([100], [0.5], tasks=["retrieval-audio"])
     with pytest.raises(ValueError, match="depths"):
         synth_needles([100], [1.5])
+
+
+SCHEMA = Path(__file__).parent / "fixtures" / "mmniah_schema.json"
+_JSON_TYPES = {"int": int, "str": str, "list": list, "float": float, "null": type(None)}
+
+
+def _is(value, names) -> bool:
+    return any(type(value) is _JSON_TYPES[n] for n in names)  # bool is no int here
+
+
+def test_generated_lines_carry_mmniah_schema_field_by_field(tmp_path):
+    """Every field of MM-NIAH's data format, with its type, on every generated line, in MM-NIAH's
+    layout (annotations/<task>.jsonl, images/ as the root of every image path)."""
+    schema = json.loads(SCHEMA.read_text())
+    tok = tiny_tokenizer()
+    samples, images = synth_needles([150, 300], [0.0, 0.6], count_tokens=_count(tok), image_tokens=4, seed=5)
+    root = write_needles(tmp_path / "mm_niah_val", samples, images)
+    assert sorted(p.name for p in (root / "annotations").iterdir()) == sorted(f"{t}.jsonl" for t in TASKS)
+    for task in TASKS:
+        lines = [json.loads(x) for x in (root / "annotations" / f"{task}.jsonl").read_text().splitlines()]
+        assert [x["id"] for x in lines] == list(range(len(lines)))  # ints from 0, per task
+        for x in lines:
+            for k, types in schema["line"].items():
+                assert _is(x[k], types), (task, k, x[k])
+            for k, types in schema["meta"].items():
+                assert k in x["meta"] and _is(x["meta"][k], types), (task, k, x["meta"].get(k))
+            m = x["meta"]
+            assert type(x["answer"]).__name__ == schema["answer_by_task"][task]
+            for opt in ("choices", "choices_image_path"):
+                assert (m[opt] is not None) == (schema["options_by_task"].get(task) == opt), (task, opt)
+            # NOTE 1 of the format: placeholders in context and question = images_list
+            assert x["context"].count("<image>") + x["question"].count("<image>") == len(x["images_list"])
+            assert m["num_images"] == len(x["images_list"])
+            assert m["context_length"] == m["context_length_text"] + m["context_length_image"] > 0
+            assert len(m["needles"]) == len(m["placed_depth"]) >= 1
+            for needle in m["needles"]:  # a text needle is in the context, an image needle is an image path
+                assert needle in x["context"] or (needle in x["images_list"] and (root / "images" / needle).is_file())
+            assert all((root / "images" / p).is_file() for p in x["images_list"] + (m["choices_image_path"] or []))
+    back = read_mmniah(root)  # the split folder as MM-NIAH ships it
+    assert [(s.id, s.task, s.answer, s.qid) for s in back] == [(s.id, s.task, s.answer, s.qid) for s in samples]
+    assert back[0].load_image(back[0].images[0]) == images[back[0].images[0]]
+    assert read_mmniah(root / "annotations" / "counting-image.jsonl")[0].load_image  # one file: root found too
+
+
+def test_the_task_and_answer_form_come_from_the_line(tmp_path):
+    """A counting file whose name lacks the task, its answers stored as strings: still list answers."""
+    line = {"id": 0, "images_list": [], "context": "The little penguin counted 3 needles.", "question": "How many?",
+            "answer": "[3, 5]", "meta": {"placed_depth": [0.1, 0.9], "context_length": 1500, "choices": None,
+                                         "choices_image_path": None}}
+    f = tmp_path / "my_file.jsonl"
+    f.write_text(json.dumps(line) + "\n")
+    (s,) = read_mmniah(f)
+    assert s.task == "counting-text" and s.answer == [3, 5] and s.qid == 0 and s.placed_depth == [0.1, 0.9]
+    f.write_text(json.dumps({**line, "meta": {**line["meta"], "placed_depth": 1.5}}) + "\n")
+    with pytest.raises(ValueError, match="placed_depth 1.5 must lie in"):
+        read_mmniah(f)

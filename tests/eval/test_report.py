@@ -20,7 +20,8 @@ def _records():
                     # delta 1 fails on long contexts, delta 1/16 does not
                     ok = hit if (delta == "1/16" or length == 1024) else 0.0
                     recs.append({"id": f"{task}-{length}-{depth}", "task": task, "length": length, "depth": depth,
-                                 "delta": delta, "generate": ok, "tf_acc": ok, "tf_logp": -1.0 + ok,
+                                 "context_length": length, "placed_depth": [depth], "delta": delta,
+                                 "generate": ok, "tf_acc": ok, "tf_logp": -1.0 + ok,
                                  "fits": True})
     return recs
 
@@ -37,13 +38,21 @@ def test_grids_and_table(tmp_path):
     g16 = rep.grid("generate", "1/16")
     np.testing.assert_allclose(g16.values, [[0.75, 0.75, 0.75], [0.75, 0.75, np.nan]])
     table = format_table(rep)
-    assert "teacher-forced accuracy, delta 1 (mean 0.450):" in table
+    assert ("teacher-forced accuracy, delta 1, token grid (our token count x needle depth; "
+            "sample-weighted mean 0.450):") in table
     assert "              4K    0.000   0.000       -   0.000" in table
     assert "by task: counting-image 0.300, retrieval-text 0.600" in table
     m = mlflow_metrics(rep)
-    assert m["eval/tf_acc/delta_1_16/mean"] == pytest.approx(0.75)
-    assert m["eval/generate/delta_1/len_4096/depth_0.5"] == 0.0
-    assert "eval/generate/delta_1/len_4096/depth_1" not in m  # empty cells are not metrics
+    assert m["eval/tf_acc/delta_1_16/grid/mean"] == pytest.approx(0.75)
+    assert m["eval/generate/delta_1/grid/len_4096/depth_0.5"] == 0.0
+    assert "eval/generate/delta_1/grid/len_4096/depth_1" not in m  # empty cells are not metrics
+    # the same records under both published aggregations (by hand: delta 1, retrieval-text: 1k cells
+    # 1, 1, 1 and 4k cells 0, 0 -> lengths 1.0 and 0.0 -> 0.5; counting-image half of that; V2PE: 3 of 5)
+    assert m["eval/tf_acc/delta_1/mmniah/retrieval-text"] == 0.5
+    assert m["eval/tf_acc/delta_1/mmniah/overall"] == pytest.approx(0.375)
+    assert m["eval/tf_acc/delta_1/v2pe/retrieval-text"] == pytest.approx(0.6)
+    assert m["eval/tf_acc/delta_1/v2pe/overall"] == pytest.approx(0.45)
+    assert "eval/tf_logp/delta_1/mmniah/overall" not in m  # log-probs are no verdicts
     assert rep.results_json.is_file() and rep.heatmap.is_file()
 
 
@@ -57,7 +66,9 @@ def test_heatmap_panels_annotations_and_colour_bars(tmp_path):
     panels = [ax for ax in fig.axes if ax.get_title()]
     bars = [ax for ax in fig.axes if not ax.get_title()]
     # rows: generation, teacher-forced accuracy (log-probs are in the table, not the map); one column per delta
-    assert [ax.get_title() for ax in panels] == ["delta 1   mean 0.45", "delta 1/16   mean 0.75"] * 2
+    assert [ax.get_title() for ax in panels] == [
+        "delta 1   token grid mean 0.45\nV2PE sample-weighted mean 0.45\nMM-NIAH cell mean 0.38",
+        "delta 1/16   token grid mean 0.75\nV2PE sample-weighted mean 0.75\nMM-NIAH cell mean 0.75"] * 2
     assert len(bars) == 2 and bars[0].get_ylabel() == "generation score"
     first = panels[0]
     # cells: depth down, length across; every cell carries its value, the empty one a dash
@@ -65,7 +76,7 @@ def test_heatmap_panels_annotations_and_colour_bars(tmp_path):
     assert texts == {(0, 0): "0.75", (0, 1): "0.75", (0, 2): "0.75", (1, 0): "0.00", (1, 1): "0.00", (1, 2): "-"}
     assert [t.get_text() for t in first.get_xticklabels()] == ["1K", "4K"]
     assert [t.get_text() for t in first.get_yticklabels()] == ["0%", "50%", "100%"]
-    assert fig._suptitle.get_text() == "planted"
+    assert fig._suptitle.get_text() == "planted: token grid (our token count x needle depth)"
     import matplotlib.pyplot as plt
 
     plt.close(fig)

@@ -149,10 +149,14 @@ def _synth_needles(args: argparse.Namespace) -> int:
     except (TokenizerError, ValueError) as e:
         print(f"v2pe-data synth: {e}", file=sys.stderr)
         return 2
-    path = write_needles(args.out_dir, samples, images)
+    try:
+        path = write_needles(args.out_dir, samples, images)
+    except FileExistsError as e:
+        print(f"v2pe-data synth: {e}", file=sys.stderr)
+        return 2
     print(f"wrote {len(samples)} needle samples ({len(args.tasks)} task(s) x {len(args.lengths)} length(s) x "
-          f"{len(args.depths)} depth(s) x {args.samples_per_cell}) to {path} (MM-NIAH format; "
-          f"v2pe-eval RECIPE --data {path})")
+          f"{len(args.depths)} depth(s) x {args.samples_per_cell}) to {path}/annotations/<task>.jsonl and "
+          f"{path}/images/ (MM-NIAH's layout and schema; v2pe-eval RECIPE --data {path})")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""``v2pe-eval RECIPE [--ckpt DIR] [--data FILE.jsonl | --synth] --delta 1 1/16 auto [key=value ...]``:
+"""``v2pe-eval RECIPE [--ckpt DIR] [--data FILE.jsonl | SPLIT_FOLDER | --synth] --delta 1 1/16 auto [key=value ...]``:
 needle-in-a-haystack evaluation in the MM-NIAH style (docs/eval.md).
 
 The model comes from the recipe's ``model`` section, its weights from a torch_dist checkpoint
@@ -6,8 +6,10 @@ The model comes from the recipe's ``model`` section, its weights from a torch_di
 without it, for tests). Long contexts are spread over the recipe's ``parallel.tp`` x ``parallel.cp``
 ranks; more ranks split the samples. Started by hand it starts ``--nproc`` ranks itself (default
 tp x cp); under torchrun or srun (``python -m v2pe_megatron.cli.eval``) it runs as the rank it was
-given. Prints the length x depth tables, writes ``OUT/heatmap.png`` and ``OUT/results.json`` and
-logs both to MLflow. Exit codes: 0 done, 1 error, 2 bad recipe or command line.
+given. Prints MM-NIAH's and V2PE's figures and our token grid, writes ``OUT/heatmap.png``,
+``OUT/heatmap_mmniah.png``, ``OUT/results.json`` and MM-NIAH's result files
+(``OUT/mmniah_outputs/{model}_{task}-{split}.jsonl``, for its calculate_scores.py) and logs them
+to MLflow. Exit codes: 0 done, 1 error, 2 bad recipe or command line.
 """
 
 from __future__ import annotations
@@ -37,9 +39,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. parallel.cp=2")
     p.add_argument("--ckpt", help="torch_dist checkpoint to evaluate (default: random weights)")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--data", help="MM-NIAH jsonl (images_list, context, question, answer, meta)")
+    src.add_argument("--data", help="MM-NIAH jsonl (images_list, context, question, answer, meta), or a split folder "
+                                    "as MM-NIAH ships it (mm_niah_<split>/annotations/<task>.jsonl + images/)")
     src.add_argument("--synth", action="store_true", help="generate the samples (default when no --data)")
-    p.add_argument("--image-root", help="folder the jsonl's image paths are relative to (default: its folder)")
+    p.add_argument("--image-root", help="folder the jsonl's image paths are relative to (default: <split>/images "
+                                        "for <split>/annotations/X.jsonl, else the jsonl's folder)")
     p.add_argument("--task", choices=TASKS, help="task of every line of --data (default: meta.task or file name)")
     p.add_argument("--tasks", nargs="+", choices=TASKS, default=["retrieval-text", "retrieval-image"],
                    help="generated tasks")
@@ -112,8 +116,11 @@ def _usage_problem(args: argparse.Namespace, recipe) -> str | None:
     an output folder that could not be written at the end of the evaluation."""
     if args.nproc is not None and args.nproc < 1:
         return f"--nproc {args.nproc} must be >= 1 (default: the recipe's parallel.tp x parallel.cp)"
-    if args.data and not Path(args.data).is_file():
-        return f"--data {args.data}: no such file"
+    if args.data and not Path(args.data).exists():
+        return f"--data {args.data}: no such file or folder"
+    if args.data and Path(args.data).is_dir() and not any((Path(args.data) / "annotations").glob("*.jsonl")):
+        return (f"--data {args.data}: a folder needs MM-NIAH's layout, annotations/<task>.jsonl and images/ "
+                f"(give the mm_niah_<split> folder or one jsonl file)")
     try:
         settings, _ = _settings_and_source(args, recipe)
     except ValueError as e:
@@ -149,11 +156,22 @@ def _settings_and_source(args: argparse.Namespace, recipe):
         delta_set=tuple(recipe.v2pe.delta_set), max_new_tokens=args.max_new_tokens,
         max_tiles_per_image=args.max_tiles_per_image,
         out_dir=Path(args.out) if args.out else default_run_dir(recipe) / "eval",
-        title=f"{recipe.name}: {Path(args.ckpt).name if args.ckpt else 'random weights'}")
+        title=f"{recipe.name}: {Path(args.ckpt).name if args.ckpt else 'random weights'}",
+        model_name=f"{recipe.name}-{Path(args.ckpt).resolve().name if args.ckpt else 'random'}",
+        split=_result_split(args.data))
     source = Source(data=args.data, image_root=args.image_root, task=args.task, tasks=args.tasks,
                     samples_per_cell=args.samples_per_cell, seed=args.seed,
                     image_fraction=args.image_fraction, limit=args.limit)
     return settings, source
+
+
+def _result_split(data: str | None) -> str:
+    """The split of MM-NIAH's result file names: that of an ``mm_niah_<split>`` --data path when its
+    scorer knows it, else ``val`` (generated sets; calculate_scores.py refuses other names)."""
+    from v2pe_megatron.data.needles import split_of
+
+    split = split_of(data) if data else None
+    return split if split in ("val", "test", "rag-val", "rag-test") else "val"
 
 
 def _choose_delta(args: argparse.Namespace, recipe) -> int:
@@ -178,7 +196,7 @@ def _choose_delta(args: argparse.Namespace, recipe) -> int:
 
 def _run(args: argparse.Namespace, recipe) -> int:
     from v2pe_megatron.config import RecipeError
-    from v2pe_megatron.eval.report import delta_label, format_table
+    from v2pe_megatron.eval.report import AGGREGATIONS, delta_label, format_table
     from v2pe_megatron.eval.runner import checkpoint_label, evaluate
     from v2pe_megatron.training.checkpointing import CheckpointError
 
@@ -212,7 +230,12 @@ def _run(args: argparse.Namespace, recipe) -> int:
         if over:
             print(f"v2pe-eval: {over} record(s) reach positions beyond the trained range ({settings.trained_positions})")
         if report.heatmap:
-            print(f"v2pe-eval: heat map {report.heatmap}, results {report.results_json}")
+            print(f"v2pe-eval: heat maps {report.heatmap} ({AGGREGATIONS['grid']}), {report.mmniah_heatmap} "
+                  f"({AGGREGATIONS['mmniah']}); results {report.results_json}")
+        if report.mmniah_files:
+            folder = report.mmniah_files[0].parent
+            print(f"v2pe-eval: {len(report.mmniah_files)} MM-NIAH result file(s) in {folder} "
+                  f"(MM-NIAH's scorer: python calculate_scores.py --outputs-dir {folder})")
         if report.run_id:
             print(f"v2pe-eval: MLflow run {report.run_id} in {report.tracking_uri}")
     return exit_codes.SUCCESS

@@ -14,8 +14,10 @@ in ``images_list``), a ``question`` and an ``answer``; ``meta`` holds ``context_
 | counting-image | 2-3 images with N red dots each | the list of N, in order |
 | reasoning-image | one image of a coloured circle | the option image of the same colour |
 
-The same reader serves MM-NIAH's own jsonl files (:func:`read_mmniah`) and the files
-:func:`write_needles` generates (``v2pe-data synth OUT --needles``); :func:`prompt_of` builds the
+The same reader serves MM-NIAH's own jsonl files and split folders as it ships them
+(:func:`read_mmniah`: ``mm_niah_<split>/annotations/<task>.jsonl`` + ``images/``) and the sets
+:func:`write_needles` generates in that layout, every field of MM-NIAH's schema filled
+(``v2pe-data synth OUT --needles``); :func:`prompt_of` builds the
 question the way MM-NIAH's InternVL evaluation does (context, question, options, instruction) and
 :func:`answer_text` the text a model should answer.
 """
@@ -47,7 +49,7 @@ _CIRCLE_COLORS = ("red", "green", "blue", "yellow")
 
 @dataclass
 class NeedleSample:
-    id: str
+    id: str                           # unique in a run: ``<task>/<qid>`` (MM-NIAH's ids restart per task)
     task: str
     context: str                      # with one ``<image>`` per entry of ``images``
     question: str
@@ -55,11 +57,16 @@ class NeedleSample:
     images: list[str] = field(default_factory=list)
     choices: Optional[list[str]] = None
     choice_images: Optional[list[str]] = None
-    context_length: int = 0           # tokens, as the writer counted them (MM-NIAH: its own tokenizer)
+    context_length: int = 0           # meta.context_length: text + image tokens as the file's writer counted them
     depths: list[float] = field(default_factory=list)   # the needles' depths in [0, 1]
     target_length: Optional[int] = None  # the grid cell's length (generated data)
     target_depth: Optional[float] = None  # the grid cell's depth (generated data)
     load_image: Optional[Callable[[str], bytes]] = field(default=None, repr=False)
+    qid: Union[int, str, None] = None  # MM-NIAH's ``id`` (an int from 0 per task), the result files' question_id
+    placed_depth: Any = None          # meta.placed_depth as the file holds it (a float or a list)
+    needles: list[str] = field(default_factory=list)   # meta.needles: needle texts / needle image paths
+    context_length_text: int = 0      # meta.context_length_text
+    context_length_image: int = 0     # meta.context_length_image
 
     @property
     def depth(self) -> float:
@@ -102,31 +109,82 @@ def answer_text(s: NeedleSample) -> str:
 # MM-NIAH's jsonl
 # ---------------------------------------------------------------------------------------------
 def _task_from_name(path: Path) -> Optional[str]:
-    return next((t for t in TASKS if t in path.name), None)
+    # longest first: no task name is part of another today, but a file name may hold text around it
+    return next((t for t in sorted(TASKS, key=len, reverse=True) if t in path.name), None)
+
+
+def _list_answer(answer: Any) -> Optional[list]:
+    """The answer as a list when it is one, or a string holding a JSON list (some MM-NIAH counting
+    files store ``"[3, 5]"``), else None."""
+    if isinstance(answer, list):
+        return answer
+    if isinstance(answer, str) and answer.strip().startswith("["):
+        try:
+            v = json.loads(answer)
+        except json.JSONDecodeError:
+            return None
+        return v if isinstance(v, list) else None
+    return None
 
 
 def _guess_task(obj: dict[str, Any]) -> str:
     """The last resort: option images / option texts / a list answer / a word. MM-NIAH's documents
     all hold images, so counting-image and reasoning-text cannot be told from counting-text and
-    retrieval-text by the line alone: their files carry the task in the name."""
+    retrieval-text by the line alone (the verdict rule is the same for each pair: it follows the
+    answer's form); MM-NIAH's own files carry the task in their name (``annotations/<task>.jsonl``)."""
     meta = obj.get("meta") or {}
     if meta.get("choices_image_path"):
         return "reasoning-image"
     if meta.get("choices"):
         return "retrieval-image"
-    if isinstance(obj.get("answer"), list):
+    if _list_answer(obj.get("answer")) is not None:
         return "counting-text"
     return "retrieval-text"
 
 
+def split_of(path: str | Path) -> Optional[str]:
+    """MM-NIAH's split (``val``, ``test``, ...) of a path inside an ``mm_niah_<split>`` folder, else None."""
+    for part in reversed(Path(path).resolve().parts):
+        if part.startswith("mm_niah_") and len(part) > len("mm_niah_"):
+            return part[len("mm_niah_"):]
+    return None
+
+
+def annotation_files(folder: str | Path) -> list[Path]:
+    """The annotation files of an MM-NIAH split folder as shipped (``annotations/<task>.jsonl``, the
+    images in ``images/``), in :data:`TASKS` order, then any others by name."""
+    ann = Path(folder) / "annotations"
+    files = sorted(ann.glob("*.jsonl"))
+    if not files:
+        raise ValueError(f"{folder}: no annotations/*.jsonl (MM-NIAH's layout: "
+                         f"mm_niah_<split>/annotations/<task>.jsonl and mm_niah_<split>/images/)")
+    rank = {t: k for k, t in enumerate(TASKS)}
+    return sorted(files, key=lambda f: (rank.get(f.stem, len(TASKS)), f.name))
+
+
+def default_image_root(path: str | Path) -> Path:
+    """Where a file's image paths are relative to: ``<split>/images`` for ``<split>/annotations/X.jsonl``
+    (MM-NIAH's layout, ``v2pe-data synth --needles``), else the file's own folder."""
+    p = Path(path)
+    if p.parent.name == "annotations" and (p.parent.parent / "images").is_dir():
+        return p.parent.parent / "images"
+    return p.parent
+
+
 def read_mmniah(path: str | Path, image_root: str | Path | None = None, task: Optional[str] = None
                 ) -> list[NeedleSample]:
-    """Samples of an MM-NIAH jsonl file. The task comes from ``task``, else ``meta.task``, else the
-    file name (MM-NIAH names its files ``<task>_<split>.jsonl``), else the answer's form. Image
-    paths resolve against ``image_root`` (default: the file's folder). Bad lines raise with the
-    line number and the field at fault."""
+    """Samples of an MM-NIAH jsonl file, or of every ``annotations/*.jsonl`` of a split folder as
+    MM-NIAH ships it. The task comes from ``task``, else ``meta.task``, else the file name
+    (``annotations/<task>.jsonl``), else the answer's form; a list answer (or a string holding one)
+    stays a list whatever the file is called. Image paths resolve against ``image_root`` (default:
+    :func:`default_image_root`). Bad lines raise with the line number and the field at fault."""
     p = Path(path)
-    root = Path(image_root) if image_root is not None else p.parent
+    if p.is_dir():
+        out = []
+        for f in annotation_files(p):
+            out += read_mmniah(f, image_root if image_root is not None else p / "images", task)
+        return out
+    root = Path(image_root) if image_root is not None else default_image_root(p)
     from_name = _task_from_name(p)
     out = []
     with open(p, encoding="utf-8") as f:
@@ -146,31 +204,48 @@ def read_mmniah(path: str | Path, image_root: str | Path | None = None, task: Op
             if t not in TASKS:
                 raise ValueError(f"{p}:{lineno}: task {t!r} is not one of {TASKS}")
             answer = obj["answer"]
-            if t.startswith("counting") and isinstance(answer, str):
-                answer = json.loads(answer)  # some MM-NIAH counting files store the list as a string
-            depth = meta.get("placed_depth", [])
-            depths = [float(x) for x in (depth if isinstance(depth, list) else [depth])]
+            as_list = _list_answer(answer)
+            if as_list is not None:
+                answer = as_list
+            elif t.startswith("counting"):
+                raise ValueError(f"{p}:{lineno}: answer {answer!r} of a {t} line is not a list")
+            raw_depth = meta.get("placed_depth", [])
+            depths = [float(x) for x in (raw_depth if isinstance(raw_depth, list) else [raw_depth])]
+            if any(not 0.0 <= d <= 1.0 for d in depths):
+                raise ValueError(f"{p}:{lineno}: meta.placed_depth {raw_depth!r} must lie in [0, 1]")
+            qid = obj.get("id", lineno - 1)
 
             def load(name: str, _root=root) -> bytes:
                 return (_root / name).read_bytes()
 
             out.append(NeedleSample(
-                id=str(obj.get("id", f"{p.stem}-{lineno}")), task=t, context=obj["context"],
+                id=f"{t}/{qid}", task=t, context=obj["context"],
                 question=obj["question"], answer=answer, images=list(obj.get("images_list") or []),
                 choices=meta.get("choices"), choice_images=meta.get("choices_image_path"),
                 context_length=int(meta.get("context_length", 0)), depths=depths,
-                target_length=meta.get("target_length"), target_depth=meta.get("target_depth"), load_image=load))
+                target_length=meta.get("target_length"), target_depth=meta.get("target_depth"), load_image=load,
+                qid=qid, placed_depth=raw_depth, needles=list(meta.get("needles") or []),
+                context_length_text=int(meta.get("context_length_text", 0)),
+                context_length_image=int(meta.get("context_length_image", 0))))
     if not out:
         raise ValueError(f"{p}: no samples")
     return out
 
 
 def to_record(s: NeedleSample) -> dict[str, Any]:
-    """The MM-NIAH jsonl line of a sample (``meta.task``, ``target_length`` and ``target_depth`` added)."""
-    return {"id": s.id, "images_list": s.images, "context": s.context, "question": s.question, "answer": s.answer,
-            "meta": {"context_length": s.context_length, "placed_depth": s.depths, "choices": s.choices,
-                     "choices_image_path": s.choice_images, "task": s.task, "target_length": s.target_length,
-                     "target_depth": s.target_depth}}
+    """The MM-NIAH jsonl line of a sample: every field of MM-NIAH's schema (its README's data format:
+    int ``id``, ``meta.needles``, ``num_images``, the three context lengths, ``choices`` and
+    ``choices_image_path`` present, None where the task has none), plus ``meta.task``,
+    ``target_length`` and ``target_depth`` (MM-NIAH's readers ignore them)."""
+    return {"id": s.qid if s.qid is not None else s.id, "images_list": list(s.images), "context": s.context,
+            "question": s.question, "answer": s.answer,
+            "meta": {"placed_depth": s.placed_depth if s.placed_depth is not None else list(s.depths),
+                     "context_length": int(s.context_length),
+                     "context_length_text": int(s.context_length_text),
+                     "context_length_image": int(s.context_length_image),
+                     "num_images": len(s.images), "needles": list(s.needles),
+                     "choices": s.choices, "choices_image_path": s.choice_images,
+                     "task": s.task, "target_length": s.target_length, "target_depth": s.target_depth}}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -205,8 +280,9 @@ class _Writer:
         return name
 
     def document(self, target: int, needles: Sequence[tuple[float, str, Optional[str]]]
-                 ) -> tuple[str, list[str], int, list[float]]:
-        """(context, images, tokens, needle depths). ``needles``: (depth, text, image name or None)."""
+                 ) -> tuple[str, list[str], int, list[float], int]:
+        """(context, images, tokens, needle depths, image tokens). ``needles``: (depth, text, image name
+        or None)."""
         rng = self.rng
         fixed = sum(self.count(" " + t) if t else 0 for _, t, _ in needles)
         fixed += sum(self.image_tokens for _, _, im in needles if im)
@@ -241,10 +317,10 @@ class _Writer:
         for k, (t, _, im) in enumerate(parts):
             if (im is not None and im not in self.distractors) or any(t == text for _, text, _ in needles if text):
                 depths.append(round(float(cum[k] / max(total, 1)), 4))
-        return context, imgs, total, depths
+        return context, imgs, total, depths, len(imgs) * self.image_tokens
 
 
-def _task_sample(w: _Writer, task: str, target: int, depth: float, sid: str) -> NeedleSample:
+def _task_sample(w: _Writer, task: str, target: int, depth: float, qid: int) -> NeedleSample:
     rng = w.rng
     # Multi-needle tasks: the first needle sits at the cell's depth, the others after it.
     def spread(m: int) -> list[float]:
@@ -291,11 +367,14 @@ def _task_sample(w: _Writer, task: str, target: int, depth: float, sid: str) -> 
         answer = order.index(color)
     else:
         raise ValueError(f"task {task!r} is not one of {TASKS}")
-    context, imgs, total, depths = w.document(target, needles)
+    context, imgs, total, depths, image_tokens = w.document(target, needles)
     # The options' own tokens count too: the prompt's length is what a model has to read.
     total += len(choice_images or []) * w.image_tokens
-    return NeedleSample(sid, task, context, question, answer, imgs, choices, choice_images, total, depths,
-                        target_length=int(target), target_depth=float(depth))
+    image_tokens += len(choice_images or []) * w.image_tokens
+    return NeedleSample(f"{task}/{qid}", task, context, question, answer, imgs, choices, choice_images, total, depths,
+                        target_length=int(target), target_depth=float(depth), qid=qid, placed_depth=list(depths),
+                        needles=[im if im else text for _, text, im in needles],
+                        context_length_text=total - image_tokens, context_length_image=image_tokens)
 
 
 def synth_needles(lengths: Sequence[int], depths: Sequence[float], *, tasks: Sequence[str] = TASKS,
@@ -331,29 +410,36 @@ def synth_needles(lengths: Sequence[int], depths: Sequence[float], *, tasks: Seq
     w = _Writer(rng, count_tokens, image_tokens, image_fraction, images, distractors, image_side)
     samples = []
     for task in tasks:
+        qid = 0  # MM-NIAH's ids: ints from 0, per task
         for length in lengths:
             for depth in depths:
-                for r in range(samples_per_cell):
-                    sid = f"{task}-{int(length)}-{float(depth):g}-{r}"
-                    samples.append(_task_sample(w, task, int(length), float(depth), sid))
+                for _ in range(samples_per_cell):
+                    samples.append(_task_sample(w, task, int(length), float(depth), qid))
+                    qid += 1
     for s in samples:
         s.load_image = images.__getitem__
     return samples, images
 
 
 def write_needles(out_dir: str | Path, samples: Sequence[NeedleSample], images: dict[str, bytes]) -> Path:
-    """``out_dir/needles.jsonl`` (MM-NIAH lines, image paths relative to it) and ``out_dir/images/``;
-    returns the jsonl path (``read_mmniah(path)`` reads it back)."""
+    """MM-NIAH's layout as it ships a split: ``out_dir/annotations/<task>.jsonl`` (one file per task,
+    :func:`to_record` lines) and ``out_dir/images/`` (the paths in the lines are relative to it, as
+    MM-NIAH's ``root``). Returns ``out_dir`` (``read_mmniah(out_dir)`` reads it back; name it
+    ``mm_niah_<split>`` to give result files that split). Refuses to overwrite annotation files."""
     out = Path(out_dir)
+    ann = out / "annotations"
+    by: dict[str, list[NeedleSample]] = {}
+    for s in samples:
+        by.setdefault(s.task, []).append(s)
+    taken = [str(ann / f"{t}.jsonl") for t in by if (ann / f"{t}.jsonl").exists()]
+    if taken:
+        raise FileExistsError(f"{', '.join(taken)} exist(s): give an empty output folder")
     (out / "images").mkdir(parents=True, exist_ok=True)
+    ann.mkdir(parents=True, exist_ok=True)
     for name, data in images.items():
         (out / "images" / name).write_bytes(data)
-    path = out / "needles.jsonl"
-    with open(path, "w", encoding="utf-8") as f:
-        for s in samples:
-            rec = to_record(s)
-            rec["images_list"] = [f"images/{n}" for n in s.images]
-            if s.choice_images:
-                rec["meta"]["choices_image_path"] = [f"images/{n}" for n in s.choice_images]
-            f.write(json.dumps(rec) + "\n")
-    return path
+    for task, group in by.items():
+        with open(ann / f"{task}.jsonl", "w", encoding="utf-8") as f:
+            for s in group:
+                f.write(json.dumps(to_record(s)) + "\n")
+    return out

@@ -26,7 +26,9 @@ import numpy as np
 import torch
 
 from v2pe_megatron.data.needles import NeedleSample, answer_text, prompt_of
-from v2pe_megatron.eval.report import EvalReport, build_grids, delta_label, depth_column, plot_heatmap
+from v2pe_megatron.eval.report import (AGGREGATIONS, MMNIAH_LENGTH_BINS, EvalReport, build_aggregates, build_grids,
+                                       delta_label, depth_column, mmniah_heatmap_figure, mmniah_length_label,
+                                       plot_heatmap)
 from v2pe_megatron.eval.scoring import score_response
 from v2pe_megatron.parallel.batch import MicroBatch
 
@@ -53,6 +55,8 @@ class EvalSettings:
     max_tiles_per_image: int = 1              # MM-NIAH evaluates one 448 px tile per image
     out_dir: Optional[Path] = None            # heat map and results.json (rank 0)
     title: str = ""
+    model_name: str = "model"                 # the {model} of the MM-NIAH result files' names
+    split: str = "val"                        # their split (MM-NIAH's scorer reads val, test, rag-val, rag-test)
 
     def __post_init__(self) -> None:
         # The messages spell the fields as v2pe-eval's flags: that is where a user sets them.
@@ -189,8 +193,14 @@ def score(p: Prepared, d: Delta, backend: Backend, tok, settings: EvalSettings, 
     deltas = np.full(p.num_tiles.size, delta)
     full = np.concatenate([p.prompt, p.answer])
     pos = _positions(full, delta, tok)
-    rec: dict[str, Any] = {"id": p.sample.id, "task": p.sample.task, "length": p.length, "depth": p.depth,
-                           "needle_depth": round(p.sample.depth, 4),
+    s = p.sample
+    rec: dict[str, Any] = {"id": s.id, "task": s.task, "length": p.length, "depth": p.depth,
+                           "needle_depth": round(s.depth, 4),
+                           # MM-NIAH's aggregation bins by these, as the file has them (not our token count)
+                           "context_length": int(s.context_length),
+                           "placed_depth": s.placed_depth if s.placed_depth is not None else list(s.depths),
+                           "question_id": s.qid if s.qid is not None else s.id, "answer": s.answer,
+                           "question": s.question,
                            "delta": delta_label(d), "delta_value": delta, "tokens": int(full.size),
                            "images": int(p.num_tiles.size), "last_position": float(pos[-1]), "fits": bool(fits),
                            "generate": None, "response": None, "tf_acc": None, "tf_logp": None}
@@ -310,34 +320,77 @@ class ModelBackend:
 # ---------------------------------------------------------------------------------------------
 # Reporting
 # ---------------------------------------------------------------------------------------------
-def _metric_key(metric: str, delta: str, length: Optional[int] = None, depth: Optional[float] = None) -> str:
-    d = delta.replace("/", "_")
-    if length is None:
-        return f"eval/{metric}/delta_{d}/mean"
-    return f"eval/{metric}/delta_{d}/len_{length}/depth_{depth:g}"
+def _metric_key(metric: str, delta: str, *parts: str) -> str:
+    return "/".join([f"eval/{metric}/delta_{delta.replace('/', '_')}", *parts])
 
 
 def mlflow_metrics(report: EvalReport) -> dict[str, float]:
+    """Every figure under a key that names its aggregation: ``.../grid/...`` (the token grid),
+    ``.../mmniah/...`` (MM-NIAH cell mean: overall, per task, per task and length bin) and
+    ``.../v2pe/...`` (V2PE sample-weighted mean: overall, per task). Empty cells are no metric."""
     out = {}
     for g in report.grids:
-        out[_metric_key(g.metric, g.delta)] = g.mean
+        out[_metric_key(g.metric, g.delta, "grid", "mean")] = g.mean
         for i, n in enumerate(g.lengths):
             for j, x in enumerate(g.depths):
                 if g.counts[i, j]:
-                    out[_metric_key(g.metric, g.delta, n, x)] = float(g.values[i, j])
-    return out
+                    out[_metric_key(g.metric, g.delta, "grid", f"len_{n}", f"depth_{x:g}")] = float(g.values[i, j])
+    for a in report.aggregates:
+        key = lambda *parts: _metric_key(a.metric, a.delta, *parts)  # noqa: E731
+        out[key("mmniah", "overall")] = a.mmniah_overall
+        out[key("mmniah", "calculate_scores_overall")] = a.calculate_scores_overall
+        for t, x in a.mmniah.items():
+            out[key("mmniah", t)] = x.score
+            for i, v in enumerate(x.length_scores):
+                out[key("mmniah", t, f"len_{mmniah_length_label(MMNIAH_LENGTH_BINS[i])}")] = float(v)
+        out[key("v2pe", "overall")] = a.v2pe_overall
+        for t, (m, _) in a.v2pe.items():
+            out[key("v2pe", t)] = m
+    return {k: float(v) for k, v in out.items() if not np.isnan(v)}
+
+
+def mmniah_result_name(model: str, delta: str, task: str, split: str) -> str:
+    """``{model}_{task}-{split}.jsonl``, the name MM-NIAH's calculate_scores.py splits at its last
+    ``_`` (so a ``_`` in the model part is fine); the delta joins the model part (one "model" per
+    delta), characters a file name would trip on (``/`` of ``1/16``) become ``-``."""
+    safe = "".join(c if c.isalnum() or c in "._-" else "-" for c in f"{model}-delta{delta}")
+    return f"{safe}_{task}-{split}.jsonl"
+
+
+def write_mmniah_results(records: Sequence[dict[str, Any]], folder: Path, model: str, split: str) -> list[Path]:
+    """One file per delta and task of the generation records, each line as MM-NIAH's
+    eval_internvl.py writes it (question_id, question, answer, response, context_length,
+    placed_depth): ``python calculate_scores.py --outputs-dir FOLDER`` scores them."""
+    by: dict[Path, list[dict[str, Any]]] = {}
+    for r in records:
+        if r.get("response") is None:
+            continue
+        by.setdefault(folder / mmniah_result_name(model, r["delta"], r["task"], split), []).append(r)
+    if not by:
+        return []
+    folder.mkdir(parents=True, exist_ok=True)
+    for path, rs in by.items():
+        with open(path, "w", encoding="utf-8") as f:
+            for r in rs:
+                f.write(json.dumps({"question_id": r["question_id"], "question": r["question"], "answer": r["answer"],
+                                    "response": r["response"], "context_length": r["context_length"],
+                                    "placed_depth": r["placed_depth"]}) + "\n")
+    return sorted(by)
 
 
 def summarize(records: list[dict[str, Any]], settings: EvalSettings, lengths: Sequence[int],
               depths: Sequence[float], *, dropped: int = 0, write: bool = True) -> EvalReport:
-    """Grids from the records; with ``write`` and ``settings.out_dir``: results.json and heatmap.png.
-    The grids have the lengths that hold records (MM-NIAH's 15 default length bins would otherwise
-    fill the table and the map with empty rows) and every depth column (they are the bins)."""
+    """The token grids and both aggregations from the records; with ``write`` and
+    ``settings.out_dir``: results.json, heatmap.png, heatmap_mmniah.png and MM-NIAH's result files
+    (``mmniah_outputs/``). The grids have the lengths that hold records (MM-NIAH's 15 default length
+    bins would otherwise fill the table and the map with empty rows) and every depth column (they
+    are the bins)."""
     deltas = [delta_label(d) for d in settings.deltas]
     held = {int(r["length"]) for r in records}
     rep = EvalReport(records, sorted(int(x) for x in lengths if int(x) in held), sorted(float(x) for x in depths),
                      deltas, list(settings.modes), dropped=dropped)
     rep.grids = build_grids(records, rep.lengths, rep.depths, deltas)
+    rep.aggregates = build_aggregates(records, deltas)
     if write and settings.out_dir is not None:
         out = Path(settings.out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -345,11 +398,18 @@ def summarize(records: list[dict[str, Any]], settings: EvalSettings, lengths: Se
         rep.results_json.write_text(json.dumps({
             "lengths": rep.lengths, "depths": rep.depths, "deltas": deltas, "modes": rep.modes,
             "trained_positions": settings.trained_positions,
+            "aggregations": [a.to_json() for a in rep.aggregates],
+            "grid": {"name": AGGREGATIONS["grid"], "rule": "our token count (lengths) x the needles' depth (depths), "
+                     "all tasks together; mean = sample-weighted over the grid's samples"},
             "grids": [{"metric": g.metric, "delta": g.delta, "values": np.where(np.isnan(g.values), None, g.values).tolist(),
                        "counts": g.counts.tolist(), "mean": g.mean} for g in rep.grids],
             "records": records}, indent=1))
         if rep.grids:  # nothing to draw when every sample was left out
             rep.heatmap = plot_heatmap(rep, out / "heatmap.png", title=settings.title)
+        if rep.aggregates:
+            rep.mmniah_heatmap = plot_heatmap(rep, out / "heatmap_mmniah.png", title=settings.title,
+                                              figure=mmniah_heatmap_figure)
+        rep.mmniah_files = write_mmniah_results(records, out / "mmniah_outputs", settings.model_name, settings.split)
     return rep
 
 
@@ -366,7 +426,7 @@ def track(report: EvalReport, recipe) -> None:
     tracker = Tracker(recipe, active=True, tags={"kind": "eval", "deltas": " ".join(report.deltas),
                                                  "modes": " ".join(report.modes)})
     tracker.log_metrics(mlflow_metrics(report), step=0)
-    for f in (report.heatmap, report.results_json):
+    for f in (report.heatmap, report.mmniah_heatmap, report.results_json):
         if f is not None:
             tracker.log_artifact(f)
     tracker.close()
