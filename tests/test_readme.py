@@ -110,6 +110,8 @@ NOT_RUN: dict[str, str] = {
         "generation over 24 samples at 3 deltas: ~5 min of CPU here; tests/cli/test_eval_cli.py runs a smaller one",
     "v2pe-eval my_recipe.yaml --ckpt ckpt/run --data mm-niah/retrieval-text_val.jsonl --delta 1 1/16 1/64 auto "
     "--mode teacher-forced parallel.cp=8": "the reader's checkpoint and MM-NIAH's files, 8 ranks",
+    "v2pe-eval my_recipe.yaml --ckpt ckpt/run --data MM-NIAH/mm_niah_val --delta auto --mode generate parallel.cp=8":
+        "needs MM-NIAH's data and a trained model; tests/eval/test_aggregations.py scores MM-NIAH-shaped files",
     "srun python -m v2pe_megatron.cli.eval my_recipe.yaml --ckpt ckpt/run --delta auto": "inside a Slurm allocation",
     "v2pe-convert import-hf --hf InternVL2-2B --out ckpt/internvl2-2b --verify":
         "a downloaded InternVL2-2B; tests/convert/ import tiny ones",
