@@ -60,6 +60,7 @@ PLACEHOLDERS: dict[str, tuple[str, str | None]] = {
     "ckpt/run": ("a checkpoint folder of the reader's training run", None),
     "runs/ckpt": ("a checkpoint folder of the reader's training run", None),
     "mm-niah/retrieval-text_val.jsonl": ("MM-NIAH's validation file, downloaded by the reader", None),
+    "MM-NIAH/mm_niah_val": ("MM-NIAH's validation split folder as shipped (annotations/ + images/), downloaded by the reader", None),
     "InternVL2-2B": ("a downloaded HuggingFace InternVL2-2B folder", None),
     "DIR": ("an HF checkpoint folder", None),
     "path/to/InternVL2-2B": ("a downloaded HuggingFace InternVL2 folder (python block: a tiny random one is "
