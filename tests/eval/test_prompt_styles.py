@@ -96,7 +96,7 @@ def test_the_model_reads_the_reference_string(mmniah_dir, tok, style):
 def test_style_budgets_and_explicit_flags_win():
     m = EvalSettings(deltas=[1.0])
     assert m.prompt_style == "mmniah" and m.max_tiles_per_image == 1
-    assert (m.new_tokens("counting-text"), m.new_tokens("counting-image"), m.new_tokens("retrieval-text")) == (32, 32, 16)
+    assert [m.new_tokens(t) for t in ("counting-text", "counting-image", "retrieval-text")] == [32, 32, 16]
     v = EvalSettings(deltas=[1.0], prompt_style="v2pe")
     assert v.max_tiles_per_image == 5 and (v.new_tokens("counting-image"), v.new_tokens("reasoning-image")) == (320, 16)
     assert EvalSettings(deltas=[1.0], prompt_style="v2pe-1m").max_tiles_per_image == 12
@@ -212,3 +212,16 @@ def test_choose_delta_says_where_the_trained_range_came_from(tmp_path, capsys):
     assert f"trained range 300 (data.seq_length recorded in {it / 'model.yaml'})" in capsys.readouterr().out
     assert main(args + ["--ckpt", str(tmp_path / "run"), "--trained-positions", "34000"]) == 0
     assert "trained range 34000 (--trained-positions)" in capsys.readouterr().out
+
+
+def test_results_json_records_the_style_and_the_trained_range(tmp_path):
+    from v2pe_megatron.eval.runner import summarize
+
+    settings = EvalSettings(deltas=[1.0], prompt_style="v2pe", trained_positions=34000,
+                            trained_positions_from="--trained-positions", out_dir=tmp_path)
+    rep = summarize([], settings, [256], [0.0])
+    got = json.loads(rep.results_json.read_text())
+    assert {k: got[k] for k in ("prompt_style", "max_tiles_per_image", "max_new_tokens", "trained_positions",
+                                "trained_positions_from")} == {
+        "prompt_style": "v2pe", "max_tiles_per_image": 5, "max_new_tokens": None, "trained_positions": 34000,
+        "trained_positions_from": "--trained-positions"}

@@ -35,8 +35,8 @@ from v2pe_megatron.data.tokenizer import IM_END, IM_START, IMG_CONTEXT, IMG_END,
 IMAGE_PLACEHOLDER = "<image>"
 # InternVL's system message: the ``internlm2-chat`` conversation template's own (InternVL's
 # conversation.py, copied unchanged into V2PE and MM-NIAH).
-INTERNVL_SYSTEM_MESSAGE = ("你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, "
-                           "是一个有用无害的人工智能助手。")
+INTERNVL_SYSTEM_MESSAGE = ("你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，"
+                           "英文名叫InternVL, 是一个有用无害的人工智能助手。")
 TEMPLATE_SYSTEM_MESSAGE = {"internlm2-chat": INTERNVL_SYSTEM_MESSAGE, "plain": ""}
 _ROLE = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
@@ -50,7 +50,8 @@ class ChatFormat:
 
     def __post_init__(self) -> None:
         if self.template not in TEMPLATE_SYSTEM_MESSAGE:
-            raise ValueError(f"unknown chat template {self.template!r}; choose one of {sorted(TEMPLATE_SYSTEM_MESSAGE)}")
+            raise ValueError(f"unknown chat template {self.template!r}; "
+                             f"choose one of {sorted(TEMPLATE_SYSTEM_MESSAGE)}")
 
 
 def chat_format(data) -> ChatFormat:
@@ -207,5 +208,6 @@ def render_conversation(conversations: Sequence[dict[str, Any]], *, tiles_per_im
                     raise ValueError(f"more <image> placeholders than the {len(tiles_per_image)} image(s) given")
                 out.append(IMG_START + IMG_CONTEXT * (num_image_token * tiles.pop(0)) + IMG_END)
     if tiles:
-        raise ValueError(f"{len(tiles_per_image)} image(s) for {len(tiles_per_image) - len(tiles)} <image> placeholder(s)")
+        raise ValueError(f"{len(tiles_per_image)} image(s) for {len(tiles_per_image) - len(tiles)} "
+                         f"<image> placeholder(s)")
     return "".join(out)
