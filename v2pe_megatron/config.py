@@ -160,7 +160,10 @@ class DataConfig:
     # sentencepiece model; empty means a tiny one trained in-process (tests/demo only).
     tokenizer_path: str = ""
     template: str = "internlm2-chat"
-    system_prompt: str = ""
+    # The system turn of every conversation (training and v2pe-eval alike; data.chat.chat_format):
+    # null = the template's own (internlm2-chat: InternVL's system message, as InternVL and V2PE
+    # train and MM-NIAH evaluates), "" = none, any text = that text.
+    system_prompt: Optional[str] = None
     seq_length: int = 4096
     micro_batch_size: int = 1
     global_batch_size: int = 1

@@ -41,6 +41,10 @@ def test_demo_run_trains_and_tracks(uninterrupted):
     losses = _losses(out)
     assert len(losses) == 4 and all(0 < x < 20 for x in losses)
     assert (tmp / "ckpt" / "latest").read_text().strip() == "4"
+    # the length it trained at, for v2pe-eval --ckpt's trained range (docs/eval.md)
+    from v2pe_megatron.training.checkpoint_files import recorded_seq_length
+
+    assert recorded_seq_length(tmp / "ckpt") == (128, tmp / "ckpt" / "iter_0000004" / "model.yaml")
     assert "ran steps 1..4 on 2 rank(s)" in r.stdout
     import mlflow
 

@@ -48,7 +48,8 @@ def data_dir(tmp_path):
 
 
 def _loader(meta, *extra):
-    r = load_recipe(None, ["model.preset=tiny", "data.seq_length=512", "data.micro_batch_size=1",
+    r = load_recipe(None, ["model.preset=tiny", "data.seq_length=512", "data.system_prompt=''",
+                           "data.micro_batch_size=1",
                            "data.global_batch_size=1", "data.dali_device=cpu", f"data.meta_path={meta}", *extra])
     return build_train_loader(r, dp_rank=0, dp_size=1, max_epochs=1)
 

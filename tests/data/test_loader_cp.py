@@ -14,7 +14,9 @@ from v2pe_megatron.parallel.cp_split import tile_share
 
 
 def _recipe(*extra: str):
-    return load_recipe(None, ["model.preset=tiny", "data.seq_length=512", "data.max_dynamic_patch=4",
+    # no system turn: InternVL's (the template's default) is 162 tokens in the tiny tokenizer
+    return load_recipe(None, ["model.preset=tiny", "data.seq_length=512", "data.system_prompt=''",
+                              "data.max_dynamic_patch=4",
                               "data.micro_batch_size=2", "data.global_batch_size=2", "data.max_tiles_per_pack=32",
                               "data.synthetic_num_samples=16", "data.dali_device=cpu", *extra])
 

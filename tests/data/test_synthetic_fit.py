@@ -9,7 +9,8 @@ from v2pe_megatron.testing.tiny import tiny_recipe
 
 
 def test_fit_to_recipe_fits_every_sample_and_keeps_given_sizes():
-    recipe = tiny_recipe("data.seq_length=256", "data.max_dynamic_patch=4")
+    # no system turn, as recipes/tiny_cpu.yaml: InternVL's is 162 tokens in the tiny tokenizer
+    recipe = tiny_recipe("data.seq_length=256", "data.max_dynamic_patch=4", "data.system_prompt=''")
     tok = tiny_tokenizer()
     # the haystack v2pe-data synth wrote for every recipe: needle samples far longer than 256 tokens
     recs, imgs = synth_records(10, 0, min_side=28, max_side=112, haystack_words=400, max_images=4)

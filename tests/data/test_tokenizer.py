@@ -11,7 +11,7 @@ import pytest
 import sentencepiece as spm
 
 from v2pe_megatron.config import PRESETS
-from v2pe_megatron.data.chat import tokenize_sample
+from v2pe_megatron.data.chat import ChatFormat, tokenize_sample
 from v2pe_megatron.data.skips import SampleError
 from v2pe_megatron.data.tokenizer import (
     SPECIAL_TOKENS, TokenizerError, load_tokenizer, save_tiny_tokenizer, tiny_tokenizer)
@@ -104,7 +104,7 @@ def test_internlm2_chat_template_and_mask(tok):
             {"from": "human", "value": "More?"}, {"from": "gpt", "value": "No."}]
     nit, tiles = 4, [3]
     got = tokenize_sample(tok, conversations=conv, tiles_per_image=tiles, num_image_token=nit,
-                          system_prompt="Be brief.")
+                          chat=ChatFormat(system="Be brief."))
     img = [tok.img_start_id] + [tok.img_context_id] * (nit * 3) + [tok.img_end_id]
     e = tok.encode
     want_ids, want_tgt = _hand(
@@ -154,7 +154,7 @@ def test_plain_text_sample_and_plain_template(tok):
     np.testing.assert_array_equal(got.ids, [tok.bos_id, *tok.encode("hello world"), tok.eos_id])
     np.testing.assert_array_equal(got.target, [False] + [True] * (got.ids.size - 1))
     conv = [{"from": "human", "value": "q? "}, {"from": "gpt", "value": "a."}]
-    got = tokenize_sample(tok, conversations=conv, template="plain", num_image_token=4)
+    got = tokenize_sample(tok, conversations=conv, chat=ChatFormat("plain", ""), num_image_token=4)
     want_ids, want_tgt = _hand(tok, ([tok.bos_id], False), (tok.encode("q? "), False), (tok.encode("a."), True),
                                ([tok.eos_id], True))
     np.testing.assert_array_equal(got.ids, want_ids)

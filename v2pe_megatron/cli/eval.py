@@ -31,7 +31,7 @@ def parse_delta(text: str):
 
 
 def _parser() -> argparse.ArgumentParser:
-    from v2pe_megatron.data.needles import TASKS
+    from v2pe_megatron.data.needles import PROMPT_STYLES, TASKS
 
     p = argparse.ArgumentParser(prog="v2pe-eval", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -54,12 +54,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--delta", nargs="+", type=parse_delta, default=["auto"],
                    help="inference deltas: 1 1/16 1/64 ... or auto (the rule of docs/eval.md)")
     p.add_argument("--trained-positions", type=int, default=None,
-                   help="position range the model was trained on, for --delta auto (default: data.seq_length)")
+                   help="position range the model was trained on, for --delta auto (default: the data.seq_length "
+                        "that --ckpt's model.yaml records, else the recipe's; V2PE's 32K run: 34000)")
     p.add_argument("--lengths", nargs="+", type=int, help="context lengths in tokens (generated; bins for --data)")
     p.add_argument("--depths", nargs="+", type=float, help="needle depths in [0, 1]")
     p.add_argument("--mode", choices=("generate", "teacher-forced", "both"), default="both")
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--max-tiles-per-image", type=int, default=1)
+    p.add_argument("--prompt-style", choices=list(PROMPT_STYLES), default="mmniah",
+                   help="how the question is asked: mmniah (MM-NIAH's eval_internvl.py: 1 tile per image, 32/16 "
+                        "new tokens for counting/other tasks), v2pe (V2PE's eval_mm_niah.py: no newline before "
+                        "the question, 5 tiles, 320/16 new tokens), v2pe-1m (V2PE's MM-NIAH-1M script: 12 tiles)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="greedy budget (default: the prompt style's)")
+    p.add_argument("--max-tiles-per-image", type=int, default=None, help="(default: the prompt style's)")
     p.add_argument("--out", default=None, help="folder for heatmap.png and results.json (default: runs/<recipe>/eval)")
     p.add_argument("--nproc", type=int, default=None, help="ranks to start here (default: tp x cp)")
     p.add_argument("--choose-delta", action="store_true",
@@ -150,10 +155,11 @@ def _settings_and_source(args: argparse.Namespace, recipe):
     from v2pe_megatron.training.tracking import default_run_dir
 
     modes = ("generate", "teacher-forced") if args.mode == "both" else (args.mode,)
+    trained, trained_from = trained_positions(args.trained_positions, recipe, args.ckpt)
     settings = EvalSettings(
         deltas=list(args.delta), modes=modes, lengths=args.lengths, depths=args.depths,
-        trained_positions=recipe.data.seq_length if args.trained_positions is None else args.trained_positions,
-        delta_set=tuple(recipe.v2pe.delta_set), max_new_tokens=args.max_new_tokens,
+        trained_positions=trained, trained_positions_from=trained_from,
+        delta_set=tuple(recipe.v2pe.delta_set), prompt_style=args.prompt_style, max_new_tokens=args.max_new_tokens,
         max_tiles_per_image=args.max_tiles_per_image,
         out_dir=Path(args.out) if args.out else default_run_dir(recipe) / "eval",
         title=f"{recipe.name}: {Path(args.ckpt).name if args.ckpt else 'random weights'}",
@@ -174,6 +180,20 @@ def _result_split(data: str | None) -> str:
     return split if split in ("val", "test", "rag-val", "rag-test") else "val"
 
 
+def trained_positions(flag: int | None, recipe, ckpt: str | None) -> tuple[int, str]:
+    """(the trained position range for --delta auto, where it came from): --trained-positions, else
+    the data.seq_length that --ckpt's model.yaml records (v2pe-train writes it), else the recipe's."""
+    from v2pe_megatron.training.checkpoint_files import recorded_seq_length
+
+    if flag is not None:
+        return flag, "--trained-positions"
+    found = recorded_seq_length(ckpt) if ckpt else None
+    if found is not None:
+        return found[0], f"data.seq_length recorded in {found[1]}"
+    why = " (--ckpt records none)" if ckpt else ""
+    return recipe.data.seq_length, f"data.seq_length of the recipe{why}"
+
+
 def _choose_delta(args: argparse.Namespace, recipe) -> int:
     from v2pe_megatron.config import RecipeError
     from v2pe_megatron.eval.report import delta_label, length_label
@@ -186,7 +206,8 @@ def _choose_delta(args: argparse.Namespace, recipe) -> int:
         print(f"v2pe-eval: {e}", file=sys.stderr)
         return exit_codes.USAGE
     print(f"delta rule: the largest of v2pe.delta_set={[delta_label(d) for d in sorted(settings.delta_set, reverse=True)]} "
-          f"whose positions stay below the trained range {settings.trained_positions}")
+          f"whose positions stay below the trained range {settings.trained_positions} "
+          f"({settings.trained_positions_from})")
     print(f"{'length':>8} {'samples':>8} {'delta':>7} {'last position':>14}  fits")
     for p in plans:
         print(f"{length_label(p.length):>8} {p.samples:>8} {delta_label(p.delta):>7} {p.last_position:>14.0f}  "
@@ -216,6 +237,11 @@ def _run(args: argparse.Namespace, recipe) -> int:
         print(f"\nv2pe-eval: {recipe.name}: {n} samples x {len(report.deltas)} delta(s), modes {', '.join(modes)}")
         weights = checkpoint_label(report.checkpoint) if report.checkpoint else "random (no --ckpt)"
         print(f"v2pe-eval: weights: {weights}")
+        new = (f"{settings.max_new_tokens}" if settings.max_new_tokens is not None else
+               f"{settings.style.new_tokens_counting} counting / {settings.style.new_tokens_other} other")
+        print(f"v2pe-eval: prompt style {settings.prompt_style} ({settings.style.reference}): "
+              f"{settings.max_tiles_per_image} tile(s) per image at most, {new} new tokens")
+        print(f"v2pe-eval: trained positions {settings.trained_positions} ({settings.trained_positions_from})")
         if report.dropped:
             print(f"v2pe-eval: {report.dropped} sample(s) longer than the largest --lengths bin were left out")
         print(format_table(report))

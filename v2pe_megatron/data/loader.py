@@ -55,7 +55,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from v2pe_megatron.data.chat import tokenize_sample
+from v2pe_megatron.data.chat import chat_format, tokenize_sample
 from v2pe_megatron.data.formats import MemoryDataset, MixedIndex, format_source, load_meta
 from v2pe_megatron.data.packing import Packer, PreparedSample, build_pack, collate, truncate_or_skip
 from v2pe_megatron.data.skips import NoUsableSamplesError, SampleError, SkipCounter
@@ -457,8 +457,7 @@ class TrainLoader:
                                      max_num=ds.max_dynamic_patch or cfg.data.max_dynamic_patch,
                                      image_size=cfg.image_size, use_thumbnail=cfg.data.use_thumbnail)
         tk = tokenize_sample(self.tok, conversations=raw.conversations, text=raw.text, tiles_per_image=tiles,
-                             num_image_token=cfg.num_image_token, template=cfg.data.template,
-                             system_prompt=cfg.data.system_prompt)
+                             num_image_token=cfg.num_image_token, chat=chat_format(cfg.data))
         tokens, target, n_img = truncate_or_skip(tk.ids, tk.target, cfg.data.seq_length, cfg.data.overlong,
                                                  img_start_id=self.tok.img_start_id, img_end_id=self.tok.img_end_id)
         if not target[1:].any():

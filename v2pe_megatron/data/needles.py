@@ -17,9 +17,9 @@ in ``images_list``), a ``question`` and an ``answer``; ``meta`` holds ``context_
 The same reader serves MM-NIAH's own jsonl files and split folders as it ships them
 (:func:`read_mmniah`: ``mm_niah_<split>/annotations/<task>.jsonl`` + ``images/``) and the sets
 :func:`write_needles` generates in that layout, every field of MM-NIAH's schema filled
-(``v2pe-data synth OUT --needles``); :func:`prompt_of` builds the
-question the way MM-NIAH's InternVL evaluation does (context, question, options, instruction) and
-:func:`answer_text` the text a model should answer.
+(``v2pe-data synth OUT --needles``); :func:`prompt_of` builds the user turn the way an evaluation
+:class:`PromptStyle` does (MM-NIAH's InternVL evaluation by default: context, question, options,
+instruction) and :func:`answer_text` the text a model should answer.
 """
 
 from __future__ import annotations
@@ -76,8 +76,47 @@ class NeedleSample:
         return float(np.mean(self.depths)) if self.depths else 0.0
 
 
-def prompt_of(s: NeedleSample) -> tuple[str, list[str]]:
-    """(user turn with ``<image>`` placeholders, the images in placeholder order), as MM-NIAH asks."""
+@dataclass(frozen=True)
+class PromptStyle:
+    """How an evaluation asks: the user turn's layout and the budgets it runs with (docs/eval.md).
+    The system turn is the chat template's (``data.system_prompt``); both references use InternVL's."""
+
+    name: str
+    context_sep: str            # between the context and the question
+    counting_instruction: bool  # WORD_INSTRUCTION after a counting question (a list answer) too
+    strip: bool                 # the user turn stripped of surrounding whitespace
+    max_tiles: int              # tiles per image (InternVL's dynamic tiling up to this many)
+    new_tokens_counting: int    # greedy budget of a counting task
+    new_tokens_other: int       # ... of every other task
+    reference: str              # where the rule comes from
+
+    def new_tokens(self, task: str) -> int:
+        # both references test the task name: ``'counting' in task``
+        return self.new_tokens_counting if "counting" in task else self.new_tokens_other
+
+
+PROMPT_STYLES: dict[str, PromptStyle] = {s.name: s for s in (
+    # MM-NIAH's eval_internvl.py: qs = f'{context}\n{question}', load_image(dynamic_image_size=False)
+    # (one 448 px tile per image), max_new_tokens=32 if 'counting' in task else 16.
+    PromptStyle("mmniah", "\n", True, False, 1, 32, 16,
+                "OpenGVLab/MM-NIAH@2fd03ddcf0fa9f028963af3de1eea3b538a4314a eval_internvl.py, utils/tools.py"),
+    # V2PE's eval/mm_niah/eval_mm_niah.py: qs = f'{context}{question}', its get_input has the counting
+    # instruction commented out, load_image(dynamic_image_size=True, max_num=5) (+ thumbnail),
+    # max_new_tokens=320 if 'counting' in task else 16.
+    PromptStyle("v2pe", "", False, False, 5, 320, 16,
+                "OpenGVLab/V2PE@f96f18990e88f511ca0502b92fc30d8708ba3ada eval/mm_niah/eval_mm_niah.py, tools.py"),
+    # V2PE's MM-NIAH-1M script eval/mm_niah/eval_mm_niah_long.py (its own data files, teacher-forced):
+    # the same query built through the training preprocess (preprocess_internlm strips each turn),
+    # load_image(..., max_num=12).
+    PromptStyle("v2pe-1m", "", False, True, 12, 320, 16,
+                "OpenGVLab/V2PE@f96f18990e88f511ca0502b92fc30d8708ba3ada eval/mm_niah/eval_mm_niah_long.py"),
+)}
+
+
+def prompt_of(s: NeedleSample, style: str | PromptStyle = "mmniah") -> tuple[str, list[str]]:
+    """(user turn with ``<image>`` placeholders, the images in placeholder order), as ``style`` asks
+    (:data:`PROMPT_STYLES`; default MM-NIAH's)."""
+    st = style if isinstance(style, PromptStyle) else PROMPT_STYLES[style]
     question, images = s.question, list(s.images)
     if s.choices:
         question += "".join(f"\n{chr(ord('A') + k)}. {c}" for k, c in enumerate(s.choices))
@@ -86,9 +125,11 @@ def prompt_of(s: NeedleSample) -> tuple[str, list[str]]:
         question += "".join(f"\n{chr(ord('A') + k)}. {IMAGE}" for k in range(len(s.choice_images)))
         images += list(s.choice_images)
         question += "\n" + CHOICE_INSTRUCTION
-    else:
+    elif not isinstance(s.answer, list) or st.counting_instruction:  # the references test the answer's form
         question += "\n" + WORD_INSTRUCTION
-    text = f"{s.context}\n{question}"
+    text = f"{s.context}{st.context_sep}{question}"
+    if st.strip:
+        text = text.strip()
     if text.count(IMAGE) != len(images):
         raise ValueError(f"sample {s.id}: {text.count(IMAGE)} <image> placeholder(s) for {len(images)} image(s)")
     return text, images

@@ -139,10 +139,11 @@ def synthetic_image_sides(image_size: int) -> tuple[int, int]:
 def sample_lengths(records: list[dict[str, Any]], images: dict[str, bytes], recipe: "Recipe",
                    tok: "Tokenizer") -> list[tuple[int, int]]:
     """(tokens, tiles) of each record as the recipe's loader would see it, before any truncation."""
-    from v2pe_megatron.data.chat import tokenize_sample
+    from v2pe_megatron.data.chat import chat_format, tokenize_sample
     from v2pe_megatron.data.tiling import image_size_of, sample_tiling
 
     d = recipe.data
+    chat = chat_format(d)
     out = []
     for r in records:
         names = r.get("image", [])
@@ -151,8 +152,7 @@ def sample_lengths(records: list[dict[str, Any]], images: dict[str, bytes], reci
                                  max_num=d.max_dynamic_patch, image_size=recipe.model.vision.image_size,
                                  use_thumbnail=d.use_thumbnail)
         tk = tokenize_sample(tok, conversations=r.get("conversations"), text=r.get("text"), tiles_per_image=tiles,
-                             num_image_token=recipe.model.num_image_token, template=d.template,
-                             system_prompt=d.system_prompt)
+                             num_image_token=recipe.model.num_image_token, chat=chat)
         out.append((int(tk.ids.size), int(sum(tiles))))
     return out
 

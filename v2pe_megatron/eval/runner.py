@@ -25,7 +25,7 @@ from typing import Any, Optional, Protocol, Sequence, Union
 import numpy as np
 import torch
 
-from v2pe_megatron.data.needles import NeedleSample, answer_text, prompt_of
+from v2pe_megatron.data.needles import PROMPT_STYLES, NeedleSample, PromptStyle, answer_text, prompt_of
 from v2pe_megatron.eval.report import (AGGREGATIONS, MMNIAH_LENGTH_BINS, EvalReport, build_aggregates, build_grids,
                                        delta_label, depth_column, mmniah_heatmap_figure, mmniah_length_label,
                                        plot_heatmap)
@@ -50,9 +50,11 @@ class EvalSettings:
     lengths: Optional[list[int]] = None       # length bins (upper edges); None: the samples' own / MM-NIAH's
     depths: Optional[list[float]] = None      # depth columns (report.depth_column); None: the samples' own
     trained_positions: int = 32768            # position range the model was trained on (--delta auto)
+    trained_positions_from: str = ""          # where that value came from (console, results.json)
     delta_set: tuple[float, ...] = tuple(1.0 / 2**k for k in range(9))  # what auto chooses from
-    max_new_tokens: int = 32
-    max_tiles_per_image: int = 1              # MM-NIAH evaluates one 448 px tile per image
+    prompt_style: str = "mmniah"              # data.needles.PROMPT_STYLES: layout, tiles, new tokens
+    max_new_tokens: Optional[int] = None      # None: the style's budget per task kind
+    max_tiles_per_image: Optional[int] = None  # None: the style's (MM-NIAH: one 448 px tile per image)
     out_dir: Optional[Path] = None            # heat map and results.json (rank 0)
     title: str = ""
     model_name: str = "model"                 # the {model} of the MM-NIAH result files' names
@@ -68,17 +70,30 @@ class EvalSettings:
         for d in self.deltas:
             if d != "auto" and not (isinstance(d, float) and 0.0 < d <= 1.0):
                 raise ValueError(f"delta {d!r} must be in (0, 1] or 'auto'")
-        if self.max_new_tokens < 1:
-            raise ValueError(f"--max-new-tokens {self.max_new_tokens} must be >= 1")
+        if self.prompt_style not in PROMPT_STYLES:
+            raise ValueError(f"--prompt-style {self.prompt_style!r} is not one of {', '.join(PROMPT_STYLES)}")
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise ValueError(f"--max-new-tokens {self.max_new_tokens} must be >= 1 (default: the prompt style's "
+                             f"budget per task)")
+        if self.max_tiles_per_image is None:
+            self.max_tiles_per_image = self.style.max_tiles
         if self.max_tiles_per_image < 1:
             raise ValueError(f"--max-tiles-per-image {self.max_tiles_per_image} must be >= 1 "
-                             f"(1, the default, is MM-NIAH's one 448 px tile per image)")
+                             f"(default: the prompt style's; MM-NIAH's is one 448 px tile per image)")
         if self.trained_positions < 1:
             raise ValueError(f"--trained-positions {self.trained_positions} must be >= 1")
         if self.lengths is not None and (not self.lengths or min(self.lengths) < 1):
             raise ValueError(f"--lengths {self.lengths} must be token counts >= 1")
         if self.depths is not None and (not self.depths or not all(0.0 <= d <= 1.0 for d in self.depths)):
             raise ValueError(f"--depths {self.depths} must lie in [0, 1]")
+
+    @property
+    def style(self) -> PromptStyle:
+        return PROMPT_STYLES[self.prompt_style]
+
+    def new_tokens(self, task: str) -> int:
+        """The greedy budget of a sample of ``task``: --max-new-tokens, else the style's."""
+        return self.max_new_tokens if self.max_new_tokens is not None else self.style.new_tokens(task)
 
 
 @dataclass
@@ -104,11 +119,13 @@ class Backend(Protocol):
 # Preparing samples
 # ---------------------------------------------------------------------------------------------
 def prepare_sample(s: NeedleSample, tok, tiler, *, image_size: int, num_image_token: int, max_tiles: int,
-                   use_thumbnail: bool, template: str = "internlm2-chat", system_prompt: str = "") -> Prepared:
+                   use_thumbnail: bool, chat=None, style: str = "mmniah") -> Prepared:
+    """``chat``: the recipe's ``data.chat.chat_format`` (default: internlm2-chat with InternVL's
+    system message); ``style``: the user turn's layout (``data.needles.PROMPT_STYLES``)."""
     from v2pe_megatron.data.chat import tokenize_sample
     from v2pe_megatron.data.tiling import choose_grid, image_size_of, tiles_for
 
-    text, names = prompt_of(s)
+    text, names = prompt_of(s, style)
     if names and s.load_image is None:
         raise ValueError(f"sample {s.id} has images but no way to load them")
     encoded = [s.load_image(n) for n in names]  # type: ignore[misc]
@@ -121,8 +138,7 @@ def prepare_sample(s: NeedleSample, tok, tiler, *, image_size: int, num_image_to
     pix = np.concatenate(arrs) if arrs else np.zeros((0, 3, image_size, image_size), np.float32)
     tk = tokenize_sample(tok, conversations=[{"from": "human", "value": text},
                                              {"from": "gpt", "value": answer_text(s)}],
-                         tiles_per_image=tiles, num_image_token=num_image_token, template=template,
-                         system_prompt=system_prompt)
+                         tiles_per_image=tiles, num_image_token=num_image_token, chat=chat)
     tgt = np.flatnonzero(tk.target)
     first, last = int(tgt[0]), int(tgt[-1])  # the last target closes the turn (<|im_end|> / </s>)
     if last == first:
@@ -219,7 +235,7 @@ def score(p: Prepared, d: Delta, backend: Backend, tok, settings: EvalSettings, 
         ref = list(p.answer) + [tok.im_end_id]
         prompt_pos = pos[: p.prompt.size]
         out: list[int] = []
-        for _ in range(settings.max_new_tokens):
+        for _ in range(settings.new_tokens(p.sample.task)):
             ids = np.concatenate([p.prompt, np.asarray(out, np.int64)])
             # Generated tokens are text: +1 each after the prompt's last (integral) position.
             gen_pos = prompt_pos[-1] + 1.0 + np.arange(len(out), dtype=np.float64)
@@ -397,7 +413,9 @@ def summarize(records: list[dict[str, Any]], settings: EvalSettings, lengths: Se
         rep.results_json = out / "results.json"
         rep.results_json.write_text(json.dumps({
             "lengths": rep.lengths, "depths": rep.depths, "deltas": deltas, "modes": rep.modes,
-            "trained_positions": settings.trained_positions,
+            "trained_positions": settings.trained_positions, "trained_positions_from": settings.trained_positions_from,
+            "prompt_style": settings.prompt_style, "max_tiles_per_image": settings.max_tiles_per_image,
+            "max_new_tokens": settings.max_new_tokens,
             "aggregations": [a.to_json() for a in rep.aggregates],
             "grid": {"name": AGGREGATIONS["grid"], "rule": "our token count (lengths) x the needles' depth (depths), "
                      "all tasks together; mean = sample-weighted over the grid's samples"},
@@ -506,7 +524,7 @@ class DeltaPlan:
 def plan_deltas(recipe, settings: EvalSettings, source: Source) -> list[DeltaPlan]:
     """``--delta auto`` without a model: tokens and tiles are counted (image headers only, nothing is
     decoded) and :func:`v2pe_megatron.v2pe.choose_inference_delta` applied per sample."""
-    from v2pe_megatron.data.chat import tokenize_sample
+    from v2pe_megatron.data.chat import chat_format, tokenize_sample
     from v2pe_megatron.data.loader import check_tokenizer
     from v2pe_megatron.data.tiling import choose_grid, image_size_of, tiles_for
     from v2pe_megatron.data.tokenizer import build_tokenizer
@@ -518,14 +536,13 @@ def plan_deltas(recipe, settings: EvalSettings, source: Source) -> list[DeltaPla
     samples, lengths, _ = load_samples(source, settings, tok, m.num_image_token)
     by: dict[int, list[tuple[float, int, list[int]]]] = {}
     for s in samples:
-        text, names = prompt_of(s)
+        text, names = prompt_of(s, settings.prompt_style)
         tiles = [tiles_for(choose_grid(*image_size_of(s.load_image(n)), min_num=1,  # type: ignore[misc]
                                        max_num=settings.max_tiles_per_image, image_size=m.vision.image_size),
                            d.use_thumbnail) for n in names]
         tk = tokenize_sample(tok, conversations=[{"from": "human", "value": text},
                                                  {"from": "gpt", "value": answer_text(s)}],
-                             tiles_per_image=tiles, num_image_token=m.num_image_token, template=d.template,
-                             system_prompt=d.system_prompt)
+                             tiles_per_image=tiles, num_image_token=m.num_image_token, chat=chat_format(d))
         visual = [t * m.num_image_token for t in tiles]
         nonvisual = int(np.count_nonzero(tk.ids != tok.img_context_id))
         if s.target_length is not None and int(s.target_length) in lengths:
@@ -565,6 +582,7 @@ def evaluate(recipe, settings: EvalSettings, source: Source, *, ckpt: Optional[s
     from megatron.core import parallel_state as ps
 
     from v2pe_megatron.config import RecipeError, validate
+    from v2pe_megatron.data.chat import chat_format
     from v2pe_megatron.data.loader import check_tokenizer
     from v2pe_megatron.data.tiling import make_tiler
     from v2pe_megatron.data.tokenizer import build_tokenizer
@@ -603,9 +621,10 @@ def evaluate(recipe, settings: EvalSettings, source: Source, *, ckpt: Optional[s
         dp_rank, dp = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
         # Only this replica's samples are tokenized and tiled.
         mine = samples[dp_rank::dp]
+        chat = chat_format(recipe.data)
         prepared = [prepare_sample(s, tok, tiler, image_size=m.vision.image_size, num_image_token=m.num_image_token,
                                    max_tiles=settings.max_tiles_per_image, use_thumbnail=recipe.data.use_thumbnail,
-                                   template=recipe.data.template, system_prompt=recipe.data.system_prompt)
+                                   chat=chat, style=settings.prompt_style)
                     for s in mine]
         prepared, dropped = assign_cells(prepared, lengths, depths)
         records = run_eval(prepared, settings, ModelBackend(model, layout), tok, pad_multiple=layout.seq_multiple,

@@ -6,6 +6,7 @@ checkpoints themselves and re-exports these names.
 Layout on disk::
 
     <dir>/iter_0000010/                one megatron dist_checkpointing (torch_dist) checkpoint
+    <dir>/iter_0000010/model.yaml      the recipe's model section and the sequence length it trained at
     <dir>/iter_0000010/manifest.json   relative path, size and sha256 of every other file in it
     <dir>/latest                       text file with the last *complete* iteration
 """
@@ -113,3 +114,19 @@ def weights_dir(path: str | os.PathLike) -> Path:
         raise ValueError(f"{p} is not a torch_dist checkpoint (no metadata.json): give an iter_* folder, a "
                          f"checkpoint folder with 'latest', or a weights folder as save_model_weights writes")
     return p
+
+
+def recorded_seq_length(path: str | os.PathLike) -> Optional[tuple[int, Path]]:
+    """(``data.seq_length``, the file) that the checkpoint ``path`` names (as :func:`weights_dir`
+    resolves it) records in its ``model.yaml``: the sequence length it was trained at, which
+    ``v2pe-train`` writes there. None when there is no such record (a ``v2pe-convert import-hf``
+    folder, a checkpoint of an older version, a path that is no checkpoint: its loader says why)."""
+    import yaml
+
+    try:
+        f = weights_dir(path) / "model.yaml"
+        doc = yaml.safe_load(f.read_text()) if f.is_file() else None
+    except (OSError, ValueError, CheckpointError, yaml.YAMLError):
+        return None
+    n = (doc.get("data") or {}).get("seq_length") if isinstance(doc, dict) else None
+    return (n, f) if isinstance(n, int) and not isinstance(n, bool) and n >= 1 else None

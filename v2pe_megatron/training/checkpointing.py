@@ -5,6 +5,7 @@ Layout on disk::
 
     <dir>/iter_0000010/                one megatron dist_checkpointing (torch_dist) checkpoint
     <dir>/iter_0000010/model.yaml      the recipe's model section (what check_model_matches names keys from)
+                                       and data.seq_length (the trained range v2pe-eval's delta rule keeps to)
     <dir>/iter_0000010/manifest.json   relative path, size and sha256 of every other file in it
     <dir>/latest                       text file with the last *complete* iteration
 
@@ -309,7 +310,8 @@ def _warn(msg: str) -> None:
 
 def save_checkpoint(ckpt_dir: str | os.PathLike, iteration: int, model: list[torch.nn.Module],
                     optimizer=None, extra: Optional[dict[str, Any]] = None, keep_last: int = 0,
-                    lineage: Optional[list[int]] = None, model_config=None) -> Path:
+                    lineage: Optional[list[int]] = None, model_config=None,
+                    seq_length: Optional[int] = None) -> Path:
     """Collective: every rank calls it. Returns the final directory.
 
     ``keep_last`` > 0 deletes older checkpoints of ``lineage`` (the iterations this run and the
@@ -321,7 +323,8 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, iteration: int, model: list[tor
     made whole first (``engine.sync_params``).
 
     ``model_config``: the recipe's model section, recorded as ``model.yaml`` in the checkpoint (what
-    :func:`check_model_matches` names keys from, and ``export-hf`` reads).
+    :func:`check_model_matches` names keys from, and ``export-hf`` reads), with ``seq_length``, the
+    recipe's ``data.seq_length``, as its ``data`` section (``v2pe-eval``'s default trained range).
 
     A save that fails (a full disk: torch's zip writer says ``unexpected pos``) removes its partial
     ``.tmp`` folder and raises a CheckpointError that names the cause and the sizes; the previous
@@ -351,7 +354,7 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, iteration: int, model: list[tor
         rng_state.restore(rng)  # a save draws nothing: a run that saves draws what one that does not would
         _barrier()
         if model_config is not None and _rank() == 0:
-            _write_model_yaml(tmp, model_config)
+            _write_model_yaml(tmp, model_config, seq_length)
         write_manifest(tmp)  # the last act of a save: a folder with a valid manifest is complete
     except BaseException as e:  # torch's CheckpointException is a BaseException
         err = _failed_save(e, ckpt_dir, tmp, needed)
@@ -377,14 +380,18 @@ def save_checkpoint(ckpt_dir: str | os.PathLike, iteration: int, model: list[tor
     return final
 
 
-def _write_model_yaml(folder: Path, mc) -> None:
-    """The recipe's model section, as ``v2pe-convert import-hf`` records it (a recipe file)."""
+def _write_model_yaml(folder: Path, mc, seq_length: Optional[int] = None) -> None:
+    """The recipe's model section, as ``v2pe-convert import-hf`` records it (a recipe file), and the
+    sequence length trained at (``checkpoint_files.recorded_seq_length`` reads it back)."""
     import yaml
 
     section = dataclasses.asdict(mc)
     section.pop("preset", None)  # resolved: the keys say it all
-    (folder / MODEL_YAML).write_text("# The model section this checkpoint was trained with (v2pe-train).\n"
-                                     + yaml.safe_dump({"model": section}, sort_keys=False))
+    doc: dict[str, Any] = {"model": section}
+    if seq_length is not None:
+        doc["data"] = {"seq_length": int(seq_length)}
+    (folder / MODEL_YAML).write_text("# The model section this checkpoint was trained with and its data.seq_length "
+                                     "(v2pe-train).\n" + yaml.safe_dump(doc, sort_keys=False))
 
 
 def _state_bytes(state: dict) -> int:

@@ -319,7 +319,8 @@ def _save(recipe, step, ddp, optimizer, scheduler, loader, tracker, lineage: lis
     extra = {"loader": states, "scheduler": scheduler.state_dict(), "mlflow_run_id": run_id[0],
              "lineage": list(lineage)}
     path = ckpt.save_checkpoint(recipe.checkpoint.dir, step, ddp, optimizer, extra=extra,
-                                keep_last=recipe.checkpoint.keep_last, lineage=lineage, model_config=recipe.model)
+                                keep_last=recipe.checkpoint.keep_last, lineage=lineage, model_config=recipe.model,
+                                seq_length=recipe.data.seq_length)
     if dist.get_rank() == 0:
         log.info("saved checkpoint %s at step %d (%.1f s)", path, step, time.time() - t)
     return step
