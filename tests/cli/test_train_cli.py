@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -88,12 +89,12 @@ def _lrs(out: str) -> dict[int, float]:
 
 
 @pytest.mark.slow
-def test_extending_a_finished_run_follows_the_recipes_schedule(tmp_path):
+def test_extending_a_finished_run_follows_the_recipes_schedule(uninterrupted, tmp_path):
     # A finished 4-step run ends at lr 0 (cosine to min_lr 0); raising train.steps must not train the
     # new steps at that final lr: the schedule is the recipe's, over 8 steps, and the change is said.
-    first = _train(tmp_path, "train.steps=4", "tracking.backend=none")
-    assert first.returncode == 0, first.stderr[-3000:]
+    full, first = uninterrupted  # the finished 4-step run, continued here from a copy of its checkpoints
     assert _lrs(first.stdout + first.stderr)[4] == 0.0
+    shutil.copytree(full / "ckpt", tmp_path / "ckpt")
     more = _train(tmp_path, "train.steps=8", "tracking.backend=none")
     out = more.stdout + more.stderr
     assert more.returncode == 0, out[-3000:]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import time
 
 import pytest
@@ -139,6 +140,28 @@ def test_harness_shows_failing_rank_traceback():
 def test_harness_times_out():
     with pytest.raises(DistributedTestError, match="timed out"):
         run_distributed(_sleep_forever, 1, timeout=5)
+
+
+def _speak(word: str) -> str | None:
+    import torch.distributed as dist
+
+    if word:
+        print(f"rank {dist.get_rank()} says {word}", flush=True)
+        print(f"rank {dist.get_rank()} warns {word}", file=sys.stderr, flush=True)
+    return os.environ.get("V2PE_TEST_CALLER_VAR")
+
+
+@pytest.mark.slow
+def test_ranks_get_the_callers_environment_and_stdout_at_start(capfd, monkeypatch):
+    """As spawned ranks do, also when forked from a fork server started earlier: the server may
+    predate the variable, and its stdout/stderr are those of whatever started it."""
+    with capfd.disabled():  # the first group may start the server, outside this test's capture
+        assert run_distributed(_speak, 1, "") == [None]
+    monkeypatch.setenv("V2PE_TEST_CALLER_VAR", "set after the server started")
+    assert run_distributed(_speak, 2, "hello") == ["set after the server started"] * 2
+    out, err = capfd.readouterr()
+    assert "rank 0 says hello" in out and "rank 1 says hello" in out, (out, err)
+    assert "rank 1 warns hello" in err
 
 
 @pytest.mark.gpu

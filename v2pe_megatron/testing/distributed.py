@@ -1,21 +1,36 @@
-"""Run a function on N gloo ranks in spawned processes and collect each rank's result.
+"""Run a function on N gloo ranks in fresh processes and collect each rank's result.
 
 Used by the tests ("layout X gives the same logits and gradients as 1 rank") and by benchmarks.
-Each rank is a fresh interpreter (``spawn``), so megatron-core's global parallel state never leaks
-between layouts. The failing rank's traceback is re-raised in the parent; a hung collective ends at
-the timeout with every rank killed, instead of hanging the test session.
+Each rank is a fresh process that never ran anything of an earlier group, so megatron-core's global
+parallel state never leaks between layouts. The failing rank's traceback is re-raised in the parent;
+a hung collective ends at the timeout with every rank killed, instead of hanging the test session.
+
+Where there is no CUDA, ranks are forked from a ``forkserver`` that has imported torch and
+megatron-core once (:data:`PRELOAD`) and done nothing else: a rank starts in a fraction of a second
+instead of re-importing them (~4-5 s of CPU per rank, which was most of a small parity test's time
+on a 2-core machine). Every rank imports megatron-core before it can run anything, so a preloaded one
+is the module a spawned rank would have imported; the rank gets the caller's current environment and
+stdout/stderr, as a spawned one does. With CUDA, ranks are ``spawn``-ed as before (a fork after a
+library touched CUDA cannot use CUDA).
 """
 
 from __future__ import annotations
 
 import os
 import pickle
+import sys
 import time
 import traceback
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch.multiprocessing as mp
+
+# Imported once into the fork server (where there is no CUDA). Only modules every rank imports before
+# it runs anything (the harness imports torch, fake_te imports megatron-core before installing itself),
+# so a forked rank holds exactly the modules a spawned one would; read-at-import environment variables
+# are the server's (none of this project's tests set one that torch or megatron-core reads at import).
+PRELOAD = ("torch", "torch.distributed", "numpy", "megatron.core")
 
 
 class DistributedTestError(AssertionError):
@@ -29,8 +44,41 @@ class _Outcome:
     payload: Any  # result (ok) or formatted traceback
 
 
+class _CallerStdio:
+    """The caller's stdout and stderr as they are when the ranks start (e.g. pytest's capture file of
+    the running test), handed to a rank as file descriptors: a forked rank would otherwise write to
+    the fork server's, those of whatever test started the server."""
+
+    def __reduce__(self):
+        from multiprocessing import reduction
+
+        for s in (sys.stdout, sys.stderr):
+            s.flush()
+        return _use_stdio, (reduction.DupFd(1), reduction.DupFd(2))
+
+
+def _use_stdio(out, err) -> None:
+    os.dup2(out.detach(), 1)
+    os.dup2(err.detach(), 2)
+
+
+def _context():
+    """``forkserver`` with :data:`PRELOAD` where there is no CUDA, else ``spawn``."""
+    import torch
+
+    if torch.cuda.is_available() or "forkserver" not in mp.get_all_start_methods():
+        return mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(list(PRELOAD))  # takes effect when the server starts (first use)
+    return ctx
+
+
 def _worker(rank: int, world_size: int, fn: Callable, args: tuple, kwargs: dict,
-            queue, threads: int, env: dict[str, str]) -> None:
+            queue, threads: int, env: dict[str, str], stdio: object = None) -> None:
+    # stdio: a _CallerStdio, already applied while this process unpickled its arguments
+    # The caller's whole environment, as a spawned process inherits it (a forked one would have the
+    # fork server's, as it was when the server started).
+    os.environ.clear()
     os.environ.update(env)
     import torch
 
@@ -76,10 +124,11 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 
                                    "so that `-m 'not slow'` stays the quick loop")
     store = host_store(world_size)
     # Non-daemonic: megatron's checkpoint writer starts helper processes of its own.
-    ctx = mp.get_context("spawn")
+    ctx = _context()
     queue = ctx.Queue()
     procs = [ctx.Process(target=_worker, args=(r, world_size, fn, args, kwargs, queue, threads_per_rank,
-                                                {**(env or {}), **rank_env(store, r, world_size)}), daemon=False)
+                                                {**os.environ, **(env or {}), **rank_env(store, r, world_size)},
+                                                _CallerStdio()), daemon=False)
              for r in range(world_size)]
     for p in procs:
         p.start()
