@@ -108,6 +108,12 @@ def test_reader_errors_name_the_line(tmp_path):
     p.write_text('{"context": "c <image>", "question": "q", "answer": "a", "images_list": []}\n')
     with pytest.raises(ValueError, match="1 <image> placeholder"):
         prompt_of(read_mmniah(p)[0])
+    # an answer of no MM-NIAH form is refused when the file is read, not when its response is scored
+    for bad in ("1.5", "true", "null", '{"a": 1}'):
+        p.write_text('{"context": "c", "question": "q", "answer": "a"}\n'
+                     '{"context": "c", "question": "q", "answer": %s}\n' % bad)
+        with pytest.raises(ValueError, match=r"x.jsonl:2: answer .* is not an MM-NIAH answer"):
+            read_mmniah(p)
 
 
 def test_bad_arguments():

@@ -135,10 +135,20 @@ def prompt_of(s: NeedleSample, style: str | PromptStyle = "mmniah") -> tuple[str
     return text, images
 
 
+def check_answer(answer: Any) -> None:
+    """Refuse an answer of no MM-NIAH form, so that a data set can be checked before a run. The
+    official code would score a float or null answer 0 by crashing and ``true`` as option 1."""
+    if isinstance(answer, bool) or not isinstance(answer, (int, list, str)):
+        raise ValueError(f"answer {answer!r}: a {type(answer).__name__} is not an MM-NIAH answer "
+                         f"(an int option index, a list of counts or a str)")
+
+
 def answer_text(s: NeedleSample) -> str:
     """What a perfect model answers: the option letter, the JSON list, or the word."""
-    if isinstance(s.answer, bool):
-        raise ValueError(f"sample {s.id}: a boolean answer is not an MM-NIAH answer")
+    try:
+        check_answer(s.answer)
+    except ValueError as e:
+        raise ValueError(f"sample {s.id}: {e}") from None
     if isinstance(s.answer, int):
         return chr(ord("A") + s.answer)
     if isinstance(s.answer, list):
@@ -245,6 +255,10 @@ def read_mmniah(path: str | Path, image_root: str | Path | None = None, task: Op
             if t not in TASKS:
                 raise ValueError(f"{p}:{lineno}: task {t!r} is not one of {TASKS}")
             answer = obj["answer"]
+            try:  # here, not mid-run: the scorer would meet it only after hours of generation
+                check_answer(answer)
+            except ValueError as e:
+                raise ValueError(f"{p}:{lineno}: {e}") from None
             as_list = _list_answer(answer)
             if as_list is not None:
                 answer = as_list

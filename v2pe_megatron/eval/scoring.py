@@ -23,6 +23,8 @@ import json
 import re
 from typing import Any
 
+from v2pe_megatron.data.needles import check_answer
+
 # ---------------------------------------------------------------------------------------------
 # VQAEval's normalization (the VQA challenge's answer processing, as MM-NIAH ships it)
 # ---------------------------------------------------------------------------------------------
@@ -147,14 +149,6 @@ def _score_counting(answer: list, response: str) -> float:
     # Soft accuracy: entries equal at the same index over the answer's length; extra entries are
     # ignored. Python equality decides: 3.0 == 3 and true == 1 count, "3" == 3 does not.
     return sum(g == a for g, a in zip(got, answer)) / len(answer)
-
-
-def check_answer(answer: Any) -> None:
-    """Refuse an answer of no MM-NIAH form, so that a data set can be checked before a run. The
-    official code would score a float or null answer 0 by crashing and ``true`` as option 1."""
-    if isinstance(answer, bool) or not isinstance(answer, (int, list, str)):
-        raise ValueError(f"answer {answer!r}: a {type(answer).__name__} is not an MM-NIAH answer "
-                         f"(an int option index, a list of counts or a str)")
 
 
 def score_response(answer: Any, response: str) -> float:
