@@ -484,7 +484,7 @@ def _recv(conn, alive, what: str, timeout: float = 3600.0):
     deadline = time.monotonic() + timeout
     while not conn.poll(1.0):
         if not alive():
-            raise RuntimeError(f"{what} ended without answering (see its traceback above)")
+            raise RuntimeError(f"{what} ended without answering")
         if time.monotonic() > deadline:
             raise RuntimeError(f"{what} did not answer within {timeout:.0f} s")
     return conn.recv()
@@ -561,6 +561,11 @@ def compare(overrides: list[str], *, pairs: int, subsamples: int, tiles: int, th
             if profile:
                 res["profile"] = {"ours": ours(("profile", warmup + pairs)),
                                   "theirs": theirs(("profile", warmup + pairs))}
+        except RuntimeError:
+            th.join(timeout=10)
+            if "error" in done:  # our side's own traceback (run_distributed's), not just "it ended"
+                raise done["error"] from None
+            raise
         finally:
             for conn in (o_here, t_here):  # ends both sides' loops, on success or not
                 try:
@@ -713,11 +718,11 @@ def main(argv: list[str] | None = None) -> int:
     if plan_gib is not None and not (args.gpu or args.preset):
         raise SystemExit("--plan-gib needs --gpu or --preset: v2pe-plan plans a preset's shapes")
     if with_hf and args.nproc != 1:
-        raise SystemExit("--nproc: the comparison with transformers runs one rank per side; use --no-hf for more")
+        ap.error("--nproc: the comparison with transformers runs one rank per side; use --no-hf for more ranks")
     if with_hf and args.pairs < 3:
-        raise SystemExit("--pairs: a ratio needs at least 3 interleaved pairs (median and spread)")
+        ap.error(f"--pairs {args.pairs}: a ratio needs at least 3 interleaved pairs (median and spread)")
     if args.profile and not with_hf:
-        raise SystemExit("--profile profiles the comparison with transformers: drop --no-hf/--gpu/--plan-gib")
+        ap.error("--profile profiles the comparison with transformers: drop --no-hf/--gpu/--plan-gib")
     git = os.popen(f"git -C {Path(__file__).resolve().parents[1]} rev-parse --short HEAD 2>/dev/null").read().strip()
     print(f"# {time.strftime('%Y-%m-%d %H:%M %Z')}  commit {git or '?'}  torch {torch.__version__}  "
           f"threads {args.threads}  cores {os.cpu_count()}  load average {_loads():.2f}  {' '.join(args.overrides)}",
