@@ -325,14 +325,16 @@ def own_cpu_s() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def load_verdict(load_before: float, load_after: float, others_cores: float, cores: int, threads: int
-                 ) -> str | None:
+def load_verdict(load_before: float, load_after: float, others_cores: float, cores: int, threads: int,
+                 ran_before: bool = False) -> str | None:
     """None when the machine was quiet enough for a result, else why not. The 1-minute load
-    average after the run includes the benchmark's own ``threads``; ``others_cores``: CPU other
+    average after the run includes the benchmark's own ``threads``, and so does the one before
+    when this process ran a comparison just before (``ran_before``); ``others_cores``: CPU other
     processes used during the measured steps, in cores."""
     why = []
-    if load_before > cores:
-        why.append(f"load average {load_before:.2f} before > {cores} cores")
+    own = threads if ran_before else 0
+    if load_before - own > cores:
+        why.append(f"load average {load_before:.2f} before{f', less our {own} threads,' if own else ''} > {cores} cores")
     if load_after - threads > cores:
         why.append(f"load average {load_after:.2f} after, less our {threads} threads, > {cores} cores")
     if others_cores > OTHERS_MAX * cores:
@@ -582,7 +584,8 @@ def compare(overrides: list[str], *, pairs: int, subsamples: int, tiles: int, th
     return res
 
 
-def summarize(res: dict, *, cores: int, threads: int, load_before: float, load_after: float) -> dict:
+def summarize(res: dict, *, cores: int, threads: int, load_before: float, load_after: float,
+              ran_before: bool = False) -> dict:
     """Per-pair ratios (ours' tokens/s over transformers', i.e. their step time over ours), their
     median and spread, peaks, and whether the machine was quiet enough for a result."""
     w = res["warmup"]
@@ -597,7 +600,7 @@ def summarize(res: dict, *, cores: int, threads: int, load_before: float, load_a
             "t_ours": statistics.median(a["dt"] for a in o), "t_theirs": statistics.median(b["dt"] for b in t),
             "peak_ours": max(a["peak_mib"] for a in res["ours"]), "peak_theirs": max(b["peak_mib"] for b in res["theirs"]),
             "others_cores": others,
-            "verdict": load_verdict(load_before, load_after, others, cores, threads)}
+            "verdict": load_verdict(load_before, load_after, others, cores, threads, ran_before)}
 
 
 def _line(name: str, tokens: int, times: list[float], flops: float | None, world: int, peak=None) -> str:
@@ -633,7 +636,7 @@ def _loads() -> float:
 
 
 def run_comparison(overrides: list[str], *, seq: int, tiles: int, subsamples: int, pairs: int, threads: int,
-                   profile: bool = False, perturb: str | None = None) -> dict:
+                   profile: bool = False, perturb: str | None = None, ran_before: bool = False) -> dict:
     """One comparison, printed: per-pair times and ratios, the step-1 losses, each side's resident
     peak, the load, and a ``result:`` line, or ``under load, not a result:`` when the machine was busy."""
     cores = os.cpu_count() or 1
@@ -641,7 +644,7 @@ def run_comparison(overrides: list[str], *, seq: int, tiles: int, subsamples: in
     res = compare(overrides, pairs=pairs, subsamples=subsamples, tiles=tiles, threads=threads, profile=profile,
                   perturb=perturb)
     after = _loads()
-    s = summarize(res, cores=cores, threads=threads, load_before=before, load_after=after)
+    s = summarize(res, cores=cores, threads=threads, load_before=before, load_after=after, ran_before=ran_before)
     ro, rt_ = res["ready"]["ours"], res["ready"]["theirs"]
     w = res["warmup"]
     flops = statistics.median(a["flops"] for a in res["ours"][w:])
@@ -736,11 +739,13 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"# transformers {transformers.__version__}; interleaved: ours, transformers, ours, ... "
               f"(1 warm-up pair, then {args.pairs} measured pairs)", flush=True)
+        ran = False
         for run in runs:
             for n in args.subsamples:
                 try:
                     run_comparison(run["overrides"], seq=run["seq"], tiles=args.tiles, subsamples=n,
-                                   pairs=args.pairs, threads=args.threads, profile=args.profile)
+                                   pairs=args.pairs, threads=args.threads, profile=args.profile, ran_before=ran)
+                    ran = True
                 except LossMismatch as e:
                     print(f"error: {e}", file=sys.stderr, flush=True)
                     return 1

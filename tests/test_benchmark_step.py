@@ -109,6 +109,9 @@ def test_a_busy_machine_gives_no_result():
     assert "before > 2 cores" in bench.load_verdict(3.2, 2.1, 0.05, cores=2, threads=2)
     assert "after" in bench.load_verdict(0.3, 4.5, 0.05, cores=2, threads=2)
     assert "other processes used 1.00 cores" in bench.load_verdict(0.3, 2.1, 1.0, cores=2, threads=2)
+    # right after a comparison of its own, the load before holds our threads too
+    assert bench.load_verdict(3.3, 2.1, 0.02, cores=2, threads=2, ran_before=True) is None
+    assert "less our 2 threads" in bench.load_verdict(4.5, 2.1, 0.02, cores=2, threads=2, ran_before=True)
 
 
 def test_block_causal_mask_is_causal_inside_sub_samples_only():
