@@ -563,10 +563,9 @@ def compare(overrides: list[str], *, pairs: int, subsamples: int, tiles: int, th
             if profile:
                 res["profile"] = {"ours": ours(("profile", warmup + pairs)),
                                   "theirs": theirs(("profile", warmup + pairs))}
-        except RuntimeError:
-            th.join(timeout=10)
-            if "error" in done:  # our side's own traceback (run_distributed's), not just "it ended"
-                raise done["error"] from None
+        except RuntimeError as e:
+            if not isinstance(e, LossMismatch) and not th.is_alive() and "error" in done:
+                raise done["error"] from None  # our side's own traceback (run_distributed's)
             raise
         finally:
             for conn in (o_here, t_here):  # ends both sides' loops, on success or not
