@@ -153,6 +153,9 @@ class LanguageModel(LanguageModule):
         if not self.post_process:
             return hidden
         weight = self.embedding.word_embeddings.weight if self.share_embeddings_and_output_weights else None
+        rows = getattr(packed_seq_params, "loss_rows", None)
+        if labels is not None and rows is not None and rows.numel() and not self.config.sequence_parallel:
+            return self.trained_rows_loss(hidden, labels, weight, rows)
         if labels is not None and self.loss_chunk_tokens:
             return self.chunked_loss(hidden, labels, weight)
         logits, _ = self.output_layer(hidden, weight=weight)
@@ -170,6 +173,23 @@ class LanguageModel(LanguageModule):
         base = {f.name: getattr(packed_seq_params, f.name) for f in dataclasses.fields(PackedSeqParams)} \
             if packed_seq_params is not None else {"qkv_format": "sbhd"}
         return PackParams(**base, rotary=rotary)
+
+    def trained_rows_loss(self, hidden: Tensor, labels: Tensor, weight: Optional[Tensor], rows: Tensor) -> Tensor:
+        """Per-token loss [b, s] with the output layer and cross entropy run on the trained ``rows``
+        only (``PackParams.loss_rows``); the other tokens' loss is 0. The loss function multiplies
+        those by a zero mask anyway, so the loss and every gradient are those of the full
+        computation, without the [s, b, vocab/tp] logits of image and prompt tokens (most of a
+        multimodal pack). Not under sequence parallelism: there the output layer gathers the
+        sequence over TP, whose ranks hold different shards."""
+        s, b = hidden.shape[:2]
+        picked = hidden.reshape(s * b, 1, -1).index_select(0, rows)
+        target = labels.t().reshape(1, s * b).index_select(1, rows)
+        if self.loss_chunk_tokens:
+            loss = self.chunked_loss(picked, target, weight)
+        else:
+            loss = self._chunk_loss(picked, target, weight)
+        full = loss.new_zeros(s * b).index_copy(0, rows, loss.reshape(-1))
+        return full.reshape(s, b).t().contiguous()
 
     def _chunk_loss(self, hidden: Tensor, labels: Tensor, weight: Optional[Tensor]) -> Tensor:
         logits, _ = self.output_layer(hidden, weight=weight)

@@ -95,9 +95,13 @@ class MicroBatch:
         pv = self.pixel_values
         pv = move(pv, dtype) if pv is not None and pv.numel() else None
         idx, plan = self.image_feature_index, self.image_exchange
+        psp = self.packed_seq_params
+        if getattr(psp, "loss_rows", None) is not None and psp.loss_rows.device != device:
+            psp = dataclasses.replace(psp, loss_rows=move(psp.loss_rows), memo=psp.memo)
         return self.replace(**{k: move(getattr(self, k)) for k in self.token_fields()}, pixel_values=pv,
                             image_feature_index=move(idx) if idx is not None else None,
-                            image_exchange=plan.to(device) if plan is not None else None)
+                            image_exchange=plan.to(device) if plan is not None else None,
+                            packed_seq_params=psp)
 
     def pin_memory(self) -> "MicroBatch":
         """The host tensors in page-locked memory (needs CUDA), so that :meth:`to` copies them to the

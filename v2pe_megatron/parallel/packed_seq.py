@@ -63,6 +63,10 @@ class PackParams(PackedSeqParams):
     host_cu_seqlens: Optional[tuple[tuple[int, ...], ...]] = None
     host_cu_seqlens_padded: Optional[tuple[tuple[int, ...], ...]] = None
     rotary: Optional[tuple[Tensor, Tensor]] = None
+    # int64 indices into the rank's [s_local * b] tokens (s-major, the hidden states' order) whose
+    # loss is trained (loss_mask != 0), taken on the host by the split: the output layer and the
+    # cross entropy run on these rows only (model.language). None: every row.
+    loss_rows: Optional[Tensor] = None
     # Derived per-layout facts attention computes once per micro-batch instead of once per layer.
     memo: dict = field(default_factory=dict, compare=False, repr=False)
 
@@ -207,7 +211,15 @@ def split_batch_for_cp(batch: MicroBatch, *, cp_size: int, cp_rank: int, qkv_for
         sliced.update(_image_share(batch, rows, cp_size, cp_rank, img_context_id))
     if img_context_id is not None:
         sliced["num_image_tokens"] = int((sliced["tokens"] == img_context_id).sum())
+    psp.loss_rows = loss_rows(sliced["loss_mask"])
     return batch.replace(**sliced, packed_seq_params=psp)
+
+
+def loss_rows(loss_mask: Tensor) -> Tensor:
+    """The trained tokens of a [b, s] loss mask as indices into the s-major [s * b] order of the
+    model's hidden states, on the mask's device (the split runs on the host, so the model never
+    reads a count back from the GPU)."""
+    return torch.nonzero(loss_mask.t().reshape(-1), as_tuple=True)[0]
 
 
 def _image_share(batch: MicroBatch, rows: list[list[int]], cp_size: int, cp_rank: int,
