@@ -155,11 +155,13 @@ def make_training_data(recipe, out: Path, args: argparse.Namespace) -> dict[str,
 def collect(results_json: Path) -> dict[str, Any]:
     """Per length, per delta (and per task): accuracy and mean log-prob of v2pe-eval's teacher-forced
     records (and the generation verdicts where they exist)."""
-    recs = json.loads(results_json.read_text())["records"]
-    out: dict[str, Any] = {}
+    written = json.loads(results_json.read_text())
+    recs = written["records"]
+    # lengths ascending, deltas in the order asked (v2pe-eval sorts its records by id and delta label)
+    out: dict[str, Any] = {str(n): {d: {"records": []} for d in written["deltas"]} for n in sorted(written["lengths"])}
     for r in recs:
-        cell = out.setdefault(str(r["length"]), {}).setdefault(r["delta"], {"records": []})
-        cell["records"].append(r)
+        out[str(r["length"])][r["delta"]]["records"].append(r)
+    out = {n: {d: c for d, c in by.items() if c["records"]} for n, by in out.items()}
     for by_delta in out.values():
         for cell in by_delta.values():
             rs = cell.pop("records")
