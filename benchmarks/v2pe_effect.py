@@ -57,7 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", nargs="+", choices=TASKS, default=["retrieval-text", "retrieval-image"])
     p.add_argument("--image-fraction", type=float, default=0.75,
                    help="share of each context (training and evaluation) that is images")
-    p.add_argument("--train-samples", type=int, default=2000, help="training samples to generate (at least)")
+    p.add_argument("--train-samples", type=int, default=4000, help="training samples to generate (at least)")
     p.add_argument("--samples-per-cell", type=int, default=2, help="evaluation samples per task, length and depth")
     p.add_argument("--mode", choices=("teacher-forced", "both"), default="teacher-forced",
                    help="v2pe-eval --mode (both: greedy generation too, one forward per new token)")
