@@ -144,8 +144,9 @@ def make_training_data(recipe, out: Path, args: argparse.Namespace) -> dict[str,
         top -= over + 4
     too_long = sum(n > limit or t > recipe.data.max_tiles_per_pack for n, t in sizes)
     if too_long:
-        raise SystemExit(f"v2pe_effect: {too_long} of {len(recs)} training samples exceed data.seq_length={seq} or "
-                         f"data.max_tiles_per_pack={recipe.data.max_tiles_per_pack}; lower --image-fraction or raise them")
+        raise SystemExit(f"v2pe_effect: {too_long} of {len(recs)} training samples exceed data.seq_length={seq} "
+                         f"or data.max_tiles_per_pack={recipe.data.max_tiles_per_pack}; lower --image-fraction "
+                         f"or raise them")
     meta = write_synthetic(out, len(recs), records=(recs, images))
     return {"meta": str(meta), "samples": len(recs), "context_lengths": lengths, "depths": depths,
             "longest_context": max(lengths), "longest_sample_tokens": max(n for n, _ in sizes),

@@ -439,7 +439,8 @@ def _task_sample(w: _Writer, task: str, target: int, depth: float, qid: int,
         answer = _CIRCLE_COLORS.index(color)
     elif task == "counting-image":
         counts = [int(x) for x in rng.integers(1, 6, size=int(rng.integers(2, 4)))]
-        needles = [(d, "", w.new_image(draw_dots(rng, w.side, n, v.dot_color))) for d, n in zip(spread(len(counts)), counts)]
+        needles = [(d, "", w.new_image(draw_dots(rng, w.side, n, v.dot_color)))
+                   for d, n in zip(spread(len(counts)), counts)]
         question = (f"Some images show {v.dot_color} dots. How many {v.dot_color} dots does each of them show, "
                     f"in order? "
                     "Answer with a list of numbers.")
