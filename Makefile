@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 RECIPE ?= recipes/tiny_cpu.yaml
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench effect clean
 
 setup: $(STAMP)
 
@@ -31,6 +31,12 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/v2pe_positions.py
+
+# The V2PE effect experiment (docs/v2pe.md): trains both effect recipes and evaluates them to 16L.
+# About an hour on 2 CPU cores; not part of `make test`. SEED=1 for the second seed.
+SEED ?= 0
+effect: $(STAMP)
+	$(PY) benchmarks/v2pe_effect.py --seed $(SEED) --out runs/effect/seed$(SEED)
 
 clean:
 	rm -rf $(VENV) runs mlruns mlflow.db .pytest_cache

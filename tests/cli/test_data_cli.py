@@ -89,3 +89,22 @@ def test_inspect_lists_every_skip_in_a_skips_file(tmp_path, capsys):
     assert out_file.read_bytes() == before
     assert main([*args[:5], str(tmp_path / "no/such/dir/s.jsonl"), *TINY]) == 2
     assert "cannot create it" in capsys.readouterr().err
+
+
+def test_synth_needles_train_split_is_read_by_the_loader(tmp_path, capsys):
+    """--split train writes InternVL-format samples the training loader reads whole (the lengths
+    fit the tiny recipe's 256-token packs), and refuses to write over an existing data set."""
+    out = tmp_path / "train"
+    args = ["synth", str(out), "--needles", "--split", "train", "--lengths", "120", "--depths", "0", "1",
+            "--tasks", "retrieval-text", "retrieval-image", "--image-tokens", "4", "--image-fraction", "0.6"]
+    assert main(args) == 0
+    recs = [json.loads(x) for x in (out / "data.jsonl").read_text().splitlines()]
+    assert len(recs) == 4 and all(r["conversations"][1]["from"] == "gpt" for r in recs)
+    capsys.readouterr()
+    assert main(["inspect", "--meta", str(out / "meta.json"), "--no-progress", *TINY,
+                 "data.max_dynamic_patch=1"]) == 0
+    c = _counts(capsys.readouterr().out)
+    assert c["samples read"] == c["samples used"] == 4
+    before = (out / "data.jsonl").read_bytes()
+    assert main(args) == 2
+    assert "meta.json exists" in capsys.readouterr().err and (out / "data.jsonl").read_bytes() == before

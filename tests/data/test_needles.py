@@ -177,3 +177,60 @@ def test_the_task_and_answer_form_come_from_the_line(tmp_path):
     f.write_text(json.dumps({**line, "meta": {**line["meta"], "placed_depth": 1.5}}) + "\n")
     with pytest.raises(ValueError, match="placed_depth 1.5 must lie in"):
         read_mmniah(f)
+
+
+# ---------------------------------------------------------------------------------------------
+# The training split (v2pe-data synth --needles --split train): disjoint from every eval set
+# ---------------------------------------------------------------------------------------------
+def _needle_content(samples, images):
+    """What an evaluation sample could leak into training: needle sentences, needle image pixels,
+    (question, answer) pairs and the text options. (The option images of reasoning-image, plain
+    squares of the four colours, are the legend both splits share, like the colour words.)"""
+    texts = {n for s in samples for n in s.needles if not n.endswith(".png")}
+    pixels = {images[n] for s in samples for n in s.needles if n.endswith(".png")}
+    qa = {(s.question, json.dumps(s.answer)) for s in samples}
+    options = {c for s in samples for c in (s.choices or [])}
+    return texts, pixels, qa, options
+
+
+def test_training_split_shares_no_needle_with_any_eval_set():
+    from v2pe_megatron.data.needles import SPLITS
+
+    tok = tiny_tokenizer()
+    ev, tr = SPLITS["eval"], SPLITS["train"]
+    assert not set(ev.objects) & set(tr.objects) and not set(ev.names) & set(tr.names)
+    assert (ev.counter, ev.things, ev.needle_shape, ev.dot_color) != (tr.counter, tr.things, tr.needle_shape,
+                                                                    tr.dot_color)
+    for seed in (0, 1, 2):  # the same seed number in both splits: unrelated streams, disjoint needles
+        e = _needle_content(*synth_needles([120, 300], [0.0, 0.5, 1.0], count_tokens=_count(tok), image_tokens=4,
+                                           seed=seed, samples_per_cell=2))
+        t = _needle_content(*synth_needles([120, 300], [0.0, 0.5, 1.0], count_tokens=_count(tok), image_tokens=4,
+                                           seed=seed, samples_per_cell=2, split="train"))
+        assert all(e_part and t_part for e_part, t_part in zip(e, t))  # every kind of content was generated
+        for what, e_part, t_part in zip(("needle texts", "needle images", "questions+answers", "options"), e, t):
+            assert not e_part & t_part, f"seed {seed}: {what} shared by the eval and train splits"
+
+
+def test_eval_split_is_unchanged_by_the_split_argument():
+    tok = tiny_tokenizer()
+    a, ia = synth_needles([150], [0.5], count_tokens=_count(tok), image_tokens=4, seed=5)
+    b, ib = synth_needles([150], [0.5], count_tokens=_count(tok), image_tokens=4, seed=5, split="eval")
+    assert [(s.context, s.answer) for s in a] == [(s.context, s.answer) for s in b] and ia == ib
+    assert a[0].needles == ["The hidden object in this document is a " + a[0].answer + "."]
+    with pytest.raises(ValueError, match="split"):
+        synth_needles([150], [0.5], split="test")
+
+
+def test_training_records_train_the_answer_only():
+    from v2pe_megatron.data.chat import tokenize_sample
+    from v2pe_megatron.data.needles import training_records
+
+    tok = tiny_tokenizer()
+    samples, _ = synth_needles([150], [0.5], count_tokens=_count(tok), image_tokens=4, seed=1, split="train")
+    for s, rec in zip(samples, training_records(samples)):
+        text, images = prompt_of(s)
+        assert rec["conversations"][0]["value"] == text and rec.get("image", []) == images
+        tk = tokenize_sample(tok, conversations=rec["conversations"], tiles_per_image=[1] * len(images),
+                             num_image_token=4)
+        trained = tok.decode(tk.ids[tk.target.astype(bool)].tolist())
+        assert trained.replace("<|im_end|>", "").strip() == answer_text(s), s.id

@@ -3,6 +3,7 @@
     v2pe-data inspect [RECIPE.yaml] [--meta META.json] [--show K] [--max-samples N] [--skips-file F] [key=value ...]
     v2pe-data synth OUT_DIR [--num-samples N] [--format jsonl|webdataset] [--seed S] [--recipe RECIPE.yaml] ...
     v2pe-data synth OUT_DIR --needles [--lengths N ...] [--depths D ...] [--tasks T ...]
+    v2pe-data synth OUT_DIR --needles --split train ...   (InternVL-format training samples, needles no eval set holds)
 
 ``synth --recipe`` sizes the samples so that every one fits that recipe whole (``inspect`` with the
 same recipe then skips none). ``inspect`` runs one epoch of the training loader (one data-parallel
@@ -145,10 +146,12 @@ def _synth_needles(args: argparse.Namespace) -> int:
         samples, images = synth_needles(args.lengths, args.depths, tasks=args.tasks,
                                         samples_per_cell=args.samples_per_cell, seed=args.seed,
                                         count_tokens=lambda t: len(tok.encode(t)), image_tokens=args.image_tokens,
-                                        image_fraction=args.image_fraction)
+                                        image_fraction=args.image_fraction, split=args.split)
     except (TokenizerError, ValueError) as e:
         print(f"v2pe-data synth: {e}", file=sys.stderr)
         return 2
+    if args.split == "train":
+        return _write_needle_training(args, samples, images)
     try:
         path = write_needles(args.out_dir, samples, images)
     except FileExistsError as e:
@@ -157,6 +160,24 @@ def _synth_needles(args: argparse.Namespace) -> int:
     print(f"wrote {len(samples)} needle samples ({len(args.tasks)} task(s) x {len(args.lengths)} length(s) x "
           f"{len(args.depths)} depth(s) x {args.samples_per_cell}) to {path}/annotations/<task>.jsonl and "
           f"{path}/images/ (MM-NIAH's layout and schema; v2pe-eval RECIPE --data {path})")
+    return 0
+
+
+def _write_needle_training(args: argparse.Namespace, samples, images) -> int:
+    from pathlib import Path
+
+    from v2pe_megatron.data.needles import training_records
+    from v2pe_megatron.data.synthetic import write_synthetic
+
+    meta = Path(args.out_dir) / "meta.json"
+    if meta.exists():  # the folder may hold a user's data set: never write over it
+        print(f"v2pe-data synth: {meta} exists: give an empty output folder", file=sys.stderr)
+        return 2
+    write_synthetic(args.out_dir, len(samples), fmt="jsonl",
+                    records=(training_records(samples, args.prompt_style), images))
+    print(f"wrote {len(samples)} needle training samples ({len(args.tasks)} task(s) x {len(args.lengths)} length(s) x "
+          f"{len(args.depths)} depth(s) x {args.samples_per_cell}; the training split's needles, disjoint from "
+          f"the evaluation sets') to {args.out_dir} (InternVL format; data.meta_path={meta})")
     return 0
 
 
@@ -238,7 +259,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     s.add_argument("--haystack-words", type=int, default=None, help="haystack length of the needle samples "
                    "(default 400; with --recipe the most that fits)")
     s.add_argument("--max-images", type=int, default=None, help="images per sample at most (default 4)")
-    from v2pe_megatron.data.needles import TASKS
+    from v2pe_megatron.data.needles import PROMPT_STYLES, TASKS
 
     n = s.add_argument_group("needle mode (--needles): MM-NIAH-format evaluation data for v2pe-eval")
     n.add_argument("--needles", action="store_true", help="write needle-in-a-haystack samples on a length x depth grid")
@@ -249,6 +270,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     n.add_argument("--image-tokens", type=int, default=256, help="tokens per image (InternVL2: 256 per 448 px tile)")
     n.add_argument("--image-fraction", type=float, default=0.5, help="share of each context that is images")
     n.add_argument("--tokenizer", help="tokenizer.model that counts the text (default: the tiny built-in one)")
+    n.add_argument("--split", choices=("eval", "train"), default="eval",
+                   help="eval: an evaluation set in MM-NIAH's layout; train: InternVL-format training samples "
+                        "(meta.json + data.jsonl + images/) whose needles no evaluation set holds")
+    n.add_argument("--prompt-style", choices=list(PROMPT_STYLES), default="mmniah",
+                   help="--split train: how the question is asked (v2pe-eval's --prompt-style)")
     s.set_defaults(fn=_synth)
 
     args = p.parse_args(argv)

@@ -47,6 +47,35 @@ _NAMES = ("Alice", "Bruno", "Clara", "Dmitri", "Elena", "Farid", "Greta", "Hugo"
 _CIRCLE_COLORS = ("red", "green", "blue", "yellow")
 
 
+@dataclass(frozen=True)
+class NeedleVocab:
+    """What a split's needles are made of. The ``train`` split shares nothing with ``eval`` that a
+    needle, a question or a needle image could repeat (other objects, names, counting sentences, dot
+    colour and needle shape; tests/data/test_needles.py checks it on generated sets), but the same
+    colour words and counts, so that what training teaches (copy the hidden word, read a colour or
+    a count) is what evaluation asks."""
+
+    objects: tuple[str, ...]
+    names: tuple[str, ...]
+    counter: str            # "The little <counter> counted N <things>."
+    things: str
+    needle_shape: str       # the image needle's shape (distractors are noisy squares)
+    dot_color: str          # counting-image dots
+    seed_tag: int           # mixed into the seed: the same --seed gives unrelated streams per split
+
+
+SPLITS: dict[str, NeedleVocab] = {
+    "eval": NeedleVocab(_OBJECTS, _NAMES, "penguin", "needles", "circle", "red", 0),
+    "train": NeedleVocab(
+        ("pebble", "ladder", "basket", "bucket", "helmet", "trumpet", "saddle", "pillow", "teapot", "lantern",
+         "wallet", "hammer", "bottle", "carpet", "feather", "ribbon", "blanket", "whistle", "scarf", "barrel",
+         "kite", "drum", "rope", "shovel", "spoon", "cradle", "banner", "goblet", "harp", "sword"),
+        ("Ivan", "Julia", "Karim", "Lena", "Marco", "Nadia", "Oscar", "Paula", "Quentin", "Rosa", "Sven", "Tara"),
+        # black dots: a one-dot image of a circle colour would be pixel for pixel an eval circle needle
+        "fox", "stones", "diamond", "black", 0x7472),
+}
+
+
 @dataclass
 class NeedleSample:
     id: str                           # unique in a run: ``<task>/<qid>`` (MM-NIAH's ids restart per task)
@@ -306,15 +335,15 @@ def to_record(s: NeedleSample) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 # Generation
 # ---------------------------------------------------------------------------------------------
-def draw_dots(rng: np.random.Generator, side: int, n: int) -> np.ndarray:
-    """A white square image with ``n`` red dots on a grid (counting-image needles)."""
+def draw_dots(rng: np.random.Generator, side: int, n: int, color: str = "red") -> np.ndarray:
+    """A white square image with ``n`` dots of ``color`` on a grid (counting-image needles)."""
     img = np.full((side, side, 3), 245, np.float32)
     k = int(np.ceil(np.sqrt(max(n, 1))))
     cell = side / k
     yy, xx = np.mgrid[0:side, 0:side]
     for j in rng.permutation(k * k)[:n]:
         cy, cx = (j // k + 0.5) * cell, (j % k + 0.5) * cell
-        img[(yy - cy) ** 2 + (xx - cx) ** 2 <= (cell * 0.3) ** 2] = COLORS["red"]
+        img[(yy - cy) ** 2 + (xx - cx) ** 2 <= (cell * 0.3) ** 2] = COLORS[color]
     return img.astype(np.uint8)
 
 
@@ -375,7 +404,8 @@ class _Writer:
         return context, imgs, total, depths, len(imgs) * self.image_tokens
 
 
-def _task_sample(w: _Writer, task: str, target: int, depth: float, qid: int) -> NeedleSample:
+def _task_sample(w: _Writer, task: str, target: int, depth: float, qid: int,
+                 v: NeedleVocab = SPLITS["eval"]) -> NeedleSample:
     rng = w.rng
     # Multi-needle tasks: the first needle sits at the cell's depth, the others after it.
     def spread(m: int) -> list[float]:
@@ -384,41 +414,44 @@ def _task_sample(w: _Writer, task: str, target: int, depth: float, qid: int) -> 
 
     choices = choice_images = None
     if task == "retrieval-text":
-        obj = str(rng.choice(_OBJECTS))
+        obj = str(rng.choice(v.objects))
         needles = [(depth, f"The hidden object in this document is a {obj}.", None)]
         question, answer = "What is the hidden object in this document?", obj
     elif task == "counting-text":
         counts = [int(x) for x in rng.integers(1, 10, size=int(rng.integers(2, 5)))]
-        needles = [(d, f"The little penguin counted {n} needles.", None) for d, n in zip(spread(len(counts)), counts)]
-        question = ("How many needles did the little penguin count in each statement, in order? "
+        needles = [(d, f"The little {v.counter} counted {n} {v.things}.", None)
+                   for d, n in zip(spread(len(counts)), counts)]
+        question = (f"How many {v.things} did the little {v.counter} count in each statement, in order? "
                     "Answer with a list of numbers.")
         answer = counts
     elif task == "reasoning-text":
-        a, b, c = (str(x) for x in rng.choice(_NAMES, size=3, replace=False))
+        a, b, c = (str(x) for x in rng.choice(v.names, size=3, replace=False))
         d0, d1 = spread(2)
         needles = [(d0, f"{a} is taller than {b}.", None), (d1, f"{b} is taller than {c}.", None)]
         names = sorted([a, b, c])
         question, answer = f"Who is the tallest of {names[0]}, {names[1]} and {names[2]}?", a
     elif task == "retrieval-image":
         color = str(rng.choice(_CIRCLE_COLORS))
-        im = w.new_image(draw_image(rng, w.side, w.side, color, "circle"))
+        im = w.new_image(draw_image(rng, w.side, w.side, color, v.needle_shape))
         needles = [(depth, "", im)]
-        choices = [f"a {c} circle" for c in _CIRCLE_COLORS]
-        question = "One of the images shows a circle. Which of the following is it?"
+        choices = [f"a {c} {v.needle_shape}" for c in _CIRCLE_COLORS]
+        question = f"One of the images shows a {v.needle_shape}. Which of the following is it?"
         answer = _CIRCLE_COLORS.index(color)
     elif task == "counting-image":
         counts = [int(x) for x in rng.integers(1, 6, size=int(rng.integers(2, 4)))]
-        needles = [(d, "", w.new_image(draw_dots(rng, w.side, n))) for d, n in zip(spread(len(counts)), counts)]
-        question = ("Some images show red dots. How many red dots does each of them show, in order? "
+        needles = [(d, "", w.new_image(draw_dots(rng, w.side, n, v.dot_color)))
+                   for d, n in zip(spread(len(counts)), counts)]
+        question = (f"Some images show {v.dot_color} dots. How many {v.dot_color} dots does each of them show, "
+                    f"in order? "
                     "Answer with a list of numbers.")
         answer = counts
     elif task == "reasoning-image":
         color = str(rng.choice(_CIRCLE_COLORS))
-        im = w.new_image(draw_image(rng, w.side, w.side, color, "circle"))
+        im = w.new_image(draw_image(rng, w.side, w.side, color, v.needle_shape))
         needles = [(depth, "", im)]
         order = [str(c) for c in rng.permutation(_CIRCLE_COLORS)]
         choice_images = [w.new_image(draw_image(rng, w.side, w.side, c, "square")) for c in order]
-        question = "One of the images shows a circle. Which option shows a square of the same colour?"
+        question = f"One of the images shows a {v.needle_shape}. Which option shows a square of the same colour?"
         answer = order.index(color)
     else:
         raise ValueError(f"task {task!r} is not one of {TASKS}")
@@ -434,14 +467,16 @@ def _task_sample(w: _Writer, task: str, target: int, depth: float, qid: int) -> 
 
 def synth_needles(lengths: Sequence[int], depths: Sequence[float], *, tasks: Sequence[str] = TASKS,
                   samples_per_cell: int = 1, seed: int = 0, count_tokens: Optional[Callable[[str], int]] = None,
-                  image_tokens: int = 256, image_fraction: float = 0.5, image_side: int = 64
-                  ) -> tuple[list[NeedleSample], dict[str, bytes]]:
+                  image_tokens: int = 256, image_fraction: float = 0.5, image_side: int = 64,
+                  split: str = "eval") -> tuple[list[NeedleSample], dict[str, bytes]]:
     """One sample per (task, length, depth, repeat), deterministic in ``seed``; returns the samples
     (their ``load_image`` reads the returned bytes) and the images by name.
 
     ``lengths``: context lengths in tokens as ``count_tokens`` (default: ~1.3 tokens per word)
     counts text and ``image_tokens`` counts each image; ``image_fraction`` of each context is
-    distractor images (noisy squares, shared by all samples); ``depths`` in [0, 1]."""
+    distractor images (noisy squares, shared by all samples); ``depths`` in [0, 1]. ``split``: whose
+    needles (:data:`SPLITS`): ``eval`` (the evaluation sets) or ``train`` (disjoint from them, for
+    :func:`training_records`)."""
     if count_tokens is None:
         def count_tokens(text: str) -> int:
             return max(1, int(round(1.3 * len(text.split()))))
@@ -454,7 +489,11 @@ def synth_needles(lengths: Sequence[int], depths: Sequence[float], *, tasks: Seq
         raise ValueError(f"lengths must be >= 1 token, got {list(lengths)}")
     if not 0.0 <= image_fraction < 1.0:
         raise ValueError(f"image_fraction must be in [0, 1), got {image_fraction}")
-    rng = np.random.default_rng(seed)
+    if split not in SPLITS:
+        raise ValueError(f"split {split!r} is not one of {sorted(SPLITS)}")
+    vocab = SPLITS[split]
+    # eval keeps the plain seed, so the sets generated before splits existed stay the same
+    rng = np.random.default_rng([seed, vocab.seed_tag] if vocab.seed_tag else seed)
     images: dict[str, bytes] = {}
     distractors = []
     for k in range(16):
@@ -469,7 +508,7 @@ def synth_needles(lengths: Sequence[int], depths: Sequence[float], *, tasks: Seq
         for length in lengths:
             for depth in depths:
                 for _ in range(samples_per_cell):
-                    samples.append(_task_sample(w, task, int(length), float(depth), qid))
+                    samples.append(_task_sample(w, task, int(length), float(depth), qid, vocab))
                     qid += 1
     for s in samples:
         s.load_image = images.__getitem__
@@ -497,4 +536,19 @@ def write_needles(out_dir: str | Path, samples: Sequence[NeedleSample], images: 
         with open(ann / f"{task}.jsonl", "w", encoding="utf-8") as f:
             for s in group:
                 f.write(json.dumps(to_record(s)) + "\n")
+    return out
+
+
+def training_records(samples: Sequence[NeedleSample], style: str | PromptStyle = "mmniah") -> list[dict[str, Any]]:
+    """InternVL-format training records (docs/data.md) of needle samples: the user turn is the
+    question as ``style`` asks it (:func:`prompt_of`, as ``v2pe-eval`` asks it), the assistant turn
+    :func:`answer_text`, so the loss falls on the answer alone."""
+    out = []
+    for s in samples:
+        text, images = prompt_of(s, style)
+        rec: dict[str, Any] = {"id": s.id, "conversations": [{"from": "human", "value": text},
+                                                             {"from": "gpt", "value": answer_text(s)}]}
+        if images:
+            rec["image"] = images
+        out.append(rec)
     return out

@@ -39,8 +39,12 @@ def draw_image(rng: np.random.Generator, width: int, height: int, color: str, sh
         img = np.clip(img * 0.6 + rng.normal(60, 40, img.shape), 0, 255)
     cy, cx, r = height / 2, width / 2, min(width, height) * 0.3
     yy, xx = np.mgrid[0:height, 0:width]
-    mask = (np.abs(yy - cy) <= r) & (np.abs(xx - cx) <= r) if shape == "square" else \
-        (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+    if shape == "square":
+        mask = (np.abs(yy - cy) <= r) & (np.abs(xx - cx) <= r)
+    elif shape == "diamond":  # the training split's needle shape (data.needles.SPLITS)
+        mask = np.abs(yy - cy) + np.abs(xx - cx) <= r * 1.3
+    else:
+        mask = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
     img[mask] = COLORS[color]
     return img.astype(np.uint8)
 
