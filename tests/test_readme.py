@@ -104,6 +104,8 @@ NOT_RUN: dict[str, str] = {
         "a training with checkpoints; tests/cli/test_train_resilience.py",
     "torchrun --nproc-per-node 8 -m v2pe_megatron.cli.train my_recipe.yaml": "8 ranks of the reader's recipe",
     ".venv/bin/python benchmarks/loader.py": "a benchmark (minutes); results in benchmarks/RESULTS.md",
+    "make effect": "the ~40-minute V2PE effect experiment (docs/v2pe.md); its miniature runs in "
+                   "tests/test_benchmark_v2pe_effect.py::test_miniature_experiment_runs_end_to_end",
     ".venv/bin/python benchmarks/v2pe_positions.py": "a benchmark: it pins its process to one core and fails "
                                                       "over a time budget (a timing, not a test); the positions "
                                                       "themselves: tests/test_v2pe_positions.py",
