@@ -1,24 +1,32 @@
 """Chat templates, ``<image>`` expansion and the assistant-only training mask.
 
-``internlm2-chat`` (InternVL's template, docs/internvl.md)::
+The templates are InternVL's (its ``conversation.py``; which checkpoint uses which: docs/data.md),
+each a turn layout and a default system message (:data:`TEMPLATES`):
 
-    <s><|im_start|>system\n{sys}<|im_end|><|im_start|>user\n{q}<|im_end|><|im_start|>assistant\n{a}<|im_end|>...
+    internlm2-chat  <|im_start|>system\n{sys}<|im_end|><|im_start|>user\n{q}<|im_end|><|im_start|>assistant\n{a}<|im_end|>...
+    Hermes-2        the same layout (InternVL2-1B/40B: Qwen2, Yi)
+    internvl2_5     the same with "\n" after every <|im_end|>, another system message (InternVL2.5/3)
+    phi3-chat       <|system|>\n{sys}<|end|><|user|>\n{q}<|end|><|assistant|>\n{a}<|end|>...  (InternVL2-4B)
 
-The system message is the template's own unless the recipe says otherwise (``data.system_prompt``,
-read by :func:`chat_format` alone): InternVL's (:data:`INTERNVL_SYSTEM_MESSAGE`), the one InternVL and
-V2PE train with and that MM-NIAH's and V2PE's evaluations put first, so that training and
-``v2pe-eval`` build the same turns. An empty system prompt leaves the system block out. Only the
-assistant's answer and its closing ``<|im_end|>`` are targets; the ``<|im_start|>assistant\n``
-header is prompt.
+A sequence starts with the tokenizer's BOS when the tokenizer adds one itself (``add_bos_token``:
+InternLM2's ``<s>``, none for Qwen), as InternVL's ``tokenizer(conversation)`` does. The system
+message is the template's own unless the recipe says otherwise (``data.system_prompt``, read by
+:func:`chat_format` alone), so that training and ``v2pe-eval`` build the same turns; a sample's own
+``system`` turn wins over both. An empty system prompt leaves the system block out. Targets (loss):
+only the assistant's answers and the end token that closes each (``<|im_end|>`` / ``<|end|>``); the
+assistant header, the ``\n`` after an end token (internvl2_5), BOS, system and user turns are prompt,
+and image tokens never carry loss.
 
-``plain``: ``<s>{q}{a}...</s>`` with the answers and the final ``</s>`` as targets (no system message
-of its own). A plain-text sample (``text`` instead of ``conversations``) is ``<s>{text}</s>``, all of
-it a target.
+``plain``: ``{q}{a}...{eos}`` (after BOS) with the answers and the final EOS as targets (no system
+message of its own). A plain-text sample (``text`` instead of ``conversations``) is ``{text}{eos}``,
+all of it a target.
 
 Each ``<image>`` becomes ``<img>`` + num_image_token x tiles ``<IMG_CONTEXT>`` + ``</img>``, built
 from ids directly (never through the text tokenizer). The template's layout is made once
 (:func:`_pieces`): :func:`tokenize_sample` turns it into ids, :func:`render_conversation` into the
-text a Hugging Face tokenizer would be given (what the references' prompt strings are compared with).
+text a Hugging Face tokenizer would be given. The text between two special tokens (or images) is
+encoded whole, as a tokenizer encodes the rendered text, so the ids are ``tokenizer(rendered)``'s;
+a token is a target when any of its characters belongs to an answer.
 """
 
 from __future__ import annotations
@@ -30,14 +38,45 @@ from typing import Any, Optional
 import numpy as np
 
 from v2pe_megatron.data.skips import SampleError
-from v2pe_megatron.data.tokenizer import IM_END, IM_START, IMG_CONTEXT, IMG_END, IMG_START, Tokenizer
+from v2pe_megatron.data.tokenizer import IMG_CONTEXT, IMG_END, IMG_START, Tokenizer
 
 IMAGE_PLACEHOLDER = "<image>"
-# InternVL's system message: the ``internlm2-chat`` conversation template's own (InternVL's
-# conversation.py, copied unchanged into V2PE and MM-NIAH).
+# InternVL's system messages (its conversation.py, copied unchanged into V2PE and MM-NIAH):
+# internlm2-chat, Hermes-2 and phi3-chat share the first, internvl2_5 has its own.
 INTERNVL_SYSTEM_MESSAGE = ("你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，"
                            "英文名叫InternVL, 是一个有用无害的人工智能助手。")
-TEMPLATE_SYSTEM_MESSAGE = {"internlm2-chat": INTERNVL_SYSTEM_MESSAGE, "plain": ""}
+INTERNVL2_5_SYSTEM_MESSAGE = ("你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位"
+                              "联合开发的多模态大语言模型。")
+
+
+@dataclass(frozen=True)
+class Template:
+    """One turn layout: each role opens with a special token and a text header, every turn closes
+    with ``end`` (a special token) and then ``after_end`` (text, never a target)."""
+
+    system_message: str
+    system: tuple[str, str]
+    user: tuple[str, str]
+    assistant: tuple[str, str]
+    end: str
+    after_end: str = ""
+
+    def specials(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys((self.system[0], self.user[0], self.assistant[0], self.end)))
+
+
+_CHATML = dict(system=("<|im_start|>", "system\n"), user=("<|im_start|>", "user\n"),
+               assistant=("<|im_start|>", "assistant\n"), end="<|im_end|>")
+TEMPLATES: dict[str, Template] = {
+    "internlm2-chat": Template(INTERNVL_SYSTEM_MESSAGE, **_CHATML),
+    "Hermes-2": Template(INTERNVL_SYSTEM_MESSAGE, **_CHATML),
+    "internvl2_5": Template(INTERNVL2_5_SYSTEM_MESSAGE, **_CHATML, after_end="\n"),
+    "phi3-chat": Template(INTERNVL_SYSTEM_MESSAGE, system=("<|system|>", "\n"), user=("<|user|>", "\n"),
+                          assistant=("<|assistant|>", "\n"), end="<|end|>"),
+}
+# Every value data.template takes (config.validate reads it from here).
+CHAT_TEMPLATES: tuple[str, ...] = (*TEMPLATES, "plain")
+TEMPLATE_SYSTEM_MESSAGE = {**{k: t.system_message for k, t in TEMPLATES.items()}, "plain": ""}
 _ROLE = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
@@ -49,14 +88,23 @@ class ChatFormat:
     system: str = INTERNVL_SYSTEM_MESSAGE
 
     def __post_init__(self) -> None:
-        if self.template not in TEMPLATE_SYSTEM_MESSAGE:
-            raise ValueError(f"unknown chat template {self.template!r}; "
-                             f"choose one of {sorted(TEMPLATE_SYSTEM_MESSAGE)}")
+        if self.template not in CHAT_TEMPLATES:
+            raise ValueError(f"unknown chat template {self.template!r}; choose one of {list(CHAT_TEMPLATES)}")
+
+    def special_tokens(self) -> tuple[str, ...]:
+        """The special token strings the template writes (the tokenizer must have each)."""
+        t = TEMPLATES.get(self.template)
+        return t.specials() if t else ()
+
+    def answer_end_id(self, tok: Tokenizer) -> int:
+        """The id that closes an answer (the template's end token; ``plain``: EOS)."""
+        t = TEMPLATES.get(self.template)
+        return tok.token_id(t.end) if t else tok.eos_id
 
 
 def chat_format(data) -> ChatFormat:
-    """The recipe's chat format (``data.template``, ``data.system_prompt``; the one reader of the
-    latter): ``system_prompt`` null/unset is the template's own system message, ``""`` none."""
+    """The recipe's chat format (``data.template``, ``data.system_prompt``; the one reader of both):
+    ``system_prompt`` null/unset is the template's own system message, ``""`` none."""
     system = TEMPLATE_SYSTEM_MESSAGE.get(data.template, "") if data.system_prompt is None else data.system_prompt
     return ChatFormat(data.template, system)
 
@@ -64,7 +112,7 @@ def chat_format(data) -> ChatFormat:
 @dataclass
 class Tokenized:
     ids: np.ndarray       # int64 [L]
-    target: np.ndarray    # bool [L]: token belongs to an assistant answer (incl. its <|im_end|>)
+    target: np.ndarray    # bool [L]: token belongs to an assistant answer (incl. its end token)
     num_images: int
 
 
@@ -92,6 +140,8 @@ def normalize_turns(conversations: Sequence[dict[str, Any]], num_images: int) ->
 
 
 class _Builder:
+    """Ids and targets from pieces; text between two special tokens or images is encoded whole."""
+
     def __init__(self, tok: Tokenizer, tiles: Sequence[int], num_image_token: int) -> None:
         self.tok = tok
         self.tiles = list(tiles)
@@ -100,21 +150,40 @@ class _Builder:
         self.tgt: list[np.ndarray] = []
         self.img = 0
         self._markup = {tok.img_start_id, tok.img_end_id, tok.img_context_id}
+        self._pending: list[tuple[str, bool]] = []
 
     def ids_(self, ids: Sequence[int] | np.ndarray, target: bool) -> None:
+        self._flush()
         arr = np.asarray(ids, dtype=np.int64)
         self.ids.append(arr)
         self.tgt.append(np.full(arr.size, target, dtype=bool))
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        text = "".join(t for t, _ in pending)
+        ids, spans = self.tok.encode_spans(text)
+        if self._markup.intersection(ids):
+            raise SampleError("bad_markup", "text contains <img>/</img>/<IMG_CONTEXT> itself")
+        targets, pos = [], 0
+        for t, is_target in pending:
+            if is_target:
+                targets.append((pos, pos + len(t)))
+            pos += len(t)
+        tgt = np.zeros(len(ids), dtype=bool)
+        for k, (a, b) in enumerate(spans):
+            b = max(b, a + 1)
+            tgt[k] = any(a < te and b > ts for ts, te in targets)
+        self.ids.append(np.asarray(ids, dtype=np.int64))
+        self.tgt.append(tgt)
 
     def text(self, s: str, target: bool) -> None:
         """Text with ``<image>`` placeholders."""
         parts = s.split(IMAGE_PLACEHOLDER)
         for k, part in enumerate(parts):
             if part:
-                ids = self.tok.encode(part)
-                if self._markup.intersection(ids):
-                    raise SampleError("bad_markup", "text contains <img>/</img>/<IMG_CONTEXT> itself")
-                self.ids_(ids, target)
+                self._pending.append((part, target))
             if k < len(parts) - 1:
                 n = self.nit * self.tiles[self.img]
                 self.img += 1
@@ -123,29 +192,39 @@ class _Builder:
                 self.ids_(block, False)  # image tokens never carry loss, even inside an answer
 
     def done(self) -> Tokenized:
+        self._flush()
         ids = np.concatenate(self.ids) if self.ids else np.zeros(0, np.int64)
         tgt = np.concatenate(self.tgt) if self.tgt else np.zeros(0, bool)
         return Tokenized(ids, tgt, self.img)
 
 
+EOS = "\x00eos"  # the piece value that stands for the tokenizer's EOS (plain template)
+
+
 def _pieces(turns: list[dict[str, str]], chat: ChatFormat) -> Iterator[tuple[str, str, bool]]:
-    """The template's layout after ``<s>``: (kind, value, is_target) with kind ``special`` (a
-    special token's string: one id) or ``text`` (text with ``<image>`` placeholders)."""
+    """The template's layout after BOS: (kind, value, is_target) with kind ``special`` (a special
+    token's string, or :data:`EOS`: one id) or ``text`` (text with ``<image>`` placeholders)."""
     sys_msgs = [t["value"] for t in turns if t["from"] == "system"]
     system = sys_msgs[0] if sys_msgs else chat.system
     turns = [t for t in turns if t["from"] != "system"]
-    if chat.template == "internlm2-chat":
+    tpl = TEMPLATES.get(chat.template)
+    if tpl is not None:
         if system:
-            yield "special", IM_START, False
-            yield "text", "system\n" + system, False
-            yield "special", IM_END, False
+            yield "special", tpl.system[0], False
+            yield "text", tpl.system[1] + system, False
+            yield "special", tpl.end, False
+            if tpl.after_end:
+                yield "text", tpl.after_end, False
         for t in turns:
             answer = t["from"] == "assistant"
-            yield "special", IM_START, False
-            yield "text", t["from"] + "\n", False
+            opener, header = tpl.assistant if answer else tpl.user
+            yield "special", opener, False
+            yield "text", header, False
             if t["value"] is not None:  # None: the open answer a model continues (render_conversation)
                 yield "text", t["value"], answer
-                yield "special", IM_END, answer
+                yield "special", tpl.end, answer
+                if tpl.after_end:
+                    yield "text", tpl.after_end, False
     elif chat.template == "plain":
         if system:
             yield "text", system, False
@@ -153,7 +232,7 @@ def _pieces(turns: list[dict[str, str]], chat: ChatFormat) -> Iterator[tuple[str
             if t["value"] is not None:
                 yield "text", t["value"], t["from"] == "assistant"
         if turns and turns[-1]["value"] is not None:
-            yield "special", "</s>", True
+            yield "special", EOS, True
     else:
         raise ValueError(f"unknown chat template {chat.template!r}")
 
@@ -164,41 +243,42 @@ def tokenize_sample(tok: Tokenizer, *, conversations: Sequence[dict[str, Any]] |
     """Token ids and target mask of one sample (see module docstring for the layout); ``chat``:
     the recipe's :func:`chat_format` (default: ``internlm2-chat`` with InternVL's system message)."""
     b = _Builder(tok, tiles_per_image, num_image_token)
+    if tok.add_bos:
+        b.ids_([tok.bos_id], False)
     if conversations is None:
         if not (text or "").strip():
             raise SampleError("empty_conversation", "empty text")
         if count_placeholders(None, text) != len(tiles_per_image):
             raise SampleError("image_count_mismatch",
                               f"{count_placeholders(None, text)} <image> for {len(tiles_per_image)} image(s)")
-        b.ids_([tok.bos_id], False)
         b.text(text or "", True)
         b.ids_([tok.eos_id], True)
         return b.done()
 
     turns = normalize_turns(conversations, len(tiles_per_image))
-    special = {IM_START: tok.im_start_id, IM_END: tok.im_end_id, "</s>": tok.eos_id}
-    b.ids_([tok.bos_id], False)
     for kind, value, target in _pieces(turns, chat or ChatFormat()):
         if kind == "special":
-            b.ids_([special[value]], target)
+            b.ids_([tok.eos_id if value == EOS else tok.token_id(value)], target)
         else:
             b.text(value, target)
     return b.done()
 
 
 def render_conversation(conversations: Sequence[dict[str, Any]], *, tiles_per_image: Sequence[int] = (),
-                        num_image_token: int = 256, chat: Optional[ChatFormat] = None) -> str:
+                        num_image_token: int = 256, chat: Optional[ChatFormat] = None,
+                        eos_token: str = "</s>") -> str:
     """The text of a conversation as the template lays it out, ``<image>`` expanded to
-    ``<img><IMG_CONTEXT>...</img>``, without the ``<s>`` a tokenizer puts in front: the string
+    ``<img><IMG_CONTEXT>...</img>``, without the BOS a tokenizer puts in front: the string
     InternVL's ``get_prompt()`` hands its tokenizer. A last assistant turn whose value is None
     renders as its open header (the prompt a model continues). Same pieces as
-    :func:`tokenize_sample`; no checks beyond the image count."""
+    :func:`tokenize_sample`; no checks beyond the image count. ``eos_token``: the EOS string
+    (``plain`` only)."""
     turns = [{"from": _ROLE[t["from"]], "value": t["value"]} for t in conversations]
     tiles = list(tiles_per_image)
     out: list[str] = []
     for kind, value, _ in _pieces(turns, chat or ChatFormat()):
         if kind == "special":
-            out.append(value)
+            out.append(eos_token if value == EOS else value)
             continue
         parts = value.split(IMAGE_PLACEHOLDER)
         for k, part in enumerate(parts):
