@@ -139,63 +139,33 @@ def normalize_turns(conversations: Sequence[dict[str, Any]], num_images: int) ->
     return turns
 
 
-class _Builder:
-    """Ids and targets from pieces; text between two special tokens or images is encoded whole."""
+_MARKUP = (IMG_START, IMG_END, IMG_CONTEXT)
 
-    def __init__(self, tok: Tokenizer, tiles: Sequence[int], num_image_token: int) -> None:
-        self.tok = tok
-        self.tiles = list(tiles)
-        self.nit = num_image_token
-        self.ids: list[np.ndarray] = []
-        self.tgt: list[np.ndarray] = []
-        self.img = 0
-        self._markup = {tok.img_start_id, tok.img_end_id, tok.img_context_id}
-        self._pending: list[tuple[str, bool]] = []
 
-    def ids_(self, ids: Sequence[int] | np.ndarray, target: bool) -> None:
-        self._flush()
-        arr = np.asarray(ids, dtype=np.int64)
-        self.ids.append(arr)
-        self.tgt.append(np.full(arr.size, target, dtype=bool))
-
-    def _flush(self) -> None:
-        if not self._pending:
-            return
-        pending, self._pending = self._pending, []
-        text = "".join(t for t, _ in pending)
-        ids, spans = self.tok.encode_spans(text)
-        if self._markup.intersection(ids):
+def _layout(pieces: Iterator[tuple[str, str, bool]], image_text: Sequence[str]) -> tuple[str, list[tuple[int, int]], bool]:
+    """The template's text with each ``<image>`` replaced by ``image_text[k]``; the character spans
+    of the targets; whether it ends with EOS. SampleError when a text holds image markup itself."""
+    out: list[str] = []
+    spans: list[tuple[int, int]] = []
+    pos, img, eos = 0, 0, False
+    for kind, value, target in pieces:
+        if kind == "special" and value == EOS:
+            eos = True
+            continue
+        if kind == "text" and any(m in value for m in _MARKUP):
             raise SampleError("bad_markup", "text contains <img>/</img>/<IMG_CONTEXT> itself")
-        targets, pos = [], 0
-        for t, is_target in pending:
-            if is_target:
-                targets.append((pos, pos + len(t)))
-            pos += len(t)
-        tgt = np.zeros(len(ids), dtype=bool)
-        for k, (a, b) in enumerate(spans):
-            b = max(b, a + 1)
-            tgt[k] = any(a < te and b > ts for ts, te in targets)
-        self.ids.append(np.asarray(ids, dtype=np.int64))
-        self.tgt.append(tgt)
-
-    def text(self, s: str, target: bool) -> None:
-        """Text with ``<image>`` placeholders."""
-        parts = s.split(IMAGE_PLACEHOLDER)
+        parts = [value] if kind == "special" else value.split(IMAGE_PLACEHOLDER)
         for k, part in enumerate(parts):
             if part:
-                self._pending.append((part, target))
+                if target:
+                    spans.append((pos, pos + len(part)))
+                out.append(part)
+                pos += len(part)
             if k < len(parts) - 1:
-                n = self.nit * self.tiles[self.img]
-                self.img += 1
-                block = np.full(n + 2, self.tok.img_context_id, dtype=np.int64)
-                block[0], block[-1] = self.tok.img_start_id, self.tok.img_end_id
-                self.ids_(block, False)  # image tokens never carry loss, even inside an answer
-
-    def done(self) -> Tokenized:
-        self._flush()
-        ids = np.concatenate(self.ids) if self.ids else np.zeros(0, np.int64)
-        tgt = np.concatenate(self.tgt) if self.tgt else np.zeros(0, bool)
-        return Tokenized(ids, tgt, self.img)
+                out.append(image_text[img])  # image tokens never carry loss, even inside an answer
+                pos += len(image_text[img])
+                img += 1
+    return "".join(out), spans, eos
 
 
 EOS = "\x00eos"  # the piece value that stands for the tokenizer's EOS (plain template)
@@ -241,27 +211,48 @@ def tokenize_sample(tok: Tokenizer, *, conversations: Sequence[dict[str, Any]] |
                     text: str | None = None, tiles_per_image: Sequence[int] = (), num_image_token: int = 256,
                     chat: Optional[ChatFormat] = None) -> Tokenized:
     """Token ids and target mask of one sample (see module docstring for the layout); ``chat``:
-    the recipe's :func:`chat_format` (default: ``internlm2-chat`` with InternVL's system message)."""
-    b = _Builder(tok, tiles_per_image, num_image_token)
-    if tok.add_bos:
-        b.ids_([tok.bos_id], False)
+    the recipe's :func:`chat_format` (default: ``internlm2-chat`` with InternVL's system message).
+
+    The whole text goes through the tokenizer once, each image as ``<img></img>`` whose
+    ``<IMG_CONTEXT>`` ids are put in afterwards: the ids of the rendered text without encoding the
+    context strings, and a tokenizer's rule for the start of a text (a Metaspace prefix) applies once."""
     if conversations is None:
         if not (text or "").strip():
             raise SampleError("empty_conversation", "empty text")
         if count_placeholders(None, text) != len(tiles_per_image):
             raise SampleError("image_count_mismatch",
                               f"{count_placeholders(None, text)} <image> for {len(tiles_per_image)} image(s)")
-        b.text(text or "", True)
-        b.ids_([tok.eos_id], True)
-        return b.done()
-
-    turns = normalize_turns(conversations, len(tiles_per_image))
-    for kind, value, target in _pieces(turns, chat or ChatFormat()):
-        if kind == "special":
-            b.ids_([tok.eos_id if value == EOS else tok.token_id(value)], target)
-        else:
-            b.text(value, target)
-    return b.done()
+        pieces: Iterator[tuple[str, str, bool]] = iter([("text", text or "", True), ("special", EOS, True)])
+    else:
+        turns = normalize_turns(conversations, len(tiles_per_image))
+        pieces = _pieces(turns, chat or ChatFormat())
+    pieces = list(pieces)
+    for kind, value, _ in pieces:
+        if kind == "special" and value != EOS:
+            tok.token_id(value)  # a clear error for a template the tokenizer cannot write
+    body, target_spans, eos = _layout(pieces, [IMG_START + IMG_END] * len(tiles_per_image))
+    ids, spans = tok.encode_spans(body)
+    tgt = [any(a < te and max(b, a + 1) > ts for ts, te in target_spans) for a, b in spans]
+    ends = [k for k, i in enumerate(ids) if i == tok.img_end_id]
+    if len(ends) != len(tiles_per_image):  # the tokenizer split <img></img> differently
+        raise SampleError("bad_markup", f"{len(ends)} </img> for {len(tiles_per_image)} image(s)")
+    out_ids: list[np.ndarray] = []
+    out_tgt: list[np.ndarray] = []
+    if tok.add_bos:
+        out_ids.append(np.asarray([tok.bos_id], np.int64))
+        out_tgt.append(np.zeros(1, bool))
+    prev = 0
+    for k, e in enumerate(ends):
+        out_ids += [np.asarray(ids[prev:e], np.int64), np.full(num_image_token * tiles_per_image[k], tok.img_context_id,
+                                                                dtype=np.int64)]
+        out_tgt += [np.asarray(tgt[prev:e], bool), np.zeros(num_image_token * tiles_per_image[k], bool)]
+        prev = e
+    out_ids.append(np.asarray(ids[prev:], np.int64))
+    out_tgt.append(np.asarray(tgt[prev:], bool))
+    if eos:
+        out_ids.append(np.asarray([tok.eos_id], np.int64))
+        out_tgt.append(np.ones(1, bool))
+    return Tokenized(np.concatenate(out_ids), np.concatenate(out_tgt), len(tiles_per_image))
 
 
 def render_conversation(conversations: Sequence[dict[str, Any]], *, tiles_per_image: Sequence[int] = (),
@@ -274,20 +265,10 @@ def render_conversation(conversations: Sequence[dict[str, Any]], *, tiles_per_im
     :func:`tokenize_sample`; no checks beyond the image count. ``eos_token``: the EOS string
     (``plain`` only)."""
     turns = [{"from": _ROLE[t["from"]], "value": t["value"]} for t in conversations]
-    tiles = list(tiles_per_image)
-    out: list[str] = []
-    for kind, value, _ in _pieces(turns, chat or ChatFormat()):
-        if kind == "special":
-            out.append(eos_token if value == EOS else value)
-            continue
-        parts = value.split(IMAGE_PLACEHOLDER)
-        for k, part in enumerate(parts):
-            out.append(part)
-            if k < len(parts) - 1:
-                if not tiles:
-                    raise ValueError(f"more <image> placeholders than the {len(tiles_per_image)} image(s) given")
-                out.append(IMG_START + IMG_CONTEXT * (num_image_token * tiles.pop(0)) + IMG_END)
-    if tiles:
-        raise ValueError(f"{len(tiles_per_image)} image(s) for {len(tiles_per_image) - len(tiles)} "
-                         f"<image> placeholder(s)")
-    return "".join(out)
+    n = sum(t["value"].count(IMAGE_PLACEHOLDER) for t in turns if t["value"] is not None)
+    if n != len(tiles_per_image):
+        raise ValueError(f"{len(tiles_per_image)} image(s) for {n} <image> placeholder(s)")
+    images = [IMG_START + IMG_CONTEXT * (num_image_token * t) + IMG_END for t in tiles_per_image]
+    pieces = [(k, v, False) for k, v, _ in _pieces(turns, chat or ChatFormat())]
+    text, _, eos = _layout(iter(pieces), images)
+    return text + (eos_token if eos else "")

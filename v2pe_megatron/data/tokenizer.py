@@ -212,6 +212,12 @@ class HFTokenizer(Tokenizer):
     def _known(self, i: int) -> bool:
         return self.tk.id_to_token(i) is not None
 
+    def decode(self, ids: Iterable[int]) -> str:
+        ids = [int(x) for x in ids]
+        if all(self._known(i) for i in ids):  # whole, so that a decoder's first-token rule sees the start
+            return self.tk.decode(ids, skip_special_tokens=False)
+        return super().decode(ids)
+
     def _decode_run(self, run: list[int]) -> str:
         return self.tk.decode(run, skip_special_tokens=False)
 
@@ -265,7 +271,10 @@ class _FolderFiles:
     def __init__(self, folder: Path) -> None:
         from v2pe_megatron.convert.hf_config import special_token_ids
 
-        self.added = special_token_ids(folder)
+        try:
+            self.added = special_token_ids(folder)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise TokenizerError(f"{folder}: its tokenizer files cannot be read ({type(e).__name__}: {e})") from None
         cfg_path, map_path = folder / "tokenizer_config.json", folder / "special_tokens_map.json"
         self.config = _read_json(cfg_path) if cfg_path.is_file() else {}
         smap = _read_json(map_path) if map_path.is_file() else {}
