@@ -231,9 +231,8 @@ def tokenize_sample(tok: Tokenizer, *, conversations: Sequence[dict[str, Any]] |
         if kind == "special" and value != EOS:
             tok.token_id(value)  # a clear error for a template the tokenizer cannot write
     body, target_spans, eos = _layout(pieces, [IMG_START + IMG_END] * len(tiles_per_image))
-    ids, spans = tok.encode_spans(body)
-    tgt = [any(a < te and max(b, a + 1) > ts for ts, te in target_spans) for a, b in spans]
-    ends = [k for k, i in enumerate(ids) if i == tok.img_end_id]
+    ids, tgt = tok.encode_targets(body, target_spans)
+    ends = np.flatnonzero(ids == tok.img_end_id).tolist()
     if len(ends) != len(tiles_per_image):  # the tokenizer split <img></img> differently
         raise SampleError("bad_markup", f"{len(ends)} </img> for {len(tiles_per_image)} image(s)")
     out_ids: list[np.ndarray] = []

@@ -123,6 +123,16 @@ class Tokenizer:
             pos += len(part)
         return ids, spans
 
+    def encode_targets(self, text: str, targets: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
+        """Ids of ``text`` and, per id, whether any of its characters lies in one of the
+        ``targets`` (start, end) character spans (the chat builder's mask)."""
+        ids, spans = self.encode_spans(text)
+        sp = np.asarray(spans, np.int64).reshape(-1, 2)
+        tgt = np.zeros(len(ids), bool)
+        for ts, te in targets:
+            tgt |= (sp[:, 0] < te) & (np.maximum(sp[:, 1], sp[:, 0] + 1) > ts)
+        return np.asarray(ids, np.int64), tgt
+
     def _encode_chunk(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
         raise NotImplementedError
 
@@ -170,18 +180,41 @@ class SentencePieceTokenizer(Tokenizer):
         super().__init__(specials, bos_id=bos, eos_id=eos, pad_id=pad, unk_id=sp.unk_id(), add_bos=add_bos,
                          vocab_size=sp.get_piece_size())
 
+    def encode_targets(self, text: str, targets: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
+        # Offsets cost a protobuf per chunk: only a chunk that a target span cuts asks for them.
+        ids: list[np.ndarray] = []
+        tgt: list[np.ndarray] = []
+        pos = 0
+        for part in self._split.split(text):
+            if not part:
+                continue
+            end = pos + len(part)
+            inside = sum(max(0, min(end, te) - max(pos, ts)) for ts, te in targets)
+            if part in self.specials or inside in (0, len(part)):
+                pi = [self.specials[part]] if part in self.specials else self.sp.encode(part)
+                ids.append(np.asarray(pi, np.int64))
+                tgt.append(np.full(len(pi), inside > 0, bool))
+            else:
+                pi, pt = super().encode_targets(part, [(ts - pos, te - pos) for ts, te in targets])
+                ids.append(pi)
+                tgt.append(pt)
+            pos = end
+        if not ids:
+            return np.zeros(0, np.int64), np.zeros(0, bool)
+        return np.concatenate(ids), np.concatenate(tgt)
+
     def _encode_chunk(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
         # sentencepiece's offsets count UTF-8 bytes; a character's byte-fallback pieces share its span.
         proto = self.sp.encode(text, out_type="proto")
-        starts = np.cumsum([0] + [len(c.encode()) for c in text])
-        to_char = {int(b): k for k, b in enumerate(starts)}
-        ids, spans = [], []
-        for p in proto.pieces:
-            a = to_char.get(p.begin, int(np.searchsorted(starts, p.begin, side="right")) - 1)
-            b = to_char.get(p.end, int(np.searchsorted(starts, p.end, side="left")))
-            ids.append(p.id)
-            spans.append((a, max(b, a + 1) if a < len(text) else a))
-        return ids, spans
+        ids = [p.id for p in proto.pieces]
+        begin = np.fromiter((p.begin for p in proto.pieces), np.int64, len(ids))
+        end = np.fromiter((p.end for p in proto.pieces), np.int64, len(ids))
+        if len(text.encode()) != len(text):  # not ASCII: byte offsets -> character offsets
+            starts = np.cumsum([0] + [len(c.encode()) for c in text])
+            begin = np.searchsorted(starts, begin, side="right") - 1
+            end = np.searchsorted(starts, end, side="left")
+        end = np.maximum(end, begin + 1)
+        return ids, list(zip(begin.tolist(), end.tolist()))
 
     def _known(self, i: int) -> bool:
         return i < self.sp.get_piece_size()
