@@ -153,6 +153,10 @@ class ParallelConfig:
 # ---------------------------------------------------------------------------------------------
 # Data
 # ---------------------------------------------------------------------------------------------
+# The values of data.template: InternVL's chat templates (their layouts: data.chat.TEMPLATES) and plain.
+CHAT_TEMPLATES: tuple[str, ...] = ("internlm2-chat", "Hermes-2", "internvl2_5", "phi3-chat", "plain")
+
+
 @dataclass
 class DataConfig:
     # InternVL/V2PE meta JSON; empty means synthetic data.
@@ -438,8 +442,6 @@ def validate(recipe: Recipe, world_size: int | None = None, *, spec: str | None 
     errs += _choice(recipe.v2pe.policy, "v2pe.policy", ("default", "fixed", "random"))
     errs += _choice(d.overlong, "data.overlong", ("truncate", "skip"))
     errs += _choice(d.dali_device, "data.dali_device", ("auto", "cpu", "gpu"))
-    from v2pe_megatron.data.chat import CHAT_TEMPLATES
-
     errs += _choice(d.template, "data.template", CHAT_TEMPLATES)
     errs += _choice(t.loss_reduction, "train.loss_reduction", ("token", "square"))
     errs += _choice(t.recompute, "train.recompute", ("none", "selective", "full"))

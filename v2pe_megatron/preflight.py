@@ -14,7 +14,7 @@ builds a model: what :func:`config.validate` cannot see from the recipe alone.
    checkpoints this run keeps at once (:func:`plan.checkpoint_bytes`).
 4. :func:`check_tokenizer`: the tokenizer (``tokenizer.json`` or sentencepiece) can be read, its
    ``<img>``, ``</img>``, ``<IMG_CONTEXT>`` ids and size against the model's, and it has the special
-   tokens of ``data.template`` (``data.tokenizer.check_tokenizer``); an empty ``data.tokenizer_path`` that
+   tokens of ``data.template`` (``data.chat.check_tokenizer``); an empty ``data.tokenizer_path`` that
    came from an unset ``${oc.env:VAR}`` placeholder (the 2B recipes') is named by its variable.
 5. one warning naming the recipe's other placeholders whose variable is not set.
 
@@ -219,10 +219,10 @@ def unset_placeholders(recipe: Recipe, recipe_path: str | os.PathLike | None) ->
 
 def check_tokenizer(recipe: Recipe, unset: Optional[dict[str, str]] = None) -> None:
     """Loads the tokenizer the run would use and compares its special-token ids and size with the
-    model's (``data.tokenizer.check_tokenizer``): a mismatch otherwise surfaces after the model and
+    model's (``data.chat.check_tokenizer``): a mismatch otherwise surfaces after the model and
     the optimizer were built."""
+    from v2pe_megatron.data.chat import check_tokenizer as compare
     from v2pe_megatron.data.tokenizer import TokenizerError, build_tokenizer
-    from v2pe_megatron.data.tokenizer import check_tokenizer as compare
 
     path = recipe.data.tokenizer_path
     var = (unset or {}).get("data.tokenizer_path")

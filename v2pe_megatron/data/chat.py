@@ -37,8 +37,9 @@ from typing import Any, Optional
 
 import numpy as np
 
+from v2pe_megatron.config import CHAT_TEMPLATES
 from v2pe_megatron.data.skips import SampleError
-from v2pe_megatron.data.tokenizer import IMG_CONTEXT, IMG_END, IMG_START, Tokenizer
+from v2pe_megatron.data.tokenizer import IMG_CONTEXT, IMG_END, IMG_START, Tokenizer, TokenizerError, check_token_ids
 
 IMAGE_PLACEHOLDER = "<image>"
 # InternVL's system messages (its conversation.py, copied unchanged into V2PE and MM-NIAH):
@@ -74,8 +75,9 @@ TEMPLATES: dict[str, Template] = {
     "phi3-chat": Template(INTERNVL_SYSTEM_MESSAGE, system=("<|system|>", "\n"), user=("<|user|>", "\n"),
                           assistant=("<|assistant|>", "\n"), end="<|end|>"),
 }
-# Every value data.template takes (config.validate reads it from here).
-CHAT_TEMPLATES: tuple[str, ...] = (*TEMPLATES, "plain")
+# Every value data.template takes: the recipe schema's list, which must name exactly these layouts.
+if set(CHAT_TEMPLATES) != {*TEMPLATES, "plain"}:
+    raise RuntimeError("config.CHAT_TEMPLATES and data.chat.TEMPLATES name different templates")
 TEMPLATE_SYSTEM_MESSAGE = {**{k: t.system_message for k, t in TEMPLATES.items()}, "plain": ""}
 _ROLE = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
@@ -107,6 +109,19 @@ def chat_format(data) -> ChatFormat:
     ``system_prompt`` null/unset is the template's own system message, ``""`` none."""
     system = TEMPLATE_SYSTEM_MESSAGE.get(data.template, "") if data.system_prompt is None else data.system_prompt
     return ChatFormat(data.template, system)
+
+
+def check_tokenizer(recipe, tok: Tokenizer) -> None:
+    """The tokenizer against the recipe: the model's image token ids and vocabulary
+    (``tokenizer.check_token_ids``) and the special tokens ``data.template`` writes; TokenizerError
+    names what differs. Torch-free: ``v2pe-train`` runs it before any rank starts (``preflight``),
+    the loader again."""
+    check_token_ids(recipe, tok)
+    chat = chat_format(recipe.data)
+    lacking = [t for t in chat.special_tokens() if t not in tok.specials]
+    if lacking:
+        raise TokenizerError(f"data.template={chat.template} writes {lacking}, which the tokenizer does not have as "
+                             f"special tokens: choose the template of the tokenizer's model (docs/data.md)")
 
 
 @dataclass

@@ -414,9 +414,9 @@ def _load_sentencepiece(p: Path, files: _FolderFiles, table: dict[str, int]) -> 
                                   bos_id=tid("bos_token"), eos_id=tid("eos_token"))
 
 
-def check_tokenizer(recipe: "Recipe", tok: Tokenizer) -> None:
+def check_token_ids(recipe: "Recipe", tok: Tokenizer) -> None:
     """The model's image token ids and vocabulary against the tokenizer's; TokenizerError names the
-    keys that differ. Torch-free: ``v2pe-train`` runs it before any rank starts (``preflight``)."""
+    keys that differ. Part of ``data.chat.check_tokenizer`` (which adds the template's tokens)."""
     m = recipe.model
     want = {"img_start_token_id": (m.img_start_token_id, tok.img_start_id),
             "img_end_token_id": (m.img_end_token_id, tok.img_end_id),
@@ -428,13 +428,6 @@ def check_tokenizer(recipe: "Recipe", tok: Tokenizer) -> None:
     if tok.vocab_size > m.language.vocab_size:
         raise TokenizerError(f"tokenizer has {tok.vocab_size} ids but model.language.vocab_size="
                              f"{m.language.vocab_size}")
-    from v2pe_megatron.data.chat import chat_format
-
-    chat = chat_format(recipe.data)
-    lacking = [t for t in chat.special_tokens() if t not in tok.specials]
-    if lacking:
-        raise TokenizerError(f"data.template={chat.template} writes {lacking}, which the tokenizer does not have as "
-                             f"special tokens: choose the template of the tokenizer's model (docs/data.md)")
 
 
 def save_tiny_tokenizer(tok: SentencePieceTokenizer, path: str | Path) -> Path:
