@@ -190,7 +190,7 @@ def bench_loader(seconds: float = 20.0) -> list[str]:
     from v2pe_megatron.config import load_recipe
     from v2pe_megatron.data.loader import build_train_loader
     from v2pe_megatron.data.synthetic import write_synthetic
-    from v2pe_megatron.data.tokenizer import SPECIAL_TOKENS, Tokenizer, tiny_tokenizer
+    from v2pe_megatron.data.tokenizer import SPECIAL_TOKENS, SentencePieceTokenizer, tiny_tokenizer
 
     lines = []
     with tempfile.TemporaryDirectory() as d:
@@ -200,7 +200,7 @@ def bench_loader(seconds: float = 20.0) -> list[str]:
                                    "data.dali_device=cpu", "data.max_tiles_per_pack=256", "v2pe.policy=random"])
             tiny = tiny_tokenizer()
             # The 2B layout: the tiny sentencepiece text model with InternVL2's special-token ids.
-            tok = Tokenizer(tiny.sp, {t: 92542 + i for i, t in enumerate(SPECIAL_TOKENS)})
+            tok = SentencePieceTokenizer(tiny.sp, {t: 92542 + i for i, t in enumerate(SPECIAL_TOKENS)})
             loader = build_train_loader(r, dp_rank=0, dp_size=1, tokenizer=tok, prefetch=0)
             next(loader)
             t0, n = time.perf_counter(), 0

@@ -153,12 +153,18 @@ class ParallelConfig:
 # ---------------------------------------------------------------------------------------------
 # Data
 # ---------------------------------------------------------------------------------------------
+# The values of data.template: InternVL's chat templates (their layouts: data.chat.TEMPLATES) and plain.
+CHAT_TEMPLATES: tuple[str, ...] = ("internlm2-chat", "Hermes-2", "internvl2_5", "phi3-chat", "plain")
+
+
 @dataclass
 class DataConfig:
     # InternVL/V2PE meta JSON; empty means synthetic data.
     meta_path: str = ""
-    # sentencepiece model; empty means a tiny one trained in-process (tests/demo only).
+    # The model's tokenizer folder (tokenizer.json or tokenizer.model with its json files) or file;
+    # empty means a tiny sentencepiece model trained in-process (tests/demo only). data.tokenizer.
     tokenizer_path: str = ""
+    # InternVL's chat template of the model (data.chat.TEMPLATES; docs/data.md has which model uses which).
     template: str = "internlm2-chat"
     # The system turn of every conversation (training and v2pe-eval alike; data.chat.chat_format):
     # null = the template's own (internlm2-chat: InternVL's system message, as InternVL and V2PE
@@ -436,7 +442,7 @@ def validate(recipe: Recipe, world_size: int | None = None, *, spec: str | None 
     errs += _choice(recipe.v2pe.policy, "v2pe.policy", ("default", "fixed", "random"))
     errs += _choice(d.overlong, "data.overlong", ("truncate", "skip"))
     errs += _choice(d.dali_device, "data.dali_device", ("auto", "cpu", "gpu"))
-    errs += _choice(d.template, "data.template", ("internlm2-chat", "plain"))
+    errs += _choice(d.template, "data.template", CHAT_TEMPLATES)
     errs += _choice(t.loss_reduction, "train.loss_reduction", ("token", "square"))
     errs += _choice(t.recompute, "train.recompute", ("none", "selective", "full"))
     errs += _choice(recipe.optimizer.name, "optimizer.name", ("adam", "sgd"))
@@ -555,9 +561,11 @@ def _value_problems(recipe: Recipe) -> list[str]:
         errs.append(f"data.meta_path={d.meta_path!r}: no such file (relative paths are from "
                     f"{os.getcwd()}; leave it empty for synthetic data)")
     tp = Path(d.tokenizer_path)
-    if d.tokenizer_path and not (tp.is_file() or (tp / "tokenizer.model").is_file()):
-        errs.append(f"data.tokenizer_path={d.tokenizer_path!r}: no such file (a sentencepiece tokenizer.model "
-                    f"or its folder; leave it empty for the built-in tiny tokenizer)")
+    if d.tokenizer_path and not (tp.is_file() or (tp / "tokenizer.json").is_file()
+                                 or (tp / "tokenizer.model").is_file()):
+        errs.append(f"data.tokenizer_path={d.tokenizer_path!r}: no such file (the model's tokenizer folder with "
+                    f"tokenizer.json or tokenizer.model, or that file; leave it empty for the built-in tiny "
+                    f"tokenizer)")
     return errs
 
 

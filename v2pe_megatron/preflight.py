@@ -12,8 +12,9 @@ builds a model: what :func:`config.validate` cannot see from the recipe alone.
 3. :func:`check_checkpoint_dir`: ``checkpoint.dir`` can be written (a file in its path, a read-only
    mount, ``/proc/...`` are refused); a warning when its file system has less free space than the
    checkpoints this run keeps at once (:func:`plan.checkpoint_bytes`).
-4. :func:`check_tokenizer`: the tokenizer's ``<img>``, ``</img>``, ``<IMG_CONTEXT>`` ids and size
-   against the model's (``data.tokenizer.check_tokenizer``); an empty ``data.tokenizer_path`` that
+4. :func:`check_tokenizer`: the tokenizer (``tokenizer.json`` or sentencepiece) can be read, its
+   ``<img>``, ``</img>``, ``<IMG_CONTEXT>`` ids and size against the model's, and it has the special
+   tokens of ``data.template`` (``data.chat.check_tokenizer``); an empty ``data.tokenizer_path`` that
    came from an unset ``${oc.env:VAR}`` placeholder (the 2B recipes') is named by its variable.
 5. one warning naming the recipe's other placeholders whose variable is not set.
 
@@ -218,26 +219,25 @@ def unset_placeholders(recipe: Recipe, recipe_path: str | os.PathLike | None) ->
 
 def check_tokenizer(recipe: Recipe, unset: Optional[dict[str, str]] = None) -> None:
     """Loads the tokenizer the run would use and compares its special-token ids and size with the
-    model's (``data.tokenizer.check_tokenizer``): a mismatch otherwise surfaces after the model and
+    model's (``data.chat.check_tokenizer``): a mismatch otherwise surfaces after the model and
     the optimizer were built."""
+    from v2pe_megatron.data.chat import check_tokenizer as compare
     from v2pe_megatron.data.tokenizer import TokenizerError, build_tokenizer
-    from v2pe_megatron.data.tokenizer import check_tokenizer as compare
 
     path = recipe.data.tokenizer_path
     var = (unset or {}).get("data.tokenizer_path")
     if path:
         where, fix = (f"data.tokenizer_path={path}",
-                      f"give the tokenizer of model.preset={recipe.model.preset} (its tokenizer.model with "
-                      f"added_tokens.json or tokenizer_config.json), or set the model's token ids to the tokenizer's")
+                      f"give the tokenizer folder of model.preset={recipe.model.preset} (its tokenizer.json, or its "
+                      f"tokenizer.model with added_tokens.json or tokenizer_config.json), or set the model's token "
+                      f"ids to the tokenizer's")
     else:
         where = ("data.tokenizer_path is empty" + (f" ({var} is not set)" if var else "") +
                  ", so the built-in tiny tokenizer (made for model.preset=tiny) would be used")
-        fix = ("set data.tokenizer_path to the model's tokenizer.model or its folder" +
+        fix = ("set data.tokenizer_path to the model's tokenizer folder (tokenizer.json or tokenizer.model)" +
                (f" (export {var}=..., as the recipe's header says)" if var else "") +
                ", or the model's token ids to the tokenizer's")
     try:
         compare(recipe, build_tokenizer(path))
-    except TokenizerError as e:
+    except TokenizerError as e:  # unreadable files (either kind), missing or different ids
         raise PreflightError(f"{where}: {e}: {fix}") from None
-    except (OSError, RuntimeError) as e:  # sentencepiece cannot parse the file
-        raise PreflightError(f"{where}: cannot be read as a sentencepiece model ({e}): {fix}") from None

@@ -269,7 +269,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     n.add_argument("--samples-per-cell", type=int, default=1)
     n.add_argument("--image-tokens", type=int, default=256, help="tokens per image (InternVL2: 256 per 448 px tile)")
     n.add_argument("--image-fraction", type=float, default=0.5, help="share of each context that is images")
-    n.add_argument("--tokenizer", help="tokenizer.model that counts the text (default: the tiny built-in one)")
+    n.add_argument("--tokenizer", help="tokenizer folder (tokenizer.json or tokenizer.model) that counts the text (default: the tiny built-in one)")
     n.add_argument("--split", choices=("eval", "train"), default="eval",
                    help="eval: an evaluation set in MM-NIAH's layout; train: InternVL-format training samples "
                         "(meta.json + data.jsonl + images/) whose needles no evaluation set holds")

@@ -1,7 +1,7 @@
 """Multimodal data pipeline: InternVL-format datasets -> DALI tiles + chat tokens -> packed sequences.
 
 Modules: ``formats`` (meta/jsonl/webdataset readers, mixing, shuffling, sharding), ``tiling`` (grid
-rule, DALI pipeline, Pillow reference), ``tokenizer`` (sentencepiece + special tokens), ``chat``
+rule, DALI pipeline, Pillow reference), ``tokenizer`` (HF tokenizers or sentencepiece + the folder's special tokens), ``chat``
 (templates, ``<image>`` expansion, loss masks), ``packing``, ``skips``, ``synthetic``, ``loader``.
 """
 

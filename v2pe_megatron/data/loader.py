@@ -55,12 +55,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from v2pe_megatron.data.chat import chat_format, tokenize_sample
+from v2pe_megatron.data.chat import chat_format, check_tokenizer, tokenize_sample
 from v2pe_megatron.data.formats import MemoryDataset, MixedIndex, format_source, load_meta
 from v2pe_megatron.data.packing import Packer, PreparedSample, build_pack, collate, truncate_or_skip
 from v2pe_megatron.data.skips import NoUsableSamplesError, SampleError, SkipCounter
 from v2pe_megatron.data.tiling import ImageDecodeError, allow_large_images, image_size_of, make_tiler, sample_tiling
-from v2pe_megatron.data.tokenizer import Tokenizer, build_tokenizer, check_tokenizer
+from v2pe_megatron.data.tokenizer import Tokenizer, build_tokenizer
 
 if TYPE_CHECKING:
     from v2pe_megatron.config import DataConfig, Recipe
