@@ -276,3 +276,20 @@ def test_preflight_checks_a_tokenizer_json_folder(folders):
     preflight.check_tokenizer(_recipe(folders["phi3"], p3, "data.template=phi3-chat"))
     with pytest.raises(RecipeError, match="data.template"):
         load_recipe(None, ["data.template=chatml"])
+
+
+def test_eval_generation_ends_at_the_templates_own_end_token(folders):
+    """v2pe-eval closes an answer where the recipe's template does: phi3-chat's ``<|end|>``, not
+    ``<|im_end|>`` (which a Phi-3 tokenizer does not have); the oracle's answer scores 1."""
+    from v2pe_megatron.data.needles import synth_needles
+    from v2pe_megatron.eval.runner import EvalSettings, OracleBackend, prepare_sample, score
+
+    tok = load_tokenizer(folders["phi3"])
+    samples, _ = synth_needles([64], [0.5], tasks=("retrieval-text",), count_tokens=lambda t: len(tok.encode(t)),
+                               image_tokens=4, image_fraction=0.0)
+    chat = ChatFormat("phi3-chat", "")
+    p = prepare_sample(samples[0], tok, None, image_size=56, num_image_token=4, max_tiles=1, use_thumbnail=True,
+                       chat=chat)
+    assert p.end_id == chat.answer_end_id(tok) == tok.token_id("<|end|>")
+    rec = score(p, 1.0, OracleBackend(), tok, EvalSettings(deltas=[1.0], modes=("generate",)), pad_multiple=1)
+    assert rec["generate"] == 1.0, rec["response"]

@@ -108,6 +108,7 @@ class Prepared:
     image_tokens: list[int]     # <IMG_CONTEXT> tokens per image
     length: int = 0             # the grid cell
     depth: float = 0.0
+    end_id: int = -1            # the token that closes the answer in the recipe's template (<|im_end|>, <|end|>, </s>)
 
 
 class Backend(Protocol):
@@ -144,7 +145,7 @@ def prepare_sample(s: NeedleSample, tok, tiler, *, image_size: int, num_image_to
     if last == first:
         raise ValueError(f"sample {s.id}: empty answer {s.answer!r}: nothing to score")
     return Prepared(s, tk.ids[:first], tk.ids[first:last], pix.astype(np.float32, copy=False),
-                    np.asarray(tiles, np.int32), [t * num_image_token for t in tiles])
+                    np.asarray(tiles, np.int32), [t * num_image_token for t in tiles], end_id=int(tk.ids[last]))
 
 
 def assign_cells(prepared: Sequence[Prepared], lengths: Sequence[int], depths: Sequence[float]
@@ -229,10 +230,10 @@ def score(p: Prepared, d: Delta, backend: Backend, tok, settings: EvalSettings, 
         rec["tf_logp"] = float(np.mean(logp))
     if "generate" in settings.modes:
         # An image token ends the answer too: a generated one would have no pixels behind it.
-        stop = {tok.im_end_id, tok.eos_id, tok.img_start_id, tok.img_end_id, tok.img_context_id}
+        stop = {p.end_id, tok.eos_id, tok.img_start_id, tok.img_end_id, tok.img_context_id} - {None}
         # The reference continuation rides along as the label of the scored position (the model
         # ignores labels; the oracle backend answers with them).
-        ref = list(p.answer) + [tok.im_end_id]
+        ref = list(p.answer) + [p.end_id]
         prompt_pos = pos[: p.prompt.size]
         out: list[int] = []
         for _ in range(settings.new_tokens(p.sample.task)):
@@ -242,7 +243,7 @@ def score(p: Prepared, d: Delta, backend: Backend, tok, settings: EvalSettings, 
             batch = one_sample_batch(ids, np.zeros(ids.size, bool), np.concatenate([prompt_pos, gen_pos]), p, deltas,
                                      pad_id=tok.pad_id, pad_multiple=pad_multiple)
             batch.loss_mask[0, ids.size - 1] = 1.0
-            batch.labels[0, ids.size - 1] = ref[len(out)] if len(out) < len(ref) else tok.im_end_id
+            batch.labels[0, ids.size - 1] = ref[len(out)] if len(out) < len(ref) else p.end_id
             nxt = int(backend.answer_stats(batch)[1][0])
             if nxt in stop:
                 break
