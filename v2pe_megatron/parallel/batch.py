@@ -96,7 +96,7 @@ class MicroBatch:
         pv = move(pv, dtype) if pv is not None and pv.numel() else None
         idx, plan = self.image_feature_index, self.image_exchange
         psp = self.packed_seq_params
-        if getattr(psp, "loss_rows", None) is not None and psp.loss_rows.device != device:
+        if getattr(psp, "loss_rows", None) is not None:  # the output layer indexes the hidden states with it
             psp = dataclasses.replace(psp, loss_rows=move(psp.loss_rows), memo=psp.memo)
         return self.replace(**{k: move(getattr(self, k)) for k in self.token_fields()}, pixel_values=pv,
                             image_feature_index=move(idx) if idx is not None else None,
